@@ -1,0 +1,42 @@
+// swift-tools-version:6.0
+// SwiftMBQ — modality-balanced quantization of the language model inside VLMs.
+// Modules, one concern each: CBLAS / CZMQ (system libraries), MBQTensor (tensors,
+// GEMM, kernels), MBQFormats (safetensors, HF configs, checkpoints, calibration
+// bundles), MBQModel (decoder blocks, forward and backward), mbq (the CLI).
+import PackageDescription
+
+let package = Package(
+    name: "SwiftMBQ",
+    platforms: [.macOS(.v13)],
+    products: [
+        .executable(name: "mbq", targets: ["mbq"]),
+        .library(name: "MBQModel", targets: ["MBQModel"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
+    ],
+    targets: [
+        .systemLibrary(name: "CBLAS", path: "Sources/CBLAS", pkgConfig: "openblas",
+                       providers: [.apt(["libopenblas-dev"])]),
+        .systemLibrary(name: "CZMQ", path: "Sources/CZMQ", pkgConfig: "libzmq",
+                       providers: [.apt(["libzmq3-dev"])]),
+        .target(name: "MBQTensor", dependencies: ["CBLAS"]),
+        .target(name: "MBQFormats", dependencies: [
+            "MBQTensor", .product(name: "Logging", package: "swift-log"),
+        ]),
+        .target(name: "MBQModel", dependencies: [
+            "MBQTensor", "MBQFormats", .product(name: "Logging", package: "swift-log"),
+        ]),
+        .executableTarget(name: "mbq", dependencies: [
+            "MBQTensor", "MBQFormats", "MBQModel", "CBLAS", "CZMQ",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        .testTarget(name: "MBQTensorTests", dependencies: ["MBQTensor", "CZMQ"]),
+        .testTarget(name: "MBQFormatsTests", dependencies: ["MBQFormats", "MBQTensor"]),
+        .testTarget(name: "MBQModelTests", dependencies: ["MBQModel", "MBQFormats", "MBQTensor"],
+                    resources: [.copy("Fixtures")]),
+    ],
+    swiftLanguageModes: [.v5]
+)

@@ -1,0 +1,97 @@
+import Foundation
+import Logging
+import MBQTensor
+
+/// A Hugging Face model directory: `config.json` plus one or more safetensors files
+/// (sharded through `model.safetensors.index.json`). Opening it maps the files and reads
+/// their headers only; tensors are read (and converted to fp32) one at a time, so a
+/// worker that owns a few decoder blocks touches only their bytes.
+public final class Checkpoint: @unchecked Sendable {
+    public let directory: String
+    public let config: LanguageModelConfig
+    public let names: LanguageModelTensorNames
+    private let files: [SafetensorsFile]
+    private let location: [String: Int]
+    private let logger = Logger(label: "mbq.checkpoint")
+
+    public var allTensorNames: [String] { location.keys.sorted() }
+
+    public init(directory: String) throws {
+        self.directory = directory
+        config = try LanguageModelConfig.load(configPath: directory + "/config.json")
+        let fm = FileManager.default
+        let indexPath = directory + "/model.safetensors.index.json"
+        var shardNames: [String]
+        var declared: [String: String]? = nil
+        if fm.fileExists(atPath: indexPath) {
+            guard let data = fm.contents(atPath: indexPath),
+                  let obj = try? JSONSerialization.jsonObject(with: data) as? [String: Any],
+                  let map = obj["weight_map"] as? [String: String] else {
+                throw FormatsError.invalidConfig(path: indexPath, reason: "no weight_map object of tensor -> file")
+            }
+            declared = map
+            shardNames = Array(Set(map.values)).sorted()
+        } else {
+            let listing = (try? fm.contentsOfDirectory(atPath: directory)) ?? []
+            shardNames = listing.filter { $0.hasSuffix(".safetensors") && !$0.hasPrefix(".") }.sorted()
+        }
+        guard !shardNames.isEmpty else {
+            throw FormatsError.missingTensor(name: "any *.safetensors file", in: directory)
+        }
+        var files: [SafetensorsFile] = []
+        var location: [String: Int] = [:]
+        for (i, shard) in shardNames.enumerated() {
+            let f = try SafetensorsFile(path: directory + "/" + shard)
+            for name in f.entries.keys {
+                if let other = location[name] {
+                    throw FormatsError.invalidTensorEntry(path: f.path, tensor: name,
+                        reason: "also present in \(files[other].path)")
+                }
+                location[name] = i
+            }
+            files.append(f)
+        }
+        if let declared {
+            for (name, shard) in declared {
+                guard let at = location[name], files[at].path.hasSuffix("/" + shard) else {
+                    throw FormatsError.missingTensor(name: name, in: directory + "/" + shard + " (listed in model.safetensors.index.json)")
+                }
+            }
+        }
+        self.files = files
+        self.location = location
+        names = try LanguageModelTensorNames.detect(in: Set(location.keys), tied: config.tieWordEmbeddings, place: directory)
+        logger.debug("opened \(directory): \(files.count) file(s), \(location.count) tensors, decoder prefix '\(names.base)'")
+    }
+
+    public func contains(_ name: String) -> Bool { location[name] != nil }
+
+    public func entry(_ name: String) throws -> (file: SafetensorsFile, entry: TensorEntry) {
+        guard let i = location[name] else { throw FormatsError.missingTensor(name: name, in: directory) }
+        return (files[i], try files[i].entry(name))
+    }
+
+    /// Reads a tensor as fp32, checking its shape when one is given.
+    public func tensor(_ name: String, shape: [Int]? = nil) throws -> Tensor<Float> {
+        let (file, e) = try entry(name)
+        if let shape, e.shape != shape {
+            throw FormatsError.shapeMismatch(path: file.path, tensor: name, expected: shape, found: e.shape)
+        }
+        let t = try file.floatTensor(name)
+        if let bad = firstNonFinite(t) {
+            throw FormatsError.nonFinite(path: file.path, tensor: name, index: bad)
+        }
+        return t
+    }
+
+    /// The storage dtype of the decoder's weights (what the output keeps).
+    public var weightDType: DType {
+        (try? entry(names.block(0, qkvBias: false, oBias: false).q).entry.dtype) ?? .f32
+    }
+
+    /// Bytes of decoder block `i`'s tensors as stored (for planning, no data read).
+    public func blockBytes(_ i: Int) -> Int {
+        let b = names.block(i, qkvBias: config.qkvBias, oBias: config.oBias)
+        return b.all.reduce(0) { $0 + ((try? entry($1).entry.byteRange.count) ?? 0) }
+    }
+}

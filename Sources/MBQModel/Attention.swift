@@ -1,0 +1,183 @@
+import MBQTensor
+
+/// Head layout of grouped-query attention: `heads` query heads share `kvHeads` key/value
+/// heads, query head h reading kv head h / (heads / kvHeads) (transformers' repeat_kv).
+public struct AttentionShape: Sendable, Equatable {
+    public let heads: Int
+    public let kvHeads: Int
+    public let headDim: Int
+
+    public init(heads: Int, kvHeads: Int, headDim: Int) {
+        precondition(heads > 0 && kvHeads > 0 && heads % kvHeads == 0 && headDim > 0, "bad attention shape")
+        self.heads = heads; self.kvHeads = kvHeads; self.headDim = headDim
+    }
+
+    @inlinable public var groupSize: Int { heads / kvHeads }
+    @inlinable public var scale: Double { 1 / Double(headDim).squareRoot() }
+}
+
+// Which keys query i may see: keys j <= i (causal) that are not padding. A query with
+// no visible key (left padding) gets a zero output and no gradient; its output is
+// padding and never enters a loss or statistic. (transformers' eager attention gives
+// such rows a uniform softmax instead; the value is meaningless either way.)
+
+/// What attention backward needs: post-RoPE q, k, v, the context (softmax(qk^T) v) and
+/// each row's log-sum-exp, from which the probabilities are recomputed (as
+/// FlashAttention does) instead of keeping [heads, T, T].
+public struct AttentionSaved<T: BLASScalar>: Sendable {
+    public var q: Tensor<T>    // [T, heads * D]
+    public var k: Tensor<T>    // [T, kvHeads * D]
+    public var v: Tensor<T>    // [T, kvHeads * D]
+    public var ctx: Tensor<T>  // [T, heads * D]
+    public var lse: [T]        // [heads * T]; -inf for a query that sees no key
+
+    @inlinable
+    public init(q: Tensor<T>, k: Tensor<T>, v: Tensor<T>, ctx: Tensor<T>, lse: [T]) {
+        self.q = q
+        self.k = k
+        self.v = v
+        self.ctx = ctx
+        self.lse = lse
+    }
+}
+
+/// Scaled dot-product attention with causal + padding mask, one sequence.
+/// q: [T, heads*D], k, v: [T, kvHeads*D], mask: [T] (false = padding) -> ctx: [T, heads*D], lse: [heads*T]
+@inlinable
+public func attentionCoreForward<T: BLASScalar>(q: Tensor<T>, k: Tensor<T>, v: Tensor<T>, mask: [Bool],
+                                                shape: AttentionShape) -> (ctx: Tensor<T>, lse: [T]) {
+    let t = q.rows, d = shape.headDim
+    let ldq = shape.heads * d, ldk = shape.kvHeads * d
+    precondition(q.cols == ldq && k.cols == ldk && v.cols == ldk && k.rows == t && v.rows == t && mask.count == t,
+                 "attention: q \(q.shape), k \(k.shape), v \(v.shape), mask \(mask.count)")
+    let scale = T(shape.scale)
+    var ctx = Tensor<T>(zeros: [t, ldq])
+    var lse = [T](repeating: -T.infinity, count: shape.heads * t)
+    var scores = [T](repeating: 0, count: t * t)
+    q.data.withUnsafeBufferPointer { pq in
+    k.data.withUnsafeBufferPointer { pk in
+    v.data.withUnsafeBufferPointer { pv in
+    ctx.data.withUnsafeMutableBufferPointer { pc in
+    scores.withUnsafeMutableBufferPointer { ps in
+    lse.withUnsafeMutableBufferPointer { pl in
+        let ps = ps, pl = pl
+        for h in 0..<shape.heads {
+            let g = h / shape.groupSize
+            // S = scale * q_h k_g^T : [T, T]
+            T.gemm(transA: false, transB: true, m: t, n: t, k: d, alpha: scale,
+                   a: pq.baseAddress! + h * d, lda: ldq, b: pk.baseAddress! + g * d, ldb: ldk,
+                   beta: 0, c: ps.baseAddress!, ldc: t)
+            // Row softmax over visible keys; invisible entries become exactly 0.
+            parallelChunks(t, minChunk: 64) { rows in
+                for i in rows {
+                    let row = ps.baseAddress! + i * t
+                    var m = -T.infinity
+                    for j in 0...i where mask[j] { m = Swift.max(m, row[j]) }
+                    if m == -T.infinity {
+                        for j in 0..<t { row[j] = 0 }
+                        continue
+                    }
+                    var sum: T = 0
+                    for j in 0...i {
+                        if mask[j] {
+                            let e = T.exp(row[j] - m)
+                            row[j] = e
+                            sum += e
+                        } else {
+                            row[j] = 0
+                        }
+                    }
+                    let inv = 1 / sum
+                    for j in 0...i { row[j] *= inv }
+                    for j in (i + 1)..<t { row[j] = 0 }
+                    pl[h * t + i] = m + T.log(sum)
+                }
+            }
+            // ctx_h = P v_g : [T, D]
+            T.gemm(transA: false, transB: false, m: t, n: d, k: t, alpha: 1,
+                   a: ps.baseAddress!, lda: t, b: pv.baseAddress! + g * d, ldb: ldk,
+                   beta: 0, c: pc.baseAddress! + h * d, ldc: ldq)
+        }
+    }}}}}}
+    return (ctx, lse)
+}
+
+/// dctx: [T, heads*D] -> dq: [T, heads*D], dk, dv: [T, kvHeads*D] (gradients w.r.t. the
+/// post-RoPE q and k). With P recomputed from the saved lse:
+///   dV_g += P^T dctx_h,  dP = dctx_h v_g^T,  dS = P * (dP - rowsum(dctx_h * ctx_h)),
+///   dq_h = scale dS k_g,  dK_g += scale dS^T q_h.
+@inlinable
+public func attentionCoreBackward<T: BLASScalar>(dctx: Tensor<T>, saved: AttentionSaved<T>, mask: [Bool],
+                                                 shape: AttentionShape) -> (dq: Tensor<T>, dk: Tensor<T>, dv: Tensor<T>) {
+    let t = saved.q.rows, d = shape.headDim
+    let ldq = shape.heads * d, ldk = shape.kvHeads * d
+    precondition(dctx.shape == saved.ctx.shape, "attention backward: dctx \(dctx.shape) vs ctx \(saved.ctx.shape)")
+    let scale = T(shape.scale)
+    var dq = Tensor<T>(zeros: [t, ldq])
+    var dk = Tensor<T>(zeros: [t, ldk])
+    var dv = Tensor<T>(zeros: [t, ldk])
+    var p = [T](repeating: 0, count: t * t)
+    var dp = [T](repeating: 0, count: t * t)
+    var rowDot = [T](repeating: 0, count: t)
+    saved.q.data.withUnsafeBufferPointer { pq in
+    saved.k.data.withUnsafeBufferPointer { pk in
+    saved.v.data.withUnsafeBufferPointer { pv in
+    saved.ctx.data.withUnsafeBufferPointer { pc in
+    saved.lse.withUnsafeBufferPointer { pl in
+    dctx.data.withUnsafeBufferPointer { pdc in
+    dq.data.withUnsafeMutableBufferPointer { pdq in
+    dk.data.withUnsafeMutableBufferPointer { pdk in
+    dv.data.withUnsafeMutableBufferPointer { pdv in
+    p.withUnsafeMutableBufferPointer { pp in
+    dp.withUnsafeMutableBufferPointer { pdp in
+    rowDot.withUnsafeMutableBufferPointer { prd in
+        let pp = pp, pdp = pdp, prd = prd
+        for h in 0..<shape.heads {
+            let g = h / shape.groupSize
+            T.gemm(transA: false, transB: true, m: t, n: t, k: d, alpha: scale,
+                   a: pq.baseAddress! + h * d, lda: ldq, b: pk.baseAddress! + g * d, ldb: ldk,
+                   beta: 0, c: pp.baseAddress!, ldc: t)
+            // dP = dctx_h v_g^T
+            T.gemm(transA: false, transB: true, m: t, n: t, k: d, alpha: 1,
+                   a: pdc.baseAddress! + h * d, lda: ldq, b: pv.baseAddress! + g * d, ldb: ldk,
+                   beta: 0, c: pdp.baseAddress!, ldc: t)
+            parallelChunks(t, minChunk: 64) { rows in
+                for i in rows {
+                    let row = pp.baseAddress! + i * t
+                    let drow = pdp.baseAddress! + i * t
+                    let l = pl[h * t + i]
+                    if l == -T.infinity {
+                        for j in 0..<t { row[j] = 0; drow[j] = 0 }
+                        continue
+                    }
+                    var dot: T = 0
+                    for c in 0..<d { dot += pdc[i * ldq + h * d + c] * pc[i * ldq + h * d + c] }
+                    prd[i] = dot
+                    for j in 0...i {
+                        if mask[j] {
+                            let pr = T.exp(row[j] - l)
+                            row[j] = pr
+                            drow[j] = pr * (drow[j] - dot)
+                        } else {
+                            row[j] = 0; drow[j] = 0
+                        }
+                    }
+                    for j in (i + 1)..<t { row[j] = 0; drow[j] = 0 }
+                }
+            }
+            // dV_g += P^T dctx_h
+            T.gemm(transA: true, transB: false, m: t, n: d, k: t, alpha: 1,
+                   a: pp.baseAddress!, lda: t, b: pdc.baseAddress! + h * d, ldb: ldq,
+                   beta: 1, c: pdv.baseAddress! + g * d, ldc: ldk)
+            // dq_h = scale dS k_g
+            T.gemm(transA: false, transB: false, m: t, n: d, k: t, alpha: scale,
+                   a: pdp.baseAddress!, lda: t, b: pk.baseAddress! + g * d, ldb: ldk,
+                   beta: 0, c: pdq.baseAddress! + h * d, ldc: ldq)
+            // dK_g += scale dS^T q_h
+            T.gemm(transA: true, transB: false, m: t, n: d, k: t, alpha: scale,
+                   a: pdp.baseAddress!, lda: t, b: pq.baseAddress! + h * d, ldb: ldq,
+                   beta: 1, c: pdk.baseAddress! + g * d, ldc: ldk)
+        }
+    }}}}}}}}}}}}
+    return (dq, dk, dv)
+}

@@ -1,0 +1,72 @@
+import MBQFormats
+import MBQTensor
+
+/// One decoder block's parameters (Llama / Qwen2 / Qwen2-VL layout), as fp32 or fp64.
+/// Linear weights are [out, in] as PyTorch stores them.
+public struct DecoderBlockWeights<T: BLASScalar>: Sendable {
+    public var inputNorm: Tensor<T>          // [C]
+    public var postAttentionNorm: Tensor<T>  // [C]
+    public var q: Tensor<T>                  // [heads*D, C]
+    public var k: Tensor<T>                  // [kvHeads*D, C]
+    public var v: Tensor<T>                  // [kvHeads*D, C]
+    public var o: Tensor<T>                  // [C, heads*D]
+    public var qBias: Tensor<T>?
+    public var kBias: Tensor<T>?
+    public var vBias: Tensor<T>?
+    public var oBias: Tensor<T>?
+    public var gate: Tensor<T>               // [I, C]
+    public var up: Tensor<T>                 // [I, C]
+    public var down: Tensor<T>               // [C, I]
+    public var shape: AttentionShape
+    public var rmsNormEps: Double
+
+    public init(inputNorm: Tensor<T>, postAttentionNorm: Tensor<T>, q: Tensor<T>, k: Tensor<T>, v: Tensor<T>,
+                o: Tensor<T>, qBias: Tensor<T>?, kBias: Tensor<T>?, vBias: Tensor<T>?, oBias: Tensor<T>?,
+                gate: Tensor<T>, up: Tensor<T>, down: Tensor<T>, shape: AttentionShape, rmsNormEps: Double) {
+        self.inputNorm = inputNorm; self.postAttentionNorm = postAttentionNorm
+        self.q = q; self.k = k; self.v = v; self.o = o
+        self.qBias = qBias; self.kBias = kBias; self.vBias = vBias; self.oBias = oBias
+        self.gate = gate; self.up = up; self.down = down
+        self.shape = shape; self.rmsNormEps = rmsNormEps
+    }
+
+    public var hiddenSize: Int { inputNorm.count }
+    public var intermediateSize: Int { gate.shape[0] }
+
+    public func converted<U: BLASScalar>(to _: U.Type) -> DecoderBlockWeights<U> {
+        func c(_ t: Tensor<T>) -> Tensor<U> { t.converted(to: U.self) }
+        return DecoderBlockWeights<U>(
+            inputNorm: c(inputNorm), postAttentionNorm: c(postAttentionNorm), q: c(q), k: c(k), v: c(v), o: c(o),
+            qBias: qBias.map(c), kBias: kBias.map(c), vBias: vBias.map(c), oBias: oBias.map(c),
+            gate: c(gate), up: c(up), down: c(down), shape: shape, rmsNormEps: rmsNormEps)
+    }
+}
+
+extension DecoderBlockWeights where T == Float {
+    /// Loads block `layer` from a checkpoint, checking every tensor's shape against the
+    /// config. Only this block's bytes are read.
+    public static func load(from ckpt: Checkpoint, layer: Int) throws -> DecoderBlockWeights<Float> {
+        let cfg = ckpt.config
+        guard layer >= 0 && layer < cfg.numLayers else {
+            throw ModelError.layerOutOfRange(layer: layer, layers: cfg.numLayers)
+        }
+        let n = ckpt.names.block(layer, qkvBias: cfg.qkvBias, oBias: cfg.oBias)
+        let c = cfg.hiddenSize, i = cfg.intermediateSize
+        let qd = cfg.numHeads * cfg.headDim, kvd = cfg.numKVHeads * cfg.headDim
+        func opt(_ name: String?, _ shape: [Int]) throws -> Tensor<Float>? {
+            guard let name else { return nil }
+            return try ckpt.tensor(name, shape: shape)
+        }
+        return DecoderBlockWeights<Float>(
+            inputNorm: try ckpt.tensor(n.inputNorm, shape: [c]),
+            postAttentionNorm: try ckpt.tensor(n.postAttentionNorm, shape: [c]),
+            q: try ckpt.tensor(n.q, shape: [qd, c]), k: try ckpt.tensor(n.k, shape: [kvd, c]),
+            v: try ckpt.tensor(n.v, shape: [kvd, c]), o: try ckpt.tensor(n.o, shape: [c, qd]),
+            qBias: try opt(n.qBias, [qd]), kBias: try opt(n.kBias, [kvd]), vBias: try opt(n.vBias, [kvd]),
+            oBias: try opt(n.oBias, [c]),
+            gate: try ckpt.tensor(n.gate, shape: [i, c]), up: try ckpt.tensor(n.up, shape: [i, c]),
+            down: try ckpt.tensor(n.down, shape: [c, i]),
+            shape: AttentionShape(heads: cfg.numHeads, kvHeads: cfg.numKVHeads, headDim: cfg.headDim),
+            rmsNormEps: cfg.rmsNormEps)
+    }
+}

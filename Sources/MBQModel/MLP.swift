@@ -1,0 +1,71 @@
+import MBQTensor
+
+// SwiGLU MLP (LlamaMLP / Qwen2MLP): y = down( silu(gate(x)) * up(x) ), no biases.
+
+/// What MLP backward needs: the gate and up pre-activations.
+public struct MLPSaved<T: BLASScalar>: Sendable {
+    public var gate: Tensor<T>  // [T, I]
+    public var up: Tensor<T>    // [T, I]
+
+    @inlinable
+    public init(gate: Tensor<T>, up: Tensor<T>) {
+        self.gate = gate
+        self.up = up
+    }
+}
+
+/// silu(g) * u elementwise. g, u: [T, I] -> [T, I] (the input of down_proj)
+@inlinable
+public func swiglu<T: BLASScalar>(gate: Tensor<T>, up: Tensor<T>) -> Tensor<T> {
+    precondition(gate.shape == up.shape, "swiglu: \(gate.shape) vs \(up.shape)")
+    var a = Tensor<T>(zeros: gate.shape)
+    gate.data.withUnsafeBufferPointer { pg in
+        up.data.withUnsafeBufferPointer { pu in
+            a.data.withUnsafeMutableBufferPointer { pa in
+                let pg = pg, pu = pu, pa = pa
+                parallelChunks(pa.count, minChunk: 1 << 14) { r in
+                    for i in r { pa[i] = pg[i] * sigmoid(pg[i]) * pu[i] }
+                }
+            }
+        }
+    }
+    return a
+}
+
+/// x: [T, C], gate/up: [I, C], down: [C, I] -> y: [T, C], downInput: [T, I]
+@inlinable
+public func mlpForward<T: BLASScalar>(_ x: Tensor<T>, gate: Tensor<T>, up: Tensor<T>, down: Tensor<T>)
+    -> (y: Tensor<T>, downInput: Tensor<T>, saved: MLPSaved<T>) {
+    let g = linearForward(x, weight: gate)
+    let u = linearForward(x, weight: up)
+    let a = swiglu(gate: g, up: u)
+    let y = linearForward(a, weight: down)
+    return (y, a, MLPSaved(gate: g, up: u))
+}
+
+/// dy: [T, C] -> dx: [T, C].  With s = sigmoid(g): da = dy W_down,
+/// dg = da * u * s * (1 + g (1 - s)),  du = da * g * s,  dx = dg W_gate + du W_up.
+@inlinable
+public func mlpBackward<T: BLASScalar>(_ dy: Tensor<T>, saved: MLPSaved<T>, gate: Tensor<T>, up: Tensor<T>,
+                                       down: Tensor<T>) -> Tensor<T> {
+    let da = linearBackward(dy, weight: down)
+    var dg = Tensor<T>(zeros: da.shape)
+    var du = Tensor<T>(zeros: da.shape)
+    da.data.withUnsafeBufferPointer { pda in
+    saved.gate.data.withUnsafeBufferPointer { pg in
+    saved.up.data.withUnsafeBufferPointer { pu in
+    dg.data.withUnsafeMutableBufferPointer { pdg in
+    du.data.withUnsafeMutableBufferPointer { pdu in
+        let pda = pda, pg = pg, pu = pu, pdg = pdg, pdu = pdu
+        parallelChunks(pda.count, minChunk: 1 << 14) { r in
+            for i in r {
+                let g = pg[i], s = sigmoid(g)
+                pdg[i] = pda[i] * pu[i] * s * (1 + g * (1 - s))
+                pdu[i] = pda[i] * g * s
+            }
+        }
+    }}}}}
+    var dx = linearBackward(dg, weight: gate)
+    linearBackwardAccumulate(du, weight: up, into: &dx)
+    return dx
+}
