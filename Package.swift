@@ -34,7 +34,7 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         .testTarget(name: "MBQTensorTests", dependencies: ["MBQTensor", "CZMQ"]),
-        .testTarget(name: "MBQFormatsTests", dependencies: ["MBQFormats", "MBQTensor"]),
+        .testTarget(name: "MBQFormatsTests", dependencies: ["MBQFormats", "MBQTensor", "MBQModel"]),
         .testTarget(name: "MBQModelTests", dependencies: ["MBQModel", "MBQFormats", "MBQTensor"],
                     resources: [.copy("Fixtures")]),
     ],
