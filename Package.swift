@@ -35,6 +35,7 @@ let package = Package(
         ]),
         .testTarget(name: "MBQTensorTests", dependencies: ["MBQTensor", "CZMQ"]),
         .testTarget(name: "MBQFormatsTests", dependencies: ["MBQFormats", "MBQTensor", "MBQModel"]),
+        .testTarget(name: "MBQCLITests", dependencies: ["mbq", "MBQFormats", "MBQModel", "MBQTensor"]),
         .testTarget(name: "MBQModelTests", dependencies: ["MBQModel", "MBQFormats", "MBQTensor"],
                     resources: [.copy("Fixtures")]),
     ],

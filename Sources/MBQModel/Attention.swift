@@ -41,19 +41,26 @@ public struct AttentionSaved<T: BLASScalar>: Sendable {
     }
 }
 
+/// Query rows are processed in blocks of this many: block [r0, r1) only needs keys
+/// [0, r1), which skips most of the causal mask's upper triangle (about half the
+/// attention FLOPs at 2048 tokens) and keeps the score block [B, T] in cache.
+public let attentionRowBlock = 256
+
 /// Scaled dot-product attention with causal + padding mask, one sequence.
 /// q: [T, heads*D], k, v: [T, kvHeads*D], mask: [T] (false = padding) -> ctx: [T, heads*D], lse: [heads*T]
 @inlinable
 public func attentionCoreForward<T: BLASScalar>(q: Tensor<T>, k: Tensor<T>, v: Tensor<T>, mask: [Bool],
-                                                shape: AttentionShape) -> (ctx: Tensor<T>, lse: [T]) {
+                                                shape: AttentionShape,
+                                                rowBlock: Int = attentionRowBlock) -> (ctx: Tensor<T>, lse: [T]) {
     let t = q.rows, d = shape.headDim
     let ldq = shape.heads * d, ldk = shape.kvHeads * d
     precondition(q.cols == ldq && k.cols == ldk && v.cols == ldk && k.rows == t && v.rows == t && mask.count == t,
                  "attention: q \(q.shape), k \(k.shape), v \(v.shape), mask \(mask.count)")
     let scale = T(shape.scale)
+    let rb = Swift.max(1, Swift.min(rowBlock, t))
     var ctx = Tensor<T>(zeros: [t, ldq])
     var lse = [T](repeating: -T.infinity, count: shape.heads * t)
-    var scores = [T](repeating: 0, count: t * t)
+    var scores = [T](repeating: 0, count: rb * t)
     q.data.withUnsafeBufferPointer { pq in
     k.data.withUnsafeBufferPointer { pk in
     v.data.withUnsafeBufferPointer { pv in
@@ -63,62 +70,67 @@ public func attentionCoreForward<T: BLASScalar>(q: Tensor<T>, k: Tensor<T>, v: T
         let ps = ps, pl = pl
         for h in 0..<shape.heads {
             let g = h / shape.groupSize
-            // S = scale * q_h k_g^T : [T, T]
-            T.gemm(transA: false, transB: true, m: t, n: t, k: d, alpha: scale,
-                   a: pq.baseAddress! + h * d, lda: ldq, b: pk.baseAddress! + g * d, ldb: ldk,
-                   beta: 0, c: ps.baseAddress!, ldc: t)
-            // Row softmax over visible keys; invisible entries become exactly 0.
-            parallelChunks(t, minChunk: 64) { rows in
-                for i in rows {
-                    let row = ps.baseAddress! + i * t
-                    var m = -T.infinity
-                    for j in 0...i where mask[j] { m = Swift.max(m, row[j]) }
-                    if m == -T.infinity {
-                        for j in 0..<t { row[j] = 0 }
-                        continue
-                    }
-                    var sum: T = 0
-                    for j in 0...i {
-                        if mask[j] {
-                            let e = T.exp(row[j] - m)
-                            row[j] = e
-                            sum += e
-                        } else {
-                            row[j] = 0
+            for r0 in stride(from: 0, to: t, by: rb) {
+                let r1 = Swift.min(t, r0 + rb), m = r1 - r0, n = r1
+                // S = scale * q_h[r0..<r1] k_g[0..<r1]^T : [m, n], row stride n
+                T.gemm(transA: false, transB: true, m: m, n: n, k: d, alpha: scale,
+                       a: pq.baseAddress! + r0 * ldq + h * d, lda: ldq, b: pk.baseAddress! + g * d, ldb: ldk,
+                       beta: 0, c: ps.baseAddress!, ldc: n)
+                // Row softmax over visible keys (j <= i, not padding); the rest become exactly 0.
+                parallelChunks(m, minChunk: 32) { rows in
+                    for ri in rows {
+                        let i = r0 + ri
+                        let row = ps.baseAddress! + ri * n
+                        var mx = -T.infinity
+                        for j in 0...i where mask[j] { mx = Swift.max(mx, row[j]) }
+                        if mx == -T.infinity {
+                            for j in 0..<n { row[j] = 0 }
+                            continue
                         }
+                        var sum: T = 0
+                        for j in 0...i {
+                            if mask[j] {
+                                let e = T.exp(row[j] - mx)
+                                row[j] = e
+                                sum += e
+                            } else {
+                                row[j] = 0
+                            }
+                        }
+                        let inv = 1 / sum
+                        for j in 0...i { row[j] *= inv }
+                        for j in (i + 1)..<n { row[j] = 0 }
+                        pl[h * t + i] = mx + T.log(sum)
                     }
-                    let inv = 1 / sum
-                    for j in 0...i { row[j] *= inv }
-                    for j in (i + 1)..<t { row[j] = 0 }
-                    pl[h * t + i] = m + T.log(sum)
                 }
+                // ctx_h[r0..<r1] = P v_g[0..<r1] : [m, D]
+                T.gemm(transA: false, transB: false, m: m, n: d, k: n, alpha: 1,
+                       a: ps.baseAddress!, lda: n, b: pv.baseAddress! + g * d, ldb: ldk,
+                       beta: 0, c: pc.baseAddress! + r0 * ldq + h * d, ldc: ldq)
             }
-            // ctx_h = P v_g : [T, D]
-            T.gemm(transA: false, transB: false, m: t, n: d, k: t, alpha: 1,
-                   a: ps.baseAddress!, lda: t, b: pv.baseAddress! + g * d, ldb: ldk,
-                   beta: 0, c: pc.baseAddress! + h * d, ldc: ldq)
         }
     }}}}}}
     return (ctx, lse)
 }
 
 /// dctx: [T, heads*D] -> dq: [T, heads*D], dk, dv: [T, kvHeads*D] (gradients w.r.t. the
-/// post-RoPE q and k). With P recomputed from the saved lse:
+/// post-RoPE q and k). Per query row block, with P recomputed from the saved lse:
 ///   dV_g += P^T dctx_h,  dP = dctx_h v_g^T,  dS = P * (dP - rowsum(dctx_h * ctx_h)),
 ///   dq_h = scale dS k_g,  dK_g += scale dS^T q_h.
 @inlinable
 public func attentionCoreBackward<T: BLASScalar>(dctx: Tensor<T>, saved: AttentionSaved<T>, mask: [Bool],
-                                                 shape: AttentionShape) -> (dq: Tensor<T>, dk: Tensor<T>, dv: Tensor<T>) {
+                                                 shape: AttentionShape,
+                                                 rowBlock: Int = attentionRowBlock) -> (dq: Tensor<T>, dk: Tensor<T>, dv: Tensor<T>) {
     let t = saved.q.rows, d = shape.headDim
     let ldq = shape.heads * d, ldk = shape.kvHeads * d
     precondition(dctx.shape == saved.ctx.shape, "attention backward: dctx \(dctx.shape) vs ctx \(saved.ctx.shape)")
     let scale = T(shape.scale)
+    let rb = Swift.max(1, Swift.min(rowBlock, t))
     var dq = Tensor<T>(zeros: [t, ldq])
     var dk = Tensor<T>(zeros: [t, ldk])
     var dv = Tensor<T>(zeros: [t, ldk])
-    var p = [T](repeating: 0, count: t * t)
-    var dp = [T](repeating: 0, count: t * t)
-    var rowDot = [T](repeating: 0, count: t)
+    var p = [T](repeating: 0, count: rb * t)
+    var dp = [T](repeating: 0, count: rb * t)
     saved.q.data.withUnsafeBufferPointer { pq in
     saved.k.data.withUnsafeBufferPointer { pk in
     saved.v.data.withUnsafeBufferPointer { pv in
@@ -130,54 +142,56 @@ public func attentionCoreBackward<T: BLASScalar>(dctx: Tensor<T>, saved: Attenti
     dv.data.withUnsafeMutableBufferPointer { pdv in
     p.withUnsafeMutableBufferPointer { pp in
     dp.withUnsafeMutableBufferPointer { pdp in
-    rowDot.withUnsafeMutableBufferPointer { prd in
-        let pp = pp, pdp = pdp, prd = prd
+        let pp = pp, pdp = pdp
         for h in 0..<shape.heads {
             let g = h / shape.groupSize
-            T.gemm(transA: false, transB: true, m: t, n: t, k: d, alpha: scale,
-                   a: pq.baseAddress! + h * d, lda: ldq, b: pk.baseAddress! + g * d, ldb: ldk,
-                   beta: 0, c: pp.baseAddress!, ldc: t)
-            // dP = dctx_h v_g^T
-            T.gemm(transA: false, transB: true, m: t, n: t, k: d, alpha: 1,
-                   a: pdc.baseAddress! + h * d, lda: ldq, b: pv.baseAddress! + g * d, ldb: ldk,
-                   beta: 0, c: pdp.baseAddress!, ldc: t)
-            parallelChunks(t, minChunk: 64) { rows in
-                for i in rows {
-                    let row = pp.baseAddress! + i * t
-                    let drow = pdp.baseAddress! + i * t
-                    let l = pl[h * t + i]
-                    if l == -T.infinity {
-                        for j in 0..<t { row[j] = 0; drow[j] = 0 }
-                        continue
-                    }
-                    var dot: T = 0
-                    for c in 0..<d { dot += pdc[i * ldq + h * d + c] * pc[i * ldq + h * d + c] }
-                    prd[i] = dot
-                    for j in 0...i {
-                        if mask[j] {
-                            let pr = T.exp(row[j] - l)
-                            row[j] = pr
-                            drow[j] = pr * (drow[j] - dot)
-                        } else {
-                            row[j] = 0; drow[j] = 0
+            for r0 in stride(from: 0, to: t, by: rb) {
+                let r1 = Swift.min(t, r0 + rb), m = r1 - r0, n = r1
+                T.gemm(transA: false, transB: true, m: m, n: n, k: d, alpha: scale,
+                       a: pq.baseAddress! + r0 * ldq + h * d, lda: ldq, b: pk.baseAddress! + g * d, ldb: ldk,
+                       beta: 0, c: pp.baseAddress!, ldc: n)
+                // dP = dctx_h v_g^T
+                T.gemm(transA: false, transB: true, m: m, n: n, k: d, alpha: 1,
+                       a: pdc.baseAddress! + r0 * ldq + h * d, lda: ldq, b: pv.baseAddress! + g * d, ldb: ldk,
+                       beta: 0, c: pdp.baseAddress!, ldc: n)
+                parallelChunks(m, minChunk: 32) { rows in
+                    for ri in rows {
+                        let i = r0 + ri
+                        let row = pp.baseAddress! + ri * n
+                        let drow = pdp.baseAddress! + ri * n
+                        let l = pl[h * t + i]
+                        if l == -T.infinity {
+                            for j in 0..<n { row[j] = 0; drow[j] = 0 }
+                            continue
                         }
+                        var dot: T = 0
+                        for c in 0..<d { dot += pdc[i * ldq + h * d + c] * pc[i * ldq + h * d + c] }
+                        for j in 0...i {
+                            if mask[j] {
+                                let pr = T.exp(row[j] - l)
+                                row[j] = pr
+                                drow[j] = pr * (drow[j] - dot)
+                            } else {
+                                row[j] = 0; drow[j] = 0
+                            }
+                        }
+                        for j in (i + 1)..<n { row[j] = 0; drow[j] = 0 }
                     }
-                    for j in (i + 1)..<t { row[j] = 0; drow[j] = 0 }
                 }
+                // dV_g[0..<r1] += P^T dctx_h[r0..<r1]
+                T.gemm(transA: true, transB: false, m: n, n: d, k: m, alpha: 1,
+                       a: pp.baseAddress!, lda: n, b: pdc.baseAddress! + r0 * ldq + h * d, ldb: ldq,
+                       beta: 1, c: pdv.baseAddress! + g * d, ldc: ldk)
+                // dq_h[r0..<r1] = scale dS k_g[0..<r1]
+                T.gemm(transA: false, transB: false, m: m, n: d, k: n, alpha: scale,
+                       a: pdp.baseAddress!, lda: n, b: pk.baseAddress! + g * d, ldb: ldk,
+                       beta: 0, c: pdq.baseAddress! + r0 * ldq + h * d, ldc: ldq)
+                // dK_g[0..<r1] += scale dS^T q_h[r0..<r1]
+                T.gemm(transA: true, transB: false, m: n, n: d, k: m, alpha: scale,
+                       a: pdp.baseAddress!, lda: n, b: pq.baseAddress! + r0 * ldq + h * d, ldb: ldq,
+                       beta: 1, c: pdk.baseAddress! + g * d, ldc: ldk)
             }
-            // dV_g += P^T dctx_h
-            T.gemm(transA: true, transB: false, m: t, n: d, k: t, alpha: 1,
-                   a: pp.baseAddress!, lda: t, b: pdc.baseAddress! + h * d, ldb: ldq,
-                   beta: 1, c: pdv.baseAddress! + g * d, ldc: ldk)
-            // dq_h = scale dS k_g
-            T.gemm(transA: false, transB: false, m: t, n: d, k: t, alpha: scale,
-                   a: pdp.baseAddress!, lda: t, b: pk.baseAddress! + g * d, ldb: ldk,
-                   beta: 0, c: pdq.baseAddress! + h * d, ldc: ldq)
-            // dK_g += scale dS^T q_h
-            T.gemm(transA: true, transB: false, m: t, n: d, k: t, alpha: scale,
-                   a: pdp.baseAddress!, lda: t, b: pq.baseAddress! + h * d, ldb: ldq,
-                   beta: 1, c: pdk.baseAddress! + g * d, ldc: ldk)
         }
-    }}}}}}}}}}}}
+    }}}}}}}}}}}
     return (dq, dk, dv)
 }

@@ -36,7 +36,8 @@ public func matmul<T: BLASScalar>(_ a: Tensor<T>, _ b: Tensor<T>, transA: Bool =
                                   transB: Bool = false) -> Tensor<T> {
     let m = transA ? a.cols : a.rows
     let n = transB ? b.rows : b.cols
-    var c = Tensor<T>(zeros: [m, n])
+    let k = transA ? a.rows : a.cols
+    var c = k == 0 ? Tensor<T>(zeros: [m, n]) : Tensor<T>(uninitialized: [m, n])
     gemm(a, b, transA: transA, transB: transB, into: &c)
     return c
 }
@@ -49,6 +50,11 @@ public func linearForward<T: BLASScalar>(_ x: Tensor<T>, weight: Tensor<T>, bias
                  "linear: input \(x.shape) does not match weight \(weight.shape)")
     var outShape = x.shape
     outShape[outShape.count - 1] = weight.shape[0]
+    if bias == nil && x.cols > 0 {
+        var y = Tensor<T>(uninitialized: outShape)
+        gemm(x, weight, transB: true, into: &y)
+        return y
+    }
     var y = Tensor<T>(zeros: outShape)
     if let bias {
         precondition(bias.count == weight.shape[0], "linear: bias \(bias.shape) vs weight \(weight.shape)")
@@ -75,7 +81,7 @@ public func linearBackward<T: BLASScalar>(_ dy: Tensor<T>, weight: Tensor<T>) ->
     precondition(dy.cols == weight.shape[0], "linear backward: grad \(dy.shape) vs weight \(weight.shape)")
     var shape = dy.shape
     shape[shape.count - 1] = weight.shape[1]
-    var dx = Tensor<T>(zeros: shape)
+    var dx = dy.cols > 0 ? Tensor<T>(uninitialized: shape) : Tensor<T>(zeros: shape)
     gemm(dy, weight, into: &dx)
     return dx
 }

@@ -15,10 +15,20 @@ public struct Tensor<T: BLASScalar>: Sendable {
         self.data = data
     }
 
+    @inlinable
     public init(zeros shape: [Int]) {
         self.init(shape: shape, data: [T](repeating: 0, count: shape.reduce(1, *)))
     }
 
+    /// Storage left uninitialized: only for outputs that are fully written next (GEMM
+    /// with beta = 0), where zero-filling would cost a pass over memory.
+    @inlinable
+    public init(uninitialized shape: [Int]) {
+        let n = shape.reduce(1, *)
+        self.init(shape: shape, data: [T](unsafeUninitializedCapacity: n) { _, count in count = n })
+    }
+
+    @inlinable
     public init(shape: [Int], repeating value: T) {
         self.init(shape: shape, data: [T](repeating: value, count: shape.reduce(1, *)))
     }

@@ -1,0 +1,50 @@
+# SwiftMBQ — `make demo` and `make test` work on a fresh Debian 12 machine with Swift 6.
+SWIFT      ?= swift
+PYTHON     ?= .venv/bin/python
+APT_PKGS   := libopenblas-dev libzmq3-dev pkg-config
+# AVX2 servers get haswell code (rounding and min/max loops vectorize; see README);
+# anything older gets Swift's portable default.
+CPU_FLAGS  := $(shell grep -q ' avx2 ' /proc/cpuinfo 2>/dev/null && echo "-Xswiftc -target-cpu -Xswiftc haswell")
+RELEASE    := -c release $(CPU_FLAGS)
+MBQ        := .build/release/mbq
+
+.PHONY: demo test deps build release bench fixtures clean
+
+## Installs what is missing, builds in release, runs the built-in demo.
+demo: release
+	$(MBQ) demo --out demo-out
+
+## Installs what is missing, builds, runs every test.
+test: deps
+	$(SWIFT) build --build-tests
+	$(SWIFT) test
+
+## System libraries from Debian (apt-get when root; otherwise says what to install).
+deps:
+	@if ! pkg-config --exists openblas libzmq 2>/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing $(APT_PKGS)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PKGS) >/dev/null; \
+	  else \
+	    echo "missing system libraries: run  sudo apt-get install -y $(APT_PKGS)"; exit 1; \
+	  fi; \
+	fi
+
+build: deps
+	$(SWIFT) build
+
+release: deps
+	$(SWIFT) build $(RELEASE) --product mbq
+
+## GEMM and decoder-block benchmark; with .venv present also PyTorch on the same block.
+bench: release
+	$(MBQ) bench $(if $(wildcard $(PYTHON)),--torch $(PYTHON),)
+
+## Regenerates the PyTorch reference fixtures (needs network for PyPI; not used by CI).
+fixtures:
+	test -x $(PYTHON) || (python3 -m venv .venv && .venv/bin/pip install -q torch==2.13.0 && \
+	  .venv/bin/pip install -q transformers safetensors numpy)
+	$(PYTHON) Scripts/reference/make_fixtures.py
+
+clean:
+	rm -rf .build demo-out

@@ -1,0 +1,126 @@
+import ArgumentParser
+import CBLAS
+import Foundation
+import MBQModel
+import MBQTensor
+
+/// `mbq bench`: GEMM through the wrapper vs raw cblas_sgemm, and one Llama-7B-shaped
+/// decoder block forward and forward+backward, optionally next to PyTorch's time for
+/// the same block, tokens and threads (Scripts/bench_torch_block.py).
+struct BenchCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "bench", abstract: "Benchmark GEMM and a Llama-7B-shaped decoder block (prints figures and ratios).")
+
+    @Option(help: "Tokens in the block benchmark.") var tokens = 2048
+    @Option(help: "Hidden size.") var hidden = 4096
+    @Option(help: "MLP intermediate size.") var intermediate = 11008
+    @Option(help: "Attention heads.") var heads = 32
+    @Option(help: "Timed repetitions (the best is reported).") var reps = 2
+    @Option(help: "A Python with torch + transformers: also time PyTorch on the same block.") var torch: String?
+    @Flag(help: "Skip the GEMM part.") var noGemm = false
+    @OptionGroup var common: CommonOptions
+
+    func best(_ n: Int, _ body: () -> Void) -> Double {
+        (0..<max(1, n)).map { _ in timed(body).1 }.min()!
+    }
+
+    func run() throws {
+        common.apply()
+        try runReportingErrors {
+            print("OpenBLAS core \(BLASRuntime.coreName), threads \(BLASRuntime.threads), engine threads \(EngineThreads.count)")
+            print("OpenBLAS config: \(BLASRuntime.config)")
+            print("OPENBLAS_CORETYPE=\(ProcessInfo.processInfo.environment["OPENBLAS_CORETYPE"] ?? "(unset)")")
+            if !noGemm {
+                gemmBench(m: 4096, k: 4096, n: 4096, label: "4096x4096x4096")
+                gemmBench(m: 2048, k: 4096, n: 11008, label: "2048x4096 -> 11008 (linear)")
+            }
+            try blockBench()
+        }
+    }
+
+    func gemmBench(m: Int, k: Int, n: Int, label: String) {
+        var rng = SeededRandom(seed: 1)
+        let a: Tensor<Float> = rng.normalTensor([m, k])
+        let w: Tensor<Float> = rng.normalTensor([n, k])
+        var c = [Float](repeating: 0, count: m * n)
+        let flops = 2.0 * Double(m) * Double(n) * Double(k)
+        // Raw: cblas_sgemm straight on preallocated buffers, y = a w^T. Wrapper:
+        // linearForward, which allocates its output and checks shapes, as the engine uses
+        // it. The two alternate so that clock changes hit both alike; best of each.
+        func rawOnce() {
+            a.data.withUnsafeBufferPointer { pa in
+                w.data.withUnsafeBufferPointer { pw in
+                    c.withUnsafeMutableBufferPointer { pc in
+                        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Int32(m), Int32(n), Int32(k), 1,
+                                    pa.baseAddress, Int32(k), pw.baseAddress, Int32(k), 0, pc.baseAddress, Int32(n))
+                    }
+                }
+            }
+        }
+        var sink: Float = 0
+        rawOnce()
+        var raw = Double.infinity, wrapped = Double.infinity
+        for _ in 0..<max(3, reps + 1) {
+            raw = min(raw, timed { rawOnce() }.1)
+            wrapped = min(wrapped, timed { sink += linearForward(a, weight: w).data[0] }.1)
+        }
+        let g1 = flops / raw / 1e9, g2 = flops / wrapped / 1e9
+        print(String(format: "GEMM %@: raw cblas_sgemm %.1f GFLOP/s, wrapper %.1f GFLOP/s, wrapper/raw %.1f%%", label, g1, g2, 100 * g2 / g1))
+        _ = sink
+    }
+
+    func blockBench() throws {
+        let d = hidden / heads
+        var rng = SeededRandom(seed: 2)
+        func lin(_ o: Int, _ i: Int) -> Tensor<Float> {
+            let s = 1 / Float(i).squareRoot()
+            var t = Tensor<Float>(zeros: [o, i])
+            for j in 0..<t.count { t.data[j] = s * (Float(rng.uniform()) * 2 - 1) }
+            return t
+        }
+        let w = DecoderBlockWeights<Float>(
+            inputNorm: Tensor(shape: [hidden], repeating: 1), postAttentionNorm: Tensor(shape: [hidden], repeating: 1),
+            q: lin(hidden, hidden), k: lin(hidden, hidden), v: lin(hidden, hidden), o: lin(hidden, hidden),
+            qBias: nil, kBias: nil, vBias: nil, oBias: nil,
+            gate: lin(intermediate, hidden), up: lin(intermediate, hidden), down: lin(hidden, intermediate),
+            shape: AttentionShape(heads: heads, kvHeads: heads, headDim: d), rmsNormEps: 1e-6)
+        var x = Tensor<Float>(zeros: [tokens, hidden])
+        for j in 0..<x.count { x.data[j] = Float(rng.uniform()) * 2 - 1 }
+        let mask = [Bool](repeating: true, count: tokens)
+        let rope = RoPETable<Float>(positions: [Array(0..<tokens)], headDim: d, theta: 10000)
+        let dy = x
+        var sink: Float = 0
+        let fwd = best(reps) { sink += decoderBlockForward(x, weights: w, rope: rope, mask: mask).output.data[0] }
+        let fwdBwd = best(reps) {
+            let f = decoderBlockForward(x, weights: w, rope: rope, mask: mask, save: true)
+            sink += decoderBlockBackward(dy, saved: f.saved!, weights: w, rope: rope, mask: mask).input.data[0]
+        }
+        _ = sink
+        print(String(format: "block %dx%d (inter %d, %d heads, %d tokens, fp32): forward %.2f s, forward+backward %.2f s",
+                     hidden, hidden, intermediate, heads, tokens, fwd, fwdBwd))
+        guard let py = torch else {
+            print("(pass --torch PYTHON to time PyTorch on the same block)")
+            return
+        }
+        let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .deletingLastPathComponent().appendingPathComponent("Scripts/bench_torch_block.py").path
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: py)
+        p.arguments = [script, "--threads", "\(BLASRuntime.threads)", "--tokens", "\(tokens)", "--hidden", "\(hidden)",
+                       "--intermediate", "\(intermediate)", "--heads", "\(heads)", "--reps", "\(reps)"]
+        let pipe = Pipe()
+        p.standardOutput = pipe
+        try p.run()
+        let data = pipe.fileHandleForReading.readDataToEndOfFile()
+        p.waitUntilExit()
+        guard p.terminationStatus == 0,
+              let line = String(data: data, encoding: .utf8)?.split(separator: "\n").last,
+              let obj = try JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any],
+              let tf = obj["forward_s"] as? Double, let tfb = obj["forward_backward_s"] as? Double else {
+            throw ValidationError("PyTorch benchmark failed (\(py) \(script)); its output: \(String(decoding: data, as: UTF8.self))")
+        }
+        print(String(format: "PyTorch %@ (%@ attention): forward %.2f s, forward+backward %.2f s",
+                     obj["torch"] as? String ?? "?", obj["attention"] as? String ?? "?", tf, tfb))
+        print(String(format: "ratio Swift/PyTorch: forward %.2fx, forward+backward %.2fx (target forward <= 1.0x)", fwd / tf, fwdBwd / tfb))
+    }
+}

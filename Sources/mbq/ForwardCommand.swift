@@ -1,0 +1,163 @@
+import ArgumentParser
+import Foundation
+import Logging
+import MBQFormats
+import MBQModel
+import MBQTensor
+
+/// `mbq forward`: the language model's caption loss on a calibration bundle, and the
+/// per-layer gradient magnitudes at vision and caption positions that MBQ reweights by.
+struct ForwardCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "forward",
+        abstract: "Run the language model on a calibration bundle: caption loss, and |grad| per layer at vision vs caption tokens.")
+
+    @Option(help: "Hugging Face model directory (config.json + *.safetensors).")
+    var model: String
+
+    @Option(help: "Calibration bundle (mbq-calib safetensors).")
+    var calib: String
+
+    @Option(help: "Use only the first N samples.")
+    var samples: Int?
+
+    @Flag(help: "Also run the backward pass and print per-layer gradient statistics.")
+    var gradients = false
+
+    @Flag(help: "Print one JSON object instead of tables.")
+    var json = false
+
+    @OptionGroup var common: CommonOptions
+
+    func validate() throws {
+        if let samples, samples < 1 { throw ValidationError("--samples must be at least 1") }
+    }
+
+    func run() throws {
+        common.apply()
+        try runReportingErrors {
+            let report = try ModelRun.run(modelDir: model, calibPath: calib, limit: samples, gradients: gradients)
+            if json {
+                let data = try JSONSerialization.data(withJSONObject: report.json, options: [.prettyPrinted, .sortedKeys])
+                print(String(decoding: data, as: UTF8.self))
+            } else {
+                print(report.table)
+            }
+        }
+    }
+}
+
+/// Loads a model and a bundle and runs forward (and optionally backward) on every sample.
+struct ModelRun {
+    struct LayerStats {
+        var attnVis = 0.0, attnCap = 0.0, mlpVis = 0.0, mlpCap = 0.0
+    }
+
+    var modelType = ""
+    var layers = 0
+    var samples = 0
+    var skipped: [String] = []
+    var meanLoss = 0.0
+    var lossTokens = 0
+    var stats: [LayerStats] = []
+    var loadSeconds = 0.0
+    var runSeconds = 0.0
+    var gradients = false
+
+    static func run(modelDir: String, calibPath: String, limit: Int?, gradients: Bool) throws -> ModelRun {
+        let logger = Logger(label: "mbq.forward")
+        var r = ModelRun()
+        r.gradients = gradients
+        let ((lm, bundle), loadT) = try timed { () throws -> (LanguageModel<Float>, CalibrationBundle) in
+            let ckpt = try Checkpoint(directory: modelDir)
+            let b = try CalibrationBundle.load(path: calibPath, hiddenSize: ckpt.config.hiddenSize,
+                                               vocabSize: ckpt.config.vocabSize,
+                                               positionRows: ckpt.config.mropeSection == nil ? 1 : 3)
+            return (try LanguageModel<Float>.load(ckpt), b)
+        }
+        r.loadSeconds = loadT
+        r.modelType = lm.config.modelType
+        r.layers = lm.config.numLayers
+        let samples = Array(bundle.samples.prefix(limit ?? bundle.count))
+        logger.info("loaded \(modelDir) (\(lm.config.modelType), \(lm.config.numLayers) layers) and \(samples.count) samples in \(String(format: "%.2f", loadT)) s")
+        var sums = [LayerStats](repeating: LayerStats(), count: lm.config.numLayers)
+        var statSamples = 0
+        var lossSum = 0.0
+        let (_, runT) = try timed {
+            for (i, s) in samples.enumerated() {
+                let t0 = DispatchTime.now().uptimeNanoseconds
+                let input = SequenceInput(s)
+                if gradients {
+                    let g = try lm.lossAndGradients(input)
+                    lossSum += Double(g.loss) * Double(g.count)
+                    r.lossTokens += g.count
+                    let vis = s.vision, cap = s.caption
+                    if !vis.contains(true) || !cap.contains(true) {
+                        r.skipped.append("sample \(i): no \(vis.contains(true) ? "caption" : "vision") positions")
+                    } else {
+                        statSamples += 1
+                        for l in 0..<lm.config.numLayers {
+                            sums[l].attnVis += meanAbs(g.attentionOutput[l], rows: vis)
+                            sums[l].attnCap += meanAbs(g.attentionOutput[l], rows: cap)
+                            sums[l].mlpVis += meanAbs(g.mlpOutput[l], rows: vis)
+                            sums[l].mlpCap += meanAbs(g.mlpOutput[l], rows: cap)
+                        }
+                    }
+                } else {
+                    let outs = try lm.forward(input)
+                    let (loss, count, _) = lossHeadForward(outs.last!, norm: lm.finalNorm, lmHead: lm.lmHead,
+                                                           labels: s.labels, eps: Float(lm.config.rmsNormEps))
+                    lossSum += Double(loss) * Double(count)
+                    r.lossTokens += count
+                }
+                let dt = Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9
+                logger.info("sample \(i + 1)/\(samples.count): \(String(format: "%.2f", dt)) s, ETA \(String(format: "%.1f", dt * Double(samples.count - i - 1))) s")
+            }
+        }
+        r.runSeconds = runT
+        r.samples = samples.count
+        r.meanLoss = r.lossTokens > 0 ? lossSum / Double(r.lossTokens) : .nan
+        if statSamples > 0 {
+            r.stats = sums.map { LayerStats(attnVis: $0.attnVis / Double(statSamples), attnCap: $0.attnCap / Double(statSamples),
+                                            mlpVis: $0.mlpVis / Double(statSamples), mlpCap: $0.mlpCap / Double(statSamples)) }
+        }
+        return r
+    }
+
+    /// Mean |x| over the rows where `rows` is true, all columns. x: [T, C]
+    static func meanAbs(_ x: Tensor<Float>, rows: [Bool]) -> Double {
+        var s = 0.0, n = 0
+        let c = x.cols
+        for r in 0..<x.rows where rows[r] {
+            for j in 0..<c { s += Double(abs(x.data[r * c + j])) }
+            n += c
+        }
+        return n > 0 ? s / Double(n) : 0
+    }
+
+    var table: String {
+        var lines = [String(format: "%@: %d layers, %d samples, caption CE %.4f over %d tokens (ppl %.2f); load %.2f s, run %.2f s",
+                            modelType, layers, samples, meanLoss, lossTokens, exp(meanLoss), loadSeconds, runSeconds)]
+        if !stats.isEmpty {
+            lines.append("layer  attn |g| vis   attn |g| cap   vis/cap   mlp |g| vis    mlp |g| cap    vis/cap")
+            for (l, s) in stats.enumerated() {
+                lines.append(String(format: "%5d  %12.4e  %12.4e  %8.4f  %12.4e  %12.4e  %8.4f", l, s.attnVis, s.attnCap,
+                                    s.attnVis / s.attnCap, s.mlpVis, s.mlpCap, s.mlpVis / s.mlpCap))
+            }
+        }
+        for s in skipped { lines.append("skipped \(s)") }
+        return lines.joined(separator: "\n")
+    }
+
+    var json: [String: Any] {
+        var o: [String: Any] = ["model_type": modelType, "layers": layers, "samples": samples, "caption_ce": meanLoss,
+                                "caption_ppl": exp(meanLoss), "loss_tokens": lossTokens, "load_s": loadSeconds,
+                                "run_s": runSeconds, "skipped": skipped]
+        if !stats.isEmpty {
+            o["grad_stats"] = stats.enumerated().map { l, s in
+                ["layer": l, "attn_vis": s.attnVis, "attn_cap": s.attnCap, "mlp_vis": s.mlpVis, "mlp_cap": s.mlpCap] as [String: Any]
+            }
+        }
+        return o
+    }
+}

@@ -1,0 +1,104 @@
+import Foundation
+import MBQFormats
+import MBQModel
+import MBQTensor
+import XCTest
+
+/// The `mbq` binary end to end: bad input gives one clear line on stderr and a non-zero
+/// exit status, never a crash; good input gives the numbers the library computes.
+final class CLITests: XCTestCase {
+    struct Result {
+        var status: Int32
+        var stdout: String
+        var stderr: String
+    }
+
+    static var binary: String {
+        URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent("mbq").path
+    }
+
+    static var fixtures: String {
+        URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .appendingPathComponent("MBQModelTests/Fixtures").path
+    }
+
+    func mbq(_ args: [String]) throws -> Result {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: Self.binary)
+        p.arguments = args
+        var env = ProcessInfo.processInfo.environment
+        env["MBQ_KEEP_BLAS_ENV"] = "1"  // tests run OpenBLAS as the machine configures it
+        p.environment = env
+        let out = Pipe(), err = Pipe()
+        p.standardOutput = out
+        p.standardError = err
+        try p.run()
+        let o = out.fileHandleForReading.readDataToEndOfFile()
+        let e = err.fileHandleForReading.readDataToEndOfFile()
+        p.waitUntilExit()
+        XCTAssertEqual(p.terminationReason, .exit, "mbq \(args) was killed by a signal: \(String(decoding: e, as: UTF8.self))")
+        return Result(status: p.terminationStatus, stdout: String(decoding: o, as: UTF8.self), stderr: String(decoding: e, as: UTF8.self))
+    }
+
+    func assertFails(_ args: [String], mentioning needles: [String], file: StaticString = #filePath, line: UInt = #line) throws {
+        let r = try mbq(args)
+        XCTAssertNotEqual(r.status, 0, "mbq \(args) should fail", file: file, line: line)
+        for n in needles {
+            XCTAssert(r.stderr.contains(n), "stderr of mbq \(args) lacks '\(n)': \(r.stderr)", file: file, line: line)
+        }
+    }
+
+    func testForwardMatchesTheReferenceLoss() throws {
+        let dir = Self.fixtures + "/onevision"
+        let r = try mbq(["forward", "--model", dir + "/model", "--calib", dir + "/calib.safetensors", "--json", "--gradients"])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        let obj = try JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as! [String: Any]
+        let ref = try SafetensorsFile(path: dir + "/expected.safetensors")
+        let losses = try ref.floatTensor("loss").data, counts = try ref.intValues("loss_count").values
+        let expected = zip(losses, counts).reduce(0.0) { $0 + Double($1.0) * Double($1.1) } / Double(counts.reduce(0, +))
+        XCTAssertEqual(obj["caption_ce"] as! Double, expected, accuracy: 1e-5)
+        XCTAssertEqual((obj["grad_stats"] as! [Any]).count, 3)
+    }
+
+    func testBadInputsFailClearly() throws {
+        let tmp = NSTemporaryDirectory() + "mbq-cli-" + UUID().uuidString
+        defer { try? FileManager.default.removeItem(atPath: tmp) }
+        let fx = Self.fixtures
+        // Missing model directory.
+        try assertFails(["forward", "--model", tmp + "/none", "--calib", fx + "/llava15/calib.safetensors"],
+                        mentioning: ["mbq: error:", "none/config.json"])
+        // A bundle built for another model (hidden size differs).
+        var spec = SyntheticModelSpec()
+        spec.hiddenSize = 64; spec.intermediateSize = 128; spec.layers = 1; spec.vocabSize = 64
+        try spec.write(to: tmp + "/m64")
+        try assertFails(["forward", "--model", tmp + "/m64", "--calib", fx + "/llava15/calib.safetensors"],
+                        mentioning: ["calib.safetensors", "inputs_embeds", "expected [3, 16, 64]"])
+        // Unknown model_type.
+        try FileManager.default.createDirectory(atPath: tmp + "/mamba", withIntermediateDirectories: true)
+        try Data(#"{"model_type": "mamba"}"#.utf8).write(to: URL(fileURLWithPath: tmp + "/mamba/config.json"))
+        try assertFails(["inspect", "--model", tmp + "/mamba"], mentioning: ["unsupported model_type 'mamba'"])
+        // A truncated checkpoint.
+        try FileManager.default.copyItem(atPath: fx + "/llava15/model", toPath: tmp + "/cut")
+        let st = tmp + "/cut/model.safetensors"
+        let data = try Data(contentsOf: URL(fileURLWithPath: st))
+        try data.prefix(data.count / 2).write(to: URL(fileURLWithPath: st))
+        try assertFails(["inspect", "--model", tmp + "/cut"], mentioning: ["cut/model.safetensors", "past the data section"])
+        // NaN in the calibration inputs.
+        let b = try CalibrationBundle.load(path: fx + "/llava15/calib.safetensors")
+        var samples = b.samples
+        samples[1].embeds.data[5] = .infinity
+        try CalibrationBundle.write(samples, to: tmp + "/nan.safetensors")
+        try assertFails(["forward", "--model", fx + "/llava15/model", "--calib", tmp + "/nan.safetensors"],
+                        mentioning: ["nan.safetensors", "'inputs_embeds' holds a NaN or Inf"])
+        // Bad option values are refused before any work.
+        try assertFails(["forward", "--model", fx + "/llava15/model", "--calib", fx + "/llava15/calib.safetensors", "--samples", "0"],
+                        mentioning: ["--samples"])
+    }
+
+    func testInspectReadsHeadersOnly() throws {
+        let r = try mbq(["inspect", "--model", Self.fixtures + "/qwen2vl/model"])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        XCTAssert(r.stdout.contains("M-RoPE sections [4, 6, 6]"), r.stdout)
+        XCTAssert(r.stdout.contains("weight dtype      BF16"), r.stdout)
+    }
+}
