@@ -11,6 +11,7 @@ let package = Package(
     products: [
         .executable(name: "mbq", targets: ["mbq"]),
         .library(name: "MBQModel", targets: ["MBQModel"]),
+        .library(name: "MBQMethods", targets: ["MBQMethods"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -25,16 +26,23 @@ let package = Package(
         .target(name: "MBQFormats", dependencies: [
             "MBQTensor", .product(name: "Logging", package: "swift-log"),
         ]),
+        .target(name: "MBQQuant", dependencies: ["MBQTensor"]),
         .target(name: "MBQModel", dependencies: [
-            "MBQTensor", "MBQFormats", .product(name: "Logging", package: "swift-log"),
+            "MBQTensor", "MBQFormats", "MBQQuant", .product(name: "Logging", package: "swift-log"),
+        ]),
+        .target(name: "MBQMethods", dependencies: [
+            "MBQTensor", "MBQFormats", "MBQQuant", "MBQModel", .product(name: "Logging", package: "swift-log"),
         ]),
         .executableTarget(name: "mbq", dependencies: [
-            "MBQTensor", "MBQFormats", "MBQModel", "CBLAS", "CZMQ",
+            "MBQTensor", "MBQFormats", "MBQModel", "MBQQuant", "MBQMethods", "CBLAS", "CZMQ",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ]),
         .testTarget(name: "MBQTensorTests", dependencies: ["MBQTensor", "CZMQ"]),
         .testTarget(name: "MBQFormatsTests", dependencies: ["MBQFormats", "MBQTensor", "MBQModel"]),
+        .testTarget(name: "MBQQuantTests", dependencies: ["MBQQuant", "MBQTensor"]),
+        .testTarget(name: "MBQMethodsTests", dependencies: ["MBQMethods", "MBQModel", "MBQFormats", "MBQQuant", "MBQTensor"],
+                    resources: [.copy("Fixtures")]),
         .testTarget(name: "MBQCLITests", dependencies: ["mbq", "MBQFormats", "MBQModel", "MBQTensor"]),
         .testTarget(name: "MBQModelTests", dependencies: ["MBQModel", "MBQFormats", "MBQTensor"],
                     resources: [.copy("Fixtures")]),

@@ -15,6 +15,8 @@ public final class Checkpoint: @unchecked Sendable {
     private let logger = Logger(label: "mbq.checkpoint")
 
     public var allTensorNames: [String] { location.keys.sorted() }
+    /// The opened safetensors files, in shard order.
+    public var shards: [SafetensorsFile] { files }
 
     public init(directory: String) throws {
         self.directory = directory

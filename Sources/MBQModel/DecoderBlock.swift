@@ -1,4 +1,14 @@
+import MBQQuant
 import MBQTensor
+
+/// Per-token symmetric fake quantization of a linear's input (W-A schemes), or nothing.
+@inlinable
+func quantizedInput<T: BLASScalar>(_ x: Tensor<T>, bits: Int?) -> Tensor<T> {
+    guard let bits else { return x }
+    var q = x
+    Quantize.rowSymmetricInPlace(&q, bits: bits)
+    return q
+}
 
 // A Llama / Qwen2 decoder block (transformers' LlamaDecoderLayer):
 //   h   = x + o_proj(attention(rope(q_proj(n1)), rope(k_proj(n1)), v_proj(n1)))   n1 = input_layernorm(x)
@@ -76,15 +86,16 @@ public struct DecoderBlockGradients<T: BLASScalar>: Sendable {
 /// Self-attention with projections and RoPE. n1: [T, C] -> out: [T, C], ctx: [T, heads*D]
 @inlinable
 public func selfAttentionForward<T: BLASScalar>(_ n1: Tensor<T>, weights w: DecoderBlockWeights<T>,
-                                                rope: RoPETable<T>, mask: [Bool])
+                                                rope: RoPETable<T>, mask: [Bool], actBits: Int? = nil)
     -> (out: Tensor<T>, saved: AttentionSaved<T>) {
-    var q = linearForward(n1, weight: w.q, bias: w.qBias)
-    var k = linearForward(n1, weight: w.k, bias: w.kBias)
-    let v = linearForward(n1, weight: w.v, bias: w.vBias)
+    let xin = quantizedInput(n1, bits: actBits)
+    var q = linearForward(xin, weight: w.q, bias: w.qBias)
+    var k = linearForward(xin, weight: w.k, bias: w.kBias)
+    let v = linearForward(xin, weight: w.v, bias: w.vBias)
     ropeForward(&q, table: rope)
     ropeForward(&k, table: rope)
     let (ctx, lse) = attentionCoreForward(q: q, k: k, v: v, mask: mask, shape: w.shape)
-    let out = linearForward(ctx, weight: w.o, bias: w.oBias)
+    let out = linearForward(quantizedInput(ctx, bits: actBits), weight: w.o, bias: w.oBias)
     return (out, AttentionSaved(q: q, k: k, v: v, ctx: ctx, lse: lse))
 }
 
@@ -104,19 +115,22 @@ public func selfAttentionBackward<T: BLASScalar>(_ dout: Tensor<T>, saved: Atten
 }
 
 /// x: [T, C], mask: [T] (false = padding) -> output: [T, C]
-/// `save` keeps what backward needs; `capture` keeps the linear inputs and module outputs.
+/// `save` keeps what backward needs; `capture` keeps the linear inputs and module outputs;
+/// `actBits` fake-quantizes every linear's input per token (W-A schemes; forward only).
 @inlinable
 public func decoderBlockForward<T: BLASScalar>(_ x: Tensor<T>, weights w: DecoderBlockWeights<T>,
                                                rope: RoPETable<T>, mask: [Bool],
-                                               save: Bool = false, capture: Bool = false) -> DecoderBlockForward<T> {
+                                               save: Bool = false, capture: Bool = false,
+                                               actBits: Int? = nil) -> DecoderBlockForward<T> {
+    precondition(actBits == nil || !save, "backward through activation quantization is not defined")
     precondition(x.rank == 2 && x.cols == w.hiddenSize && x.rows == mask.count && rope.length == x.rows,
                  "block: input \(x.shape), hidden \(w.hiddenSize), mask \(mask.count), rope \(rope.length)")
     let eps = T(w.rmsNormEps)
     let (n1, inv1) = rmsNormForward(x, weight: w.inputNorm, eps: eps)
-    let (attnOut, attnSaved) = selfAttentionForward(n1, weights: w, rope: rope, mask: mask)
+    let (attnOut, attnSaved) = selfAttentionForward(n1, weights: w, rope: rope, mask: mask, actBits: actBits)
     let h = add(x, attnOut)
     let (n2, inv2) = rmsNormForward(h, weight: w.postAttentionNorm, eps: eps)
-    let (mlpOut, downInput, mlpSaved) = mlpForward(n2, gate: w.gate, up: w.up, down: w.down)
+    let (mlpOut, downInput, mlpSaved) = mlpForward(n2, gate: w.gate, up: w.up, down: w.down, actBits: actBits)
     let out = add(h, mlpOut)
     let saved = save ? DecoderBlockSaved(x: x, invRms1: inv1, attention: attnSaved, h: h, invRms2: inv2, mlp: mlpSaved) : nil
     let captures = capture ? BlockCaptures(qkvInput: n1, oInput: attnSaved.ctx, gateUpInput: n2, downInput: downInput,

@@ -68,13 +68,14 @@ public final class LanguageModel<T: BLASScalar>: @unchecked Sendable {
     }
 
     /// Every block's output. -> [layers] of [T, C]
-    public func forward(_ input: SequenceInput<T>) throws -> [Tensor<T>] {
+    /// `actBits` fake-quantizes every linear's input per token (W-A checkpoints).
+    public func forward(_ input: SequenceInput<T>, actBits: Int? = nil) throws -> [Tensor<T>] {
         try check(input)
         let rope = ropeTable(input.positions)
         var x = input.embeds
         var outs: [Tensor<T>] = []
         for (l, w) in blocks.enumerated() {
-            x = decoderBlockForward(x, weights: w, rope: rope, mask: input.mask).output
+            x = decoderBlockForward(x, weights: w, rope: rope, mask: input.mask, actBits: actBits).output
             guard allFinite(x) else { throw ModelError.nonFinite(what: "block output", layer: l) }
             outs.append(x)
         }

@@ -78,3 +78,26 @@ public func lossHeadBackward<T: BLASScalar>(saved s: LossHeadSaved<T>, norm: Ten
     }
     return dh
 }
+
+/// log softmax(lm_head(norm(h))) at the given rows. h: [T, C] -> [rows.count, V]
+@inlinable
+public func logProbabilities<T: BLASScalar>(_ h: Tensor<T>, rows: [Int], norm: Tensor<T>, lmHead: Tensor<T>, eps: T) -> Tensor<T> {
+    let c = h.cols, vocab = lmHead.shape[0]
+    var gathered = Tensor<T>(zeros: [rows.count, c])
+    for (r, pos) in rows.enumerated() {
+        for j in 0..<c { gathered.data[r * c + j] = h.data[pos * c + j] }
+    }
+    var lp = linearForward(rmsNormForward(gathered, weight: norm, eps: eps).y, weight: lmHead)
+    lp.data.withUnsafeMutableBufferPointer { pl in
+        for r in 0..<rows.count {
+            let row = pl.baseAddress! + r * vocab
+            var m = -T.infinity
+            for j in 0..<vocab { m = Swift.max(m, row[j]) }
+            var sum: T = 0
+            for j in 0..<vocab { sum += T.exp(row[j] - m) }
+            let lse = m + T.log(sum)
+            for j in 0..<vocab { row[j] -= lse }
+        }
+    }
+    return lp
+}

@@ -34,12 +34,14 @@ public func swiglu<T: BLASScalar>(gate: Tensor<T>, up: Tensor<T>) -> Tensor<T> {
 
 /// x: [T, C], gate/up: [I, C], down: [C, I] -> y: [T, C], downInput: [T, I]
 @inlinable
-public func mlpForward<T: BLASScalar>(_ x: Tensor<T>, gate: Tensor<T>, up: Tensor<T>, down: Tensor<T>)
+public func mlpForward<T: BLASScalar>(_ x: Tensor<T>, gate: Tensor<T>, up: Tensor<T>, down: Tensor<T>,
+                                      actBits: Int? = nil)
     -> (y: Tensor<T>, downInput: Tensor<T>, saved: MLPSaved<T>) {
-    let g = linearForward(x, weight: gate)
-    let u = linearForward(x, weight: up)
+    let xin = quantizedInput(x, bits: actBits)
+    let g = linearForward(xin, weight: gate)
+    let u = linearForward(xin, weight: up)
     let a = swiglu(gate: g, up: u)
-    let y = linearForward(a, weight: down)
+    let y = linearForward(quantizedInput(a, bits: actBits), weight: down)
     return (y, a, MLPSaved(gate: g, up: u))
 }
 

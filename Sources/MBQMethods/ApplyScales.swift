@@ -1,0 +1,76 @@
+import MBQModel
+import MBQQuant
+import MBQTensor
+
+/// Folding searched scales into a block and quantizing it (DESIGN.md §2 "Apply").
+/// The scaled block computes the same function as the fp block: the previous op's
+/// output channels are divided by s and the scaled linears' input columns multiplied.
+public enum ApplyScales {
+    static func divide(_ t: inout Tensor<Float>, _ s: [Float]) {
+        precondition(t.count == s.count, "previous-op vector \(t.shape) vs scales \(s.count)")
+        for i in 0..<s.count { t.data[i] /= s[i] }
+    }
+
+    /// Output rows of w ([out, in]) divided by s ([out]).
+    static func divideRows(_ w: inout Tensor<Float>, _ s: [Float]) {
+        precondition(w.rows == s.count, "weight \(w.shape) vs scales \(s.count)")
+        let c = w.cols
+        for r in 0..<w.rows { for j in 0..<c { w.data[r * c + j] /= s[r] } }
+    }
+
+    static func multiplyColumns(_ w: inout Tensor<Float>, _ s: [Float]) {
+        precondition(w.cols == s.count, "weight \(w.shape) vs scales \(s.count)")
+        let c = w.cols
+        for r in 0..<w.rows { for j in 0..<c { w.data[r * c + j] *= s[j] } }
+    }
+
+    /// Applies one group's scales to the block.
+    public static func apply(_ g: SearchGroup, scales s: [Float], to w: inout DecoderBlockWeights<Float>) {
+        switch g {
+        case .qkv:
+            divide(&w.inputNorm, s)
+            multiplyColumns(&w.q, s); multiplyColumns(&w.k, s); multiplyColumns(&w.v, s)
+        case .o:
+            divideRows(&w.v, s)
+            if w.vBias != nil { divide(&w.vBias!, s) }
+            multiplyColumns(&w.o, s)
+        case .gateUp:
+            divide(&w.postAttentionNorm, s)
+            multiplyColumns(&w.gate, s); multiplyColumns(&w.up, s)
+        case .down:
+            divideRows(&w.up, s)
+            multiplyColumns(&w.down, s)
+        }
+    }
+
+    /// Fake-quantizes every linear of the block.
+    public static func quantizeLinears(_ w: inout DecoderBlockWeights<Float>, with q: WeightQuantizer) {
+        w.q = q.apply(w.q); w.k = q.apply(w.k); w.v = q.apply(w.v); w.o = q.apply(w.o)
+        w.gate = q.apply(w.gate); w.up = q.apply(w.up); w.down = q.apply(w.down)
+    }
+
+    /// SmoothQuant's migration (Xiao et al. 2023, alpha 0.5): per input channel
+    /// s = max|X_j|^alpha / max|W_j|^(1 - alpha), W_j over every linear sharing the input,
+    /// applied to the norm -> q/k/v and norm -> gate/up pairs.
+    public static func smoothQuantScales(activationMax: [Float], weights: [Tensor<Float>], alpha: Float = 0.5) -> [Float] {
+        let c = activationMax.count
+        var wmax = [Float](repeating: 0, count: c)
+        for w in weights {
+            for r in 0..<w.rows { for j in 0..<c { wmax[j] = Swift.max(wmax[j], Swift.abs(w.data[r * c + j])) } }
+        }
+        return (0..<c).map { j in
+            let s = Float.pow(Swift.max(activationMax[j], 1e-5), alpha) / Float.pow(Swift.max(wmax[j], 1e-5), 1 - alpha)
+            return Swift.max(s, 1e-5)
+        }
+    }
+
+    /// Per input channel max |x| over non-padding positions. -> [C]
+    public static func maxAbsPerChannel(_ inputs: [Tensor<Float>], masks: [[Bool]]) -> [Float] {
+        let c = inputs[0].cols
+        var m = [Float](repeating: 0, count: c)
+        for (x, mask) in zip(inputs, masks) {
+            for r in 0..<x.rows where mask[r] { for j in 0..<c { m[j] = Swift.max(m[j], Swift.abs(x.data[r * c + j])) } }
+        }
+        return m
+    }
+}

@@ -1,0 +1,71 @@
+import Foundation
+import MBQFormats
+import MBQModel
+import MBQTensor
+
+/// Caption cross-entropy / perplexity of a model on a bundle and, given a reference
+/// model, the mean KL(reference || model) of the next-token distributions over every
+/// next-token position and over caption positions.
+public struct EvalResult: Sendable {
+    public var captionCE: Double
+    public var captionTokens: Int
+    public var klAll: Double?
+    public var klCaption: Double?
+    public var positions: Int
+    public var captionPPL: Double { exp(captionCE) }
+
+    public var json: [String: Any] {
+        var o: [String: Any] = ["caption_ce": captionCE, "caption_ppl": captionPPL, "caption_tokens": captionTokens,
+                                "positions": positions]
+        o["kl_all"] = klAll ?? NSNull()
+        o["kl_caption"] = klCaption ?? NSNull()
+        return o
+    }
+}
+
+public enum Evaluate {
+    /// `actBits`/`referenceActBits`: per-token activation quantization of W-A checkpoints.
+    public static func run(model: LanguageModel<Float>, actBits: Int?, samples: [CalibrationSample],
+                           reference: LanguageModel<Float>? = nil, referenceActBits: Int? = nil) throws -> EvalResult {
+        var ce = 0.0, capTokens = 0, klAll = 0.0, klCap = 0.0, positions = 0
+        let eps = Float(model.config.rmsNormEps)
+        for s in samples {
+            let t = s.length
+            // Next-token positions: t predicts t+1, both real tokens.
+            let rows = (0..<max(0, t - 1)).filter { s.attention[$0] && s.attention[$0 + 1] }
+            guard !rows.isEmpty else { continue }
+            let input = SequenceInput(s)
+            let h = try model.forward(input, actBits: actBits).last!
+            let lp = logProbabilities(h, rows: rows, norm: model.finalNorm, lmHead: model.lmHead, eps: eps)
+            let vocab = lp.cols
+            var refLP: Tensor<Float>? = nil
+            if let reference {
+                let hr = try reference.forward(input, actBits: referenceActBits).last!
+                refLP = logProbabilities(hr, rows: rows, norm: reference.finalNorm, lmHead: reference.lmHead,
+                                         eps: Float(reference.config.rmsNormEps))
+            }
+            for (r, pos) in rows.enumerated() {
+                let label = s.labels[pos + 1]
+                let isCaption = label != -100
+                if isCaption {
+                    ce -= Double(lp.data[r * vocab + label])
+                    capTokens += 1
+                }
+                if let refLP {
+                    var kl = 0.0
+                    for j in 0..<vocab {
+                        let lr = Double(refLP.data[r * vocab + j])
+                        kl += exp(lr) * (lr - Double(lp.data[r * vocab + j]))
+                    }
+                    klAll += kl
+                    if isCaption { klCap += kl }
+                }
+                positions += 1
+            }
+        }
+        guard capTokens > 0 else { throw MethodsError.noUsableSamples("no caption token is predicted in the bundle") }
+        return EvalResult(captionCE: ce / Double(capTokens), captionTokens: capTokens,
+                          klAll: reference == nil ? nil : klAll / Double(max(positions, 1)),
+                          klCaption: reference == nil ? nil : klCap / Double(capTokens), positions: positions)
+    }
+}

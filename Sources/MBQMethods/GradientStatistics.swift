@@ -1,0 +1,100 @@
+import Logging
+import MBQFormats
+import MBQModel
+import MBQTensor
+
+/// MBQ's modality sensitivity (DESIGN.md §2, paper §3.2): per layer and branch, the mean
+/// |dL/d output| at vision positions over that at caption positions, where L is one
+/// sample's mean caption cross-entropy and the outputs are o_proj's (attention) and
+/// down_proj's (MLP). Averaged over samples, then each ratio is clamped from below by
+/// the median over layers (the last layer's raw ratio is exactly 0: its vision outputs
+/// reach no caption prediction).
+public struct GradientStatistics: Sendable, Equatable {
+    public struct Layer: Sendable, Equatable {
+        public var attnVis = 0.0, attnCap = 0.0, mlpVis = 0.0, mlpCap = 0.0
+        /// Clamped ratios, the ones the search uses.
+        public var attnRatio = 1.0, mlpRatio = 1.0
+        public var rawAttnRatio = 1.0, rawMlpRatio = 1.0
+    }
+
+    public var layers: [Layer]
+    public var samplesUsed: Int
+    /// Samples left out, with why (no vision or no caption positions).
+    public var skipped: [String]
+
+    /// Uniform ratios (AWQ: no reweighting).
+    public static func uniform(layers: Int) -> GradientStatistics {
+        GradientStatistics(layers: Array(repeating: Layer(), count: layers), samplesUsed: 0, skipped: [])
+    }
+
+    /// Mean |x| over rows where `rows` is true, all columns (0 when none). x: [T, C]
+    static func meanAbs(_ x: Tensor<Float>, rows: [Bool]) -> (sum: Double, count: Int) {
+        var s = 0.0, n = 0
+        let c = x.cols
+        x.data.withUnsafeBufferPointer { p in
+            for r in 0..<x.rows where rows[r] {
+                var rs: Float = 0
+                for j in 0..<c { rs += Swift.abs(p[r * c + j]) }
+                s += Double(rs)
+                n += c
+            }
+        }
+        return (s, n)
+    }
+
+    public static func median(_ v: [Double]) -> Double {
+        let s = v.sorted()
+        guard !s.isEmpty else { return 0 }
+        return s.count % 2 == 1 ? s[s.count / 2] : (s[s.count / 2 - 1] + s[s.count / 2]) / 2
+    }
+
+    /// Runs forward and backward on every usable sample of `samples`.
+    public static func compute(model: LanguageModel<Float>, samples: [CalibrationSample],
+                               progress: ((Int, Int) -> Void)? = nil) throws -> GradientStatistics {
+        let nl = model.config.numLayers
+        var sums = [Layer](repeating: Layer(), count: nl)
+        var used = 0
+        var skipped: [String] = []
+        for (i, s) in samples.enumerated() {
+            defer { progress?(i + 1, samples.count) }
+            let vis = zip(s.vision, s.attention).map { $0 && $1 }
+            let cap = zip(s.caption, s.attention).map { $0 && $1 }
+            guard vis.contains(true) else { skipped.append("sample \(i): no vision positions"); continue }
+            guard cap.contains(true) else { skipped.append("sample \(i): no caption positions"); continue }
+            let g = try model.lossAndGradients(SequenceInput(s))
+            guard g.count > 0 else { skipped.append("sample \(i): no caption token is predicted"); continue }
+            used += 1
+            for l in 0..<nl {
+                let av = meanAbs(g.attentionOutput[l], rows: vis), ac = meanAbs(g.attentionOutput[l], rows: cap)
+                let mv = meanAbs(g.mlpOutput[l], rows: vis), mc = meanAbs(g.mlpOutput[l], rows: cap)
+                sums[l].attnVis += av.sum / Double(av.count)
+                sums[l].attnCap += ac.sum / Double(ac.count)
+                sums[l].mlpVis += mv.sum / Double(mv.count)
+                sums[l].mlpCap += mc.sum / Double(mc.count)
+            }
+        }
+        guard used > 0 else {
+            throw MethodsError.noUsableSamples("every sample lacks vision or caption positions (\(skipped.prefix(3).joined(separator: "; ")))")
+        }
+        return finalize(sums: sums, used: used, skipped: skipped)
+    }
+
+    /// Averages, divides and clamps. `sums` hold per-sample means summed over samples.
+    public static func finalize(sums: [Layer], used: Int, skipped: [String]) -> GradientStatistics {
+        var layers = sums.map { s -> Layer in
+            var l = Layer()
+            let n = Double(used)
+            l.attnVis = s.attnVis / n; l.attnCap = s.attnCap / n
+            l.mlpVis = s.mlpVis / n; l.mlpCap = s.mlpCap / n
+            l.rawAttnRatio = l.attnCap > 0 ? l.attnVis / l.attnCap : 0
+            l.rawMlpRatio = l.mlpCap > 0 ? l.mlpVis / l.mlpCap : 0
+            return l
+        }
+        let ma = median(layers.map(\.rawAttnRatio)), mm = median(layers.map(\.rawMlpRatio))
+        for i in layers.indices {
+            layers[i].attnRatio = Swift.max(layers[i].rawAttnRatio, ma)
+            layers[i].mlpRatio = Swift.max(layers[i].rawMlpRatio, mm)
+        }
+        return GradientStatistics(layers: layers, samplesUsed: used, skipped: skipped)
+    }
+}

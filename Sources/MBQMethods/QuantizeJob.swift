@@ -1,0 +1,109 @@
+import Foundation
+import Logging
+import MBQFormats
+import MBQModel
+import MBQQuant
+import MBQTensor
+
+/// What a quantization run produces.
+public struct QuantizeResult: Sendable {
+    public var options: QuantizeOptions
+    public var gradStats: GradientStatistics?
+    public var groups: [GroupResult]
+    /// The blocks with scales applied and weights fake-quantized.
+    public var blocks: [DecoderBlockWeights<Float>]
+    public var seconds: [String: Double]
+}
+
+/// MBQ / AWQ / SmoothQuant / RTN on one process holding the whole model
+/// (DESIGN.md §2). Layer by layer: run the fp block on the calibration inputs, search
+/// its groups against the fp outputs, apply the scales, quantize; the next layer's
+/// inputs are the fp block's outputs (all searches independent) or, with `distort`,
+/// the quantized block's.
+public enum QuantizeJob {
+    public static func run(model: LanguageModel<Float>, samples: [CalibrationSample], options: QuantizeOptions,
+                           logger: Logger = Logger(label: "mbq.quantize")) throws -> QuantizeResult {
+        try options.validate(for: model.config)
+        var seconds: [String: Double] = [:]
+        let start = Date()
+        func elapsed() -> String { String(format: "%.1fs", Date().timeIntervalSince(start)) }
+        let nl = model.config.numLayers
+
+        if options.method == .rtn {
+            let q = options.weightQuantizer
+            let blocks = model.blocks.map { b -> DecoderBlockWeights<Float> in
+                var b = b
+                ApplyScales.quantizeLinears(&b, with: q)
+                return b
+            }
+            seconds["quantize"] = Date().timeIntervalSince(start)
+            logger.info("[quantize] rtn \(q): \(nl) layers in \(elapsed())")
+            return QuantizeResult(options: options, gradStats: nil, groups: [], blocks: blocks, seconds: seconds)
+        }
+
+        var stats: GradientStatistics? = nil
+        if options.method == .mbq || (options.method == .awq && options.effectiveReweight) {
+            let t0 = Date()
+            stats = try GradientStatistics.compute(model: model, samples: samples) { done, total in
+                let dt = Date().timeIntervalSince(t0)
+                let eta = dt / Double(done) * Double(total - done)
+                logger.info("[grad-stats] sample \(done)/\(total), elapsed \(elapsed()), ETA \(String(format: "%.1fs", eta))")
+            }
+            seconds["grad_stats"] = Date().timeIntervalSince(t0)
+            for s in stats!.skipped { logger.warning("[grad-stats] skipped \(s)") }
+        }
+        let ratios = stats ?? GradientStatistics.uniform(layers: nl)
+
+        let t0 = Date()
+        var xs = samples.map(\.embeds)
+        var groups: [GroupResult] = []
+        var blocks: [DecoderBlockWeights<Float>] = []
+        let search = options.searchOptions
+        for l in 0..<nl {
+            let fp = model.blocks[l]
+            var layerSamples: [LayerSample] = []
+            var fpOutputs: [Tensor<Float>] = []
+            for (i, s) in samples.enumerated() {
+                let rope = model.ropeTable(s.positions)
+                let f = decoderBlockForward(xs[i], weights: fp, rope: rope, mask: s.attention, capture: true)
+                layerSamples.append(LayerSample(captures: f.captures!, rope: rope, attention: s.attention,
+                                                vision: s.vision, caption: s.caption))
+                fpOutputs.append(f.output)
+            }
+            var w = fp
+            if options.method == .smoothquant {
+                let masks = samples.map(\.attention)
+                let s1 = ApplyScales.smoothQuantScales(
+                    activationMax: ApplyScales.maxAbsPerChannel(layerSamples.map(\.captures.qkvInput), masks: masks),
+                    weights: [fp.q, fp.k, fp.v])
+                let s2 = ApplyScales.smoothQuantScales(
+                    activationMax: ApplyScales.maxAbsPerChannel(layerSamples.map(\.captures.gateUpInput), masks: masks),
+                    weights: [fp.gate, fp.up])
+                ApplyScales.apply(.qkv, scales: s1, to: &w)
+                ApplyScales.apply(.gateUp, scales: s2, to: &w)
+            } else {
+                let found = ScaleSearch.searchLayer(l, weights: fp, samples: layerSamples,
+                                                    attnRatio: ratios.layers[l].attnRatio,
+                                                    mlpRatio: ratios.layers[l].mlpRatio, options: search)
+                for g in found { ApplyScales.apply(g.group, scales: g.scales, to: &w) }
+                groups += found
+                let picks = found.map { "\($0.group.rawValue)=\(String(format: "%.2f", $0.alpha))" }.joined(separator: " ")
+                logger.info("[search] layer \(l + 1)/\(nl): \(picks)")
+            }
+            ApplyScales.quantizeLinears(&w, with: options.weightQuantizer)
+            blocks.append(w)
+            if options.distort {
+                for (i, s) in samples.enumerated() {
+                    xs[i] = decoderBlockForward(xs[i], weights: w, rope: layerSamples[i].rope, mask: s.attention,
+                                                actBits: options.aBit).output
+                }
+            } else {
+                xs = fpOutputs
+            }
+            let dt = Date().timeIntervalSince(t0)
+            logger.info("[search] layer \(l + 1)/\(nl) done, elapsed \(elapsed()), ETA \(String(format: "%.1fs", dt / Double(l + 1) * Double(nl - l - 1)))")
+        }
+        seconds["search_apply_quantize"] = Date().timeIntervalSince(t0)
+        return QuantizeResult(options: options, gradStats: stats, groups: groups, blocks: blocks, seconds: seconds)
+    }
+}
