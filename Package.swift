@@ -41,8 +41,9 @@ let package = Package(
         .testTarget(name: "MBQTensorTests", dependencies: ["MBQTensor", "CZMQ"]),
         .testTarget(name: "MBQFormatsTests", dependencies: ["MBQFormats", "MBQTensor", "MBQModel"]),
         .testTarget(name: "MBQQuantTests", dependencies: ["MBQQuant", "MBQTensor"]),
+        // Reads its fixtures (and MBQModelTests') by path: Tests/MBQMethodsTests/Fixtures.
         .testTarget(name: "MBQMethodsTests", dependencies: ["MBQMethods", "MBQModel", "MBQFormats", "MBQQuant", "MBQTensor"],
-                    resources: [.copy("Fixtures")]),
+                    exclude: ["Fixtures"]),
         .testTarget(name: "MBQCLITests", dependencies: ["mbq", "MBQFormats", "MBQModel", "MBQTensor"]),
         .testTarget(name: "MBQModelTests", dependencies: ["MBQModel", "MBQFormats", "MBQTensor"],
                     resources: [.copy("Fixtures")]),

@@ -17,6 +17,7 @@ Each sample is run on its own (batch 1, its own attention mask), as MBQ's gradie
 statistics are. Architectures:
   llava15      LLaVA-1.5: Llama text, GQA (4 heads / 2 kv), CLIP tower, fp32
   onevision    LLaVA-OneVision: Qwen2 text with q/k/v bias, GQA, SigLIP tower, fp32
+  onevision_mha  the same without GQA (4 kv heads), so the v_proj -> o_proj group is searched
   qwen2vl      Qwen2-VL: M-RoPE (3-row positions), q/k/v bias, weights stored bf16
 
 Usage (from the repository root; nothing here is needed in CI):
@@ -36,6 +37,7 @@ from safetensors.torch import save_file
 
 HIDDEN, INTER, HEADS, KV_HEADS, LAYERS, VOCAB = 128, 256, 4, 2, 3, 256
 N, T = 3, 16
+ALL_ARCHS = ["llava15", "onevision", "qwen2vl", "onevision_mha"]
 
 
 def text_kwargs(**extra):
@@ -47,6 +49,7 @@ def text_kwargs(**extra):
 
 
 def build(arch):
+    kv = HEADS if arch == "onevision_mha" else KV_HEADS
     from transformers import (LlavaConfig, LlavaForConditionalGeneration, LlavaOnevisionConfig,
                               LlavaOnevisionForConditionalGeneration, Qwen2VLConfig,
                               Qwen2VLForConditionalGeneration)
@@ -58,9 +61,9 @@ def build(arch):
                                projection_dim=32),
             image_token_index=VOCAB - 1, image_seq_length=4)
         model = LlavaForConditionalGeneration(cfg)
-    elif arch == "onevision":
+    elif arch in ("onevision", "onevision_mha"):
         cfg = LlavaOnevisionConfig(
-            text_config=dict(model_type="qwen2", rope_theta=1000000.0, **text_kwargs()),
+            text_config=dict(model_type="qwen2", rope_theta=1000000.0, **text_kwargs(num_key_value_heads=kv)),
             vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64,
                                num_hidden_layers=2, num_attention_heads=2, image_size=28, patch_size=14),
             image_token_index=VOCAB - 1, video_token_index=VOCAB - 2)
@@ -207,10 +210,11 @@ def reference(model, arch, emb, mask, vision, labels, pos):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="Tests/MBQModelTests/Fixtures")
-    ap.add_argument("--arch", nargs="*", default=["llava15", "onevision", "qwen2vl"])
+    ap.add_argument("--arch", nargs="*", default=ALL_ARCHS)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    for i, arch in enumerate(args.arch):
+    for arch in args.arch:
+        i = ALL_ARCHS.index(arch)   # seeds follow the architecture, not the command line
         torch.manual_seed(1234 + i)
         gen = torch.Generator().manual_seed(4321 + i)
         model = build(arch)

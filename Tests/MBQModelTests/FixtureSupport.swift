@@ -12,7 +12,7 @@ struct Fixture {
     let bundle: CalibrationBundle
     let expected: SafetensorsFile
 
-    static let architectures = ["llava15", "onevision", "qwen2vl"]
+    static let architectures = ["llava15", "onevision", "qwen2vl", "onevision_mha"]
 
     static var root: String {
         Bundle.module.resourcePath! + "/Fixtures"

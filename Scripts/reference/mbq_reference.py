@@ -1,0 +1,328 @@
+#!/usr/bin/env python3
+"""A PyTorch port of the MBQ authors' algorithm (thu-nics/MBQ; DESIGN.md §2), run on
+the CPU, that writes the fixtures the Swift methods tests compare against.
+
+What it computes, for a model directory + calibration bundle written by
+make_fixtures.py, for each configuration (w3g128 / w4g128 / w4a8 x awq / mbq):
+  grad.{attn_vis,attn_cap,mlp_vis,mlp_cap,attn_ratio,mlp_ratio}   [L]   (mbq only)
+  search.{l}.{group}.loss  [20]   search.{l}.{group}.best_idx  [1]
+  layers.{l}.{tensor}      the scaled, fake-quantized block (for --weights configs)
+
+Faithful to the authors' search with the fixes DESIGN.md states: weights are backed
+up with clone() (their `{k: v.cpu()}` aliases the live tensor on the CPU), padding is
+excluded from the channel statistics and the loss, and Qwen2-VL runs with its real
+M-RoPE positions. Modules are transformers' own (LlamaAttention, Qwen2MLP, ...).
+
+  .venv/bin/python Scripts/reference/mbq_reference.py [--fixtures Tests/MBQModelTests/Fixtures]
+      [--out Tests/MBQMethodsTests/Fixtures]
+  .venv/bin/python Scripts/reference/mbq_reference.py --bench   # one Llama-7B block, timed
+"""
+import argparse
+import os
+import time
+
+import torch
+from safetensors.torch import load_file, save_file
+
+GRID = 20
+CONFIGS = {  # name: (w_bit, group, a_bit)
+    "w3g128": (3, 128, None),
+    "w4g128": (4, 128, None),
+    "w4a8": (4, -1, 8),
+}
+
+
+# ---- quantizers (the spec of DESIGN.md §2) ---------------------------------------
+def q_group_asym(w, bits, group):
+    shape = w.shape
+    w = w.reshape(-1, group) if group > 0 else w.reshape(-1, shape[-1])
+    mx, mn = w.amax(dim=1, keepdim=True), w.amin(dim=1, keepdim=True)
+    max_int = 2 ** bits - 1
+    scales = (mx - mn).clamp(min=1e-5) / max_int
+    zeros = (-torch.round(mn / scales)).clamp_(0, max_int)
+    w = (torch.clamp(torch.round(w / scales) + zeros, 0, max_int) - zeros) * scales
+    return w.reshape(shape)
+
+
+def q_row_sym(x, bits):
+    qmax = 2 ** (bits - 1) - 1
+    scales = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5) / qmax
+    return torch.clamp(torch.round(x / scales), -(2 ** (bits - 1)), qmax) * scales
+
+
+# ---- model plumbing ------------------------------------------------------------------
+def load(model_dir, calib_path):
+    from transformers import AutoConfig
+    import transformers
+    cfg = AutoConfig.from_pretrained(model_dir)
+    cls = {"llava": transformers.LlavaForConditionalGeneration,
+           "llava_onevision": transformers.LlavaOnevisionForConditionalGeneration,
+           "qwen2_vl": transformers.Qwen2VLForConditionalGeneration}[cfg.model_type]
+    model = cls.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    calib = load_file(calib_path)
+    return model, calib
+
+
+def sample_inputs(calib, s):
+    emb = calib["inputs_embeds"][s:s + 1].float()
+    mask = calib["attention_mask"][s]
+    pos = calib["position_ids"]
+    pos = pos[:, s:s + 1] if pos.dim() == 3 else pos[s:s + 1]
+    return emb, mask, pos, calib["vision_mask"][s].bool() & mask.bool(), (calib["labels"][s] != -100) & mask.bool()
+
+
+def eager_mask(mask):
+    t = mask.shape[0]
+    allowed = torch.tril(torch.ones(t, t, dtype=torch.bool)) & mask.bool()[None, :]
+    m = torch.zeros(t, t)
+    m[~allowed] = torch.finfo(torch.float32).min
+    return m[None, None]
+
+
+# ---- gradient statistics ---------------------------------------------------------------
+def grad_stats(model, calib):
+    lm, head = model.model.language_model, model.lm_head
+    L = len(lm.layers)
+    sums = torch.zeros(4, L, dtype=torch.float64)
+    used = 0
+    for s in range(calib["inputs_embeds"].shape[0]):
+        emb, mask, pos, vis, cap = sample_inputs(calib, s)
+        if not vis.any() or not cap.any():
+            continue
+        outs = {}
+        hooks = []
+        for l, layer in enumerate(lm.layers):
+            def keep(name, l=l):
+                def f(mod, args, o):
+                    o.retain_grad()
+                    outs[(name, l)] = o
+                return f
+            hooks.append(layer.self_attn.o_proj.register_forward_hook(keep("attn")))
+            hooks.append(layer.mlp.down_proj.register_forward_hook(keep("mlp")))
+        hs = lm(inputs_embeds=emb, attention_mask=mask[None], position_ids=pos, use_cache=False).last_hidden_state
+        logits = head(hs).float()
+        loss = torch.nn.functional.cross_entropy(logits[0, :-1], calib["labels"][s, 1:], ignore_index=-100)
+        loss.backward()
+        for h in hooks:
+            h.remove()
+        used += 1
+        for l in range(L):
+            ga, gm = outs[("attn", l)].grad[0].abs(), outs[("mlp", l)].grad[0].abs()
+            sums[0, l] += ga[vis].mean().double()
+            sums[1, l] += ga[cap].mean().double()
+            sums[2, l] += gm[vis].mean().double()
+            sums[3, l] += gm[cap].mean().double()
+        model.zero_grad(set_to_none=True)
+    m = sums / used
+    ra, rm = m[0] / m[1], m[2] / m[3]
+    # Median over layers (the mean of the middle two for an even count), then clamp.
+    ra_c = torch.maximum(ra, torch.tensor(float(ra.median() if L % 2 else ra.sort().values[L // 2 - 1:L // 2 + 1].mean())))
+    rm_c = torch.maximum(rm, torch.tensor(float(rm.median() if L % 2 else rm.sort().values[L // 2 - 1:L // 2 + 1].mean())))
+    return {"attn_vis": m[0], "attn_cap": m[1], "mlp_vis": m[2], "mlp_cap": m[3], "attn_ratio": ra_c, "mlp_ratio": rm_c}
+
+
+# ---- the search --------------------------------------------------------------------------
+@torch.no_grad()
+def layer_captures(lm, layer, xs, calib):
+    """Runs the fp layer on each sample's input; returns per-sample dicts of the linear
+    inputs, module outputs, masks, and the layer outputs."""
+    caps = []
+    outs = []
+    for s, x in enumerate(xs):
+        _, mask, pos, vis, cap = sample_inputs(calib, s)
+        c = {}
+        hooks = [
+            layer.self_attn.q_proj.register_forward_pre_hook(lambda m, a: c.__setitem__("qkv", a[0].detach().clone())),
+            layer.self_attn.o_proj.register_forward_pre_hook(lambda m, a: c.__setitem__("o", a[0].detach().clone())),
+            layer.mlp.gate_proj.register_forward_pre_hook(lambda m, a: c.__setitem__("gate_up", a[0].detach().clone())),
+            layer.mlp.down_proj.register_forward_pre_hook(lambda m, a: c.__setitem__("down", a[0].detach().clone())),
+            layer.self_attn.o_proj.register_forward_hook(lambda m, a, o: c.__setitem__("attn_out", o.detach().clone())),
+            layer.mlp.down_proj.register_forward_hook(lambda m, a, o: c.__setitem__("mlp_out", o.detach().clone())),
+        ]
+        pe = lm.rotary_emb(x, pos)
+        with torch.no_grad():
+            out = layer(x, attention_mask=eager_mask(mask), position_embeddings=pe, position_ids=pos)
+        out = out[0] if isinstance(out, tuple) else out
+        for h in hooks:
+            h.remove()
+        c.update(mask=mask.bool(), vis=vis, cap=cap, pe=pe, amask=eager_mask(mask))
+        caps.append(c)
+        outs.append(out.detach())
+    return caps, outs
+
+
+@torch.no_grad()
+def search_group(layer, group, caps, ratio, bits, gsize, abits, loss_kind, reweight):
+    attn, mlp = layer.self_attn, layer.mlp
+    lin = {"qkv": [attn.q_proj, attn.k_proj, attn.v_proj], "o": [attn.o_proj],
+           "gate_up": [mlp.gate_proj, mlp.up_proj], "down": [mlp.down_proj]}[group]
+    xcat = torch.cat([c[group][0][c["mask"]] for c in caps])
+    x_max = xcat.abs().view(-1, xcat.shape[-1]).mean(0)
+    wq = (lambda w: q_row_sym(w, bits)) if abits else (lambda w: q_group_asym(w, bits, gsize))
+    losses, best, best_loss, best_s = [], -1, float("inf"), None
+    backup = {id(fc): fc.weight.data.clone() for fc in lin}     # clone(): a real copy
+    for k in range(GRID):
+        ratio_k = k / GRID
+        s = x_max.pow(ratio_k).clamp(min=1e-4).view(-1)
+        s = s / (s.max() * s.min()).sqrt()
+        for fc in lin:
+            fc.weight.mul_(s.view(1, -1))
+            fc.weight.data = wq(fc.weight.data) if abits else wq(fc.weight.data) / s.view(1, -1)
+        cap_sum = vis_sum = all_sum = 0.0
+        cap_n = vis_n = all_n = 0
+        for c in caps:
+            x = c[group]
+            if abits:
+                x = q_row_sym(x / s.view(1, -1), abits)
+            with torch.no_grad():
+                if group == "qkv":
+                    out = attn(hidden_states=x, attention_mask=c["amask"], position_embeddings=c["pe"])[0]
+                    ref = c["attn_out"]
+                elif group == "o":
+                    out, ref = attn.o_proj(x), c["attn_out"]
+                elif group == "gate_up":
+                    out, ref = mlp(x), c["mlp_out"]
+                else:
+                    out, ref = mlp.down_proj(x), c["mlp_out"]
+            d = (out - ref)[0].float()
+            d = d.pow(2) if loss_kind == "mse" else d.abs()
+            per_row = d.sum(-1).double()
+            width = d.shape[-1]
+            all_sum += float(per_row[c["mask"]].sum()); all_n += int(c["mask"].sum()) * width
+            cap_sum += float(per_row[c["cap"]].sum()); cap_n += int(c["cap"].sum()) * width
+            vis_sum += float(per_row[c["vis"]].sum()); vis_n += int(c["vis"].sum()) * width
+        if not reweight:
+            loss = all_sum / all_n
+        elif loss_kind == "mae":
+            loss = (cap_sum + ratio * vis_sum) / (cap_n + vis_n)
+        else:
+            loss = cap_sum / cap_n + ratio * vis_sum / vis_n
+        losses.append(loss)
+        if loss < best_loss:
+            best, best_loss, best_s = k, loss, s.clone()
+        for fc in lin:
+            fc.weight.data = backup[id(fc)].clone()
+    return best, losses, best_s
+
+
+def apply_scales(layer, group, s):
+    attn, mlp = layer.self_attn, layer.mlp
+    with torch.no_grad():
+        if group == "qkv":
+            layer.input_layernorm.weight.div_(s)
+            for fc in (attn.q_proj, attn.k_proj, attn.v_proj):
+                fc.weight.mul_(s.view(1, -1))
+        elif group == "o":
+            attn.v_proj.weight.div_(s.view(-1, 1))
+            if attn.v_proj.bias is not None:
+                attn.v_proj.bias.div_(s)
+            attn.o_proj.weight.mul_(s.view(1, -1))
+        elif group == "gate_up":
+            layer.post_attention_layernorm.weight.div_(s)
+            for fc in (mlp.gate_proj, mlp.up_proj):
+                fc.weight.mul_(s.view(1, -1))
+        else:
+            mlp.up_proj.weight.div_(s.view(-1, 1))
+            mlp.down_proj.weight.mul_(s.view(1, -1))
+
+
+def run_config(model_dir, calib_path, method, bits, gsize, abits, keep_weights):
+    model, calib = load(model_dir, calib_path)
+    lm = model.model.language_model
+    out = {}
+    ratios = None
+    if method == "mbq":
+        g = grad_stats(model, calib)
+        for k, v in g.items():
+            out[f"grad.{k}"] = v.float()
+        ratios = (g["attn_ratio"], g["mlp_ratio"])
+    xs = [sample_inputs(calib, s)[0] for s in range(calib["inputs_embeds"].shape[0])]
+    for l, layer in enumerate(lm.layers):
+        caps, outs = layer_captures(lm, layer, xs, calib)
+        groups = ["qkv", "gate_up", "down"]
+        if layer.self_attn.v_proj.weight.shape == layer.self_attn.o_proj.weight.shape:
+            groups.insert(1, "o")
+        found = []
+        for g in groups:
+            r = 1.0 if ratios is None else float((ratios[0] if g in ("qkv", "o") else ratios[1])[l])
+            best, losses, s = search_group(layer, g, caps, r, bits, gsize, abits, "mae", method == "mbq")
+            out[f"search.{l}.{g}.loss"] = torch.tensor(losses, dtype=torch.float64)
+            out[f"search.{l}.{g}.best_idx"] = torch.tensor([best], dtype=torch.int64)
+            found.append((g, s))
+        for g, s in found:
+            apply_scales(layer, g, s)
+        with torch.no_grad():
+            for fc in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
+                       layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+                fc.weight.data = q_row_sym(fc.weight.data, bits) if abits else q_group_asym(fc.weight.data, bits, gsize)
+        if keep_weights:
+            for name, p in layer.named_parameters():
+                out[f"layers.{l}.{name}"] = p.detach().clone().contiguous()
+        xs = outs
+    return out
+
+
+def bench(threads, tokens):
+    """The authors' search on one Llama-7B-shaped block (W4 g128, mbq loss), timed."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+    torch.set_num_threads(threads)
+    cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+                      num_hidden_layers=1, max_position_embeddings=4096)
+    cfg._attn_implementation = "eager"
+    layer = LlamaDecoderLayer(cfg, 0).float().eval()
+    for p in layer.parameters():
+        p.requires_grad_(False)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, tokens, 4096, generator=g)
+    mask = torch.ones(tokens, dtype=torch.int64)
+    vis = torch.zeros(tokens, dtype=torch.bool)
+    vis[16:16 + tokens // 2] = True
+    cap = torch.zeros(tokens, dtype=torch.bool)
+    cap[-tokens // 8:] = True
+    rope = LlamaRotaryEmbedding(cfg)
+    pos = torch.arange(tokens)[None]
+    # Captures of the fp block.
+    lm_stub = type("LM", (), {"rotary_emb": rope})()
+    calib = {"attention_mask": mask[None], "position_ids": pos, "vision_mask": vis[None].long(),
+             "labels": torch.where(cap, 1, -100)[None], "inputs_embeds": x}
+    t0 = time.perf_counter()
+    caps, _ = layer_captures(lm_stub, layer, [x], calib)
+    fwd = time.perf_counter() - t0
+    times = {}
+    for grp in ["qkv", "o", "gate_up", "down"]:
+        t0 = time.perf_counter()
+        search_group(layer, grp, caps, 0.5, 4, 128, None, "mae", True)
+        times[grp] = time.perf_counter() - t0
+    import json
+    print(json.dumps({"torch": torch.__version__, "threads": threads, "tokens": tokens, "forward_s": fwd,
+                      "search_s": sum(times.values()), "groups_s": times}))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--fixtures", default="Tests/MBQModelTests/Fixtures")
+    ap.add_argument("--out", default="Tests/MBQMethodsTests/Fixtures")
+    ap.add_argument("--arch", nargs="*", default=["llava15", "onevision", "onevision_mha", "qwen2vl"])
+    ap.add_argument("--bench", action="store_true")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=2048)
+    a = ap.parse_args()
+    if a.bench:
+        return bench(a.threads, a.tokens)
+    torch.set_num_threads(1)
+    for arch in a.arch:
+        d = os.path.join(a.fixtures, arch)
+        os.makedirs(os.path.join(a.out, arch), exist_ok=True)
+        for cname, (bits, gsize, abits) in CONFIGS.items():
+            for method in ("awq", "mbq"):
+                keep = method == "mbq" and cname in ("w4g128", "w4a8")
+                res = run_config(os.path.join(d, "model"), os.path.join(d, "calib.safetensors"), method, bits, gsize, abits, keep)
+                path = os.path.join(a.out, arch, f"{method}_{cname}.safetensors")
+                save_file(res, path, metadata={"generator": "Scripts/reference/mbq_reference.py"})
+                picks = [int(v) for k, v in res.items() if k.endswith("best_idx")]
+                print(f"{arch} {method} {cname}: best_idx {picks} -> {path}")
+
+
+if __name__ == "__main__":
+    main()
