@@ -33,12 +33,16 @@ public final class Checkpoint: @unchecked Sendable {
             }
             declared = map
             shardNames = Array(Set(map.values)).sorted()
+        } else if fm.fileExists(atPath: directory + "/model.safetensors") {
+            // As transformers loads it: other safetensors files beside it (adapters, our
+            // own mbq_scales.safetensors) are not part of the model.
+            shardNames = ["model.safetensors"]
         } else {
             let listing = (try? fm.contentsOfDirectory(atPath: directory)) ?? []
-            shardNames = listing.filter { $0.hasSuffix(".safetensors") && !$0.hasPrefix(".") }.sorted()
+            shardNames = listing.filter { $0.hasPrefix("model") && $0.hasSuffix(".safetensors") }.sorted()
         }
         guard !shardNames.isEmpty else {
-            throw FormatsError.missingTensor(name: "any *.safetensors file", in: directory)
+            throw FormatsError.missingTensor(name: "model.safetensors, model.safetensors.index.json or model-*.safetensors", in: directory)
         }
         var files: [SafetensorsFile] = []
         var location: [String: Int] = [:]

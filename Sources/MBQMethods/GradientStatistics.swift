@@ -15,6 +15,8 @@ public struct GradientStatistics: Sendable, Equatable {
         /// Clamped ratios, the ones the search uses.
         public var attnRatio = 1.0, mlpRatio = 1.0
         public var rawAttnRatio = 1.0, rawMlpRatio = 1.0
+
+        public init() {}
     }
 
     public var layers: [Layer]
