@@ -262,19 +262,19 @@ def run_config(model_dir, calib_path, method, bits, gsize, abits, keep_weights):
     return out
 
 
-def bench(threads, tokens):
+def bench(threads, tokens, hidden=4096, intermediate=11008, heads=32):
     """The authors' search on one Llama-7B-shaped block (W4 g128, mbq loss), timed."""
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
     torch.set_num_threads(threads)
-    cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_attention_heads=heads, num_key_value_heads=heads,
                       num_hidden_layers=1, max_position_embeddings=4096)
     cfg._attn_implementation = "eager"
     layer = LlamaDecoderLayer(cfg, 0).float().eval()
     for p in layer.parameters():
         p.requires_grad_(False)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, tokens, 4096, generator=g)
+    x = torch.randn(1, tokens, hidden, generator=g)
     mask = torch.ones(tokens, dtype=torch.int64)
     vis = torch.zeros(tokens, dtype=torch.bool)
     vis[16:16 + tokens // 2] = True
@@ -307,9 +307,12 @@ def main():
     ap.add_argument("--bench", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--hidden", type=int, default=4096)
+    ap.add_argument("--intermediate", type=int, default=11008)
+    ap.add_argument("--heads", type=int, default=32)
     a = ap.parse_args()
     if a.bench:
-        return bench(a.threads, a.tokens)
+        return bench(a.threads, a.tokens, a.hidden, a.intermediate, a.heads)
     torch.set_num_threads(1)
     for arch in a.arch:
         d = os.path.join(a.fixtures, arch)

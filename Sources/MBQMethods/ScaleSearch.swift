@@ -136,11 +136,56 @@ public enum ScaleSearch {
         var o = w
         let c = w.cols
         o.data.withUnsafeMutableBufferPointer { p in
-            for r in 0..<w.rows {
-                for j in 0..<c { if divide { p[r * c + j] /= s[j] } else { p[r * c + j] *= s[j] } }
+            s.withUnsafeBufferPointer { ps in
+                let p = p, ps = ps
+                parallelChunks(w.rows, minChunk: 64) { rows in
+                    for r in rows {
+                        if divide {
+                            for j in 0..<c { p[r * c + j] /= ps[j] }
+                        } else {
+                            for j in 0..<c { p[r * c + j] *= ps[j] }
+                        }
+                    }
+                }
             }
         }
         return o
+    }
+
+    /// For the token-wise groups (o, gate_up, down) only the rows that enter the loss
+    /// matter: caption and vision rows with reweighting, every non-padding row without.
+    /// They are gathered from all samples into one batch (one GEMM per linear instead of
+    /// one per sample, and none for rows the loss ignores). Attention (qkv) mixes rows, so
+    /// its samples stay whole.
+    static func compacted(_ g: SearchGroup, _ samples: [LayerSample], reweight: Bool) -> [LayerSample] {
+        guard g != .qkv else { return samples }
+        var keep: [(Int, Int)] = []
+        for (si, s) in samples.enumerated() {
+            for r in 0..<s.attention.count where reweight ? (s.caption[r] || s.vision[r]) : s.attention[r] {
+                keep.append((si, r))
+            }
+        }
+        func gather(_ pick: (BlockCaptures<Float>) -> Tensor<Float>) -> Tensor<Float> {
+            let c = pick(samples[0].captures).cols
+            var out = Tensor<Float>(uninitialized: [keep.count, c])
+            out.data.withUnsafeMutableBufferPointer { po in
+                for (k, (si, r)) in keep.enumerated() {
+                    pick(samples[si].captures).data.withUnsafeBufferPointer { pi in
+                        for j in 0..<c { po[k * c + j] = pi[r * c + j] }
+                    }
+                }
+            }
+            return out
+        }
+        let empty = Tensor<Float>(zeros: [keep.count, 0])
+        let x = gather { input(g, $0) }
+        let ref = gather { g.isAttention ? $0.attentionOutput : $0.mlpOutput }
+        let caps = BlockCaptures(qkvInput: empty, oInput: g == .o ? x : empty, gateUpInput: g == .gateUp ? x : empty,
+                                 downInput: g == .down ? x : empty,
+                                 attentionOutput: g.isAttention ? ref : empty, mlpOutput: g.isAttention ? empty : ref)
+        let one = RoPETable<Float>(positions: [[0]], headDim: 2, theta: 1)
+        return [LayerSample(captures: caps, rope: one, attention: [Bool](repeating: true, count: keep.count),
+                            vision: keep.map { samples[$0.0].vision[$0.1] }, caption: keep.map { samples[$0.0].caption[$0.1] })]
     }
 
     /// x / s per channel, then per-token quantization. x: [T, C]
@@ -153,6 +198,9 @@ public enum ScaleSearch {
     /// The scaled linear's weight as the search sees it. Weight-only: Q(W diag(s)) diag(s)^-1.
     /// W-A: Q(W diag(s)) (its input is divided by s and quantized instead).
     static func searchWeight(_ w: Tensor<Float>, _ s: [Float], _ o: SearchOptions) -> Tensor<Float> {
+        if o.actBits == nil, case let .groupAsymmetric(bits, group) = o.weights {
+            return Quantize.groupAsymmetric(w, bits: bits, group: group, columnScales: s)
+        }
         let q = o.weights.apply(scaleColumns(w, s))
         return o.actBits == nil ? scaleColumns(q, s, divide: true) : q
     }
@@ -198,8 +246,9 @@ public enum ScaleSearch {
 
     /// Searches one group: `grid` points a = k / grid, lowest loss wins, first on ties.
     public static func searchGroup(_ g: SearchGroup, layer: Int, weights w: DecoderBlockWeights<Float>,
-                                   samples: [LayerSample], ratio: Double, options o: SearchOptions) -> GroupResult {
-        let xMean = meanAbsPerChannel(samples.map { input(g, $0.captures) }, masks: samples.map(\.attention))
+                                   samples allSamples: [LayerSample], ratio: Double, options o: SearchOptions) -> GroupResult {
+        let xMean = meanAbsPerChannel(allSamples.map { input(g, $0.captures) }, masks: allSamples.map(\.attention))
+        let samples = compacted(g, allSamples, reweight: o.reweight)
         var losses: [Double] = []
         var best = 0, bestLoss = Double.infinity
         var bestScales: [Float] = []

@@ -33,21 +33,38 @@ public enum WeightQuantizer: Sendable, Equatable, CustomStringConvertible {
 /// results are identical), over unsafe pointers and in parallel over rows.
 public enum Quantize {
     public static func groupAsymmetric(_ w: Tensor<Float>, bits: Int, group: Int) -> Tensor<Float> {
+        groupAsymmetric(w, bits: bits, group: group, columnScales: nil)
+    }
+
+    /// Q(W diag(s)) diag(s)^-1 in one pass (the weight-only search's candidate weight):
+    /// each element is multiplied by its column's scale, quantized with its group, and
+    /// divided back, with the same fp32 operations as doing the three steps apart.
+    public static func groupAsymmetric(_ w: Tensor<Float>, bits: Int, group: Int, columnScales: [Float]?) -> Tensor<Float> {
         let cols = w.cols
         let g = group <= 0 ? cols : group
         precondition(bits >= 1 && bits <= 16 && cols % g == 0, "group \(g) does not divide \(cols)")
         let maxInt = Float((1 << bits) - 1)
         var out = Tensor<Float>(uninitialized: w.shape)
         let groups = w.count / g
+        let scaled = columnScales != nil
+        precondition(columnScales == nil || columnScales!.count == cols, "scales \(columnScales!.count) vs \(cols) columns")
+        let sc = columnScales ?? []
         w.data.withUnsafeBufferPointer { pw in
+        sc.withUnsafeBufferPointer { ps in
             out.data.withUnsafeMutableBufferPointer { po in
-                let pw = pw, po = po
+                let pw = pw, po = po, ps = ps
                 parallelChunks(groups, minChunk: 256) { range in
                     for gi in range {
                         let base = gi * g
-                        var mn = pw[base], mx = pw[base]
+                        let col0 = base % cols
+                        if scaled {
+                            for i in 0..<g { po[base + i] = pw[base + i] * ps[col0 + i] }
+                        } else {
+                            for i in 0..<g { po[base + i] = pw[base + i] }
+                        }
+                        var mn = po[base], mx = po[base]
                         for i in base..<(base + g) {
-                            let v = pw[i]
+                            let v = po[i]
                             mn = v < mn ? v : mn
                             mx = v > mx ? v : mx
                         }
@@ -56,13 +73,17 @@ public enum Quantize {
                         var zero = -(mn / scale).rounded(.toNearestOrEven)
                         zero = zero < 0 ? 0 : (zero > maxInt ? maxInt : zero)
                         for i in base..<(base + g) {
-                            var q = (pw[i] / scale).rounded(.toNearestOrEven) + zero
+                            var q = (po[i] / scale).rounded(.toNearestOrEven) + zero
                             q = q < 0 ? 0 : (q > maxInt ? maxInt : q)
                             po[i] = (q - zero) * scale
+                        }
+                        if scaled {
+                            for i in 0..<g { po[base + i] /= ps[col0 + i] }
                         }
                     }
                 }
             }
+        }
         }
         return out
     }

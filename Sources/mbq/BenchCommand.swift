@@ -1,7 +1,9 @@
 import ArgumentParser
 import CBLAS
 import Foundation
+import MBQMethods
 import MBQModel
+import MBQQuant
 import MBQTensor
 
 /// `mbq bench`: GEMM through the wrapper vs raw cblas_sgemm, and one Llama-7B-shaped
@@ -18,6 +20,8 @@ struct BenchCommand: ParsableCommand {
     @Option(help: "Timed repetitions (the best is reported).") var reps = 2
     @Option(help: "A Python with torch + transformers: also time PyTorch on the same block.") var torch: String?
     @Flag(help: "Skip the GEMM part.") var noGemm = false
+    @Flag(help: "Skip the block forward/backward part.") var noBlock = false
+    @Flag(help: "Also time the MBQ search (W4 g128) of the block, next to the PyTorch port of the authors' search.") var search = false
     @OptionGroup var common: CommonOptions
 
     func best(_ n: Int, _ body: () -> Void) -> Double {
@@ -34,8 +38,62 @@ struct BenchCommand: ParsableCommand {
                 gemmBench(m: 4096, k: 4096, n: 4096, label: "4096x4096x4096")
                 gemmBench(m: 2048, k: 4096, n: 11008, label: "2048x4096 -> 11008 (linear)")
             }
-            try blockBench()
+            let w = makeBlock()
+            if !noBlock { try blockBench(w) }
+            if search { try searchBench(w) }
         }
+    }
+
+    /// Runs a Python script from Scripts/ and returns its last stdout line as JSON.
+    func python(_ py: String, _ script: String, _ args: [String]) throws -> [String: Any] {
+        let path = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .deletingLastPathComponent().appendingPathComponent("Scripts/" + script).path
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: py)
+        p.arguments = [path] + args
+        let pipe = Pipe()
+        p.standardOutput = pipe
+        try p.run()
+        let data = pipe.fileHandleForReading.readDataToEndOfFile()
+        p.waitUntilExit()
+        guard p.terminationStatus == 0, let line = String(data: data, encoding: .utf8)?.split(separator: "\n").last,
+              let obj = try JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any] else {
+            throw ValidationError("PyTorch benchmark failed (\(py) \(path)); its output: \(String(decoding: data, as: UTF8.self))")
+        }
+        return obj
+    }
+
+    /// MBQ's search of every group of the block (W4 g128, mae, reweighted with ratio 0.5)
+    /// on one sequence: half image tokens, the last eighth caption, as the PyTorch port does.
+    func searchBench(_ w: DecoderBlockWeights<Float>) throws {
+        var rng = SeededRandom(seed: 5)
+        var x = Tensor<Float>(zeros: [tokens, hidden])
+        for j in 0..<x.count { x.data[j] = Float(rng.normal()) }
+        let mask = [Bool](repeating: true, count: tokens)
+        var vis = [Bool](repeating: false, count: tokens), cap = vis
+        for i in 16..<min(tokens, 16 + tokens / 2) { vis[i] = true }
+        for i in (tokens - tokens / 8)..<tokens { cap[i] = true }
+        let rope = RoPETable<Float>(positions: [Array(0..<tokens)], headDim: hidden / heads, theta: 10000)
+        let (f, fwdT) = timed { decoderBlockForward(x, weights: w, rope: rope, mask: mask, capture: true) }
+        let sample = LayerSample(captures: f.captures!, rope: rope, attention: mask, vision: vis, caption: cap)
+        let options = SearchOptions(weights: .groupAsymmetric(bits: 4, group: 128), reweight: true)
+        var groupTimes: [(SearchGroup, Double)] = []
+        for g in ScaleSearch.groups(for: w) {
+            let (_, t) = timed { ScaleSearch.searchGroup(g, layer: 0, weights: w, samples: [sample], ratio: 0.5, options: options) }
+            groupTimes.append((g, t))
+        }
+        let total = groupTimes.map(\.1).reduce(0, +)
+        print(String(format: "MBQ search W4 g128, %d tokens: %.1f s (%@); captures forward %.2f s", tokens, total,
+                     groupTimes.map { "\($0.0.rawValue) \(String(format: "%.1f", $0.1))" }.joined(separator: ", "), fwdT))
+        guard let py = torch else { return }
+        let obj = try python(py, "reference/mbq_reference.py", ["--bench", "--threads", "\(BLASRuntime.threads)", "--tokens", "\(tokens)",
+                                                                  "--hidden", "\(hidden)", "--intermediate", "\(intermediate)", "--heads", "\(heads)"])
+        guard let ts = obj["search_s"] as? Double, let groups = obj["groups_s"] as? [String: Double] else {
+            throw ValidationError("PyTorch search benchmark printed no search_s")
+        }
+        print(String(format: "PyTorch port of the authors' search: %.1f s (%@)", ts,
+                     groups.sorted { $0.key < $1.key }.map { "\($0.key) \(String(format: "%.1f", $0.value))" }.joined(separator: ", ")))
+        print(String(format: "ratio Swift/PyTorch search: %.2fx (target <= 0.7x)", total / ts))
     }
 
     func gemmBench(m: Int, k: Int, n: Int, label: String) {
@@ -69,7 +127,7 @@ struct BenchCommand: ParsableCommand {
         _ = sink
     }
 
-    func blockBench() throws {
+    func makeBlock() -> DecoderBlockWeights<Float> {
         let d = hidden / heads
         var rng = SeededRandom(seed: 2)
         func lin(_ o: Int, _ i: Int) -> Tensor<Float> {
@@ -84,6 +142,12 @@ struct BenchCommand: ParsableCommand {
             qBias: nil, kBias: nil, vBias: nil, oBias: nil,
             gate: lin(intermediate, hidden), up: lin(intermediate, hidden), down: lin(hidden, intermediate),
             shape: AttentionShape(heads: heads, kvHeads: heads, headDim: d), rmsNormEps: 1e-6)
+        return w
+    }
+
+    func blockBench(_ w: DecoderBlockWeights<Float>) throws {
+        let d = hidden / heads
+        var rng = SeededRandom(seed: 3)
         var x = Tensor<Float>(zeros: [tokens, hidden])
         for j in 0..<x.count { x.data[j] = Float(rng.uniform()) * 2 - 1 }
         let mask = [Bool](repeating: true, count: tokens)
@@ -102,22 +166,11 @@ struct BenchCommand: ParsableCommand {
             print("(pass --torch PYTHON to time PyTorch on the same block)")
             return
         }
-        let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
-            .deletingLastPathComponent().appendingPathComponent("Scripts/bench_torch_block.py").path
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: py)
-        p.arguments = [script, "--threads", "\(BLASRuntime.threads)", "--tokens", "\(tokens)", "--hidden", "\(hidden)",
-                       "--intermediate", "\(intermediate)", "--heads", "\(heads)", "--reps", "\(reps)"]
-        let pipe = Pipe()
-        p.standardOutput = pipe
-        try p.run()
-        let data = pipe.fileHandleForReading.readDataToEndOfFile()
-        p.waitUntilExit()
-        guard p.terminationStatus == 0,
-              let line = String(data: data, encoding: .utf8)?.split(separator: "\n").last,
-              let obj = try JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any],
-              let tf = obj["forward_s"] as? Double, let tfb = obj["forward_backward_s"] as? Double else {
-            throw ValidationError("PyTorch benchmark failed (\(py) \(script)); its output: \(String(decoding: data, as: UTF8.self))")
+        let obj = try python(py, "bench_torch_block.py", ["--threads", "\(BLASRuntime.threads)", "--tokens", "\(tokens)",
+                                                         "--hidden", "\(hidden)", "--intermediate", "\(intermediate)",
+                                                         "--heads", "\(heads)", "--reps", "\(reps)"])
+        guard let tf = obj["forward_s"] as? Double, let tfb = obj["forward_backward_s"] as? Double else {
+            throw ValidationError("PyTorch block benchmark printed no times")
         }
         print(String(format: "PyTorch %@ (%@ attention): forward %.2f s, forward+backward %.2f s",
                      obj["torch"] as? String ?? "?", obj["attention"] as? String ?? "?", tf, tfb))

@@ -32,6 +32,20 @@ final class QuantizerTests: XCTestCase {
         }
     }
 
+    /// The search's fused Q(W diag(s)) diag(s)^-1 equals the three steps done apart.
+    func testFusedScaledQuantizationEqualsTheSteps() {
+        let w = weights(12, 256, seed: 4)
+        var rng = SeededRandom(seed: 5)
+        let s = (0..<256).map { _ in Float(0.1 + 3 * rng.uniform()) }
+        for bits in [3, 4] {
+            var scaled = w
+            for r in 0..<12 { for j in 0..<256 { scaled.data[r * 256 + j] *= s[j] } }
+            var want = QuantReference.groupAsymmetric(scaled, bits: bits, group: 128)
+            for r in 0..<12 { for j in 0..<256 { want.data[r * 256 + j] /= s[j] } }
+            XCTAssertEqual(Quantize.groupAsymmetric(w, bits: bits, group: 128, columnScales: s).data, want.data)
+        }
+    }
+
     func testGroupAsymmetricProperties() {
         let w = weights(32, 256, seed: 1)
         for bits in 2...8 {

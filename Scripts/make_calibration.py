@@ -1,0 +1,191 @@
+#!/usr/bin/env python3
+"""Builds an mbq-calib v1 calibration bundle (DESIGN.md §4) from a Hugging Face VLM
+directory and a ShareGPT4V-style caption file, with transformers.
+
+Only the processor, the vision tower, the projector and the token embeddings are
+loaded: the model is instantiated on the meta device and just those modules are
+materialised from the safetensors files, so a 72B language model is never read.
+
+  python Scripts/make_calibration.py --model DIR --captions sharegpt4v.json --images IMG_DIR \\
+      --out calib.safetensors [--n-samples 128] [--seed 42] [--max-length 2048] [--dtype bf16]
+
+Caption file: a JSON list of {"image": "relative/path.jpg", "conversations": [
+  {"from": "human", "value": "<image>\\nDescribe the image."}, {"from": "gpt", "value": "A caption."}]}.
+Samples are shuffled deterministically (--seed), rendered in the model's chat template
+(user turn: image + question; assistant turn: the caption), and labelled so that only
+the assistant's tokens count (labels = -100 elsewhere). Padding follows the tokenizer's
+padding_side. Qwen2-VL gets its real M-RoPE position ids ([3, N, T]).
+"""
+import argparse
+import json
+import os
+import random
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+
+def model_class(model_type):
+    import transformers
+    return {"llava": transformers.LlavaForConditionalGeneration,
+            "llava_onevision": transformers.LlavaOnevisionForConditionalGeneration,
+            "qwen2_vl": transformers.Qwen2VLForConditionalGeneration}[model_type]
+
+
+def checkpoint_keys(model_dir):
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.exists(index):
+        wm = json.load(open(index))["weight_map"]
+        return {k: os.path.join(model_dir, f) for k, f in wm.items()}
+    path = os.path.join(model_dir, "model.safetensors")
+    with safe_open(path, "pt") as f:
+        return {k: path for k in f.keys()}
+
+
+def materialize(module, qualified, keys):
+    """Loads `module`'s parameters from the checkpoint, whichever naming it was saved
+    with (transformers renamed `language_model.model.` to `model.language_model.` etc.)."""
+    names = [n for n, _ in module.named_parameters()] + [n for n, _ in module.named_buffers() if n in module.state_dict()]
+    parts = qualified.split(".")
+    candidates = {".".join(parts[i:]) + "." for i in range(len(parts))}
+    candidates |= {c.replace("language_model.", "language_model.model.") for c in list(candidates)}
+    candidates |= {c.replace("model.language_model.", "model.") for c in list(candidates)}
+    candidates |= {c.replace("model.visual.", "visual.") for c in list(candidates)}
+    for prefix in sorted(candidates, key=len, reverse=True):
+        if all(prefix + n in keys for n in names if "inv_freq" not in n):
+            module.to_empty(device="cpu")
+            sd = {}
+            for n in names:
+                if prefix + n in keys:
+                    with safe_open(keys[prefix + n], "pt") as f:
+                        sd[n] = f.get_tensor(prefix + n).float()
+            missing, _ = module.load_state_dict(sd, strict=False)
+            if hasattr(module, "rotary_pos_emb"):       # Qwen2-VL vision RoPE buffer is computed, not stored
+                module.rotary_pos_emb.__init__(module.rotary_pos_emb.inv_freq.shape[0] * 2)
+            return prefix
+    raise SystemExit(f"cannot find the tensors of {qualified} in the checkpoint (tried {sorted(candidates)})")
+
+
+def load_parts(model_dir):
+    from transformers import AutoConfig
+    cfg = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = model_class(cfg.model_type)(cfg)
+    keys = checkpoint_keys(model_dir)
+    inner = model.model
+    vision = inner.visual if cfg.model_type == "qwen2_vl" else inner.vision_tower
+    parts = [(vision, "model.visual" if cfg.model_type == "qwen2_vl" else "model.vision_tower")]
+    if hasattr(inner, "multi_modal_projector"):
+        parts.append((inner.multi_modal_projector, "model.multi_modal_projector"))
+    if hasattr(inner, "image_newline") and inner.image_newline is not None:
+        inner.image_newline = torch.nn.Parameter(
+            safe_open(keys[[k for k in keys if k.endswith("image_newline")][0]], "pt").get_tensor(
+                [k for k in keys if k.endswith("image_newline")][0]).float())
+    parts.append((inner.language_model.embed_tokens, "model.language_model.embed_tokens"))
+    for module, q in parts:
+        materialize(module, q, keys)
+        module.float().eval()
+    return cfg, model
+
+
+def load_processor(model_dir):
+    from transformers import AutoProcessor
+    try:
+        return AutoProcessor.from_pretrained(model_dir)
+    except Exception:
+        # OneVision / Qwen2-VL processors build a video processor that needs torchvision.
+        return AutoProcessor.from_pretrained(model_dir, video_processor=None)
+
+
+@torch.no_grad()
+def encode(cfg, model, processor, image, question, caption):
+    user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
+    bot = {"role": "assistant", "content": [{"type": "text", "text": caption}]}
+    prompt = processor.apply_chat_template([user], add_generation_prompt=True)
+    full = processor.apply_chat_template([user, bot])
+    batch = processor(images=image, text=full, return_tensors="pt")
+    prompt_ids = processor(images=image, text=prompt, return_tensors="pt")["input_ids"][0]
+    ids = batch["input_ids"][0]
+    inner = model.model
+    emb = inner.language_model.embed_tokens(ids[None])[0].clone()
+    image_token = cfg.image_token_id if hasattr(cfg, "image_token_id") else cfg.image_token_index
+    vision = ids == image_token
+    kwargs = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "pixel_values")}
+    feats = model.get_image_features(pixel_values=batch["pixel_values"], **kwargs)
+    if isinstance(feats, (list, tuple)):
+        feats = torch.cat([f.reshape(-1, emb.shape[-1]) for f in feats])
+    elif hasattr(feats, "pooler_output"):
+        feats = feats.pooler_output if not isinstance(feats.pooler_output, (list, tuple)) else torch.cat(feats.pooler_output)
+    feats = feats.reshape(-1, emb.shape[-1])
+    if int(vision.sum()) != feats.shape[0]:
+        raise SystemExit(f"{int(vision.sum())} image tokens but {feats.shape[0]} image features")
+    emb[vision] = feats.to(emb.dtype)
+    labels = torch.full_like(ids, -100)
+    labels[len(prompt_ids):] = ids[len(prompt_ids):]
+    if cfg.model_type == "qwen2_vl":
+        pos, _ = inner.get_rope_index(ids[None], batch.get("image_grid_thw"), None, attention_mask=torch.ones_like(ids)[None])
+        pos = pos[:, 0]
+    else:
+        pos = torch.arange(ids.shape[0])[None]
+    return emb, vision, labels, pos
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--captions", required=True)
+    ap.add_argument("--images", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--n-samples", type=int, default=128)
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--max-length", type=int, default=2048)
+    ap.add_argument("--dtype", choices=["f32", "bf16"], default="f32")
+    a = ap.parse_args()
+    from PIL import Image
+    records = json.load(open(a.captions))
+    random.Random(a.seed).shuffle(records)
+    cfg, model = load_parts(a.model)
+    processor = load_processor(a.model)
+    side = getattr(processor.tokenizer, "padding_side", "right")
+    rows = []
+    for r in records:
+        if len(rows) == a.n_samples:
+            break
+        conv = r["conversations"]
+        question = conv[0]["value"].replace("<image>", "").strip()
+        caption = conv[1]["value"].strip()
+        image = Image.open(os.path.join(a.images, r["image"])).convert("RGB")
+        emb, vision, labels, pos = encode(cfg, model, processor, image, question, caption)
+        if emb.shape[0] > a.max_length:
+            print(f"skipping {r['image']}: {emb.shape[0]} tokens > --max-length {a.max_length}")
+            continue
+        rows.append((emb, vision, labels, pos))
+    if not rows:
+        raise SystemExit("no usable samples")
+    t = max(e.shape[0] for e, *_ in rows)
+    n, h = len(rows), rows[0][0].shape[-1]
+    nrows = rows[0][3].shape[0]
+    out = {"inputs_embeds": torch.zeros(n, t, h), "attention_mask": torch.zeros(n, t, dtype=torch.int64),
+           "vision_mask": torch.zeros(n, t, dtype=torch.int64), "labels": torch.full((n, t), -100, dtype=torch.int64),
+           "position_ids": torch.ones(nrows, n, t, dtype=torch.int64)}
+    for i, (emb, vision, labels, pos) in enumerate(rows):
+        L = emb.shape[0]
+        sl = slice(t - L, t) if side == "left" else slice(0, L)
+        out["inputs_embeds"][i, sl] = emb
+        out["attention_mask"][i, sl] = 1
+        out["vision_mask"][i, sl] = vision.long()
+        out["labels"][i, sl] = labels
+        out["position_ids"][:, i, sl] = pos
+    if nrows == 1:
+        out["position_ids"] = out["position_ids"][0]
+    if a.dtype == "bf16":
+        out["inputs_embeds"] = out["inputs_embeds"].to(torch.bfloat16)
+    tmp = a.out + ".tmp"
+    save_file({k: v.contiguous() for k, v in out.items()}, tmp, metadata={"format": "mbq-calib", "version": "1"})
+    os.replace(tmp, a.out)
+    print(f"wrote {a.out}: {n} samples x {t} tokens ({side} padding), hidden {h}, position rows {nrows}")
+
+
+if __name__ == "__main__":
+    main()
