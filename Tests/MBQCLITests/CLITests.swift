@@ -95,6 +95,40 @@ final class CLITests: XCTestCase {
                         mentioning: ["--samples"])
     }
 
+    func testQuantizeAndEvalEndToEnd() throws {
+        let fx = Self.fixtures + "/qwen2vl"
+        let out = NSTemporaryDirectory() + "mbq-cli-q-" + UUID().uuidString
+        defer { try? FileManager.default.removeItem(atPath: out) }
+        let q = try mbq(["quantize", "--model", fx + "/model", "--calib", fx + "/calib.safetensors", "--method", "mbq",
+                         "--w-bit", "3", "--out", out])
+        XCTAssertEqual(q.status, 0, q.stderr)
+        XCTAssert(q.stderr.contains("[search] layer 3/3"), "progress on stderr: \(q.stderr)")
+        XCTAssert(q.stderr.contains("ETA"), q.stderr)
+        let e = try mbq(["eval", "--model", out, "--calib", fx + "/calib.safetensors", "--reference", fx + "/model", "--json"])
+        XCTAssertEqual(e.status, 0, e.stderr)
+        let obj = try JSONSerialization.jsonObject(with: Data(e.stdout.utf8)) as! [String: Any]
+        for key in ["caption_ce", "caption_ppl", "kl_all", "kl_caption"] { XCTAssertNotNil(obj[key] as? Double, key) }
+        XCTAssertGreaterThan(obj["kl_all"] as! Double, 0)
+        // The fp model against itself: KL 0.
+        let same = try mbq(["eval", "--model", fx + "/model", "--calib", fx + "/calib.safetensors", "--reference", fx + "/model", "--json"])
+        let o2 = try JSONSerialization.jsonObject(with: Data(same.stdout.utf8)) as! [String: Any]
+        XCTAssertEqual(o2["kl_all"] as! Double, 0, accuracy: 1e-9)
+        // Running again into the same directory is refused, the output untouched.
+        try assertFails(["quantize", "--model", fx + "/model", "--calib", fx + "/calib.safetensors", "--out", out],
+                        mentioning: ["already exists", "--overwrite"])
+    }
+
+    func testQuantizeRefusesBadCombinationsBeforeWork() throws {
+        let fx = Self.fixtures + "/llava15"
+        let base = ["quantize", "--model", fx + "/model", "--calib", fx + "/calib.safetensors", "--out", NSTemporaryDirectory() + "never"]
+        try assertFails(base + ["--group", "96"], mentioning: ["--group 96"])
+        try assertFails(base + ["--method", "smoothquant", "--w-bit", "4"], mentioning: ["smoothquant is a W8A8 method"])
+        try assertFails(base + ["--a-bit", "4"], mentioning: ["--a-bit 4"])
+        try assertFails(base + ["--method", "rtn", "--reweight"], mentioning: ["--reweight"])
+        try assertFails(base + ["--method", "gptq"], mentioning: ["gptq"])
+        XCTAssertFalse(FileManager.default.fileExists(atPath: NSTemporaryDirectory() + "never"))
+    }
+
     func testInspectReadsHeadersOnly() throws {
         let r = try mbq(["inspect", "--model", Self.fixtures + "/qwen2vl/model"])
         XCTAssertEqual(r.status, 0, r.stderr)
