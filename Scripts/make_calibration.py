@@ -43,26 +43,41 @@ def checkpoint_keys(model_dir):
         return {k: path for k in f.keys()}
 
 
-def materialize(module, qualified, keys):
-    """Loads `module`'s parameters from the checkpoint, whichever naming it was saved
-    with (transformers renamed `language_model.model.` to `model.language_model.` etc.)."""
-    names = [n for n, _ in module.named_parameters()] + [n for n, _ in module.named_buffers() if n in module.state_dict()]
+def fresh_copy(module, model_config):
+    """The same module built for real on the CPU (buffers such as position ids are
+    computed by its constructor; the meta-device original has none)."""
+    if isinstance(module, torch.nn.Embedding):
+        return torch.nn.Embedding(module.num_embeddings, module.embedding_dim, module.padding_idx)
+    for cfg in (getattr(module, "config", None), model_config):
+        if cfg is None:
+            continue
+        try:
+            return type(module)(cfg)
+        except Exception:
+            continue
+    raise SystemExit(f"cannot build a {type(module).__name__} outside the model")
+
+
+def materialize(parent, attr, qualified, keys, model_config):
+    """Replaces parent.attr (on the meta device) by a CPU copy holding the checkpoint's
+    tensors, whichever naming they were saved with (transformers renamed
+    `language_model.model.` to `model.language_model.` and so on)."""
+    module = getattr(parent, attr)
+    names = list(module.state_dict().keys())
     parts = qualified.split(".")
     candidates = {".".join(parts[i:]) + "." for i in range(len(parts))}
     candidates |= {c.replace("language_model.", "language_model.model.") for c in list(candidates)}
     candidates |= {c.replace("model.language_model.", "model.") for c in list(candidates)}
     candidates |= {c.replace("model.visual.", "visual.") for c in list(candidates)}
     for prefix in sorted(candidates, key=len, reverse=True):
-        if all(prefix + n in keys for n in names if "inv_freq" not in n):
-            module.to_empty(device="cpu")
+        if all(prefix + n in keys for n in names):
+            fresh = fresh_copy(module, model_config)
             sd = {}
             for n in names:
-                if prefix + n in keys:
-                    with safe_open(keys[prefix + n], "pt") as f:
-                        sd[n] = f.get_tensor(prefix + n).float()
-            missing, _ = module.load_state_dict(sd, strict=False)
-            if hasattr(module, "rotary_pos_emb"):       # Qwen2-VL vision RoPE buffer is computed, not stored
-                module.rotary_pos_emb.__init__(module.rotary_pos_emb.inv_freq.shape[0] * 2)
+                with safe_open(keys[prefix + n], "pt") as f:
+                    sd[n] = f.get_tensor(prefix + n).float()
+            fresh.load_state_dict(sd, strict=True)
+            setattr(parent, attr, fresh.float().eval())
             return prefix
     raise SystemExit(f"cannot find the tensors of {qualified} in the checkpoint (tried {sorted(candidates)})")
 
@@ -74,18 +89,16 @@ def load_parts(model_dir):
         model = model_class(cfg.model_type)(cfg)
     keys = checkpoint_keys(model_dir)
     inner = model.model
-    vision = inner.visual if cfg.model_type == "qwen2_vl" else inner.vision_tower
-    parts = [(vision, "model.visual" if cfg.model_type == "qwen2_vl" else "model.vision_tower")]
-    if hasattr(inner, "multi_modal_projector"):
-        parts.append((inner.multi_modal_projector, "model.multi_modal_projector"))
-    if hasattr(inner, "image_newline") and inner.image_newline is not None:
-        inner.image_newline = torch.nn.Parameter(
-            safe_open(keys[[k for k in keys if k.endswith("image_newline")][0]], "pt").get_tensor(
-                [k for k in keys if k.endswith("image_newline")][0]).float())
-    parts.append((inner.language_model.embed_tokens, "model.language_model.embed_tokens"))
-    for module, q in parts:
-        materialize(module, q, keys)
-        module.float().eval()
+    if cfg.model_type == "qwen2_vl":
+        materialize(inner, "visual", "model.visual", keys, cfg.vision_config)
+    else:
+        materialize(inner, "vision_tower", "model.vision_tower", keys, cfg.vision_config)
+        materialize(inner, "multi_modal_projector", "model.multi_modal_projector", keys, cfg)
+    if getattr(inner, "image_newline", None) is not None:
+        key = [k for k in keys if k.endswith("image_newline")][0]
+        with safe_open(keys[key], "pt") as f:
+            inner.image_newline = torch.nn.Parameter(f.get_tensor(key).float())
+    materialize(inner.language_model, "embed_tokens", "model.language_model.embed_tokens", keys, cfg)
     return cfg, model
 
 
@@ -121,8 +134,14 @@ def encode(cfg, model, processor, image, question, caption):
     if int(vision.sum()) != feats.shape[0]:
         raise SystemExit(f"{int(vision.sum())} image tokens but {feats.shape[0]} image features")
     emb[vision] = feats.to(emb.dtype)
+    # The answer starts where the prompt's tokens stop matching the full text's: the
+    # prompt alone may end in a token that the full text merges with the answer's first
+    # word (" " + "A" -> " A"), so its length would be off by one.
+    start = 0
+    while start < min(len(prompt_ids), len(ids)) and int(prompt_ids[start]) == int(ids[start]):
+        start += 1
     labels = torch.full_like(ids, -100)
-    labels[len(prompt_ids):] = ids[len(prompt_ids):]
+    labels[start:] = ids[start:]
     if cfg.model_type == "qwen2_vl":
         pos, _ = inner.get_rope_index(ids[None], batch.get("image_grid_thw"), None, attention_mask=torch.ones_like(ids)[None])
         pos = pos[:, 0]

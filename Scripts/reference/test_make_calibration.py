@@ -80,9 +80,8 @@ def main():
             got = model.lm_head(model.model.language_model(inputs_embeds=emb, attention_mask=b["attention_mask"][s:s + 1, :L]).last_hidden_state)[0]
         worst = max(worst, float((ref - got).abs().max()))
         lab = b["labels"][s, :L]
-        answer = tok(f"A noisy picture number {i} with many colours.</s>", add_special_tokens=False)["input_ids"]
-        assert lab[lab != -100].tolist()[-len(answer):] == answer, "labels are the assistant's tokens"
-        assert int((lab != -100).sum()) <= len(answer) + 2
+        text = tok.decode(lab[lab != -100].tolist()).strip()
+        assert text == f"A noisy picture number {i} with many colours.</s>", f"labels are the assistant's tokens: {text!r}"
     assert worst < 1e-5, worst
     print(f"make_calibration OK: {n} samples x {t} tokens, logits max abs diff {worst:.2e} -> {d}")
 
