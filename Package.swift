@@ -16,6 +16,7 @@ let package = Package(
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
         .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
+        .package(url: "https://github.com/apple/swift-protobuf", from: "1.39.0"),
     ],
     targets: [
         .systemLibrary(name: "CBLAS", path: "Sources/CBLAS", pkgConfig: "openblas",
@@ -33,7 +34,13 @@ let package = Package(
         .target(name: "MBQMethods", dependencies: [
             "MBQTensor", "MBQFormats", "MBQQuant", "MBQModel", .product(name: "Logging", package: "swift-log"),
         ]),
+        .target(name: "MBQCluster", dependencies: [
+            "MBQTensor", "MBQFormats", "MBQQuant", "MBQModel", "MBQMethods", "CZMQ",
+            .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
         .executableTarget(name: "mbq", dependencies: [
+            "MBQCluster",
             "MBQTensor", "MBQFormats", "MBQModel", "MBQQuant", "MBQMethods", "CBLAS", "CZMQ",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
@@ -44,6 +51,7 @@ let package = Package(
         // Reads its fixtures (and MBQModelTests') by path: Tests/MBQMethodsTests/Fixtures.
         .testTarget(name: "MBQMethodsTests", dependencies: ["MBQMethods", "MBQModel", "MBQFormats", "MBQQuant", "MBQTensor"],
                     exclude: ["Fixtures"]),
+        .testTarget(name: "MBQClusterTests", dependencies: ["MBQCluster", "MBQMethods", "MBQModel", "MBQFormats", "MBQTensor"]),
         .testTarget(name: "MBQCLITests", dependencies: ["mbq", "MBQFormats", "MBQModel", "MBQTensor"]),
         .testTarget(name: "MBQModelTests", dependencies: ["MBQModel", "MBQFormats", "MBQTensor"],
                     resources: [.copy("Fixtures")]),

@@ -10,6 +10,12 @@ import MBQTensor
 /// the median over layers (the last layer's raw ratio is exactly 0: its vision outputs
 /// reach no caption prediction).
 public struct GradientStatistics: Sendable, Equatable {
+    public init(layers: [Layer], samplesUsed: Int, skipped: [String]) {
+        self.layers = layers
+        self.samplesUsed = samplesUsed
+        self.skipped = skipped
+    }
+
     public struct Layer: Sendable, Equatable {
         public var attnVis = 0.0, attnCap = 0.0, mlpVis = 0.0, mlpCap = 0.0
         /// Clamped ratios, the ones the search uses.
@@ -30,7 +36,7 @@ public struct GradientStatistics: Sendable, Equatable {
     }
 
     /// Mean |x| over rows where `rows` is true, all columns (0 when none). x: [T, C]
-    static func meanAbs(_ x: Tensor<Float>, rows: [Bool]) -> (sum: Double, count: Int) {
+    public static func meanAbs(_ x: Tensor<Float>, rows: [Bool]) -> (sum: Double, count: Int) {
         var s = 0.0, n = 0
         let c = x.cols
         x.data.withUnsafeBufferPointer { p in

@@ -7,6 +7,14 @@ import MBQTensor
 
 /// What a quantization run produces.
 public struct QuantizeResult: Sendable {
+    public init(options: QuantizeOptions, gradStats: GradientStatistics?, groups: [GroupResult], blocks: [DecoderBlockWeights<Float>], seconds: [String: Double]) {
+        self.options = options
+        self.gradStats = gradStats
+        self.groups = groups
+        self.blocks = blocks
+        self.seconds = seconds
+    }
+
     public var options: QuantizeOptions
     public var gradStats: GradientStatistics?
     public var groups: [GroupResult]

@@ -52,6 +52,16 @@ public struct LayerSample: Sendable {
 }
 
 public struct GroupResult: Sendable {
+    public init(layer: Int, group: SearchGroup, bestIndex: Int, alpha: Double, losses: [Double], ratio: Double, scales: [Float]) {
+        self.layer = layer
+        self.group = group
+        self.bestIndex = bestIndex
+        self.alpha = alpha
+        self.losses = losses
+        self.ratio = ratio
+        self.scales = scales
+    }
+
     public var layer: Int
     public var group: SearchGroup
     public var bestIndex: Int

@@ -20,7 +20,8 @@ struct MBQ: ParsableCommand {
         commandName: "mbq",
         abstract: "Modality-balanced quantization (MBQ) of the language model inside vision-language models.",
         discussion: "Start with `mbq demo`. Numbers are fp32 on the CPU through OpenBLAS.",
-        subcommands: [DemoCommand.self, QuantizeCommand.self, EvalCommand.self, ForwardCommand.self, InspectCommand.self, BenchCommand.self])
+        subcommands: [DemoCommand.self, QuantizeCommand.self, EvalCommand.self, CoordinatorCommand.self, WorkerCommand.self,
+                      ForwardCommand.self, InspectCommand.self, BenchCommand.self])
 }
 
 /// Options every command shares.

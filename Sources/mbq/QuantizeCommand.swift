@@ -4,15 +4,14 @@ import Logging
 import MBQFormats
 import MBQMethods
 import MBQModel
+import MBQCluster
+import MBQTensor
 
 extension QuantMethod: ExpressibleByArgument {}
 extension SearchLoss: ExpressibleByArgument {}
 
-/// `mbq quantize`: MBQ / AWQ / SmoothQuant / RTN on one machine.
-struct QuantizeCommand: ParsableCommand {
-    static let configuration = CommandConfiguration(
-        commandName: "quantize", abstract: "Quantize the language model of a VLM checkpoint (fake-quantized output).")
-
+/// The options of a quantization job, shared by `quantize` and `coordinator`.
+struct QuantizeArguments: ParsableArguments {
     @Option(help: "Hugging Face model directory.") var model: String
     @Option(help: "Calibration bundle (mbq-calib safetensors).") var calib: String
     @Option(help: "mbq, awq, rtn or smoothquant.") var method: QuantMethod = .mbq
@@ -25,7 +24,6 @@ struct QuantizeCommand: ParsableCommand {
     @Option(help: "Use only the first N calibration samples.") var samples: Int?
     @Option(help: "Output directory.") var out: String
     @Flag(help: "Replace --out if it exists.") var overwrite = false
-    @OptionGroup var common: CommonOptions
 
     var options: QuantizeOptions {
         var o = QuantizeOptions()
@@ -34,31 +32,75 @@ struct QuantizeCommand: ParsableCommand {
         return o
     }
 
+    /// Everything that can be refused is refused here, before any weight is read.
+    func prepare() throws -> (Checkpoint, CalibrationBundle) {
+        let ckpt = try Checkpoint(directory: model)
+        try options.validate(for: ckpt.config)
+        if let samples, samples < 1 { throw MethodsError.invalidOptions("--samples must be at least 1") }
+        if FileManager.default.fileExists(atPath: out) && !overwrite {
+            throw MethodsError.output(path: out, reason: "already exists (pass --overwrite to replace it)")
+        }
+        let bundle = try CalibrationBundle.load(path: calib, hiddenSize: ckpt.config.hiddenSize,
+                                                vocabSize: ckpt.config.vocabSize,
+                                                positionRows: ckpt.config.mropeSection == nil ? 1 : 3)
+        let chosen = Array(bundle.samples.prefix(samples ?? bundle.count))
+        return (ckpt, CalibrationBundle(path: bundle.path, samples: chosen))
+    }
+}
+
+/// `mbq quantize`: MBQ / AWQ / SmoothQuant / RTN, in this process or over local workers.
+struct QuantizeCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "quantize", abstract: "Quantize the language model of a VLM checkpoint (fake-quantized output).")
+
+    @OptionGroup var job: QuantizeArguments
+    @Option(help: "Start N local worker processes and run distributed (0: in this process).") var workers = 0
+    @OptionGroup var cluster: ClusterOptions
+    @OptionGroup var common: CommonOptions
+
     func run() throws {
         common.apply()
         try runReportingErrors {
             let logger = Logger(label: "mbq.quantize")
-            // Everything that can be refused is refused before any weight is read.
-            let ckpt = try Checkpoint(directory: model)
-            try options.validate(for: ckpt.config)
-            if FileManager.default.fileExists(atPath: out) && !overwrite {
-                throw MethodsError.output(path: out, reason: "already exists (pass --overwrite to replace it)")
+            let (ckpt, bundle) = try job.prepare()
+            if workers > 0 {
+                try runLocalCluster(ckpt: ckpt, bundle: bundle)
+                return
             }
-            let bundle = try CalibrationBundle.load(path: calib, hiddenSize: ckpt.config.hiddenSize,
-                                                    vocabSize: ckpt.config.vocabSize,
-                                                    positionRows: ckpt.config.mropeSection == nil ? 1 : 3)
-            let chosen = Array(bundle.samples.prefix(samples ?? bundle.count))
             let (lm, loadT) = try timed { try LanguageModel<Float>.load(ckpt) }
-            logger.info("[load] \(ckpt.config.modelType): \(ckpt.config.numLayers) layers in \(String(format: "%.1fs", loadT)); \(chosen.count) calibration samples")
-            let result = try QuantizeJob.run(model: lm, samples: chosen, options: options, logger: logger)
+            logger.info("[load] \(ckpt.config.modelType): \(ckpt.config.numLayers) layers in \(String(format: "%.1fs", loadT)); \(bundle.count) calibration samples")
+            let result = try QuantizeJob.run(model: lm, samples: bundle.samples, options: job.options, logger: logger)
             let (_, writeT) = try timed {
-                try QuantizedCheckpointWriter.write(source: ckpt, blocks: result.blocks, quantizationConfig: options.configBlock,
-                                                    to: out, overwrite: overwrite) { dir in
+                try QuantizedCheckpointWriter.write(source: ckpt, blocks: result.blocks, quantizationConfig: job.options.configBlock,
+                                                    to: job.out, overwrite: job.overwrite) { dir in
                     try ResultsFile.writeAll(result, into: dir)
                 }
             }
-            logger.info("[write] \(out) in \(String(format: "%.1fs", writeT))")
+            logger.info("[write] \(job.out) in \(String(format: "%.1fs", writeT))")
         }
+    }
+
+    /// The one-machine cluster: a coordinator here, `workers` worker processes beside it.
+    func runLocalCluster(ckpt: Checkpoint, bundle: CalibrationBundle) throws {
+        let spec = try DistributedJob.spec(ckpt: ckpt, calibPath: job.calib, samples: bundle.count, options: job.options, workers: workers)
+        let secret = cluster.secret ?? ProcessInfo.processInfo.environment["MBQ_SECRET"]
+        let coord = try ClusterCoordinator(spec: spec, bind: "tcp://127.0.0.1:*", jobDir: cluster.jobDir ?? job.out + ".job",
+                                           resume: cluster.resume, secret: secret, logFormat: cluster.logFormat)
+        let threads = max(1, (common.threads ?? EngineThreads.count) / workers)
+        var children: [Process] = []
+        defer {
+            for c in children where c.isRunning { c.terminate() }
+            for c in children { c.waitUntilExit() }
+        }
+        for i in 0..<workers {
+            let p = Process()
+            p.executableURL = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath()
+            p.arguments = ["worker", "--connect", coord.endpoint, "--id", "w\(i)", "--threads", "\(threads)"]
+                + (secret.map { ["--secret", $0] } ?? [])
+            try p.run()
+            children.append(p)
+        }
+        try DistributedJob.coordinate(coord, ckpt: ckpt, options: job.options, out: job.out, overwrite: job.overwrite)
     }
 }
 

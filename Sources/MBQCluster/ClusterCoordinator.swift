@@ -1,0 +1,140 @@
+import CZMQ
+import Foundation
+import Logging
+import MBQFormats
+import MBQMethods
+import MBQModel
+import MBQTensor
+
+/// The socket-owning shell around CoordinatorState: one ROUTER socket, a poll loop with
+/// a finite timeout, directives carried out, the journal written, one log line per event.
+public final class ClusterCoordinator {
+    public enum LogFormat: String, Sendable { case text, json }
+
+    public let state: CoordinatorState
+    let router: ZMQSocket
+    let jobDir: String
+    let logFormat: LogFormat
+    let logger = Logger(label: "mbq.coordinator")
+    let logFile: FileHandle?
+    let started = Date()
+    public private(set) var endpoint: String
+
+    public init(spec: JobSpec, bind: String, jobDir: String, resume: Bool, secret: String?,
+                logFormat: LogFormat = .text) throws {
+        try FileManager.default.createDirectory(atPath: jobDir, withIntermediateDirectories: true)
+        var resumed: (GradientStatistics?, [Int: [Mbq_GroupResult]])? = nil
+        if resume {
+            let j = try Journal.read(jobDir: jobDir)
+            guard j.jobID == spec.jobID else {
+                throw FormatsError.invalidConfig(path: Journal.path(jobDir), reason: "journal is for job '\(j.jobID)', not '\(spec.jobID)'")
+            }
+            resumed = (j.stats, j.results)
+        } else if FileManager.default.fileExists(atPath: Journal.path(jobDir)) {
+            throw FormatsError.invalidConfig(path: Journal.path(jobDir), reason: "the job directory holds a journal: pass --resume to continue it, or use a new --job-dir")
+        }
+        state = CoordinatorState(spec: spec, resumed: resumed.map { (stats: $0.0, results: $0.1) }) { r in
+            guard let secret else { return true }
+            return Auth.verify(secret: secret, workerID: r.workerID, token: Array(r.authToken))
+        }
+        router = try ZMQSocket(.router)
+        try router.setInt(ZMQ_ROUTER_MANDATORY, 0)
+        try router.bind(bind)
+        endpoint = router.lastEndpoint
+        self.jobDir = jobDir
+        self.logFormat = logFormat
+        let logPath = jobDir + "/coordinator.log"
+        if !FileManager.default.fileExists(atPath: logPath) { FileManager.default.createFile(atPath: logPath, contents: nil) }
+        logFile = FileHandle(forWritingAtPath: logPath)
+        logFile?.seekToEndOfFile()
+        if let r = resumed {
+            log("resume: journal has \(r.1.count) finished layer(s) \(r.1.keys.sorted()) and \(r.0 == nil ? "no" : "complete") gradient statistics; they are not recomputed")
+        }
+        log("listening on \(endpoint), waiting for \(spec.expectedWorkers) worker(s); job \(spec.jobID), \(spec.layers) layers, \(spec.samples) samples")
+    }
+
+    func log(_ line: String) {
+        let t = Date().timeIntervalSince(started)
+        let text: String
+        switch logFormat {
+        case .text:
+            text = String(format: "[%8.2fs] ", t) + line
+        case .json:
+            let obj: [String: Any] = ["t": t, "phase": state.phase.rawValue, "epoch": state.epoch, "event": line]
+            text = String(decoding: (try? JSONSerialization.data(withJSONObject: obj, options: [.sortedKeys])) ?? Data(), as: UTF8.self)
+        }
+        FileHandle.standardError.write(Data((text + "\n").utf8))
+        logFile?.write(Data((text + "\n").utf8))
+    }
+
+    static func now() -> Double { Double(DispatchTime.now().uptimeNanoseconds) / 1e9 }
+
+    /// Runs until the job is done (returns) or failed (throws). `deadline`: give up after
+    /// that many seconds without finishing.
+    public func run(deadline: Double = .infinity) throws {
+        let t0 = Self.now()
+        while true {
+            if Self.now() - t0 > deadline { throw MethodsError.invalidOptions("job did not finish within \(Int(deadline)) s") }
+            var directives = state.tick(now: Self.now())
+            if let frames = try router.receive(timeoutMs: 20, maxFrameBytes: maxFrameBytes) {
+                if frames.count < 2 {
+                    log("rejected a message with \(frames.count) frame(s) (oversized or empty)")
+                } else {
+                    do {
+                        let m = try Wire.decode(Array(frames.dropFirst()))
+                        directives += state.handle(identity: frames[0], m, now: Self.now())
+                    } catch {
+                        log("rejected a message: \(error)")
+                    }
+                }
+            }
+            for d in directives {
+                switch d {
+                case let .send(identity, env):
+                    try? router.send([identity] + (try Wire.encode(env)))
+                case let .log(line):
+                    log(line)
+                case .journal:
+                    try Journal.write(Journal.Contents(jobID: state.spec.jobID, stats: state.stats, results: state.results), jobDir: jobDir)
+                case .finished:
+                    shutdownWorkers("job finished")
+                    return
+                case let .failed(why):
+                    shutdownWorkers("job failed")
+                    throw MethodsError.invalidOptions(why)
+                }
+            }
+        }
+    }
+
+    func shutdownWorkers(_ why: String) {
+        var s = Mbq_Shutdown()
+        s.reason = why
+        for w in state.workers.values where w.alive {
+            try? router.send([w.identity] + (try Wire.encode(Wire.envelope(job: state.spec.jobID, .shutdown(s)))))
+        }
+        // Let ZeroMQ flush before the socket closes.
+        _ = try? router.receive(timeoutMs: 100)
+    }
+
+    /// The finished job as a QuantizeResult (same ordering as the single-process run).
+    public func result(options: QuantizeOptions, model: Checkpoint, seconds: [String: Double]) throws -> QuantizeResult {
+        var groups: [GroupResult] = []
+        for l in 0..<state.spec.layers {
+            let order = SearchGroup.allCases
+            for g in (state.results[l] ?? []).sorted(by: { a, b in
+                order.firstIndex(of: SearchGroup(rawValue: a.group)!)! < order.firstIndex(of: SearchGroup(rawValue: b.group)!)!
+            }) {
+                groups.append(GroupResult(layer: l, group: SearchGroup(rawValue: g.group)!, bestIndex: Int(g.bestIdx), alpha: g.alpha,
+                                          losses: g.loss, ratio: g.ratio, scales: g.scales))
+            }
+        }
+        var blocks: [DecoderBlockWeights<Float>] = []
+        let cfg = model.config
+        let shape = AttentionShape(heads: cfg.numHeads, kvHeads: cfg.numKVHeads, headDim: cfg.headDim)
+        for l in 0..<state.spec.layers {
+            blocks.append(BlockTensors.block(state.blocks[l]!, shape: shape, eps: cfg.rmsNormEps))
+        }
+        return QuantizeResult(options: options, gradStats: state.stats, groups: groups, blocks: blocks, seconds: seconds)
+    }
+}

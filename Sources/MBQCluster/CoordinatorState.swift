@@ -1,0 +1,341 @@
+import Foundation
+import MBQMethods
+import MBQTensor
+
+/// What a job is: fixed for its lifetime, recorded in the job directory.
+public struct JobSpec: Sendable {
+    public var jobID: String
+    public var modelDir: String
+    public var calibPath: String
+    public var optionsJSON: String
+    public var layers: Int
+    public var samples: Int
+    /// mbq (and awq with --reweight) need the backward pass's gradient statistics.
+    public var needsStats: Bool
+    /// rtn needs no activations at all.
+    public var needsForward: Bool
+    public var groupsPerLayer: Int
+    public var tensorsPerBlock: Int
+    public var expectedWorkers: Int
+    public var heartbeatInterval: Double = 0.5
+    /// A worker silent this long is declared lost (the missed-heartbeat budget).
+    public var livenessTimeout: Double = 3.0
+
+    public init(jobID: String, modelDir: String, calibPath: String, optionsJSON: String, layers: Int, samples: Int,
+                needsStats: Bool, needsForward: Bool, groupsPerLayer: Int, tensorsPerBlock: Int, expectedWorkers: Int) {
+        self.jobID = jobID; self.modelDir = modelDir; self.calibPath = calibPath; self.optionsJSON = optionsJSON
+        self.layers = layers; self.samples = samples; self.needsStats = needsStats; self.needsForward = needsForward
+        self.groupsPerLayer = groupsPerLayer; self.tensorsPerBlock = tensorsPerBlock; self.expectedWorkers = expectedWorkers
+    }
+}
+
+public enum CoordinatorPhase: String, Sendable {
+    case waiting, forward, backward, search, apply, done, failed
+}
+
+/// What the shell must do.
+public enum Directive {
+    case send(identity: [UInt8], Mbq_Envelope)
+    case log(String)
+    /// Finished results changed: write the journal.
+    case journal
+    case finished
+    case failed(String)
+}
+
+public struct WorkerEntry {
+    public var identity: [UInt8]
+    public var id: String
+    public var info: Mbq_Register
+    public var lastSeen: Double
+    public var alive: Bool
+    public var range: Range<Int>?
+}
+
+/// The coordinator's logic as a pure state machine (DESIGN.md §3): messages and clock
+/// ticks in, directives out; no sockets, no clock of its own, so every path — lost
+/// workers, re-plans, stale messages, resume — is tested without a network.
+public final class CoordinatorState {
+    public let spec: JobSpec
+    public private(set) var phase: CoordinatorPhase = .waiting
+    public private(set) var epoch: UInt32 = 0
+    public private(set) var workers: [String: WorkerEntry] = [:]
+    public private(set) var plan: [(worker: String, range: Range<Int>)] = []
+    /// Finished per-layer search results (journaled).
+    public private(set) var results: [Int: [Mbq_GroupResult]] = [:]
+    /// Gradient statistics once complete (journaled).
+    public private(set) var stats: GradientStatistics?
+    public private(set) var blocks: [Int: [String: Tensor<Float>]] = [:]
+    var partialStats: [Int: Mbq_LayerStats] = [:]
+    var pendingGroups: [Int: [Mbq_GroupResult]] = [:]
+    var phaseDone: Set<String> = []
+    var lastHeartbeatSent = -Double.infinity
+    var phaseStarted = 0.0
+    /// Checks a registration's credentials (shared-secret HMAC); CURVE is checked by ZeroMQ.
+    let authorize: (Mbq_Register) -> Bool
+
+    public init(spec: JobSpec, resumed: (stats: GradientStatistics?, results: [Int: [Mbq_GroupResult]])? = nil,
+                authorize: @escaping (Mbq_Register) -> Bool = { _ in true }) {
+        self.spec = spec
+        self.authorize = authorize
+        if let resumed {
+            stats = resumed.stats
+            results = resumed.results
+        }
+    }
+
+    func env(_ body: Mbq_Envelope.OneOf_Body) -> Mbq_Envelope { Wire.envelope(job: spec.jobID, body) }
+
+    public var finishedLayers: [Int] { results.keys.sorted() }
+
+    // MARK: inputs
+
+    public func handle(identity: [UInt8], _ m: WireMessage, now: Double) -> [Directive] {
+        // A worker learns the job id from the coordinator: its first messages carry none.
+        guard m.envelope.jobID == spec.jobID || m.envelope.jobID.isEmpty else {
+            return [.log("dropped a message for job '\(m.envelope.jobID)' (this job is '\(spec.jobID)')")]
+        }
+        guard let body = m.envelope.body else { return [] }
+        if case let .register(r) = body { return register(identity: identity, r, now: now) }
+        guard let id = workerID(identity), workers[id]!.alive else {
+            return [.log("dropped \(bodyName(body)) from an unregistered peer")]
+        }
+        workers[id]!.lastSeen = now
+        var out: [Directive] = []
+        switch body {
+        case .heartbeat:
+            break
+        case let .phaseDone(p):
+            guard p.epoch == epoch, p.phase == phase.rawValue else {
+                return [.log("dropped stale \(p.phase) completion (epoch \(p.epoch), current \(epoch))")]
+            }
+            phaseDone.insert(id)
+            let moved = p.bytesMoved > 0 ? String(format: ", moved %.1f MB in %.2f s", Double(p.bytesMoved) / 1e6, p.transferSeconds) : ""
+            out.append(.log("phase=\(phase.rawValue) worker=\(id) done in \(String(format: "%.2f", p.seconds)) s\(moved) (\(phaseDone.count)/\(plan.count))"))
+            if Set(plan.map(\.worker)).isSubset(of: phaseDone) { out += advance(now: now) }
+        case let .layerStats(s):
+            guard phase == .backward else { return [.log("dropped layer statistics outside the backward phase")] }
+            partialStats[Int(s.layer)] = s
+        case let .groupResult(g):
+            guard phase == .search, Int(g.layer) < spec.layers, results[Int(g.layer)] == nil else {
+                return [.log("dropped a result for layer \(g.layer) (finished already or not searching)")]
+            }
+            let l = Int(g.layer)
+            pendingGroups[l, default: []].append(g)
+            if pendingGroups[l]!.count == spec.groupsPerLayer {
+                results[l] = pendingGroups.removeValue(forKey: l)
+                let picks = results[l]!.map { "\($0.group)=\(String(format: "%.2f", $0.alpha))" }.joined(separator: " ")
+                out.append(.log("phase=search layer=\(l) worker=\(id) \(picks) progress=\(results.count)/\(spec.layers)\(eta(now: now, done: results.count, of: spec.layers))"))
+                out.append(.journal)
+                if results.count == spec.layers { out += advance(now: now) }
+            }
+        case .tensor:
+            guard phase == .apply, let t = m.tensor, case let .tensor(h) = body else { return [.log("dropped a tensor outside the apply phase")] }
+            guard h.epoch == epoch else { return [.log("dropped stale tensor \(h.name) (epoch \(h.epoch))")] }
+            let parts = h.name.split(separator: "/")
+            guard parts.count == 3, parts[0] == "block", let l = Int(parts[1]), l >= 0, l < spec.layers else {
+                return [.log("dropped unexpected tensor '\(h.name)'")]
+            }
+            blocks[l, default: [:]][String(parts[2])] = t
+            if blocks[l]!.count == spec.tensorsPerBlock {
+                out.append(.log("phase=apply layer=\(l) worker=\(id) quantized block received (\(blocks.values.filter { $0.count == spec.tensorsPerBlock }.count)/\(spec.layers))"))
+            }
+            if blocks.count == spec.layers && blocks.values.allSatisfy({ $0.count == spec.tensorsPerBlock }) {
+                phase = .done
+                out.append(.log("phase=done all \(spec.layers) blocks quantized"))
+                out.append(.finished)
+            }
+        case let .error(e):
+            out.append(.log("worker=\(id) error: \(e.message)"))
+            if e.fatal {
+                phase = .failed
+                out.append(.failed("worker \(id): \(e.message)"))
+            }
+        default:
+            out.append(.log("dropped unexpected \(bodyName(body)) from \(id)"))
+        }
+        return out
+    }
+
+    /// Heartbeats out, liveness in. Call at least every heartbeat interval.
+    public func tick(now: Double) -> [Directive] {
+        var out: [Directive] = []
+        if now - lastHeartbeatSent >= spec.heartbeatInterval {
+            lastHeartbeatSent = now
+            var hb = Mbq_Heartbeat()
+            hb.phase = phase.rawValue
+            for w in workers.values where w.alive { out.append(.send(identity: w.identity, env(.heartbeat(hb)))) }
+        }
+        var lost: [String] = []
+        for (id, w) in workers where w.alive && now - w.lastSeen > spec.livenessTimeout {
+            workers[id]!.alive = false
+            lost.append(id)
+        }
+        for id in lost.sorted() {
+            out.append(.log("worker=\(id) lost: no heartbeat for \(String(format: "%.1f", spec.livenessTimeout)) s (held layers \(workers[id]!.range.map { "\($0.lowerBound)..<\($0.upperBound)" } ?? "none"))"))
+        }
+        if !lost.isEmpty && [.forward, .backward, .search, .apply].contains(phase)
+            && lost.contains(where: { id in plan.contains { $0.worker == id } }) {
+            out += replan(now: now, reason: "lost \(lost.joined(separator: ", "))")
+        }
+        return out
+    }
+
+    // MARK: transitions
+
+    func workerID(_ identity: [UInt8]) -> String? {
+        workers.first { $0.value.identity == identity }?.key
+    }
+
+    func register(identity: [UInt8], _ r: Mbq_Register, now: Double) -> [Directive] {
+        guard authorize(r) else {
+            var no = Mbq_Refused()
+            no.reason = "authentication failed"
+            return [.send(identity: identity, env(.refused(no))),
+                    .log("refused worker '\(r.workerID)' from \(r.host): authentication failed")]
+        }
+        let known = workers[r.workerID]
+        workers[r.workerID] = WorkerEntry(identity: identity, id: r.workerID, info: r, lastSeen: now, alive: true, range: nil)
+        var out: [Directive] = [.log(String(format: "worker=%@ registered from %@: %d threads, %.0f GFLOP/s, %.1f GiB%@", r.workerID, r.host,
+                                            r.threads, r.gemmGflops, Double(r.maxMemoryBytes) / 1073741824,
+                                            known != nil ? " (reconnect: its state is gone)" : ""))]
+        switch phase {
+        case .waiting:
+            let alive = workers.values.filter(\.alive).count
+            let needed = results.isEmpty && stats == nil && epoch == 0 ? spec.expectedWorkers : 1
+            if alive >= needed { out += replan(now: now, reason: "\(alive) worker(s) ready") }
+        case .forward, .backward, .search, .apply:
+            if known?.range != nil || plan.contains(where: { $0.worker == r.workerID }) {
+                out += replan(now: now, reason: "worker \(r.workerID) restarted")
+            } else {
+                out.append(.log("worker=\(r.workerID) joins as a spare"))
+            }
+        case .done, .failed:
+            break
+        }
+        return out
+    }
+
+    /// Contiguous block ranges over the live workers, sized by their measured GEMM rate
+    /// so that stages finish together.
+    public static func makePlan(layers: Int, workers: [(id: String, gflops: Double)]) -> [(worker: String, range: Range<Int>)] {
+        let n = min(layers, workers.count)
+        let ws = Array(workers.prefix(n))
+        let total = ws.reduce(0) { $0 + max($1.gflops, 1e-3) }
+        var plan: [(String, Range<Int>)] = []
+        var start = 0
+        var acc = 0.0
+        for (i, w) in ws.enumerated() {
+            acc += max(w.gflops, 1e-3)
+            var end = i == n - 1 ? layers : Int((Double(layers) * acc / total).rounded())
+            end = max(end, start + 1)
+            end = min(end, layers - (n - 1 - i))
+            plan.append((w.id, start..<end))
+            start = end
+        }
+        return plan
+    }
+
+    func replan(now: Double, reason: String) -> [Directive] {
+        let alive = workers.values.filter(\.alive).sorted { $0.id < $1.id }
+        for id in workers.keys { workers[id]!.range = nil }
+        partialStats = [:]
+        pendingGroups = [:]
+        blocks = [:]
+        phaseDone = []
+        guard !alive.isEmpty else {
+            phase = .waiting
+            plan = []
+            return [.log("phase=waiting \(reason); no worker left: waiting for one to join")]
+        }
+        epoch += 1
+        plan = Self.makePlan(layers: spec.layers, workers: alive.map { ($0.id, $0.info.gemmGflops) })
+        var out: [Directive] = [.log("plan epoch=\(epoch) (\(reason)): " + plan.map { "\($0.worker)=layers \($0.range.lowerBound)..<\($0.range.upperBound)" }.joined(separator: ", "))]
+        for (i, p) in plan.enumerated() {
+            workers[p.worker]!.range = p.range
+            var a = Mbq_Assignment()
+            a.firstLayer = UInt32(p.range.lowerBound)
+            a.endLayer = UInt32(p.range.upperBound)
+            a.modelDir = spec.modelDir
+            a.calibPath = spec.calibPath
+            a.upstreamEndpoint = i > 0 ? workers[plan[i - 1].worker]!.info.dataEndpoint : ""
+            a.downstreamEndpoint = i < plan.count - 1 ? workers[plan[i + 1].worker]!.info.dataEndpoint : ""
+            a.holdsHead = i == plan.count - 1
+            a.optionsJson = spec.optionsJSON
+            a.samples = UInt32(spec.samples)
+            a.epoch = epoch
+            out.append(.send(identity: workers[p.worker]!.identity, env(.assignment(a))))
+        }
+        let first: CoordinatorPhase = results.count == spec.layers || !spec.needsForward ? .apply : .forward
+        out += start(first, now: now)
+        return out
+    }
+
+    func start(_ p: CoordinatorPhase, now: Double) -> [Directive] {
+        phase = p
+        phaseDone = []
+        phaseStarted = now
+        var out: [Directive] = [.log("phase=\(p.rawValue) epoch=\(epoch) started on \(plan.count) worker(s)")]
+        if p == .apply {
+            // Every worker gets the scales of its layers, whoever searched them.
+            for (w, range) in plan {
+                for l in range { for g in results[l] ?? [] { out.append(.send(identity: workers[w]!.identity, env(.groupResult(g)))) } }
+            }
+        }
+        var run = Mbq_RunPhase()
+        run.phase = p.rawValue
+        run.epoch = epoch
+        if p == .search { run.skipLayers = finishedLayers.map(UInt32.init) }
+        if p == .search, let s = stats {
+            var r = Mbq_Ratios()
+            r.attn = s.layers.map(\.attnRatio)
+            r.mlp = s.layers.map(\.mlpRatio)
+            for (w, _) in plan { out.append(.send(identity: workers[w]!.identity, env(.ratios(r)))) }
+        }
+        for (w, _) in plan { out.append(.send(identity: workers[w]!.identity, env(.runPhase(run)))) }
+        return out
+    }
+
+    func advance(now: Double) -> [Directive] {
+        switch phase {
+        case .forward:
+            return start(spec.needsStats && stats == nil ? .backward : (results.count == spec.layers ? .apply : .search), now: now)
+        case .backward:
+            guard partialStats.count == spec.layers else {
+                phase = .failed
+                return [.failed("backward finished with statistics for \(partialStats.count) of \(spec.layers) layers")]
+            }
+            var sums: [GradientStatistics.Layer] = []
+            var used = 0
+            var skipped: [String] = []
+            for l in 0..<spec.layers {
+                let s = partialStats[l]!
+                var x = GradientStatistics.Layer()
+                x.attnVis = s.attnVis; x.attnCap = s.attnCap; x.mlpVis = s.mlpVis; x.mlpCap = s.mlpCap
+                sums.append(x)
+                used = Int(s.samples)
+                skipped = s.skipped
+            }
+            guard used > 0 else {
+                phase = .failed
+                return [.failed("no usable calibration samples: every sample lacks vision or caption positions")]
+            }
+            stats = GradientStatistics.finalize(sums: sums, used: used, skipped: skipped)
+            let ratios = stats!.layers.map { String(format: "%.3f/%.3f", $0.attnRatio, $0.mlpRatio) }.joined(separator: " ")
+            return [.log("phase=backward gradient statistics over \(used) samples; ratios attn/mlp: \(ratios)"), .journal]
+                + start(results.count == spec.layers ? .apply : .search, now: now)
+        case .search:
+            return start(.apply, now: now)
+        default:
+            return []
+        }
+    }
+
+    func eta(now: Double, done: Int, of total: Int) -> String {
+        guard done > 0 else { return "" }
+        let dt = now - phaseStarted
+        return String(format: " eta=%.1fs", dt / Double(done) * Double(total - done))
+    }
+
+    func bodyName(_ b: Mbq_Envelope.OneOf_Body) -> String { String(describing: b).split(separator: "(").first.map(String.init) ?? "message" }
+}

@@ -1,0 +1,89 @@
+import Foundation
+import MBQFormats
+import MBQMethods
+
+/// The job directory's record of finished work: gradient statistics and every finished
+/// layer's search results. Written atomically after each change, with a SHA-256 of its
+/// body so that a torn or edited file is detected on resume rather than trusted.
+public enum Journal {
+    public struct Contents {
+        public var jobID: String
+        public var stats: GradientStatistics?
+        public var results: [Int: [Mbq_GroupResult]]
+    }
+
+    public static func path(_ jobDir: String) -> String { jobDir + "/journal.json" }
+
+    static func body(_ c: Contents) -> [String: Any] {
+        var b: [String: Any] = ["job_id": c.jobID]
+        if let s = c.stats {
+            b["stats"] = ["samples_used": s.samplesUsed, "skipped": s.skipped,
+                          "layers": s.layers.map { [$0.attnVis, $0.attnCap, $0.mlpVis, $0.mlpCap] }] as [String: Any]
+        }
+        var r: [String: Any] = [:]
+        for (l, groups) in c.results {
+            r[String(l)] = groups.map { g in
+                ["group": g.group, "best_idx": g.bestIdx, "alpha": g.alpha, "loss": g.loss, "ratio": g.ratio,
+                 "scales": g.scales.map { $0.bitPattern }] as [String: Any]
+            }
+        }
+        b["results"] = r
+        return b
+    }
+
+    static func digest(_ data: Data) -> String {
+        Auth.sha256(Array(data)).map { String(format: "%02x", $0) }.joined()
+    }
+
+    public static func write(_ c: Contents, jobDir: String) throws {
+        let bodyData = try JSONSerialization.data(withJSONObject: body(c), options: [.sortedKeys])
+        let doc: [String: Any] = ["format": "mbq-journal", "version": 1, "sha256": digest(bodyData),
+                                  "body": String(decoding: bodyData, as: UTF8.self)]
+        try AtomicFile.write(data: try JSONSerialization.data(withJSONObject: doc, options: [.sortedKeys]), to: path(jobDir))
+    }
+
+    public static func read(jobDir: String) throws -> Contents {
+        let p = path(jobDir)
+        guard let data = FileManager.default.contents(atPath: p) else {
+            throw FormatsError.unreadable(path: p, reason: "no journal in the job directory (nothing to resume)")
+        }
+        guard let doc = (try? JSONSerialization.jsonObject(with: data)) as? [String: Any],
+              doc["format"] as? String == "mbq-journal", let bodyText = doc["body"] as? String, let sum = doc["sha256"] as? String else {
+            throw FormatsError.invalidConfig(path: p, reason: "not an mbq journal (torn write?)")
+        }
+        let bodyData = Data(bodyText.utf8)
+        guard digest(bodyData) == sum else {
+            throw FormatsError.invalidConfig(path: p, reason: "journal checksum mismatch: the file is torn or was edited")
+        }
+        guard let b = (try? JSONSerialization.jsonObject(with: bodyData)) as? [String: Any], let job = b["job_id"] as? String else {
+            throw FormatsError.invalidConfig(path: p, reason: "journal body unreadable")
+        }
+        var stats: GradientStatistics? = nil
+        if let s = b["stats"] as? [String: Any], let layers = s["layers"] as? [[Double]] {
+            let sums = layers.map { v -> GradientStatistics.Layer in
+                var l = GradientStatistics.Layer()
+                l.attnVis = v[0]; l.attnCap = v[1]; l.mlpVis = v[2]; l.mlpCap = v[3]
+                return l
+            }
+            // Stored as averages; finalize with used = 1 recomputes ratios and the clamp exactly.
+            let f = GradientStatistics.finalize(sums: sums, used: 1, skipped: s["skipped"] as? [String] ?? [])
+            stats = GradientStatistics(layers: f.layers, samplesUsed: s["samples_used"] as? Int ?? 0, skipped: f.skipped)
+        }
+        var results: [Int: [Mbq_GroupResult]] = [:]
+        for (k, v) in b["results"] as? [String: Any] ?? [:] {
+            guard let l = Int(k), let groups = v as? [[String: Any]] else { continue }
+            results[l] = groups.map { g in
+                var m = Mbq_GroupResult()
+                m.layer = UInt32(l)
+                m.group = g["group"] as? String ?? ""
+                m.bestIdx = UInt32(g["best_idx"] as? Int ?? 0)
+                m.alpha = g["alpha"] as? Double ?? 0
+                m.loss = g["loss"] as? [Double] ?? []
+                m.ratio = g["ratio"] as? Double ?? 1
+                m.scales = (g["scales"] as? [UInt32] ?? (g["scales"] as? [Int])?.map { UInt32($0) } ?? []).map { Float(bitPattern: $0) }
+                return m
+            }
+        }
+        return Contents(jobID: job, stats: stats, results: results)
+    }
+}

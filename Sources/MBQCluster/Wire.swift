@@ -1,0 +1,119 @@
+import Foundation
+import MBQTensor
+import SwiftProtobuf
+
+/// The protocol version every envelope carries; peers with another version are refused.
+public let protocolVersion: UInt32 = 1
+
+/// Largest raw frame accepted, and the chunk size tensors are cut into (ZeroMQ moves
+/// 1 MiB frames about twice as fast as one 64 MiB frame over loopback).
+public let maxFrameBytes = 64 << 20
+public let tensorChunkBytes = 1 << 20
+
+public enum ProtocolError: Error, CustomStringConvertible, Equatable {
+    case empty
+    case malformed(String)
+    case versionMismatch(got: UInt32, want: UInt32)
+    case tensor(name: String, reason: String)
+
+    public var description: String {
+        switch self {
+        case .empty: return "empty message"
+        case let .malformed(why): return "malformed envelope: \(why)"
+        case let .versionMismatch(got, want): return "protocol version \(got), this side speaks \(want)"
+        case let .tensor(name, why): return "tensor '\(name)': \(why)"
+        }
+    }
+}
+
+/// A decoded message: the envelope and, when it carries a TensorHeader, the checked tensor.
+public struct WireMessage {
+    public var envelope: Mbq_Envelope
+    public var tensor: Tensor<Float>?
+}
+
+public enum Wire {
+    public static func envelope(job: String, _ body: Mbq_Envelope.OneOf_Body) -> Mbq_Envelope {
+        var e = Mbq_Envelope()
+        e.version = protocolVersion
+        e.jobID = job
+        e.body = body
+        return e
+    }
+
+    /// Frames of an envelope without a tensor.
+    public static func encode(_ e: Mbq_Envelope) throws -> [[UInt8]] {
+        [Array(try e.serializedData())]
+    }
+
+    /// Frames of a tensor message: the envelope with its TensorHeader, then the raw fp32
+    /// bytes cut into `tensorChunkBytes` frames.
+    public static func encode(job: String, name: String, tensor t: Tensor<Float>, epoch: UInt32) throws -> [[UInt8]] {
+        let bytes = t.data.withUnsafeBytes { Array($0) }
+        var h = Mbq_TensorHeader()
+        h.name = name
+        h.dtype = "F32"
+        h.shape = t.shape.map(UInt64.init)
+        h.byteCount = UInt64(bytes.count)
+        h.checksum = Checksum64.of(bytes)
+        h.epoch = epoch
+        var chunks: [[UInt8]] = []
+        var i = 0
+        while i < bytes.count {
+            chunks.append(Array(bytes[i..<min(bytes.count, i + tensorChunkBytes)]))
+            i += tensorChunkBytes
+        }
+        h.chunks = UInt32(chunks.count)
+        return try encode(envelope(job: job, .tensor(h))) + chunks
+    }
+
+    /// Decodes and validates: version, a body present, and for tensors the frame count,
+    /// byte count, shape and checksum. Never traps on bad input.
+    public static func decode(_ frames: [[UInt8]]) throws -> WireMessage {
+        guard let first = frames.first, !first.isEmpty else { throw ProtocolError.empty }
+        let e: Mbq_Envelope
+        do {
+            e = try Mbq_Envelope(serializedBytes: first)
+        } catch {
+            throw ProtocolError.malformed("not a protobuf Envelope (\(first.count) bytes)")
+        }
+        guard e.version == protocolVersion else { throw ProtocolError.versionMismatch(got: e.version, want: protocolVersion) }
+        guard let body = e.body else { throw ProtocolError.malformed("no body") }
+        guard case let .tensor(h) = body else {
+            guard frames.count == 1 else { throw ProtocolError.malformed("\(frames.count - 1) unexpected extra frames") }
+            return WireMessage(envelope: e, tensor: nil)
+        }
+        let name = h.name
+        guard h.dtype == "F32" else { throw ProtocolError.tensor(name: name, reason: "dtype '\(h.dtype)' (only F32 travels)") }
+        guard Int(h.chunks) == frames.count - 1 else {
+            throw ProtocolError.tensor(name: name, reason: "header announces \(h.chunks) chunks, \(frames.count - 1) arrived")
+        }
+        guard h.shape.count <= 8, h.shape.allSatisfy({ $0 < (1 << 40) }) else {
+            throw ProtocolError.tensor(name: name, reason: "implausible shape \(h.shape)")
+        }
+        var elements: UInt64 = 1
+        for d in h.shape {
+            let (p, o) = elements.multipliedReportingOverflow(by: d)
+            guard !o else { throw ProtocolError.tensor(name: name, reason: "shape \(h.shape) overflows") }
+            elements = p
+        }
+        guard elements * 4 == h.byteCount else {
+            throw ProtocolError.tensor(name: name, reason: "shape \(h.shape) needs \(elements * 4) bytes, header says \(h.byteCount)")
+        }
+        let total = frames.dropFirst().reduce(0) { $0 + $1.count }
+        guard UInt64(total) == h.byteCount else {
+            throw ProtocolError.tensor(name: name, reason: "\(total) bytes arrived, header says \(h.byteCount)")
+        }
+        var data = [Float](repeating: 0, count: Int(elements))
+        data.withUnsafeMutableBytes { dst in
+            var off = 0
+            for f in frames.dropFirst() {
+                f.withUnsafeBytes { src in dst.baseAddress!.advanced(by: off).copyMemory(from: src.baseAddress!, byteCount: f.count) }
+                off += f.count
+            }
+        }
+        let sum = data.withUnsafeBytes { Checksum64.of($0) }
+        guard sum == h.checksum else { throw ProtocolError.tensor(name: name, reason: "checksum mismatch (corrupted in transit)") }
+        return WireMessage(envelope: e, tensor: Tensor(shape: h.shape.map { Int($0) }, data: data))
+    }
+}

@@ -1,0 +1,113 @@
+import CZMQ
+import Foundation
+
+public enum TransportError: Error, CustomStringConvertible {
+    case zmq(String, Int32)
+    case closed
+
+    public var description: String {
+        switch self {
+        case let .zmq(what, code): return "ZeroMQ \(what): \(String(cString: zmq_strerror(code)))"
+        case .closed: return "socket closed"
+        }
+    }
+}
+
+/// The one ZeroMQ context of a process.
+public final class ZMQContext: @unchecked Sendable {
+    public static let shared = ZMQContext()
+    let raw: UnsafeMutableRawPointer
+    init() { raw = zmq_ctx_new() }
+}
+
+/// A thin owner of one ZeroMQ socket: multipart send/receive of byte frames, polling
+/// with a finite timeout, socket options. Not thread-safe (ZeroMQ sockets are not).
+public final class ZMQSocket {
+    public enum Kind { case router, dealer, push, pull }
+    let raw: UnsafeMutableRawPointer
+    public private(set) var lastEndpoint = ""
+
+    public init(_ kind: Kind, context: ZMQContext = .shared) throws {
+        let t: Int32
+        switch kind {
+        case .router: t = ZMQ_ROUTER
+        case .dealer: t = ZMQ_DEALER
+        case .push: t = ZMQ_PUSH
+        case .pull: t = ZMQ_PULL
+        }
+        guard let s = zmq_socket(context.raw, t) else { throw TransportError.zmq("socket", zmq_errno()) }
+        raw = s
+        try setInt(ZMQ_LINGER, 0)
+    }
+
+    deinit { zmq_close(raw) }
+
+    public func setInt(_ option: Int32, _ value: Int32) throws {
+        var v = value
+        guard zmq_setsockopt(raw, option, &v, MemoryLayout<Int32>.size) == 0 else {
+            throw TransportError.zmq("setsockopt \(option)", zmq_errno())
+        }
+    }
+
+    public func setInt64(_ option: Int32, _ value: Int64) throws {
+        var v = value
+        guard zmq_setsockopt(raw, option, &v, MemoryLayout<Int64>.size) == 0 else {
+            throw TransportError.zmq("setsockopt \(option)", zmq_errno())
+        }
+    }
+
+    public func setBytes(_ option: Int32, _ value: [UInt8]) throws {
+        guard value.withUnsafeBytes({ zmq_setsockopt(raw, option, $0.baseAddress, value.count) }) == 0 else {
+            throw TransportError.zmq("setsockopt \(option)", zmq_errno())
+        }
+    }
+
+    public func bind(_ endpoint: String) throws {
+        guard zmq_bind(raw, endpoint) == 0 else { throw TransportError.zmq("bind \(endpoint)", zmq_errno()) }
+        var buf = [CChar](repeating: 0, count: 256)
+        var len = buf.count
+        zmq_getsockopt(raw, ZMQ_LAST_ENDPOINT, &buf, &len)
+        lastEndpoint = String(cString: buf)
+    }
+
+    public func connect(_ endpoint: String) throws {
+        guard zmq_connect(raw, endpoint) == 0 else { throw TransportError.zmq("connect \(endpoint)", zmq_errno()) }
+    }
+
+    /// Sends all frames as one message. Raw buffers are copied into ZeroMQ messages.
+    public func send(_ frames: [[UInt8]]) throws {
+        for (i, f) in frames.enumerated() {
+            let flags: Int32 = i < frames.count - 1 ? ZMQ_SNDMORE : 0
+            let rc = f.withUnsafeBytes { zmq_send(raw, $0.baseAddress, f.count, flags) }
+            guard rc >= 0 else { throw TransportError.zmq("send", zmq_errno()) }
+        }
+    }
+
+    /// Receives one whole message, waiting at most `timeoutMs` (nil when nothing came).
+    /// Frames larger than `maxFrameBytes` make the whole message be dropped (returns []).
+    public func receive(timeoutMs: Int, maxFrameBytes: Int = 1 << 30) throws -> [[UInt8]]? {
+        var item = zmq_pollitem_t(socket: raw, fd: 0, events: Int16(ZMQ_POLLIN), revents: 0)
+        let n = zmq_poll(&item, 1, timeoutMs)
+        if n < 0 {
+            let e = zmq_errno()
+            if e == EINTR { return nil }
+            throw TransportError.zmq("poll", e)
+        }
+        if n == 0 { return nil }
+        var frames: [[UInt8]] = []
+        var oversized = false
+        while true {
+            var msg = zmq_msg_t()
+            zmq_msg_init(&msg)
+            defer { zmq_msg_close(&msg) }
+            guard zmq_msg_recv(&msg, raw, 0) >= 0 else { throw TransportError.zmq("recv", zmq_errno()) }
+            let size = zmq_msg_size(&msg)
+            if size > maxFrameBytes { oversized = true } else if !oversized {
+                let p = zmq_msg_data(&msg)!
+                frames.append(Array(UnsafeRawBufferPointer(start: p, count: size)))
+            }
+            if zmq_msg_more(&msg) == 0 { break }
+        }
+        return oversized ? [] : frames
+    }
+}
