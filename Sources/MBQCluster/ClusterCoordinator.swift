@@ -24,8 +24,10 @@ public final class ClusterCoordinator {
                 logFormat: LogFormat = .text) throws {
         try FileManager.default.createDirectory(atPath: jobDir, withIntermediateDirectories: true)
         var resumed: (GradientStatistics?, [Int: [Mbq_GroupResult]])? = nil
+        var epochBase: UInt32 = 0
         if resume {
             let j = try Journal.read(jobDir: jobDir)
+            epochBase = j.epoch + 1000
             guard j.jobID == spec.jobID else {
                 throw FormatsError.invalidConfig(path: Journal.path(jobDir), reason: "journal is for job '\(j.jobID)', not '\(spec.jobID)'")
             }
@@ -33,7 +35,7 @@ public final class ClusterCoordinator {
         } else if FileManager.default.fileExists(atPath: Journal.path(jobDir)) {
             throw FormatsError.invalidConfig(path: Journal.path(jobDir), reason: "the job directory holds a journal: pass --resume to continue it, or use a new --job-dir")
         }
-        state = CoordinatorState(spec: spec, resumed: resumed.map { (stats: $0.0, results: $0.1) }) { r in
+        state = CoordinatorState(spec: spec, resumed: resumed.map { (stats: $0.0, results: $0.1) }, epochBase: epochBase) { r in
             guard let secret else { return true }
             return Auth.verify(secret: secret, workerID: r.workerID, token: Array(r.authToken))
         }
@@ -95,7 +97,8 @@ public final class ClusterCoordinator {
                 case let .log(line):
                     log(line)
                 case .journal:
-                    try Journal.write(Journal.Contents(jobID: state.spec.jobID, stats: state.stats, results: state.results), jobDir: jobDir)
+                    try Journal.write(Journal.Contents(jobID: state.spec.jobID, stats: state.stats, results: state.results,
+                                                       epoch: state.epoch), jobDir: jobDir)
                 case .finished:
                     shutdownWorkers("job finished")
                     return

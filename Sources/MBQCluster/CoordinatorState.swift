@@ -74,15 +74,21 @@ public final class CoordinatorState {
     /// Checks a registration's credentials (shared-secret HMAC); CURVE is checked by ZeroMQ.
     let authorize: (Mbq_Register) -> Bool
 
+    /// `epochBase`: plans count up from here; a resumed coordinator starts above every
+    /// epoch its predecessor used, so workers' traffic from before the crash is stale.
     public init(spec: JobSpec, resumed: (stats: GradientStatistics?, results: [Int: [Mbq_GroupResult]])? = nil,
-                authorize: @escaping (Mbq_Register) -> Bool = { _ in true }) {
+                epochBase: UInt32 = 0, authorize: @escaping (Mbq_Register) -> Bool = { _ in true }) {
         self.spec = spec
         self.authorize = authorize
+        self.epoch = epochBase
+        self.epochBase = epochBase
         if let resumed {
             stats = resumed.stats
             results = resumed.results
         }
     }
+
+    let epochBase: UInt32
 
     func env(_ body: Mbq_Envelope.OneOf_Body) -> Mbq_Envelope { Wire.envelope(job: spec.jobID, body) }
 
@@ -114,10 +120,10 @@ public final class CoordinatorState {
             out.append(.log("phase=\(phase.rawValue) worker=\(id) done in \(String(format: "%.2f", p.seconds)) s\(moved) (\(phaseDone.count)/\(plan.count))"))
             if Set(plan.map(\.worker)).isSubset(of: phaseDone) { out += advance(now: now) }
         case let .layerStats(s):
-            guard phase == .backward else { return [.log("dropped layer statistics outside the backward phase")] }
+            guard phase == .backward, s.epoch == epoch else { return [.log("dropped stale layer statistics (epoch \(s.epoch))")] }
             partialStats[Int(s.layer)] = s
         case let .groupResult(g):
-            guard phase == .search, Int(g.layer) < spec.layers, results[Int(g.layer)] == nil else {
+            guard phase == .search, g.epoch == epoch, Int(g.layer) < spec.layers, results[Int(g.layer)] == nil else {
                 return [.log("dropped a result for layer \(g.layer) (finished already or not searching)")]
             }
             let l = Int(g.layer)
@@ -202,7 +208,8 @@ public final class CoordinatorState {
         switch phase {
         case .waiting:
             let alive = workers.values.filter(\.alive).count
-            let needed = results.isEmpty && stats == nil && epoch == 0 ? spec.expectedWorkers : 1
+            // The first plan waits for every expected worker; after a loss any one will do.
+            let needed = epoch == epochBase ? spec.expectedWorkers : 1
             if alive >= needed { out += replan(now: now, reason: "\(alive) worker(s) ready") }
         case .forward, .backward, .search, .apply:
             if known?.range != nil || plan.contains(where: { $0.worker == r.workerID }) {
@@ -250,7 +257,7 @@ public final class CoordinatorState {
         }
         epoch += 1
         plan = Self.makePlan(layers: spec.layers, workers: alive.map { ($0.id, $0.info.gemmGflops) })
-        var out: [Directive] = [.log("plan epoch=\(epoch) (\(reason)): " + plan.map { "\($0.worker)=layers \($0.range.lowerBound)..<\($0.range.upperBound)" }.joined(separator: ", "))]
+        var out: [Directive] = [.log("plan epoch=\(epoch) (\(reason)): " + plan.map { "\($0.worker)=layers \($0.range.lowerBound)..<\($0.range.upperBound)" }.joined(separator: ", ")), .journal]
         for (i, p) in plan.enumerated() {
             workers[p.worker]!.range = p.range
             var a = Mbq_Assignment()

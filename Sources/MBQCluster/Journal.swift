@@ -10,12 +10,13 @@ public enum Journal {
         public var jobID: String
         public var stats: GradientStatistics?
         public var results: [Int: [Mbq_GroupResult]]
+        public var epoch: UInt32 = 0
     }
 
     public static func path(_ jobDir: String) -> String { jobDir + "/journal.json" }
 
     static func body(_ c: Contents) -> [String: Any] {
-        var b: [String: Any] = ["job_id": c.jobID]
+        var b: [String: Any] = ["job_id": c.jobID, "epoch": c.epoch]
         if let s = c.stats {
             b["stats"] = ["samples_used": s.samplesUsed, "skipped": s.skipped,
                           "layers": s.layers.map { [$0.attnVis, $0.attnCap, $0.mlpVis, $0.mlpCap] }] as [String: Any]
@@ -84,6 +85,6 @@ public enum Journal {
                 return m
             }
         }
-        return Contents(jobID: job, stats: stats, results: results)
+        return Contents(jobID: job, stats: stats, results: results, epoch: UInt32(b["epoch"] as? Int ?? 0))
     }
 }

@@ -30,6 +30,11 @@ public enum ProtocolError: Error, CustomStringConvertible, Equatable {
 public struct WireMessage {
     public var envelope: Mbq_Envelope
     public var tensor: Tensor<Float>?
+
+    public init(envelope: Mbq_Envelope, tensor: Tensor<Float>?) {
+        self.envelope = envelope
+        self.tensor = tensor
+    }
 }
 
 public enum Wire {

@@ -208,6 +208,7 @@ public final class Worker: @unchecked Sendable {
         case let .groupResult(g): results[Int(g.layer), default: []].append(g)
         case let .runPhase(p):
             guard p.epoch == assignment.epoch, p.epoch == currentEpoch else { return }
+            try testDelay(p.phase)
             let t0 = Self.now()
             var moved: UInt64 = 0
             var transfer = 0.0
@@ -226,6 +227,19 @@ public final class Worker: @unchecked Sendable {
             d.transferSeconds = transfer
             post(.phaseDone(d))
         default: break
+        }
+    }
+
+    /// Test hook: MBQ_TEST_PHASE_DELAY=seconds holds every phase (and every searched
+    /// layer) that long, so tests can kill processes inside a chosen phase.
+    let phaseDelay = Double(ProcessInfo.processInfo.environment["MBQ_TEST_PHASE_DELAY"] ?? "") ?? 0
+
+    func testDelay(_ what: String) throws {
+        guard phaseDelay > 0 else { return }
+        let end = Self.now() + phaseDelay
+        while Self.now() < end {
+            if currentEpoch != assignment.epoch { throw Aborted(what: what) }
+            Thread.sleep(forTimeInterval: 0.05)
         }
     }
 
@@ -383,6 +397,7 @@ public final class Worker: @unchecked Sendable {
             st.attnVis = sums[l]![0]; st.attnCap = sums[l]![1]; st.mlpVis = sums[l]![2]; st.mlpCap = sums[l]![3]
             st.samples = UInt32(used)
             st.skipped = skipped
+            st.epoch = assignment.epoch
             post(.layerStats(st))
         }
         return (moved, transfer)
@@ -393,6 +408,8 @@ public final class Worker: @unchecked Sendable {
         let opts = quantOptions.searchOptions
         for l in range where !skip.contains(l) {
             if currentEpoch != assignment.epoch { throw Aborted(what: "search") }
+            try testDelay("search")
+            logger.info("searching layer \(l)")
             var layerSamples: [LayerSample] = []
             for (s, sample) in samples.enumerated() {
                 let r = rope(sample)
@@ -405,6 +422,7 @@ public final class Worker: @unchecked Sendable {
                 var m = Mbq_GroupResult()
                 m.layer = UInt32(g.layer); m.group = g.group.rawValue; m.bestIdx = UInt32(g.bestIndex)
                 m.alpha = g.alpha; m.loss = g.losses; m.ratio = g.ratio; m.scales = g.scales
+                m.epoch = assignment.epoch
                 post(.groupResult(m))
             }
         }

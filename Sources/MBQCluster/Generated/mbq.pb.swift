@@ -328,6 +328,8 @@ public nonisolated struct Mbq_LayerStats: Sendable {
 
   public var skipped: [String] = []
 
+  public var epoch: UInt32 = 0
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -351,6 +353,9 @@ public nonisolated struct Mbq_GroupResult: Sendable {
   public var ratio: Double = 0
 
   public var scales: [Float] = []
+
+  /// 0 when the coordinator replays a journaled result
+  public var epoch: UInt32 = 0
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -988,7 +993,7 @@ nonisolated extension Mbq_TensorHeader: SwiftProtobuf.Message, SwiftProtobuf._Me
 
 nonisolated extension Mbq_LayerStats: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".LayerStats"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}layer\0\u{3}attn_vis\0\u{3}attn_cap\0\u{3}mlp_vis\0\u{3}mlp_cap\0\u{1}samples\0\u{1}skipped\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}layer\0\u{3}attn_vis\0\u{3}attn_cap\0\u{3}mlp_vis\0\u{3}mlp_cap\0\u{1}samples\0\u{1}skipped\0\u{1}epoch\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -1003,6 +1008,7 @@ nonisolated extension Mbq_LayerStats: SwiftProtobuf.Message, SwiftProtobuf._Mess
       case 5: try { try decoder.decodeSingularDoubleField(value: &self.mlpCap) }()
       case 6: try { try decoder.decodeSingularUInt32Field(value: &self.samples) }()
       case 7: try { try decoder.decodeRepeatedStringField(value: &self.skipped) }()
+      case 8: try { try decoder.decodeSingularUInt32Field(value: &self.epoch) }()
       default: break
       }
     }
@@ -1030,6 +1036,9 @@ nonisolated extension Mbq_LayerStats: SwiftProtobuf.Message, SwiftProtobuf._Mess
     if !self.skipped.isEmpty {
       try visitor.visitRepeatedStringField(value: self.skipped, fieldNumber: 7)
     }
+    if self.epoch != 0 {
+      try visitor.visitSingularUInt32Field(value: self.epoch, fieldNumber: 8)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -1041,6 +1050,7 @@ nonisolated extension Mbq_LayerStats: SwiftProtobuf.Message, SwiftProtobuf._Mess
     if lhs.mlpCap != rhs.mlpCap {return false}
     if lhs.samples != rhs.samples {return false}
     if lhs.skipped != rhs.skipped {return false}
+    if lhs.epoch != rhs.epoch {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -1048,7 +1058,7 @@ nonisolated extension Mbq_LayerStats: SwiftProtobuf.Message, SwiftProtobuf._Mess
 
 nonisolated extension Mbq_GroupResult: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".GroupResult"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}layer\0\u{1}group\0\u{3}best_idx\0\u{1}alpha\0\u{1}loss\0\u{1}ratio\0\u{1}scales\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}layer\0\u{1}group\0\u{3}best_idx\0\u{1}alpha\0\u{1}loss\0\u{1}ratio\0\u{1}scales\0\u{1}epoch\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -1063,6 +1073,7 @@ nonisolated extension Mbq_GroupResult: SwiftProtobuf.Message, SwiftProtobuf._Mes
       case 5: try { try decoder.decodeRepeatedDoubleField(value: &self.loss) }()
       case 6: try { try decoder.decodeSingularDoubleField(value: &self.ratio) }()
       case 7: try { try decoder.decodeRepeatedFloatField(value: &self.scales) }()
+      case 8: try { try decoder.decodeSingularUInt32Field(value: &self.epoch) }()
       default: break
       }
     }
@@ -1090,6 +1101,9 @@ nonisolated extension Mbq_GroupResult: SwiftProtobuf.Message, SwiftProtobuf._Mes
     if !self.scales.isEmpty {
       try visitor.visitPackedFloatField(value: self.scales, fieldNumber: 7)
     }
+    if self.epoch != 0 {
+      try visitor.visitSingularUInt32Field(value: self.epoch, fieldNumber: 8)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -1101,6 +1115,7 @@ nonisolated extension Mbq_GroupResult: SwiftProtobuf.Message, SwiftProtobuf._Mes
     if lhs.loss != rhs.loss {return false}
     if lhs.ratio != rhs.ratio {return false}
     if lhs.scales != rhs.scales {return false}
+    if lhs.epoch != rhs.epoch {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

@@ -1,0 +1,134 @@
+import Foundation
+import MBQCluster
+import MBQTensor
+import XCTest
+
+/// The coordinator's state machine without sockets: messages and clock in, directives out.
+final class CoordinatorStateTests: XCTestCase {
+    static func spec(workers: Int, layers: Int = 4) -> JobSpec {
+        JobSpec(jobID: "job", modelDir: "/m", calibPath: "/c", optionsJSON: "{}", layers: layers, samples: 2,
+                needsStats: true, needsForward: true, groupsPerLayer: 3, tensorsPerBlock: 9, expectedWorkers: workers)
+    }
+
+    static func register(_ id: String, gflops: Double = 100, token: [UInt8] = []) -> Mbq_Envelope {
+        var r = Mbq_Register()
+        r.workerID = id
+        r.gemmGflops = gflops
+        r.dataEndpoint = "tcp://127.0.0.1:\(id.count)"
+        r.authToken = Data(token)
+        return Wire.envelope(job: "", .register(r))
+    }
+
+    func msg(_ e: Mbq_Envelope) -> WireMessage { WireMessage(envelope: e, tensor: nil) }
+
+    func sends(_ d: [Directive]) -> [(identity: [UInt8], body: Mbq_Envelope.OneOf_Body)] {
+        d.compactMap { if case let .send(i, e) = $0 { return (i, e.body!) } else { return nil } }
+    }
+
+    func done(_ phase: String, epoch: UInt32) -> Mbq_Envelope {
+        var p = Mbq_PhaseDone()
+        p.phase = phase
+        p.epoch = epoch
+        return Wire.envelope(job: "job", .phaseDone(p))
+    }
+
+    func testPlanWaitsForWorkersThenRunsPhasesInOrder() {
+        let s = CoordinatorState(spec: Self.spec(workers: 2))
+        XCTAssertTrue(sends(s.handle(identity: [1], msg(Self.register("a")), now: 0)).isEmpty, "waits for the second worker")
+        let d = sends(s.handle(identity: [2], msg(Self.register("b")), now: 0))
+        XCTAssertEqual(s.phase, .forward)
+        XCTAssertEqual(s.plan.map(\.range), [0..<2, 2..<4])
+        let assignments = d.compactMap { if case let .assignment(a) = $0.body { return a } else { return nil } }
+        XCTAssertEqual(assignments.count, 2)
+        XCTAssertEqual(assignments[0].downstreamEndpoint, "tcp://127.0.0.1:1")
+        XCTAssertTrue(assignments[1].holdsHead)
+        _ = s.handle(identity: [1], msg(done("forward", epoch: s.epoch)), now: 1)
+        XCTAssertEqual(s.phase, .forward)
+        _ = s.handle(identity: [2], msg(done("forward", epoch: s.epoch)), now: 1)
+        XCTAssertEqual(s.phase, .backward)
+        // Stale completions are dropped.
+        _ = s.handle(identity: [1], msg(done("backward", epoch: s.epoch - 1)), now: 2)
+        for l in 0..<4 {
+            var st = Mbq_LayerStats()
+            st.layer = UInt32(l); st.attnVis = 1; st.attnCap = 2; st.mlpVis = Double(l); st.mlpCap = 1; st.samples = 2
+            st.epoch = s.epoch
+            _ = s.handle(identity: [l < 2 ? 1 : 2], msg(Wire.envelope(job: "job", .layerStats(st))), now: 2)
+        }
+        _ = s.handle(identity: [1], msg(done("backward", epoch: s.epoch)), now: 2)
+        XCTAssertEqual(s.phase, .backward)
+        let toSearch = s.handle(identity: [2], msg(done("backward", epoch: s.epoch)), now: 2)
+        XCTAssertEqual(s.phase, .search)
+        XCTAssertEqual(s.stats?.layers.map(\.mlpRatio), [1.5, 1.5, 2, 3], "median clamp over layers")
+        XCTAssertEqual(sends(toSearch).filter { if case .ratios = $0.body { return true } else { return false } }.count, 2)
+    }
+
+    func testLostWorkerTriggersReplanOnSurvivors() {
+        let s = CoordinatorState(spec: Self.spec(workers: 2))
+        _ = s.handle(identity: [1], msg(Self.register("a")), now: 0)
+        _ = s.handle(identity: [2], msg(Self.register("b")), now: 0)
+        let e1 = s.epoch
+        // Only "a" keeps talking.
+        for t in stride(from: 0.5, through: 2.5, by: 0.5) {
+            _ = s.handle(identity: [1], msg(Wire.envelope(job: "job", .heartbeat(Mbq_Heartbeat()))), now: t)
+            _ = s.tick(now: t)
+        }
+        XCTAssertEqual(s.epoch, e1)
+        _ = s.handle(identity: [1], msg(Wire.envelope(job: "job", .heartbeat(Mbq_Heartbeat()))), now: 3.4)
+        let d = s.tick(now: 3.5)
+        XCTAssertEqual(s.epoch, e1 + 1)
+        XCTAssertEqual(s.plan.map(\.worker), ["a"])
+        XCTAssertEqual(s.plan.map(\.range), [0..<4])
+        XCTAssertEqual(s.phase, .forward)
+        XCTAssertTrue(d.contains { if case let .log(l) = $0 { return l.contains("worker=b lost") } else { return false } })
+        // A newly joined worker waits as a spare until the next plan.
+        _ = s.handle(identity: [3], msg(Self.register("c")), now: 3.6)
+        XCTAssertEqual(s.plan.map(\.worker), ["a"])
+        // Everyone lost: wait for anyone, then plan on whoever comes.
+        _ = s.tick(now: 10)
+        XCTAssertEqual(s.phase, .waiting)
+        _ = s.handle(identity: [4], msg(Self.register("d")), now: 10.1)
+        XCTAssertEqual(s.phase, .forward)
+        XCTAssertEqual(s.plan.map(\.worker), ["d"])
+    }
+
+    func testFinishedLayersAreNotSearchedAgainAfterResume() {
+        var g = Mbq_GroupResult()
+        g.layer = 1; g.group = "qkv"
+        let s = CoordinatorState(spec: Self.spec(workers: 1, layers: 3), resumed: (stats: nil, results: [1: [g, g, g]]), epochBase: 1000)
+        let d = sends(s.handle(identity: [1], msg(Self.register("a")), now: 0))
+        XCTAssertEqual(s.epoch, 1001)
+        _ = d
+        _ = s.handle(identity: [1], msg(done("forward", epoch: s.epoch)), now: 1)
+        XCTAssertEqual(s.phase, .backward, "statistics were not journaled: recomputed")
+        for l in 0..<3 {
+            var st = Mbq_LayerStats()
+            st.layer = UInt32(l); st.attnVis = 1; st.attnCap = 1; st.mlpVis = 1; st.mlpCap = 1; st.samples = 1; st.epoch = s.epoch
+            _ = s.handle(identity: [1], msg(Wire.envelope(job: "job", .layerStats(st))), now: 1)
+        }
+        let toSearch = sends(s.handle(identity: [1], msg(done("backward", epoch: s.epoch)), now: 1))
+        let run = toSearch.compactMap { if case let .runPhase(r) = $0.body { return r } else { return nil } }.first!
+        XCTAssertEqual(run.skipLayers, [1])
+        // A late result for a finished layer is ignored.
+        var late = g
+        late.epoch = s.epoch
+        let logs = s.handle(identity: [1], msg(Wire.envelope(job: "job", .groupResult(late))), now: 2)
+        XCTAssertTrue(logs.contains { if case let .log(l) = $0 { return l.contains("finished already") } else { return false } })
+    }
+
+    func testUnauthorizedWorkerIsRefused() {
+        let s = CoordinatorState(spec: Self.spec(workers: 1)) { r in Auth.verify(secret: "k", workerID: r.workerID, token: Array(r.authToken)) }
+        let d = s.handle(identity: [9], msg(Self.register("evil", token: Auth.token(secret: "wrong", workerID: "evil"))), now: 0)
+        XCTAssertTrue(sends(d).contains { if case .refused = $0.body { return true } else { return false } })
+        XCTAssertEqual(s.phase, .waiting)
+        _ = s.handle(identity: [1], msg(Self.register("good", token: Auth.token(secret: "k", workerID: "good"))), now: 0)
+        XCTAssertEqual(s.phase, .forward)
+        XCTAssertEqual(s.plan.map(\.worker), ["good"])
+    }
+
+    func testPlanFollowsMeasuredSpeed() {
+        let p = CoordinatorState.makePlan(layers: 80, workers: [("fast", 300), ("slow", 100)])
+        XCTAssertEqual(p.map(\.range), [0..<60, 60..<80])
+        let q = CoordinatorState.makePlan(layers: 2, workers: [("a", 1), ("b", 1), ("c", 1)])
+        XCTAssertEqual(q.map(\.range), [0..<1, 1..<2], "never more stages than layers")
+    }
+}

@@ -1,0 +1,109 @@
+import Foundation
+import MBQCluster
+import MBQTensor
+import XCTest
+
+final class WireTests: XCTestCase {
+    func testTensorRoundTripInChunks() throws {
+        var rng = SeededRandom(seed: 1)
+        let t: Tensor<Float> = rng.normalTensor([700, 1000])  // 2.8 MB: three 1 MiB chunks
+        let frames = try Wire.encode(job: "j", name: "act/3", tensor: t, epoch: 7)
+        XCTAssertEqual(frames.count, 1 + 3)
+        let m = try Wire.decode(frames)
+        XCTAssertEqual(m.tensor?.data, t.data)
+        XCTAssertEqual(m.tensor?.shape, [700, 1000])
+        guard case let .tensor(h) = m.envelope.body else { return XCTFail("no header") }
+        XCTAssertEqual(h.name, "act/3")
+        XCTAssertEqual(h.epoch, 7)
+    }
+
+    func testCorruptionIsDetected() throws {
+        let t = Tensor<Float>(shape: [2, 3], data: [1, 2, 3, 4, 5, 6])
+        var frames = try Wire.encode(job: "j", name: "x", tensor: t, epoch: 1)
+        func expect(_ f: [[UInt8]], _ needle: String) {
+            XCTAssertThrowsError(try Wire.decode(f)) { e in XCTAssert("\(e)".contains(needle), "\(needle) not in \(e)") }
+        }
+        var flipped = frames
+        flipped[1][5] ^= 0x40
+        expect(flipped, "checksum mismatch")
+        expect(Array(frames.prefix(1)), "announces 1 chunks, 0 arrived")
+        var short = frames
+        short[1].removeLast(4)
+        expect(short, "20 bytes arrived, header says 24")
+        expect([[]], "empty")
+        expect([[0xff, 0xff, 0xff]], "not a protobuf Envelope")
+        var env = Wire.envelope(job: "j", .heartbeat(Mbq_Heartbeat()))
+        env.version = 99
+        expect(try Wire.encode(env), "protocol version 99")
+        frames = try Wire.encode(Wire.envelope(job: "j", .heartbeat(Mbq_Heartbeat())))
+        expect(frames + [[1, 2, 3]], "unexpected extra frames")
+        var h = Mbq_TensorHeader()
+        h.name = "big"; h.dtype = "F32"; h.shape = [1 << 39, 1 << 39]; h.byteCount = 16; h.chunks = 1
+        expect(try Wire.encode(Wire.envelope(job: "j", .tensor(h))) + [[UInt8](repeating: 0, count: 16)], "overflows")
+        h.shape = [2, 2]; h.dtype = "BF16"
+        expect(try Wire.encode(Wire.envelope(job: "j", .tensor(h))) + [[UInt8](repeating: 0, count: 16)], "dtype 'BF16'")
+        h.dtype = "F32"; h.shape = [3]; h.byteCount = 16
+        expect(try Wire.encode(Wire.envelope(job: "j", .tensor(h))) + [[UInt8](repeating: 0, count: 16)], "needs 12 bytes")
+    }
+
+    func testChecksumAndSHA256() {
+        XCTAssertEqual(Auth.sha256(Array("abc".utf8)).map { String(format: "%02x", $0) }.joined(),
+                       "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
+        // RFC 4231 test case 2.
+        XCTAssertEqual(Auth.hmacSHA256(key: Array("Jefe".utf8), message: Array("what do ya want for nothing?".utf8))
+                        .map { String(format: "%02x", $0) }.joined(),
+                       "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843")
+        XCTAssertTrue(Auth.verify(secret: "s", workerID: "w", token: Auth.token(secret: "s", workerID: "w")))
+        XCTAssertFalse(Auth.verify(secret: "s", workerID: "w", token: Auth.token(secret: "t", workerID: "w")))
+        let a: [UInt8] = Array(0..<100), b = a.map { $0 == 57 ? 58 : $0 }
+        XCTAssertNotEqual(Checksum64.of(a), Checksum64.of(b))
+        XCTAssertNotEqual(Checksum64.of(Array(a.prefix(99))), Checksum64.of(a))
+    }
+
+    /// 100,000 random and mutated messages through the decoder and, when they decode,
+    /// through the coordinator's state machine: errors are fine, traps are not.
+    func testFuzzDecoderAndCoordinator() throws {
+        var rng = SeededRandom(seed: 2024)
+        let state = CoordinatorState(spec: CoordinatorStateTests.spec(workers: 2))
+        let seeds: [[[UInt8]]] = [
+            try Wire.encode(job: "job", name: "block/0/q", tensor: Tensor(shape: [2, 2], data: [1, 2, 3, 4]), epoch: 1),
+            try Wire.encode(CoordinatorStateTests.register("w0")),
+            try Wire.encode(Wire.envelope(job: "job", .heartbeat(Mbq_Heartbeat()))),
+            try Wire.encode(Wire.envelope(job: "job", .groupResult(Mbq_GroupResult()))),
+            try Wire.encode(Wire.envelope(job: "job", .phaseDone(Mbq_PhaseDone()))),
+            try Wire.encode(Wire.envelope(job: "job", .layerStats(Mbq_LayerStats()))),
+        ]
+        var decoded = 0, rejected = 0
+        for i in 0..<100_000 {
+            var frames: [[UInt8]]
+            if i % 4 == 0 {
+                let n = Int(rng.next() % 3) + 1
+                frames = (0..<n).map { _ in (0..<Int(rng.next() % 64)).map { _ in UInt8(truncatingIfNeeded: rng.next()) } }
+            } else {
+                frames = seeds[Int(rng.next() % UInt64(seeds.count))]
+                for _ in 0..<Int(rng.next() % 4) + 1 {
+                    let f = Int(rng.next() % UInt64(frames.count))
+                    if frames[f].isEmpty { continue }
+                    switch rng.next() % 4 {
+                    case 0: frames[f][Int(rng.next() % UInt64(frames[f].count))] ^= UInt8(truncatingIfNeeded: rng.next() | 1)
+                    case 1: frames[f].removeLast(Int(rng.next() % UInt64(frames[f].count)))
+                    case 2: frames[f].insert(UInt8(truncatingIfNeeded: rng.next()), at: Int(rng.next() % UInt64(frames[f].count)))
+                    default: frames.append([UInt8(truncatingIfNeeded: rng.next())])
+                    }
+                }
+            }
+            do {
+                let m = try Wire.decode(frames)
+                decoded += 1
+                _ = state.handle(identity: [UInt8(i % 3)], m, now: Double(i) * 1e-3)
+                if i % 100 == 0 { _ = state.tick(now: Double(i) * 1e-3) }
+            } catch {
+                rejected += 1
+            }
+        }
+        print("fuzz: 100000 messages, \(decoded) decoded and fed to the coordinator, \(rejected) rejected")
+        XCTAssertEqual(decoded + rejected, 100_000)
+        XCTAssertGreaterThan(rejected, 10_000)
+        XCTAssertGreaterThan(decoded, 1_000)
+    }
+}
