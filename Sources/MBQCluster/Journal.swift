@@ -11,20 +11,29 @@ public enum Journal {
         public var stats: GradientStatistics?
         public var results: [Int: [Mbq_GroupResult]]
         public var epoch: UInt32 = 0
+
+        public init(jobID: String, stats: GradientStatistics?, results: [Int: [Mbq_GroupResult]], epoch: UInt32 = 0) {
+            self.jobID = jobID; self.stats = stats; self.results = results; self.epoch = epoch
+        }
     }
 
     public static func path(_ jobDir: String) -> String { jobDir + "/journal.json" }
+
+    // Numbers are stored as the hex of their bit patterns: JSON's decimal form does not
+    // round-trip every double, and a resumed job must continue from exactly these values.
+    static func hex(_ d: Double) -> String { String(d.bitPattern, radix: 16) }
+    static func unhex(_ v: Any?) -> Double? { (v as? String).flatMap { UInt64($0, radix: 16) }.map(Double.init(bitPattern:)) }
 
     static func body(_ c: Contents) -> [String: Any] {
         var b: [String: Any] = ["job_id": c.jobID, "epoch": c.epoch]
         if let s = c.stats {
             b["stats"] = ["samples_used": s.samplesUsed, "skipped": s.skipped,
-                          "layers": s.layers.map { [$0.attnVis, $0.attnCap, $0.mlpVis, $0.mlpCap] }] as [String: Any]
+                          "layers": s.layers.map { [$0.attnVis, $0.attnCap, $0.mlpVis, $0.mlpCap].map(hex) }] as [String: Any]
         }
         var r: [String: Any] = [:]
         for (l, groups) in c.results {
             r[String(l)] = groups.map { g in
-                ["group": g.group, "best_idx": g.bestIdx, "alpha": g.alpha, "loss": g.loss, "ratio": g.ratio,
+                ["group": g.group, "best_idx": g.bestIdx, "alpha": hex(g.alpha), "loss": g.loss.map(hex), "ratio": hex(g.ratio),
                  "scales": g.scales.map { $0.bitPattern }] as [String: Any]
             }
         }
@@ -60,7 +69,8 @@ public enum Journal {
             throw FormatsError.invalidConfig(path: p, reason: "journal body unreadable")
         }
         var stats: GradientStatistics? = nil
-        if let s = b["stats"] as? [String: Any], let layers = s["layers"] as? [[Double]] {
+        func doubles(_ v: Any?) -> [Double]? { (v as? [Any])?.compactMap(unhex) }
+        if let s = b["stats"] as? [String: Any], let layers = (s["layers"] as? [Any])?.compactMap(doubles), layers.allSatisfy({ $0.count == 4 }) {
             let sums = layers.map { v -> GradientStatistics.Layer in
                 var l = GradientStatistics.Layer()
                 l.attnVis = v[0]; l.attnCap = v[1]; l.mlpVis = v[2]; l.mlpCap = v[3]
@@ -68,7 +78,7 @@ public enum Journal {
             }
             // Stored as averages; finalize with used = 1 recomputes ratios and the clamp exactly.
             let f = GradientStatistics.finalize(sums: sums, used: 1, skipped: s["skipped"] as? [String] ?? [])
-            stats = GradientStatistics(layers: f.layers, samplesUsed: s["samples_used"] as? Int ?? 0, skipped: f.skipped)
+            stats = GradientStatistics(layers: f.layers, samplesUsed: (s["samples_used"] as? NSNumber)?.intValue ?? 0, skipped: f.skipped)
         }
         var results: [Int: [Mbq_GroupResult]] = [:]
         for (k, v) in b["results"] as? [String: Any] ?? [:] {
@@ -77,14 +87,14 @@ public enum Journal {
                 var m = Mbq_GroupResult()
                 m.layer = UInt32(l)
                 m.group = g["group"] as? String ?? ""
-                m.bestIdx = UInt32(g["best_idx"] as? Int ?? 0)
-                m.alpha = g["alpha"] as? Double ?? 0
-                m.loss = g["loss"] as? [Double] ?? []
-                m.ratio = g["ratio"] as? Double ?? 1
-                m.scales = (g["scales"] as? [UInt32] ?? (g["scales"] as? [Int])?.map { UInt32($0) } ?? []).map { Float(bitPattern: $0) }
+                m.bestIdx = (g["best_idx"] as? NSNumber)?.uint32Value ?? 0
+                m.alpha = unhex(g["alpha"]) ?? 0
+                m.loss = doubles(g["loss"]) ?? []
+                m.ratio = unhex(g["ratio"]) ?? 1
+                m.scales = ((g["scales"] as? [Any]) ?? []).compactMap { ($0 as? NSNumber)?.uint32Value }.map { Float(bitPattern: $0) }
                 return m
             }
         }
-        return Contents(jobID: job, stats: stats, results: results, epoch: UInt32(b["epoch"] as? Int ?? 0))
+        return Contents(jobID: job, stats: stats, results: results, epoch: (b["epoch"] as? NSNumber)?.uint32Value ?? 0)
     }
 }

@@ -1,5 +1,6 @@
 import Foundation
 import MBQCluster
+import MBQMethods
 import MBQTensor
 import XCTest
 
@@ -130,5 +131,41 @@ final class CoordinatorStateTests: XCTestCase {
         XCTAssertEqual(p.map(\.range), [0..<60, 60..<80])
         let q = CoordinatorState.makePlan(layers: 2, workers: [("a", 1), ("b", 1), ("c", 1)])
         XCTAssertEqual(q.map(\.range), [0..<1, 1..<2], "never more stages than layers")
+    }
+}
+
+final class JournalTests: XCTestCase {
+    func testRoundTripAndTornWriteDetection() throws {
+        let dir = NSTemporaryDirectory() + "mbq-journal-" + UUID().uuidString
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        var sums: [GradientStatistics.Layer] = []
+        for v in [0.0, 0.25, 1.5] {
+            var l = GradientStatistics.Layer()
+            l.attnVis = v; l.attnCap = 1; l.mlpVis = 0.1; l.mlpCap = 0.3
+            sums.append(l)
+        }
+        let stats = GradientStatistics.finalize(sums: sums, used: 1, skipped: ["sample 3: no vision positions"])
+        var g = Mbq_GroupResult()
+        g.layer = 2; g.group = "down"; g.bestIdx = 7; g.alpha = 0.35; g.loss = [0.5, 0.25, 0]; g.ratio = 0.3
+        g.scales = [1.5, 0.1, 3e-5]
+        try Journal.write(Journal.Contents(jobID: "j", stats: stats, results: [2: [g]], epoch: 3), jobDir: dir)
+        let r = try Journal.read(jobDir: dir)
+        XCTAssertEqual(r.jobID, "j")
+        XCTAssertEqual(r.epoch, 3)
+        XCTAssertEqual(r.stats?.layers, stats.layers)
+        XCTAssertEqual(r.stats?.skipped, stats.skipped)
+        XCTAssertEqual(r.results[2]?.first?.scales, g.scales)
+        XCTAssertEqual(r.results[2]?.first?.loss, g.loss)
+        XCTAssertEqual(r.results[2]?.first?.bestIdx, 7)
+        // A torn write (the file cut short) and an edited one are both refused.
+        let path = Journal.path(dir)
+        let data = try Data(contentsOf: URL(fileURLWithPath: path))
+        try data.prefix(data.count / 2).write(to: URL(fileURLWithPath: path))
+        XCTAssertThrowsError(try Journal.read(jobDir: dir)) { e in XCTAssert("\(e)".contains("torn"), "\(e)") }
+        var text = String(decoding: data, as: UTF8.self)
+        text = text.replacingOccurrences(of: "down", with: "qkv")
+        try Data(text.utf8).write(to: URL(fileURLWithPath: path))
+        XCTAssertThrowsError(try Journal.read(jobDir: dir)) { e in XCTAssert("\(e)".contains("checksum mismatch"), "\(e)") }
     }
 }

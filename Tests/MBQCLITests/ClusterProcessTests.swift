@@ -1,0 +1,174 @@
+import Foundation
+import XCTest
+
+/// The distributed job as real processes over ZeroMQ: same output as one process with
+/// 1, 2 and 3 workers; workers killed with SIGKILL in each phase; the coordinator killed
+/// mid-search and resumed; an unauthorized worker refused.
+final class ClusterProcessTests: XCTestCase {
+    static let model = CLITests.fixtures + "/onevision_mha/model"
+    static let calib = CLITests.fixtures + "/onevision_mha/calib.safetensors"
+    var tmp = ""
+
+    override func setUp() {
+        tmp = NSTemporaryDirectory() + "mbq-cluster-" + UUID().uuidString
+        try! FileManager.default.createDirectory(atPath: tmp, withIntermediateDirectories: true)
+    }
+
+    override func tearDown() { try? FileManager.default.removeItem(atPath: tmp) }
+
+    func spawn(_ args: [String], log: String, env extra: [String: String] = [:]) throws -> Process {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: CLITests.binary)
+        p.arguments = args
+        var env = ProcessInfo.processInfo.environment
+        env["MBQ_KEEP_BLAS_ENV"] = "1"
+        for (k, v) in extra { env[k] = v }
+        p.environment = env
+        FileManager.default.createFile(atPath: log, contents: nil)
+        p.standardError = FileHandle(forWritingAtPath: log)
+        p.standardOutput = FileHandle(forWritingAtPath: log)
+        try p.run()
+        return p
+    }
+
+    func text(_ path: String) -> String { (try? String(contentsOfFile: path, encoding: .utf8)) ?? "" }
+
+    func waitFor(_ path: String, _ needle: String, timeout: Double = 60) -> Bool {
+        let end = Date().addingTimeInterval(timeout)
+        while Date() < end {
+            if text(path).contains(needle) { return true }
+            Thread.sleep(forTimeInterval: 0.05)
+        }
+        return false
+    }
+
+    func waitExit(_ p: Process, timeout: Double = 90) -> Bool {
+        let end = Date().addingTimeInterval(timeout)
+        while p.isRunning && Date() < end { Thread.sleep(forTimeInterval: 0.05) }
+        if p.isRunning { p.terminate(); return false }
+        return true
+    }
+
+    /// The single-process reference output, computed once.
+    static let reference: String = {
+        let out = NSTemporaryDirectory() + "mbq-cluster-ref-" + UUID().uuidString
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: CLITests.binary)
+        p.arguments = ["quantize", "--model", model, "--calib", calib, "--w-bit", "3", "--out", out]
+        p.environment = ProcessInfo.processInfo.environment.merging(["MBQ_KEEP_BLAS_ENV": "1"]) { $1 }
+        p.standardError = FileHandle.nullDevice
+        try! p.run()
+        p.waitUntilExit()
+        return out
+    }()
+
+    /// Bit-identical checkpoint, scales and config; results JSON identical but for timings.
+    func assertSameAsReference(_ out: String, file: StaticString = #filePath, line: UInt = #line) throws {
+        let ref = Self.reference
+        for f in ["model.safetensors", "mbq_scales.safetensors", "config.json"] {
+            let a = FileManager.default.contents(atPath: ref + "/" + f), b = FileManager.default.contents(atPath: out + "/" + f)
+            XCTAssertNotNil(b, "\(out)/\(f) missing", file: file, line: line)
+            XCTAssert(a == b, "\(f) differs from the single-process run", file: file, line: line)
+        }
+        func results(_ d: String) throws -> NSDictionary {
+            var o = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: d + "/mbq_results.json"))) as! [String: Any]
+            o["seconds"] = nil
+            return o as NSDictionary
+        }
+        XCTAssertEqual(try results(ref), try results(out), "mbq_results.json differs (timings aside)", file: file, line: line)
+    }
+
+    func port() -> Int { Int.random(in: 20000..<60000) }
+
+    func testOneTwoThreeWorkersGiveTheSingleProcessOutput() throws {
+        for n in [1, 2, 3] {
+            let out = tmp + "/out\(n)"
+            let q = try spawn(["quantize", "--model", Self.model, "--calib", Self.calib, "--w-bit", "3", "--out", out,
+                               "--workers", "\(n)", "--threads", "\(max(1, n))"], log: tmp + "/q\(n).log")
+            XCTAssertTrue(waitExit(q), "job with \(n) workers did not finish: \(text(tmp + "/q\(n).log").suffix(2000))")
+            XCTAssertEqual(q.terminationStatus, 0, text(tmp + "/q\(n).log"))
+            XCTAssertTrue(text(tmp + "/q\(n).log").contains("plan epoch=1 (\(n) worker(s) ready)"), "planned over \(n) workers")
+            try assertSameAsReference(out)
+        }
+    }
+
+    /// SIGKILL one of two workers inside `phase`: the survivor takes its blocks.
+    func killWorker(during phase: String) throws {
+        let p = port()
+        let out = tmp + "/out-\(phase)", clog = tmp + "/coord-\(phase).log"
+        let coord = try spawn(["coordinator", "--model", Self.model, "--calib", Self.calib, "--w-bit", "3", "--out", out,
+                               "--bind", "tcp://127.0.0.1:\(p)", "--workers", "2", "--job-dir", tmp + "/job-\(phase)"], log: clog)
+        let delay = ["MBQ_TEST_PHASE_DELAY": "0.7"]
+        let w0 = try spawn(["worker", "--connect", "tcp://127.0.0.1:\(p)", "--id", "w0", "--threads", "1"], log: tmp + "/w0-\(phase).log", env: delay)
+        let w1 = try spawn(["worker", "--connect", "tcp://127.0.0.1:\(p)", "--id", "w1", "--threads", "1"], log: tmp + "/w1-\(phase).log", env: delay)
+        defer { for x in [coord, w0, w1] where x.isRunning { x.terminate() } }
+        XCTAssertTrue(waitFor(clog, "phase=\(phase) epoch=1 started"), text(clog))
+        kill(w1.processIdentifier, SIGKILL)
+        XCTAssertTrue(waitExit(coord), "coordinator did not finish after losing w1 in \(phase): \(text(clog).suffix(3000))")
+        XCTAssertEqual(coord.terminationStatus, 0, text(clog))
+        let log = text(clog)
+        XCTAssertTrue(log.contains("worker=w1 lost"), log)
+        XCTAssertTrue(log.contains("plan epoch=2"), log)
+        try assertSameAsReference(out)
+    }
+
+    func testKillWorkerDuringForward() throws { try killWorker(during: "forward") }
+    func testKillWorkerDuringBackward() throws { try killWorker(during: "backward") }
+    func testKillWorkerDuringSearch() throws { try killWorker(during: "search") }
+    func testKillWorkerDuringApply() throws { try killWorker(during: "apply") }
+
+    func testCoordinatorKilledMidSearchResumes() throws {
+        let p = port()
+        let out = tmp + "/out", job = tmp + "/job", clog1 = tmp + "/coord1.log", clog2 = tmp + "/coord2.log"
+        let args = ["coordinator", "--model", Self.model, "--calib", Self.calib, "--w-bit", "3", "--out", out,
+                    "--bind", "tcp://127.0.0.1:\(p)", "--workers", "1", "--job-dir", job]
+        let c1 = try spawn(args, log: clog1)
+        let w = try spawn(["worker", "--connect", "tcp://127.0.0.1:\(p)", "--id", "w0", "--threads", "1"], log: tmp + "/w.log",
+                          env: ["MBQ_TEST_PHASE_DELAY": "0.8"])
+        defer { for x in [c1, w] where x.isRunning { x.terminate() } }
+        XCTAssertTrue(waitFor(clog1, "phase=search layer=0"), text(clog1))
+        kill(c1.processIdentifier, SIGKILL)
+        c1.waitUntilExit()
+        let finishedBefore = text(clog1).components(separatedBy: "\n").filter { $0.contains("phase=search layer=") }
+            .compactMap { $0.components(separatedBy: "layer=").last?.split(separator: " ").first.map(String.init) }
+        XCTAssertFalse(finishedBefore.isEmpty)
+        // Without --resume the job directory is refused; with it the job completes.
+        let refused = try spawn(args, log: tmp + "/refused.log")
+        XCTAssertTrue(waitExit(refused))
+        XCTAssertNotEqual(refused.terminationStatus, 0)
+        XCTAssertTrue(text(tmp + "/refused.log").contains("--resume"))
+        let c2 = try spawn(args + ["--resume"], log: clog2)
+        defer { if c2.isRunning { c2.terminate() } }
+        XCTAssertTrue(waitExit(c2), text(clog2).suffix(3000).description)
+        XCTAssertEqual(c2.terminationStatus, 0, text(clog2))
+        let log2 = text(clog2)
+        XCTAssertTrue(log2.contains("resume: journal has"), log2)
+        for l in finishedBefore {
+            XCTAssertFalse(log2.contains("phase=search layer=\(l) "), "layer \(l) was searched again after resume:\n\(log2)")
+        }
+        try assertSameAsReference(out)
+    }
+
+    func testUnauthorizedWorkerIsRefusedAndTheJobGoesOn() throws {
+        let p = port()
+        let out = tmp + "/out", clog = tmp + "/coord.log"
+        let coord = try spawn(["coordinator", "--model", Self.model, "--calib", Self.calib, "--w-bit", "3", "--out", out,
+                               "--bind", "tcp://127.0.0.1:\(p)", "--workers", "1", "--secret", "s3cret"], log: clog)
+        let evil = try spawn(["worker", "--connect", "tcp://127.0.0.1:\(p)", "--id", "evil", "--secret", "guess"], log: tmp + "/evil.log")
+        XCTAssertTrue(waitExit(evil, timeout: 30))
+        XCTAssertNotEqual(evil.terminationStatus, 0)
+        XCTAssertTrue(text(tmp + "/evil.log").contains("refused"), text(tmp + "/evil.log"))
+        let good = try spawn(["worker", "--connect", "tcp://127.0.0.1:\(p)", "--id", "good", "--secret", "s3cret"], log: tmp + "/good.log")
+        defer { for x in [coord, good] where x.isRunning { x.terminate() } }
+        XCTAssertTrue(waitExit(coord), text(clog))
+        XCTAssertEqual(coord.terminationStatus, 0, text(clog))
+        XCTAssertTrue(text(clog).contains("refused worker 'evil'"), text(clog))
+        try assertSameAsReference(out)
+        // Binding beyond loopback without a secret is refused.
+        let open = try spawn(["coordinator", "--model", Self.model, "--calib", Self.calib, "--out", tmp + "/x",
+                              "--bind", "tcp://0.0.0.0:\(p + 1)"], log: tmp + "/open.log")
+        XCTAssertTrue(waitExit(open, timeout: 30))
+        XCTAssertNotEqual(open.terminationStatus, 0)
+        XCTAssertTrue(text(tmp + "/open.log").contains("--secret"), text(tmp + "/open.log"))
+    }
+}
