@@ -71,6 +71,37 @@ public final class ClusterCoordinator {
 
     static func now() -> Double { Double(DispatchTime.now().uptimeNanoseconds) / 1e9 }
 
+    var lastStatus = -Double.infinity
+    var searchStart: (time: Double, done: Int)?
+
+    /// job-dir/status.json, for `mbq status` (rewritten at most twice a second).
+    func writeStatus(force: Bool = false) {
+        let now = Self.now()
+        guard force || now - lastStatus > 0.5 else { return }
+        lastStatus = now
+        let st = state
+        if st.phase == .search && searchStart == nil { searchStart = (now, st.results.count) }
+        var eta: Double? = nil
+        if let s = searchStart, st.results.count > s.done {
+            eta = (now - s.time) / Double(st.results.count - s.done) * Double(st.spec.layers - st.results.count)
+        }
+        let workers: [[String: Any]] = st.workers.values.sorted { $0.id < $1.id }.map { w in
+            var o: [String: Any] = ["id": w.id, "host": w.info.host, "alive": w.alive, "gflops": w.info.gemmGflops,
+                                    "threads": w.info.threads, "seconds_since_heard": max(0, now - w.lastSeen)]
+            if let r = w.range { o["layers"] = [r.lowerBound, r.upperBound] }
+            return o
+        }
+        var o: [String: Any] = ["job_id": st.spec.jobID, "phase": st.phase.rawValue, "epoch": st.epoch,
+                                "layers": st.spec.layers, "samples": st.spec.samples, "finished_layers": st.finishedLayers,
+                                "gradient_statistics": st.stats != nil, "elapsed_s": Date().timeIntervalSince(started),
+                                "workers": workers, "model": st.spec.modelDir, "calib": st.spec.calibPath,
+                                "options": st.spec.optionsJSON, "pid": Int(getpid())]
+        if let eta { o["search_eta_s"] = eta }
+        if let data = try? JSONSerialization.data(withJSONObject: o, options: [.prettyPrinted, .sortedKeys]) {
+            try? AtomicFile.write(data: data, to: jobDir + "/status.json")
+        }
+    }
+
     /// Runs until the job is done (returns) or failed (throws). `deadline`: give up after
     /// that many seconds without finishing.
     public func run(deadline: Double = .infinity) throws {
@@ -90,6 +121,7 @@ public final class ClusterCoordinator {
                     }
                 }
             }
+            writeStatus(force: !directives.isEmpty && directives.contains { if case .journal = $0 { return true } else { return false } })
             for d in directives {
                 switch d {
                 case let .send(identity, env):
@@ -100,6 +132,7 @@ public final class ClusterCoordinator {
                     try Journal.write(Journal.Contents(jobID: state.spec.jobID, stats: state.stats, results: state.results,
                                                        epoch: state.epoch), jobDir: jobDir)
                 case .finished:
+                    writeStatus(force: true)
                     shutdownWorkers("job finished")
                     return
                 case let .failed(why):

@@ -1,6 +1,7 @@
 import ArgumentParser
 import CBLAS
 import Foundation
+import MBQCluster
 import MBQMethods
 import MBQModel
 import MBQQuant
@@ -22,6 +23,7 @@ struct BenchCommand: ParsableCommand {
     @Flag(help: "Skip the GEMM part.") var noGemm = false
     @Flag(help: "Skip the block forward/backward part.") var noBlock = false
     @Flag(help: "Also time the MBQ search (W4 g128) of the block, next to the PyTorch port of the authors' search.") var search = false
+    @Flag(help: "Only the worker-to-worker activation streaming benchmark (64 MiB tensors over loopback).") var transport = false
     @OptionGroup var common: CommonOptions
 
     func best(_ n: Int, _ body: () -> Void) -> Double {
@@ -34,6 +36,11 @@ struct BenchCommand: ParsableCommand {
             print("OpenBLAS core \(BLASRuntime.coreName), threads \(BLASRuntime.threads), engine threads \(EngineThreads.count)")
             print("OpenBLAS config: \(BLASRuntime.config)")
             print("OPENBLAS_CORETYPE=\(ProcessInfo.processInfo.environment["OPENBLAS_CORETYPE"] ?? "(unset)")")
+            if transport {
+                let gbs = try TransportBenchmark.run()
+                print(String(format: "activation streaming worker-to-worker (ZeroMQ PUSH/PULL over loopback, 64 MiB tensors in 1 MiB frames, checksummed): %.2f GB/s (target >= 2 GB/s)", gbs))
+                return
+            }
             if !noGemm {
                 gemmBench(m: 4096, k: 4096, n: 4096, label: "4096x4096x4096")
                 gemmBench(m: 2048, k: 4096, n: 11008, label: "2048x4096 -> 11008 (linear)")

@@ -86,3 +86,83 @@ struct CoordinatorCommand: ParsableCommand {
         }
     }
 }
+
+/// `mbq status`: the plan, what is done, what each worker holds, the ETA.
+struct StatusCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "status", abstract: "Show a distributed job's progress.")
+
+    @Option(help: "The job directory.") var jobDir: String
+
+    func run() throws {
+        try runReportingErrors {
+            let path = jobDir + "/status.json"
+            guard let data = FileManager.default.contents(atPath: path),
+                  let o = (try? JSONSerialization.jsonObject(with: data)) as? [String: Any] else {
+                throw FormatsError.unreadable(path: path, reason: "no status (is this a job directory?)")
+            }
+            let layers = o["layers"] as? Int ?? 0
+            let done = (o["finished_layers"] as? [Int]) ?? []
+            print("job \(o["job_id"] ?? "?"): phase \(o["phase"] ?? "?") (plan epoch \(o["epoch"] ?? 0)), elapsed \(String(format: "%.0f", o["elapsed_s"] as? Double ?? 0)) s")
+            print("model \(o["model"] ?? "?"), calibration \(o["calib"] ?? "?") (\(o["samples"] ?? 0) samples)")
+            print("gradient statistics: \((o["gradient_statistics"] as? Bool) == true ? "done" : "pending")")
+            print("searched layers: \(done.count)/\(layers)" + ((o["search_eta_s"] as? Double).map { String(format: ", ETA %.0f s", $0) } ?? ""))
+            print("workers:")
+            for w in o["workers"] as? [[String: Any]] ?? [] {
+                let r = (w["layers"] as? [Int]).map { "layers \($0[0])..<\($0[1])" } ?? "no layers"
+                let alive = (w["alive"] as? Bool) == true ? "alive" : "lost"
+                print(String(format: "  %@ on %@: %@, %@, %.0f GFLOP/s, heard %.1f s ago", (w["id"] as? String ?? "?"),
+                             (w["host"] as? String ?? "?"), alive, r, w["gflops"] as? Double ?? 0, w["seconds_since_heard"] as? Double ?? 0))
+            }
+        }
+    }
+}
+
+/// `mbq plan`: the block assignment and predicted time per phase for a cluster, from the
+/// model's config (no weights read) or a preset shape.
+struct PlanCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "plan",
+        abstract: "Predict the plan, memory and time per phase of a distributed job.",
+        discussion: "Example: mbq plan --preset qwen2-72b --workers 16x64GiB@1000 --bandwidth-gbit 10")
+
+    @Option(help: "Model directory (config and headers only).") var model: String?
+    @Option(help: "A shape instead of a model: \(CostModel.presets.keys.sorted().joined(separator: ", ")).") var preset: String?
+    @Option(help: "Workers: COUNTxMEMORY@GFLOPS, e.g. 16x64GiB@1000 (comma-separate different kinds).") var workers = "1x20GiB@200"
+    @Option(help: "Network bandwidth between workers, Gbit/s.") var bandwidthGbit = 10.0
+    @Option(help: "Calibration samples.") var samples = 128
+    @Option(help: "Tokens per sample.") var tokens = 2048
+    @Flag(help: "No backward pass (awq / rtn).") var noStats = false
+
+    func run() throws {
+        try runReportingErrors {
+            let shape: CostModel.Shape
+            if let model {
+                shape = CostModel.Shape(try Checkpoint(directory: model).config)
+            } else if let preset, let s = CostModel.presets[preset] {
+                shape = s
+            } else {
+                throw MethodsError.invalidOptions("give --model DIR or --preset (\(CostModel.presets.keys.sorted().joined(separator: ", ")))")
+            }
+            var ws: [CostModel.Worker] = []
+            for part in workers.split(separator: ",") {
+                let a = part.split(separator: "x", maxSplits: 1), b = a.count == 2 ? a[1].split(separator: "@") : []
+                guard a.count == 2, let n = Int(a[0]), n > 0, b.count == 2, let mem = parseBytes(String(b[0])), let g = Double(b[1]) else {
+                    throw MethodsError.invalidOptions("--workers '\(part)': expected COUNTxMEMORY@GFLOPS, e.g. 16x64GiB@1000")
+                }
+                ws += Array(repeating: CostModel.Worker(gflops: g, memoryBytes: Double(mem)), count: n)
+            }
+            let p = CostModel().predict(shape, workers: ws, samples: samples, tokens: tokens,
+                                        bandwidthBytesPerSecond: bandwidthGbit * 1e9 / 8, needsStats: !noStats)
+            print("model: \(shape.layers) layers, hidden \(shape.hidden), intermediate \(shape.intermediate), \(shape.heads) heads / \(shape.kvHeads) kv; \(String(format: "%.2f", shape.paramsPerLayer * Double(shape.layers) / 1e9))B decoder parameters")
+            print("calibration: \(samples) samples x \(tokens) tokens; \(ws.count) workers; \(bandwidthGbit) Gbit/s")
+            for (i, r) in p.plan.enumerated() {
+                let fits = p.memoryPerWorker[i] <= ws[i].memoryBytes
+                print(String(format: "  worker %2d: layers %3d..<%3d  memory %.1f GiB of %.1f GiB%@", i, r.lowerBound, r.upperBound,
+                             p.memoryPerWorker[i] / 1073741824, ws[i].memoryBytes / 1073741824,
+                             fits ? "" : "  (over budget: needs more workers)"))
+            }
+            func pad(_ s: String) -> String { s + String(repeating: " ", count: max(0, 16 - s.count)) }
+            for (phase, s) in p.seconds { print("  " + pad(phase) + String(format: "%10.1f s", s)) }
+            print("  " + pad("total") + String(format: "%10.1f s (%.2f h); %.1f GB over the network", p.total, p.total / 3600, p.transferBytes / 1e9))
+        }
+    }
+}
