@@ -172,3 +172,24 @@ final class ClusterProcessTests: XCTestCase {
         XCTAssertTrue(text(tmp + "/open.log").contains("--secret"), text(tmp + "/open.log"))
     }
 }
+
+/// Cluster/rehearsal.sh: three hosts in network namespaces, a whole job across them.
+final class RehearsalTests: XCTestCase {
+    func testThreeHostRehearsal() throws {
+        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/bin/bash")
+        p.arguments = [root.appendingPathComponent("Cluster/rehearsal.sh").path, CLITests.binary]
+        p.currentDirectoryURL = root
+        let out = Pipe()
+        p.standardOutput = out
+        p.standardError = out
+        try p.run()
+        let text = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        p.waitUntilExit()
+        if p.terminationStatus == 77 { throw XCTSkip("rehearsal skipped: \(text)") }
+        print(text)
+        XCTAssertEqual(p.terminationStatus, 0, text)
+        XCTAssertTrue(text.contains("rehearsal passed"), text)
+    }
+}
