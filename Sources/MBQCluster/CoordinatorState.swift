@@ -69,6 +69,10 @@ public final class CoordinatorState {
     var partialStats: [Int: Mbq_LayerStats] = [:]
     var pendingGroups: [Int: [Mbq_GroupResult]] = [:]
     var phaseDone: Set<String> = []
+    /// Activation/gradient traffic reported by the workers, and when the first plan started.
+    public private(set) var bytesMoved: UInt64 = 0
+    public private(set) var transferSeconds = 0.0
+    var firstPlan: Double?
     var lastHeartbeatSent = -Double.infinity
     var phaseStarted = 0.0
     /// Checks a registration's credentials (shared-secret HMAC); CURVE is checked by ZeroMQ.
@@ -116,6 +120,8 @@ public final class CoordinatorState {
                 return [.log("dropped stale \(p.phase) completion (epoch \(p.epoch), current \(epoch))")]
             }
             phaseDone.insert(id)
+            bytesMoved += p.bytesMoved
+            transferSeconds += p.transferSeconds
             let moved = p.bytesMoved > 0 ? String(format: ", moved %.1f MB in %.2f s", Double(p.bytesMoved) / 1e6, p.transferSeconds) : ""
             out.append(.log("phase=\(phase.rawValue) worker=\(id) done in \(String(format: "%.2f", p.seconds)) s\(moved) (\(phaseDone.count)/\(plan.count))"))
             if Set(plan.map(\.worker)).isSubset(of: phaseDone) { out += advance(now: now) }
@@ -149,6 +155,11 @@ public final class CoordinatorState {
             if blocks.count == spec.layers && blocks.values.allSatisfy({ $0.count == spec.tensorsPerBlock }) {
                 phase = .done
                 out.append(.log("phase=done all \(spec.layers) blocks quantized"))
+                if let t0 = firstPlan {
+                    let wall = now - t0, workersUsed = Double(max(plan.count, 1))
+                    out.append(.log(String(format: "transfers: %.1f MB of activations and gradients worker to worker, %.3f s of %.0f worker(s) x %.2f s wall = %.2f%% of worker time moving tensors",
+                                           Double(bytesMoved) / 1e6, transferSeconds, workersUsed, wall, 100 * transferSeconds / (wall * workersUsed))))
+                }
                 out.append(.finished)
             }
         case let .error(e):
@@ -256,6 +267,7 @@ public final class CoordinatorState {
             return [.log("phase=waiting \(reason); no worker left: waiting for one to join")]
         }
         epoch += 1
+        if firstPlan == nil { firstPlan = now }
         plan = Self.makePlan(layers: spec.layers, workers: alive.map { ($0.id, $0.info.gemmGflops) })
         var out: [Directive] = [.log("plan epoch=\(epoch) (\(reason)): " + plan.map { "\($0.worker)=layers \($0.range.lowerBound)..<\($0.range.upperBound)" }.joined(separator: ", ")), .journal]
         for (i, p) in plan.enumerated() {

@@ -290,16 +290,19 @@ public final class Worker: @unchecked Sendable {
     }
 
     /// Waits for tensor `name` of the current epoch on the data socket.
+    /// -> the tensor and the seconds spent moving it (taking it off the socket and
+    /// checking it; time waiting for the upstream stage to compute is not counted).
     func receive(_ name: String, what: String) throws -> (Tensor<Float>, Double) {
-        let t0 = Self.now()
         while true {
             if currentEpoch != assignment.epoch { throw Aborted(what: what) }
             guard let frames = try pull.receive(timeoutMs: 200, maxFrameBytes: maxFrameBytes) else { continue }
+            let t0 = Self.now()
             let m = try Wire.decode(frames)
+            let moving = pull.lastReceiveSeconds + (Self.now() - t0)
             guard case let .tensor(h) = m.envelope.body, let t = m.tensor else { continue }
             if h.epoch != assignment.epoch { continue }  // stale traffic from an earlier plan
             guard h.name == name else { throw ProtocolError.tensor(name: h.name, reason: "expected '\(name)'") }
-            return (t, Self.now() - t0)
+            return (t, moving)
         }
     }
 

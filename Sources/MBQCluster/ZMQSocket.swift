@@ -26,6 +26,8 @@ public final class ZMQSocket {
     public enum Kind { case router, dealer, push, pull }
     let raw: UnsafeMutableRawPointer
     public private(set) var lastEndpoint = ""
+    /// Seconds the last `receive` spent taking the message off the socket (poll wait excluded).
+    public private(set) var lastReceiveSeconds = 0.0
 
     public init(_ kind: Kind, context: ZMQContext = .shared) throws {
         let t: Int32
@@ -94,6 +96,8 @@ public final class ZMQSocket {
             throw TransportError.zmq("poll", e)
         }
         if n == 0 { return nil }
+        let t0 = DispatchTime.now().uptimeNanoseconds
+        defer { lastReceiveSeconds = Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9 }
         var frames: [[UInt8]] = []
         var oversized = false
         while true {
