@@ -21,7 +21,7 @@ public enum TransportBenchmark {
                 try push.setInt(24 /* ZMQ_SNDHWM */, 0)
                 try push.connect(target)
                 for i in 0..<(count + 1) {
-                    try push.send(try Wire.encode(job: "bench", name: "act/\(i)", tensor: t, epoch: 1))
+                    try Wire.send(push, job: "bench", name: "act/\(i)", tensor: t, epoch: 1)
                 }
                 // Keep the socket open until everything is received.
                 done.wait()
@@ -42,7 +42,7 @@ public enum TransportBenchmark {
 
     static func receiveOne(_ s: ZMQSocket) throws -> Tensor<Float> {
         while true {
-            if let f = try s.receive(timeoutMs: 5000, maxFrameBytes: maxFrameBytes), let t = try Wire.decode(f).tensor { return t }
+            if let f = try s.receiveRaw(timeoutMs: 5000, maxFrameBytes: maxFrameBytes), let t = try Wire.decode(f).tensor { return t }
         }
     }
 }

@@ -51,31 +51,56 @@ public enum Wire {
         [Array(try e.serializedData())]
     }
 
-    /// Frames of a tensor message: the envelope with its TensorHeader, then the raw fp32
-    /// bytes cut into `tensorChunkBytes` frames.
-    public static func encode(job: String, name: String, tensor t: Tensor<Float>, epoch: UInt32) throws -> [[UInt8]] {
-        let bytes = t.data.withUnsafeBytes { Array($0) }
+    /// The envelope frame of a tensor message: its TensorHeader (checksum of the bytes).
+    public static func tensorHeader(job: String, name: String, tensor t: Tensor<Float>, epoch: UInt32) throws -> [UInt8] {
         var h = Mbq_TensorHeader()
         h.name = name
         h.dtype = "F32"
         h.shape = t.shape.map(UInt64.init)
-        h.byteCount = UInt64(bytes.count)
-        h.checksum = Checksum64.of(bytes)
+        h.byteCount = UInt64(t.count * 4)
+        h.checksum = t.data.withUnsafeBytes { Checksum64.of($0) }
         h.epoch = epoch
-        var chunks: [[UInt8]] = []
-        var i = 0
-        while i < bytes.count {
-            chunks.append(Array(bytes[i..<min(bytes.count, i + tensorChunkBytes)]))
-            i += tensorChunkBytes
+        h.chunks = UInt32((t.count * 4 + tensorChunkBytes - 1) / tensorChunkBytes)
+        return try encode(envelope(job: job, .tensor(h)))[0]
+    }
+
+    /// Frames of a tensor message: the envelope with its TensorHeader, then the raw fp32
+    /// bytes cut into `tensorChunkBytes` frames.
+    public static func encode(job: String, name: String, tensor t: Tensor<Float>, epoch: UInt32) throws -> [[UInt8]] {
+        let head = try tensorHeader(job: job, name: name, tensor: t, epoch: epoch)
+        return t.data.withUnsafeBytes { bytes in
+            var chunks: [[UInt8]] = [head]
+            var i = 0
+            while i < bytes.count {
+                chunks.append(Array(bytes[i..<min(bytes.count, i + tensorChunkBytes)]))
+                i += tensorChunkBytes
+            }
+            return chunks
         }
-        h.chunks = UInt32(chunks.count)
-        return try encode(envelope(job: job, .tensor(h))) + chunks
+    }
+
+    /// Sends a tensor message straight from the tensor's storage.
+    public static func send(_ sock: ZMQSocket, job: String, name: String, tensor t: Tensor<Float>, epoch: UInt32) throws {
+        let head = try tensorHeader(job: job, name: name, tensor: t, epoch: epoch)
+        try t.data.withUnsafeBytes { try sock.send([head], payload: $0, chunk: tensorChunkBytes) }
+    }
+
+    /// Decodes a message read in place: tensor chunks are copied once, into the tensor.
+    public static func decode(_ m: RawMessage) throws -> WireMessage {
+        guard m.count > 0 else { throw ProtocolError.empty }
+        return try decode(first: Array(m.frame(0)), rest: (1..<m.count).map { m.frame($0) })
     }
 
     /// Decodes and validates: version, a body present, and for tensors the frame count,
     /// byte count, shape and checksum. Never traps on bad input.
     public static func decode(_ frames: [[UInt8]]) throws -> WireMessage {
-        guard let first = frames.first, !first.isEmpty else { throw ProtocolError.empty }
+        guard let first = frames.first else { throw ProtocolError.empty }
+        return try frames.dropFirst().withContiguousBufferPointers { try decode(first: first, rest: $0) }
+    }
+
+    static func decode(first: [UInt8], rest: [UnsafeRawBufferPointer]) throws -> WireMessage {
+        guard !first.isEmpty else { throw ProtocolError.empty }
+        let frames = [UnsafeRawBufferPointer(start: nil, count: 0)] + rest  // index 0 stands for the envelope
         let e: Mbq_Envelope
         do {
             e = try Mbq_Envelope(serializedBytes: first)
@@ -109,16 +134,32 @@ public enum Wire {
         guard UInt64(total) == h.byteCount else {
             throw ProtocolError.tensor(name: name, reason: "\(total) bytes arrived, header says \(h.byteCount)")
         }
-        var data = [Float](repeating: 0, count: Int(elements))
-        data.withUnsafeMutableBytes { dst in
+        let data = [Float](unsafeUninitializedCapacity: Int(elements)) { buf, n in
+            let dst = UnsafeMutableRawBufferPointer(buf)
             var off = 0
-            for f in frames.dropFirst() {
-                f.withUnsafeBytes { src in dst.baseAddress!.advanced(by: off).copyMemory(from: src.baseAddress!, byteCount: f.count) }
+            for f in frames.dropFirst() where f.count > 0 {
+                dst.baseAddress!.advanced(by: off).copyMemory(from: f.baseAddress!, byteCount: f.count)
                 off += f.count
             }
+            n = Int(elements)
         }
         let sum = data.withUnsafeBytes { Checksum64.of($0) }
         guard sum == h.checksum else { throw ProtocolError.tensor(name: name, reason: "checksum mismatch (corrupted in transit)") }
         return WireMessage(envelope: e, tensor: Tensor(shape: h.shape.map { Int($0) }, data: data))
+    }
+}
+
+extension ArraySlice where Element == [UInt8] {
+    /// Runs `body` with pointers to every array's bytes (valid only inside `body`).
+    func withContiguousBufferPointers<R>(_ body: ([UnsafeRawBufferPointer]) throws -> R) rethrows -> R {
+        var ptrs: [UnsafeRawBufferPointer] = []
+        func go(_ i: Index) throws -> R {
+            if i == endIndex { return try body(ptrs) }
+            return try self[i].withUnsafeBytes { p in
+                ptrs.append(p)
+                return try go(index(after: i))
+            }
+        }
+        return try go(startIndex)
     }
 }

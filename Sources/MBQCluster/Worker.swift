@@ -295,9 +295,9 @@ public final class Worker: @unchecked Sendable {
     func receive(_ name: String, what: String) throws -> (Tensor<Float>, Double) {
         while true {
             if currentEpoch != assignment.epoch { throw Aborted(what: what) }
-            guard let frames = try pull.receive(timeoutMs: 200, maxFrameBytes: maxFrameBytes) else { continue }
+            guard let raw = try pull.receiveRaw(timeoutMs: 200, maxFrameBytes: maxFrameBytes) else { continue }
             let t0 = Self.now()
-            let m = try Wire.decode(frames)
+            let m = try Wire.decode(raw)
             let moving = pull.lastReceiveSeconds + (Self.now() - t0)
             guard case let .tensor(h) = m.envelope.body, let t = m.tensor else { continue }
             if h.epoch != assignment.epoch { continue }  // stale traffic from an earlier plan
@@ -308,7 +308,7 @@ public final class Worker: @unchecked Sendable {
 
     func send(_ sock: ZMQSocket, _ name: String, _ t: Tensor<Float>) throws -> (UInt64, Double) {
         let t0 = Self.now()
-        try sock.send(try Wire.encode(job: jobID, name: name, tensor: t, epoch: assignment.epoch))
+        try Wire.send(sock, job: jobID, name: name, tensor: t, epoch: assignment.epoch)
         return (UInt64(t.count * 4), Self.now() - t0)
     }
 

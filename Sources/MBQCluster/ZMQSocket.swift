@@ -85,6 +85,52 @@ public final class ZMQSocket {
         }
     }
 
+    /// Sends `head` frames, then `payload` cut into `chunk`-byte frames straight from the
+    /// caller's memory (one copy, into ZeroMQ's message).
+    public func send(_ head: [[UInt8]], payload: UnsafeRawBufferPointer, chunk: Int) throws {
+        let chunks = payload.isEmpty ? 0 : (payload.count + chunk - 1) / chunk
+        for (i, f) in head.enumerated() {
+            let more = i < head.count - 1 || chunks > 0
+            let rc = f.withUnsafeBytes { zmq_send(raw, $0.baseAddress, f.count, more ? ZMQ_SNDMORE : 0) }
+            guard rc >= 0 else { throw TransportError.zmq("send", zmq_errno()) }
+        }
+        for c in 0..<chunks {
+            let start = c * chunk, n = min(chunk, payload.count - start)
+            let rc = zmq_send(raw, payload.baseAddress! + start, n, c < chunks - 1 ? ZMQ_SNDMORE : 0)
+            guard rc >= 0 else { throw TransportError.zmq("send", zmq_errno()) }
+        }
+    }
+
+    /// Receives one whole message without copying it out of ZeroMQ (nil when nothing came
+    /// within `timeoutMs`). Frames larger than `maxFrameBytes` drop the message (empty).
+    public func receiveRaw(timeoutMs: Int, maxFrameBytes: Int = 1 << 30) throws -> RawMessage? {
+        var item = zmq_pollitem_t(socket: raw, fd: 0, events: Int16(ZMQ_POLLIN), revents: 0)
+        let n = zmq_poll(&item, 1, timeoutMs)
+        if n < 0 {
+            let e = zmq_errno()
+            if e == EINTR { return nil }
+            throw TransportError.zmq("poll", e)
+        }
+        if n == 0 { return nil }
+        let t0 = DispatchTime.now().uptimeNanoseconds
+        defer { lastReceiveSeconds = Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9 }
+        let m = RawMessage()
+        var oversized = false
+        while true {
+            let msg = UnsafeMutablePointer<zmq_msg_t>.allocate(capacity: 1)
+            zmq_msg_init(msg)
+            guard zmq_msg_recv(msg, raw, 0) >= 0 else {
+                zmq_msg_close(msg); msg.deallocate()
+                throw TransportError.zmq("recv", zmq_errno())
+            }
+            if zmq_msg_size(msg) > maxFrameBytes { oversized = true }
+            m.parts.append(msg)
+            if zmq_msg_more(msg) == 0 { break }
+        }
+        if oversized { m.parts.forEach { zmq_msg_close($0); $0.deallocate() }; m.parts = [] }
+        return m
+    }
+
     /// Receives one whole message, waiting at most `timeoutMs` (nil when nothing came).
     /// Frames larger than `maxFrameBytes` make the whole message be dropped (returns []).
     public func receive(timeoutMs: Int, maxFrameBytes: Int = 1 << 30) throws -> [[UInt8]]? {
@@ -114,4 +160,19 @@ public final class ZMQSocket {
         }
         return oversized ? [] : frames
     }
+}
+
+/// A received multipart message still owned by ZeroMQ; frames are read in place.
+public final class RawMessage {
+    var parts: [UnsafeMutablePointer<zmq_msg_t>] = []
+
+    public var count: Int { parts.count }
+
+    public func frame(_ i: Int) -> UnsafeRawBufferPointer {
+        UnsafeRawBufferPointer(start: zmq_msg_data(parts[i]), count: zmq_msg_size(parts[i]))
+    }
+
+    public var frames: [[UInt8]] { (0..<count).map { Array(frame($0)) } }
+
+    deinit { for p in parts { zmq_msg_close(p); p.deallocate() } }
 }
