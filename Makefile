@@ -8,7 +8,7 @@ CPU_FLAGS  := $(shell grep -q ' avx2 ' /proc/cpuinfo 2>/dev/null && echo "-Xswif
 RELEASE    := -c release $(CPU_FLAGS)
 MBQ        := .build/release/mbq
 
-.PHONY: demo test deps build release bench fixtures clean
+.PHONY: demo test deps build release bench fixtures proto clean
 
 ## Installs what is missing, builds in release, runs the built-in demo.
 demo: release
@@ -45,6 +45,14 @@ fixtures:
 	test -x $(PYTHON) || (python3 -m venv .venv && .venv/bin/pip install -q torch==2.13.0 && \
 	  .venv/bin/pip install -q transformers safetensors numpy)
 	$(PYTHON) Scripts/reference/make_fixtures.py
+
+## Regenerates Sources/MBQCluster/Generated from Proto/mbq.proto (protoc + protoc-gen-swift 1.39.0).
+proto:
+	test -x .build-protoc/release/protoc-gen-swift || (rm -rf .build-protoc-src && \
+	  git clone -q https://github.com/apple/swift-protobuf .build-protoc-src && cd .build-protoc-src && git checkout -q 1.39.0 && \
+	  swift build -c release --product protoc-gen-swift --scratch-path ../.build-protoc)
+	protoc --plugin=protoc-gen-swift=.build-protoc/release/protoc-gen-swift --swift_opt=Visibility=Public \
+	  --swift_out=Sources/MBQCluster/Generated -I Proto Proto/mbq.proto
 
 clean:
 	rm -rf .build demo-out

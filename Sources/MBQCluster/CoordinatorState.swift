@@ -117,7 +117,8 @@ public final class CoordinatorState {
             break
         case let .phaseDone(p):
             guard p.epoch == epoch, p.phase == phase.rawValue else {
-                return [.log("dropped stale \(p.phase) completion (epoch \(p.epoch), current \(epoch))")]
+                return [.log(p.epoch == epoch ? "worker=\(id) finished \(p.phase) after the phase was complete"
+                                              : "dropped stale \(p.phase) completion (epoch \(p.epoch), current \(epoch))")]
             }
             phaseDone.insert(id)
             bytesMoved += p.bytesMoved
