@@ -108,7 +108,12 @@ public final class CoordinatorState {
         guard let body = m.envelope.body else { return [] }
         if case let .register(r) = body { return register(identity: identity, r, now: now) }
         guard let id = workerID(identity), workers[id]!.alive else {
-            return [.log("dropped \(bodyName(body)) from an unregistered peer")]
+            // A worker of an earlier coordinator (or one declared lost): ask it to register
+            // again rather than wait for it to notice the silence.
+            var hb = Mbq_Heartbeat()
+            hb.phase = "register-again"
+            return [.send(identity: identity, env(.heartbeat(hb))),
+                    .log("dropped \(bodyName(body)) from an unregistered peer; asked it to register")]
         }
         workers[id]!.lastSeen = now
         var out: [Directive] = []
@@ -138,8 +143,9 @@ public final class CoordinatorState {
             if pendingGroups[l]!.count == spec.groupsPerLayer {
                 results[l] = pendingGroups.removeValue(forKey: l)
                 let picks = results[l]!.map { "\($0.group)=\(String(format: "%.2f", $0.alpha))" }.joined(separator: " ")
-                out.append(.log("phase=search layer=\(l) worker=\(id) \(picks) progress=\(results.count)/\(spec.layers)\(eta(now: now, done: results.count, of: spec.layers))"))
+                // Journal first: a layer the log calls finished must survive a crash.
                 out.append(.journal)
+                out.append(.log("phase=search layer=\(l) worker=\(id) \(picks) progress=\(results.count)/\(spec.layers)\(eta(now: now, done: results.count, of: spec.layers))"))
                 if results.count == spec.layers { out += advance(now: now) }
             }
         case .tensor:
@@ -342,7 +348,7 @@ public final class CoordinatorState {
             }
             stats = GradientStatistics.finalize(sums: sums, used: used, skipped: skipped)
             let ratios = stats!.layers.map { String(format: "%.3f/%.3f", $0.attnRatio, $0.mlpRatio) }.joined(separator: " ")
-            return [.log("phase=backward gradient statistics over \(used) samples; ratios attn/mlp: \(ratios)"), .journal]
+            return [.journal, .log("phase=backward gradient statistics over \(used) samples; ratios attn/mlp: \(ratios)")]
                 + start(results.count == spec.layers ? .apply : .search, now: now)
         case .search:
             return start(.apply, now: now)

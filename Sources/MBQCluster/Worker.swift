@@ -162,7 +162,12 @@ public final class Worker: @unchecked Sendable {
             lastHeard = Self.now()
             if jobID.isEmpty { jobID = m.envelope.jobID }
             switch m.envelope.body {
-            case .heartbeat: break
+            case let .heartbeat(h):
+                if h.phase == "register-again" && now - lastRegister > 0.5 {
+                    logger.info("coordinator does not know this worker (restarted?): registering again")
+                    registered = false
+                    lastRegister = -Double.infinity
+                }
             case let .refused(r):
                 logger.error("refused by the coordinator: \(r.reason)")
                 return 1
