@@ -20,6 +20,8 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
+# Namespaces left by an interrupted earlier run go first.
+for h in "${hosts[@]}" mbq-switch; do ip netns del "$h" 2>/dev/null || true; done
 ip netns add mbq-switch
 ip -n mbq-switch link add br0 type bridge
 ip -n mbq-switch link set br0 up
