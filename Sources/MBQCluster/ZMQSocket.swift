@@ -17,7 +17,11 @@ public enum TransportError: Error, CustomStringConvertible {
 public final class ZMQContext: @unchecked Sendable {
     public static let shared = ZMQContext()
     let raw: UnsafeMutableRawPointer
-    init() { raw = zmq_ctx_new() }
+    init() {
+        raw = zmq_ctx_new()
+        // Two I/O threads: a worker receives from one neighbour while sending to another.
+        zmq_ctx_set(raw, ZMQ_IO_THREADS, 2)
+    }
 }
 
 /// A thin owner of one ZeroMQ socket: multipart send/receive of byte frames, polling
