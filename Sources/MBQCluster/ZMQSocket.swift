@@ -135,34 +135,10 @@ public final class ZMQSocket {
         return m
     }
 
-    /// Receives one whole message, waiting at most `timeoutMs` (nil when nothing came).
-    /// Frames larger than `maxFrameBytes` make the whole message be dropped (returns []).
+    /// Receives one whole message as byte arrays, waiting at most `timeoutMs` (nil when
+    /// nothing came). Frames larger than `maxFrameBytes` drop the message (returns []).
     public func receive(timeoutMs: Int, maxFrameBytes: Int = 1 << 30) throws -> [[UInt8]]? {
-        var item = zmq_pollitem_t(socket: raw, fd: 0, events: Int16(ZMQ_POLLIN), revents: 0)
-        let n = zmq_poll(&item, 1, timeoutMs)
-        if n < 0 {
-            let e = zmq_errno()
-            if e == EINTR { return nil }
-            throw TransportError.zmq("poll", e)
-        }
-        if n == 0 { return nil }
-        let t0 = DispatchTime.now().uptimeNanoseconds
-        defer { lastReceiveSeconds = Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9 }
-        var frames: [[UInt8]] = []
-        var oversized = false
-        while true {
-            var msg = zmq_msg_t()
-            zmq_msg_init(&msg)
-            defer { zmq_msg_close(&msg) }
-            guard zmq_msg_recv(&msg, raw, 0) >= 0 else { throw TransportError.zmq("recv", zmq_errno()) }
-            let size = zmq_msg_size(&msg)
-            if size > maxFrameBytes { oversized = true } else if !oversized {
-                let p = zmq_msg_data(&msg)!
-                frames.append(Array(UnsafeRawBufferPointer(start: p, count: size)))
-            }
-            if zmq_msg_more(&msg) == 0 { break }
-        }
-        return oversized ? [] : frames
+        try receiveRaw(timeoutMs: timeoutMs, maxFrameBytes: maxFrameBytes)?.frames
     }
 }
 

@@ -24,6 +24,17 @@ public struct LossHeadSaved<T: BLASScalar>: Sendable {
     }
 }
 
+/// Rows `rows` of h: [T, C] -> [rows.count, C]
+@inlinable
+public func gatherRows<T: BLASScalar>(_ h: Tensor<T>, _ rows: [Int]) -> Tensor<T> {
+    let c = h.cols
+    var out = Tensor<T>(zeros: [rows.count, c])
+    for (r, pos) in rows.enumerated() {
+        for j in 0..<c { out.data[r * c + j] = h.data[pos * c + j] }
+    }
+    return out
+}
+
 /// h: [T, C], norm: [C], lmHead: [V, C], labels: [T] -> mean loss over `count` predicted tokens.
 /// With no labelled position the loss is 0 and `count` is 0 (the caller skips the sample).
 @inlinable
@@ -34,10 +45,7 @@ public func lossHeadForward<T: BLASScalar>(_ h: Tensor<T>, norm: Tensor<T>, lmHe
     let rows = (0..<Swift.max(0, t - 1)).filter { labels[$0 + 1] != -100 }
     let targets = rows.map { labels[$0 + 1] }
     precondition(targets.allSatisfy { $0 >= 0 && $0 < vocab }, "label outside the vocabulary")
-    var gathered = Tensor<T>(zeros: [rows.count, c])
-    for (r, pos) in rows.enumerated() {
-        for j in 0..<c { gathered.data[r * c + j] = h.data[pos * c + j] }
-    }
+    let gathered = gatherRows(h, rows)
     let (normed, inv) = rmsNormForward(gathered, weight: norm, eps: eps)
     var probs = linearForward(normed, weight: lmHead)
     var total: T = 0
@@ -82,12 +90,8 @@ public func lossHeadBackward<T: BLASScalar>(saved s: LossHeadSaved<T>, norm: Ten
 /// log softmax(lm_head(norm(h))) at the given rows. h: [T, C] -> [rows.count, V]
 @inlinable
 public func logProbabilities<T: BLASScalar>(_ h: Tensor<T>, rows: [Int], norm: Tensor<T>, lmHead: Tensor<T>, eps: T) -> Tensor<T> {
-    let c = h.cols, vocab = lmHead.shape[0]
-    var gathered = Tensor<T>(zeros: [rows.count, c])
-    for (r, pos) in rows.enumerated() {
-        for j in 0..<c { gathered.data[r * c + j] = h.data[pos * c + j] }
-    }
-    var lp = linearForward(rmsNormForward(gathered, weight: norm, eps: eps).y, weight: lmHead)
+    let vocab = lmHead.shape[0]
+    var lp = linearForward(rmsNormForward(gatherRows(h, rows), weight: norm, eps: eps).y, weight: lmHead)
     lp.data.withUnsafeMutableBufferPointer { pl in
         for r in 0..<rows.count {
             let row = pl.baseAddress! + r * vocab
