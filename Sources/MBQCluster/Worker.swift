@@ -364,8 +364,8 @@ public final class Worker: @unchecked Sendable {
     func backward() throws -> (UInt64, Double) {
         let samples = self.samples
         var moved: UInt64 = 0, transfer = 0.0
-        var sums = [Int: [Double]]()
-        for l in range { sums[l] = [0, 0, 0, 0] }
+        var sums = [Int: GradientStatistics.Layer]()
+        for l in range { sums[l] = GradientStatistics.Layer() }
         var used = 0
         var skipped: [String] = []
         for (s, sample) in samples.enumerated() {
@@ -386,12 +386,7 @@ public final class Worker: @unchecked Sendable {
             for l in range.reversed() {
                 let f = backend.blockForward(inputs[l]![s], blocks[l]!, rope: r, mask: sample.attention, save: true, capture: false)
                 let g = backend.blockBackward(dy, f.saved!, blocks[l]!, rope: r, mask: sample.attention)
-                let av = GradientStatistics.meanAbs(g.attentionOutput, rows: vis), ac = GradientStatistics.meanAbs(g.attentionOutput, rows: cap)
-                let mv = GradientStatistics.meanAbs(g.mlpOutput, rows: vis), mc = GradientStatistics.meanAbs(g.mlpOutput, rows: cap)
-                sums[l]![0] += av.sum / Double(av.count)
-                sums[l]![1] += ac.sum / Double(ac.count)
-                sums[l]![2] += mv.sum / Double(mv.count)
-                sums[l]![3] += mc.sum / Double(mc.count)
+                sums[l]!.accumulate(attentionGrad: g.attentionOutput, mlpGrad: g.mlpOutput, vision: vis, caption: cap)
                 dy = g.input
             }
             if let up {
@@ -402,7 +397,7 @@ public final class Worker: @unchecked Sendable {
         for l in range {
             var st = Mbq_LayerStats()
             st.layer = UInt32(l)
-            st.attnVis = sums[l]![0]; st.attnCap = sums[l]![1]; st.mlpVis = sums[l]![2]; st.mlpCap = sums[l]![3]
+            st.attnVis = sums[l]!.attnVis; st.attnCap = sums[l]!.attnCap; st.mlpVis = sums[l]!.mlpVis; st.mlpCap = sums[l]!.mlpCap
             st.samples = UInt32(used)
             st.skipped = skipped
             st.epoch = assignment.epoch

@@ -23,6 +23,18 @@ public struct GradientStatistics: Sendable, Equatable {
         public var rawAttnRatio = 1.0, rawMlpRatio = 1.0
 
         public init() {}
+
+        /// Adds one sample's mean |grad| at vision and caption rows (grads: [T, C]).
+        public mutating func accumulate(attentionGrad: Tensor<Float>, mlpGrad: Tensor<Float>, vision: [Bool], caption: [Bool]) {
+            func mean(_ x: Tensor<Float>, _ rows: [Bool]) -> Double {
+                let m = GradientStatistics.meanAbs(x, rows: rows)
+                return m.sum / Double(m.count)
+            }
+            attnVis += mean(attentionGrad, vision)
+            attnCap += mean(attentionGrad, caption)
+            mlpVis += mean(mlpGrad, vision)
+            mlpCap += mean(mlpGrad, caption)
+        }
     }
 
     public var layers: [Layer]
@@ -73,12 +85,7 @@ public struct GradientStatistics: Sendable, Equatable {
             guard g.count > 0 else { skipped.append("sample \(i): no caption token is predicted"); continue }
             used += 1
             for l in 0..<nl {
-                let av = meanAbs(g.attentionOutput[l], rows: vis), ac = meanAbs(g.attentionOutput[l], rows: cap)
-                let mv = meanAbs(g.mlpOutput[l], rows: vis), mc = meanAbs(g.mlpOutput[l], rows: cap)
-                sums[l].attnVis += av.sum / Double(av.count)
-                sums[l].attnCap += ac.sum / Double(ac.count)
-                sums[l].mlpVis += mv.sum / Double(mv.count)
-                sums[l].mlpCap += mc.sum / Double(mc.count)
+                sums[l].accumulate(attentionGrad: g.attentionOutput[l], mlpGrad: g.mlpOutput[l], vision: vis, caption: cap)
             }
         }
         guard used > 0 else {

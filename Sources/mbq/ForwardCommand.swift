@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import Logging
 import MBQFormats
+import MBQMethods
 import MBQModel
 import MBQTensor
 
@@ -49,9 +50,7 @@ struct ForwardCommand: ParsableCommand {
 
 /// Loads a model and a bundle and runs forward (and optionally backward) on every sample.
 struct ModelRun {
-    struct LayerStats {
-        var attnVis = 0.0, attnCap = 0.0, mlpVis = 0.0, mlpCap = 0.0
-    }
+    typealias LayerStats = GradientStatistics.Layer
 
     var modelType = ""
     var layers = 0
@@ -97,10 +96,7 @@ struct ModelRun {
                     } else {
                         statSamples += 1
                         for l in 0..<lm.config.numLayers {
-                            sums[l].attnVis += meanAbs(g.attentionOutput[l], rows: vis)
-                            sums[l].attnCap += meanAbs(g.attentionOutput[l], rows: cap)
-                            sums[l].mlpVis += meanAbs(g.mlpOutput[l], rows: vis)
-                            sums[l].mlpCap += meanAbs(g.mlpOutput[l], rows: cap)
+                            sums[l].accumulate(attentionGrad: g.attentionOutput[l], mlpGrad: g.mlpOutput[l], vision: vis, caption: cap)
                         }
                     }
                 } else {
@@ -118,21 +114,9 @@ struct ModelRun {
         r.samples = samples.count
         r.meanLoss = r.lossTokens > 0 ? lossSum / Double(r.lossTokens) : .nan
         if statSamples > 0 {
-            r.stats = sums.map { LayerStats(attnVis: $0.attnVis / Double(statSamples), attnCap: $0.attnCap / Double(statSamples),
-                                            mlpVis: $0.mlpVis / Double(statSamples), mlpCap: $0.mlpCap / Double(statSamples)) }
+            r.stats = GradientStatistics.finalize(sums: sums, used: statSamples, skipped: r.skipped).layers
         }
         return r
-    }
-
-    /// Mean |x| over the rows where `rows` is true, all columns. x: [T, C]
-    static func meanAbs(_ x: Tensor<Float>, rows: [Bool]) -> Double {
-        var s = 0.0, n = 0
-        let c = x.cols
-        for r in 0..<x.rows where rows[r] {
-            for j in 0..<c { s += Double(abs(x.data[r * c + j])) }
-            n += c
-        }
-        return n > 0 ? s / Double(n) : 0
     }
 
     var table: String {
