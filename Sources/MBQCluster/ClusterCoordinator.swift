@@ -16,12 +16,17 @@ public final class ClusterCoordinator {
     let jobDir: String
     let logFormat: LogFormat
     let logger = Logger(label: "mbq.coordinator")
+    let zapLock: NSLock
+    let zapLines: () -> [String]
     let logFile: FileHandle?
     let started = Date()
     public private(set) var endpoint: String
 
+    var authenticator: CurveAuthenticator?
+
+    /// `curve`: the coordinator's secret key and the authorized workers' public keys.
     public init(spec: JobSpec, bind: String, jobDir: String, resume: Bool, secret: String?,
-                logFormat: LogFormat = .text) throws {
+                logFormat: LogFormat = .text, curve: (secretKey: String, authorized: [String])? = nil) throws {
         try FileManager.default.createDirectory(atPath: jobDir, withIntermediateDirectories: true)
         var resumed: (GradientStatistics?, [Int: [Mbq_GroupResult]])? = nil
         var epochBase: UInt32 = 0
@@ -41,6 +46,17 @@ public final class ClusterCoordinator {
         }
         router = try ZMQSocket(.router)
         try router.setInt(ZMQ_ROUTER_MANDATORY, 0)
+        var zapLog: [String] = []
+        let zapLock = NSLock()
+        if let curve {
+            // The ZAP handler must exist before the first connection arrives.
+            authenticator = try CurveAuthenticator(authorizedKeys: curve.authorized) { line in
+                zapLock.lock(); zapLog.append(line); zapLock.unlock()
+            }
+            try Curve.server(router, secretKey: curve.secretKey)
+        }
+        self.zapLock = zapLock
+        self.zapLines = { zapLock.lock(); defer { zapLog = []; zapLock.unlock() }; return zapLog }
         try router.bind(bind)
         endpoint = router.lastEndpoint
         self.jobDir = jobDir
@@ -52,7 +68,7 @@ public final class ClusterCoordinator {
         if let r = resumed {
             log("resume: journal has \(r.1.count) finished layer(s) \(r.1.keys.sorted()) and \(r.0 == nil ? "no" : "complete") gradient statistics; they are not recomputed")
         }
-        log("listening on \(endpoint), waiting for \(spec.expectedWorkers) worker(s); job \(spec.jobID), \(spec.layers) layers, \(spec.samples) samples")
+        log("listening on \(endpoint)\(curve != nil ? " (CurveZMQ, \(curve!.authorized.count) authorized key(s))" : ""), waiting for \(spec.expectedWorkers) worker(s); job \(spec.jobID), \(spec.layers) layers, \(spec.samples) samples")
     }
 
     func log(_ line: String) {
@@ -108,6 +124,7 @@ public final class ClusterCoordinator {
         let t0 = Self.now()
         while true {
             if Self.now() - t0 > deadline { throw MethodsError.invalidOptions("job did not finish within \(Int(deadline)) s") }
+            for line in zapLines() { log(line) }
             var directives = state.tick(now: Self.now())
             if let frames = try router.receive(timeoutMs: 20, maxFrameBytes: maxFrameBytes) {
                 if frames.count < 2 {

@@ -55,6 +55,8 @@ public struct WorkerOptions: Sendable {
     public var heartbeatInterval = 0.5
     public var coordinatorTimeout = 3.0
     public var secret: String? = nil
+    /// CurveZMQ: the coordinator's public key and this worker's keypair.
+    public var curve: (serverKey: String, publicKey: String, secretKey: String)? = nil
 
     public init(connect: String, workerID: String) {
         self.connect = connect
@@ -117,6 +119,7 @@ public final class Worker: @unchecked Sendable {
     /// Runs until the coordinator says shutdown (returns 0) or refuses us (returns 1).
     public func run() throws -> Int32 {
         let control = try ZMQSocket(.dealer)
+        if let c = options.curve { try Curve.client(control, serverKey: c.serverKey, publicKey: c.publicKey, secretKey: c.secretKey) }
         try control.connect(options.connect)
         let gflops = backend.measureGFLOPS()
         var reg = Mbq_Register()

@@ -27,7 +27,7 @@ public final class ZMQContext: @unchecked Sendable {
 /// A thin owner of one ZeroMQ socket: multipart send/receive of byte frames, polling
 /// with a finite timeout, socket options. Not thread-safe (ZeroMQ sockets are not).
 public final class ZMQSocket {
-    public enum Kind { case router, dealer, push, pull }
+    public enum Kind { case router, dealer, push, pull, rep }
     let raw: UnsafeMutableRawPointer
     public private(set) var lastEndpoint = ""
     /// Seconds the last `receive` spent taking the message off the socket (poll wait excluded).
@@ -40,6 +40,7 @@ public final class ZMQSocket {
         case .dealer: t = ZMQ_DEALER
         case .push: t = ZMQ_PUSH
         case .pull: t = ZMQ_PULL
+        case .rep: t = ZMQ_REP
         }
         guard let s = zmq_socket(context.raw, t) else { throw TransportError.zmq("socket", zmq_errno()) }
         raw = s

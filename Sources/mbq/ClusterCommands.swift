@@ -18,9 +18,14 @@ struct WorkerCommand: ParsableCommand {
     @Option(help: "Memory budget, e.g. 20GiB.") var maxMemory = "20GiB"
     @Option(help: "Compute device (cpu).") var device = "cpu"
     @Option(help: "Shared secret (or MBQ_SECRET).") var secret: String?
+    @Option(help: "CurveZMQ: the coordinator's public key file (NAME.pub from `mbq keys`).") var curveServerKey: String?
+    @Option(help: "CurveZMQ: this worker's key file (NAME.key from `mbq keys`).") var curveKey: String?
     @OptionGroup var common: CommonOptions
 
     func validate() throws {
+        if (curveServerKey == nil) != (curveKey == nil) {
+            throw ValidationError("--curve-server-key and --curve-key go together")
+        }
         guard device == "cpu" else { throw ValidationError("--device \(device): only cpu is built in") }
         guard parseBytes(maxMemory) != nil else { throw ValidationError("--max-memory \(maxMemory): use e.g. 64GiB, 512MiB") }
     }
@@ -34,6 +39,10 @@ struct WorkerCommand: ParsableCommand {
             o.maxMemoryBytes = parseBytes(maxMemory)!
             o.threads = BLASRuntime.threads
             o.secret = secret ?? ProcessInfo.processInfo.environment["MBQ_SECRET"]
+            if let serverKey = curveServerKey, let keyFile = curveKey {
+                let (pub, sec) = try Curve.readKeypair(keyFile)
+                o.curve = (try Curve.readKey(serverKey), pub, sec)
+            }
             status = try Worker(options: o).run()
         }
         if status != 0 { throw ExitCode(status) }
@@ -55,6 +64,35 @@ struct ClusterOptions: ParsableArguments {
     @Flag(help: "Continue the job recorded in --job-dir.") var resume = false
     @Option(help: "Coordinator log format: text or json.") var logFormat: ClusterCoordinator.LogFormat = .text
     @Option(help: "Shared secret workers must present (or MBQ_SECRET).") var secret: String?
+    @Option(help: "CurveZMQ: this coordinator's key file (NAME.key from `mbq keys`).") var curveKey: String?
+    @Option(parsing: .upToNextOption, help: "CurveZMQ: authorized workers' public key files (NAME.pub).") var authorizedKeys: [String] = []
+
+    /// The CURVE setup, or nil.
+    func curve() throws -> (secretKey: String, authorized: [String])? {
+        guard let curveKey else {
+            if !authorizedKeys.isEmpty { throw MethodsError.invalidOptions("--authorized-keys needs --curve-key") }
+            return nil
+        }
+        guard Curve.available else { throw MethodsError.invalidOptions("this libzmq has no CURVE support: use --secret") }
+        guard !authorizedKeys.isEmpty else { throw MethodsError.invalidOptions("--curve-key needs --authorized-keys (workers' NAME.pub files)") }
+        return (try Curve.readKeypair(curveKey).secret, try authorizedKeys.map(Curve.readKey))
+    }
+}
+
+/// `mbq keys`: a CurveZMQ keypair for a coordinator or a worker.
+struct KeysCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "keys", abstract: "Make a CurveZMQ keypair (NAME.key, NAME.pub).")
+
+    @Option(help: "Key name.") var name: String
+    @Option(help: "Directory to write into.") var dir = "."
+
+    func run() throws {
+        try runReportingErrors {
+            guard Curve.available else { throw MethodsError.invalidOptions("this libzmq has no CURVE support") }
+            let (key, pub) = try Curve.writeKeypair(name: name, dir: dir)
+            print("wrote \(key) (secret, keep it on its machine) and \(pub) (public)")
+        }
+    }
 }
 
 /// `mbq coordinator`: plans the job and drives the workers that connect to it.
@@ -73,14 +111,15 @@ struct CoordinatorCommand: ParsableCommand {
         common.apply()
         try runReportingErrors {
             let secret = cluster.secret ?? ProcessInfo.processInfo.environment["MBQ_SECRET"]
-            if !bind.contains("127.0.0.1") && !bind.contains("localhost") && secret == nil && !allowInsecure {
-                throw MethodsError.invalidOptions("binding \(bind) beyond loopback without --secret: pass --secret (or MBQ_SECRET), or --allow-insecure")
+            let curve = try cluster.curve()
+            if !bind.contains("127.0.0.1") && !bind.contains("localhost") && secret == nil && curve == nil && !allowInsecure {
+                throw MethodsError.invalidOptions("binding \(bind) beyond loopback without --secret or --curve-key: pass one, or --allow-insecure")
             }
             let (ckpt, bundle) = try quantize.prepare()
             let spec = try DistributedJob.spec(ckpt: ckpt, calibPath: quantize.calib, samples: bundle.count,
                                                options: quantize.options, workers: workers)
             let coord = try ClusterCoordinator(spec: spec, bind: bind, jobDir: cluster.jobDir ?? quantize.out + ".job",
-                                               resume: cluster.resume, secret: secret, logFormat: cluster.logFormat)
+                                               resume: cluster.resume, secret: secret, logFormat: cluster.logFormat, curve: curve)
             try DistributedJob.coordinate(coord, ckpt: ckpt, options: quantize.options, out: quantize.out,
                                           overwrite: quantize.overwrite)
         }

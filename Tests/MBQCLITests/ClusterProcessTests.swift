@@ -149,6 +149,32 @@ final class ClusterProcessTests: XCTestCase {
         try assertSameAsReference(out)
     }
 
+    func testCurveZMQAdmitsOnlyAuthorizedKeys() throws {
+        for name in ["coord", "good", "evil"] {
+            let k = try spawn(["keys", "--name", name, "--dir", tmp], log: tmp + "/keys-\(name).log")
+            XCTAssertTrue(waitExit(k))
+            XCTAssertEqual(k.terminationStatus, 0, text(tmp + "/keys-\(name).log"))
+        }
+        let key = try String(contentsOfFile: tmp + "/coord.key", encoding: .utf8)
+        XCTAssertEqual(key.split(separator: "\n").count, 2)
+        let p = port()
+        let out = tmp + "/out", clog = tmp + "/coord.log"
+        let coord = try spawn(["coordinator", "--model", Self.model, "--calib", Self.calib, "--w-bit", "3", "--out", out,
+                               "--bind", "tcp://127.0.0.1:\(p)", "--workers", "1", "--curve-key", tmp + "/coord.key",
+                               "--authorized-keys", tmp + "/good.pub"], log: clog)
+        let evil = try spawn(["worker", "--connect", "tcp://127.0.0.1:\(p)", "--id", "evil", "--curve-server-key", tmp + "/coord.pub",
+                              "--curve-key", tmp + "/evil.key"], log: tmp + "/evil.log")
+        defer { for x in [coord, evil] where x.isRunning { x.terminate() } }
+        XCTAssertTrue(waitFor(clog, "is not authorized", timeout: 20), text(clog))
+        let good = try spawn(["worker", "--connect", "tcp://127.0.0.1:\(p)", "--id", "good", "--curve-server-key", tmp + "/coord.pub",
+                              "--curve-key", tmp + "/good.key"], log: tmp + "/good.log")
+        defer { if good.isRunning { good.terminate() } }
+        XCTAssertTrue(waitExit(coord), text(clog))
+        XCTAssertEqual(coord.terminationStatus, 0, text(clog))
+        XCTAssertFalse(text(clog).contains("worker=evil registered"), text(clog))
+        try assertSameAsReference(out)
+    }
+
     func testUnauthorizedWorkerIsRefusedAndTheJobGoesOn() throws {
         let p = port()
         let out = tmp + "/out", clog = tmp + "/coord.log"
