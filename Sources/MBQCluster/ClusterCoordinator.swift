@@ -62,7 +62,7 @@ public final class ClusterCoordinator {
         self.jobDir = jobDir
         self.logFormat = logFormat
         let logPath = jobDir + "/coordinator.log"
-        if !FileManager.default.fileExists(atPath: logPath) { FileManager.default.createFile(atPath: logPath, contents: nil) }
+        if !FileManager.default.fileExists(atPath: logPath) { _ = FileManager.default.createFile(atPath: logPath, contents: nil) }
         logFile = FileHandle(forWritingAtPath: logPath)
         logFile?.seekToEndOfFile()
         if let r = resumed {

@@ -48,17 +48,13 @@ public func lossHeadForward<T: BLASScalar>(_ h: Tensor<T>, norm: Tensor<T>, lmHe
     let gathered = gatherRows(h, rows)
     let (normed, inv) = rmsNormForward(gathered, weight: norm, eps: eps)
     var probs = linearForward(normed, weight: lmHead)
+    logSoftmaxRowsInPlace(&probs)
     var total: T = 0
     probs.data.withUnsafeMutableBufferPointer { pl in
         for r in 0..<rows.count {
             let row = pl.baseAddress! + r * vocab
-            var m = -T.infinity
-            for j in 0..<vocab { m = Swift.max(m, row[j]) }
-            var sum: T = 0
-            for j in 0..<vocab { sum += T.exp(row[j] - m) }
-            let lse = m + T.log(sum)
-            total += lse - row[targets[r]]
-            for j in 0..<vocab { row[j] = T.exp(row[j] - lse) }
+            total -= row[targets[r]]
+            for j in 0..<vocab { row[j] = T.exp(row[j]) }
         }
     }
     let loss = rows.isEmpty ? 0 : total / T(rows.count)
@@ -90,10 +86,17 @@ public func lossHeadBackward<T: BLASScalar>(saved s: LossHeadSaved<T>, norm: Ten
 /// log softmax(lm_head(norm(h))) at the given rows. h: [T, C] -> [rows.count, V]
 @inlinable
 public func logProbabilities<T: BLASScalar>(_ h: Tensor<T>, rows: [Int], norm: Tensor<T>, lmHead: Tensor<T>, eps: T) -> Tensor<T> {
-    let vocab = lmHead.shape[0]
     var lp = linearForward(rmsNormForward(gatherRows(h, rows), weight: norm, eps: eps).y, weight: lmHead)
-    lp.data.withUnsafeMutableBufferPointer { pl in
-        for r in 0..<rows.count {
+    logSoftmaxRowsInPlace(&lp)
+    return lp
+}
+
+/// x -= logsumexp(x) per row (max-shifted for stability). x: [P, V]
+@inlinable
+public func logSoftmaxRowsInPlace<T: BLASScalar>(_ x: inout Tensor<T>) {
+    let vocab = x.cols, rows = x.rows
+    x.data.withUnsafeMutableBufferPointer { pl in
+        for r in 0..<rows {
             let row = pl.baseAddress! + r * vocab
             var m = -T.infinity
             for j in 0..<vocab { m = Swift.max(m, row[j]) }
@@ -103,5 +106,4 @@ public func logProbabilities<T: BLASScalar>(_ h: Tensor<T>, rows: [Int], norm: T
             for j in 0..<vocab { row[j] -= lse }
         }
     }
-    return lp
 }
