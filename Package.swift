@@ -52,7 +52,7 @@ let package = Package(
         .testTarget(name: "MBQMethodsTests", dependencies: ["MBQMethods", "MBQModel", "MBQFormats", "MBQQuant", "MBQTensor"],
                     exclude: ["Fixtures"]),
         .testTarget(name: "MBQClusterTests", dependencies: ["MBQCluster", "MBQMethods", "MBQModel", "MBQFormats", "MBQTensor"]),
-        .testTarget(name: "MBQCLITests", dependencies: ["mbq", "MBQFormats", "MBQModel", "MBQTensor"]),
+        .testTarget(name: "MBQCLITests", dependencies: ["mbq", "MBQCluster", "MBQFormats", "MBQModel", "MBQTensor"]),
         .testTarget(name: "MBQModelTests", dependencies: ["MBQModel", "MBQFormats", "MBQTensor"],
                     resources: [.copy("Fixtures")]),
     ],

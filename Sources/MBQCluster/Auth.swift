@@ -7,10 +7,14 @@ public enum Auth {
     }
 
     public static func verify(secret: String, workerID: String, token: [UInt8]) -> Bool {
-        let want = self.token(secret: secret, workerID: workerID)
-        guard want.count == token.count else { return false }
+        constantTimeEqual(self.token(secret: secret, workerID: workerID), token)
+    }
+
+    /// Equality whose time does not depend on where the bytes differ.
+    public static func constantTimeEqual(_ a: [UInt8], _ b: [UInt8]) -> Bool {
+        guard a.count == b.count else { return false }
         var diff: UInt8 = 0
-        for i in 0..<want.count { diff |= want[i] ^ token[i] }  // constant time
+        for i in 0..<a.count { diff |= a[i] ^ b[i] }
         return diff == 0
     }
 

@@ -171,9 +171,11 @@ public final class ClusterCoordinator {
     }
 
     /// The finished job as a QuantizeResult (same ordering as the single-process run).
-    public func result(options: QuantizeOptions, model: Checkpoint, seconds: [String: Double]) throws -> QuantizeResult {
+    /// `blocks` is empty: blocks are in the output directory or in `streamedBlocks`.
+    public func result(options: QuantizeOptions, seconds: [String: Double]) -> QuantizeResult {
         var groups: [GroupResult] = []
-        for l in 0..<state.spec.layers {
+        // SmoothQuant's scales travel as results but, as in one process, are not reported.
+        for l in 0..<state.spec.layers where options.method != .smoothquant {
             let order = SearchGroup.allCases
             for g in (state.results[l] ?? []).sorted(by: { a, b in
                 order.firstIndex(of: SearchGroup(rawValue: a.group)!)! < order.firstIndex(of: SearchGroup(rawValue: b.group)!)!
@@ -182,12 +184,17 @@ public final class ClusterCoordinator {
                                           losses: g.loss, ratio: g.ratio, scales: g.scales))
             }
         }
-        var blocks: [DecoderBlockWeights<Float>] = []
+        return QuantizeResult(options: options, gradStats: state.stats, groups: groups, blocks: [], seconds: seconds)
+    }
+
+    /// The blocks workers streamed here (those that could not write the output themselves).
+    public func streamedBlocks(model: Checkpoint) -> [Int: DecoderBlockWeights<Float>] {
         let cfg = model.config
         let shape = AttentionShape(heads: cfg.numHeads, kvHeads: cfg.numKVHeads, headDim: cfg.headDim)
-        for l in 0..<state.spec.layers {
-            blocks.append(BlockTensors.block(state.blocks[l]!, shape: shape, eps: cfg.rmsNormEps))
+        var out: [Int: DecoderBlockWeights<Float>] = [:]
+        for (l, t) in state.blocks where state.written[l] == nil && t.count == state.spec.tensorsPerBlock {
+            out[l] = BlockTensors.block(t, shape: shape, eps: cfg.rmsNormEps)
         }
-        return QuantizeResult(options: options, gradStats: state.stats, groups: groups, blocks: blocks, seconds: seconds)
+        return out
     }
 }

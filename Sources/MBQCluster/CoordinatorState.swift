@@ -20,6 +20,17 @@ public struct JobSpec: Sendable {
     public var heartbeatInterval: Double = 0.5
     /// A worker silent this long is declared lost (the missed-heartbeat budget).
     public var livenessTimeout: Double = 3.0
+    /// What each held layer costs a worker's memory; the plan keeps within budgets.
+    public var memory = MemoryNeeds()
+    /// The output's temporary directory, the token in its marker file, and how blocks
+    /// reach it: "auto" (workers that see the directory write their blocks there, the
+    /// others stream them here), "shared" or "coordinator".
+    public var outputDir = ""
+    public var outputToken = ""
+    public var outputVia = "auto"
+    /// --distort: search runs as a pipeline; finished layers' scales go back to their
+    /// owners at the start of the search, to recompute the quantized activations.
+    public var distort = false
 
     public init(jobID: String, modelDir: String, calibPath: String, optionsJSON: String, layers: Int, samples: Int,
                 needsStats: Bool, needsForward: Bool, groupsPerLayer: Int, tensorsPerBlock: Int, expectedWorkers: Int) {
@@ -66,6 +77,8 @@ public final class CoordinatorState {
     /// Gradient statistics once complete (journaled).
     public private(set) var stats: GradientStatistics?
     public private(set) var blocks: [Int: [String: Tensor<Float>]] = [:]
+    /// Blocks a worker wrote into the output directory itself (apply phase).
+    public private(set) var written: [Int: Mbq_BlockWritten] = [:]
     var partialStats: [Int: Mbq_LayerStats] = [:]
     var pendingGroups: [Int: [Mbq_GroupResult]] = [:]
     var phaseDone: Set<String> = []
@@ -128,7 +141,8 @@ public final class CoordinatorState {
             phaseDone.insert(id)
             bytesMoved += p.bytesMoved
             transferSeconds += p.transferSeconds
-            let moved = p.bytesMoved > 0 ? String(format: ", moved %.1f MB in %.2f s", Double(p.bytesMoved) / 1e6, p.transferSeconds) : ""
+            var moved = p.bytesMoved > 0 ? String(format: ", moved %.1f MB in %.2f s", Double(p.bytesMoved) / 1e6, p.transferSeconds) : ""
+            if p.spilledBytes > 0 && phase == .forward { moved += String(format: ", %.1f MB of block inputs in scratch", Double(p.spilledBytes) / 1e6) }
             out.append(.log("phase=\(phase.rawValue) worker=\(id) done in \(String(format: "%.2f", p.seconds)) s\(moved) (\(phaseDone.count)/\(plan.count))"))
             if Set(plan.map(\.worker)).isSubset(of: phaseDone) { out += advance(now: now) }
         case let .layerStats(s):
@@ -138,7 +152,9 @@ public final class CoordinatorState {
             guard phase == .search, g.epoch == epoch, Int(g.layer) < spec.layers, results[Int(g.layer)] == nil else {
                 return [.log("dropped a result for layer \(g.layer) (finished already or not searching)")]
             }
+            guard SearchGroup(rawValue: g.group) != nil else { return [.log("dropped a result for unknown group '\(g.group)' from \(id)")] }
             let l = Int(g.layer)
+            pendingGroups[l, default: []].removeAll { $0.group == g.group }
             pendingGroups[l, default: []].append(g)
             if pendingGroups[l]!.count == spec.groupsPerLayer {
                 results[l] = pendingGroups.removeValue(forKey: l)
@@ -157,18 +173,17 @@ public final class CoordinatorState {
             }
             blocks[l, default: [:]][String(parts[2])] = t
             if blocks[l]!.count == spec.tensorsPerBlock {
-                out.append(.log("phase=apply layer=\(l) worker=\(id) quantized block received (\(blocks.values.filter { $0.count == spec.tensorsPerBlock }.count)/\(spec.layers))"))
+                out.append(.log("phase=apply layer=\(l) worker=\(id) quantized block received (\(blocksDone)/\(spec.layers))"))
             }
-            if blocks.count == spec.layers && blocks.values.allSatisfy({ $0.count == spec.tensorsPerBlock }) {
-                phase = .done
-                out.append(.log("phase=done all \(spec.layers) blocks quantized"))
-                if let t0 = firstPlan {
-                    let wall = now - t0, workersUsed = Double(max(plan.count, 1))
-                    out.append(.log(String(format: "transfers: %.1f MB of activations and gradients worker to worker, %.3f s of %.0f worker(s) x %.2f s wall = %.2f%% of worker time moving tensors",
-                                           Double(bytesMoved) / 1e6, transferSeconds, workersUsed, wall, 100 * transferSeconds / (wall * workersUsed))))
-                }
-                out.append(.finished)
+            out += finishIfComplete(now: now)
+        case let .blockWritten(b):
+            guard phase == .apply, b.epoch == epoch, Int(b.layer) < spec.layers else {
+                return [.log("dropped a stale block-written report for layer \(b.layer) (epoch \(b.epoch))")]
             }
+            written[Int(b.layer)] = b
+            out.append(.log(String(format: "phase=apply layer=%d worker=%@ wrote %@ (%.1f MB) into the output (%d/%d)", Int(b.layer), id, b.file,
+                                   Double(b.bytes) / 1e6, blocksDone, spec.layers)))
+            out += finishIfComplete(now: now)
         case let .error(e):
             out.append(.log("worker=\(id) error: \(e.message)"))
             if e.fatal {
@@ -178,6 +193,24 @@ public final class CoordinatorState {
         default:
             out.append(.log("dropped unexpected \(bodyName(body)) from \(id)"))
         }
+        return out
+    }
+
+    /// Layers whose quantized block is in: streamed here or written by a worker.
+    var blocksDone: Int {
+        (0..<spec.layers).filter { written[$0] != nil || blocks[$0]?.count == spec.tensorsPerBlock }.count
+    }
+
+    func finishIfComplete(now: Double) -> [Directive] {
+        guard blocksDone == spec.layers else { return [] }
+        phase = .done
+        var out: [Directive] = [.log("phase=done all \(spec.layers) blocks quantized (\(written.count) written by workers, \(spec.layers - written.count) streamed here)")]
+        if let t0 = firstPlan {
+            let wall = now - t0, workersUsed = Double(max(plan.count, 1))
+            out.append(.log(String(format: "transfers: %.1f MB of activations and gradients worker to worker, %.3f s of %.0f worker(s) x %.2f s wall = %.2f%% of worker time moving tensors",
+                                   Double(bytesMoved) / 1e6, transferSeconds, workersUsed, wall, 100 * transferSeconds / (wall * workersUsed))))
+        }
+        out.append(.finished)
         return out
     }
 
@@ -241,24 +274,10 @@ public final class CoordinatorState {
         return out
     }
 
-    /// Contiguous block ranges over the live workers, sized by their measured GEMM rate
-    /// so that stages finish together.
+    /// Contiguous block ranges over workers sized by their measured GEMM rate, so that
+    /// stages finish together (no memory limits; see Planner).
     public static func makePlan(layers: Int, workers: [(id: String, gflops: Double)]) -> [(worker: String, range: Range<Int>)] {
-        let n = min(layers, workers.count)
-        let ws = Array(workers.prefix(n))
-        let total = ws.reduce(0) { $0 + max($1.gflops, 1e-3) }
-        var plan: [(String, Range<Int>)] = []
-        var start = 0
-        var acc = 0.0
-        for (i, w) in ws.enumerated() {
-            acc += max(w.gflops, 1e-3)
-            var end = i == n - 1 ? layers : Int((Double(layers) * acc / total).rounded())
-            end = max(end, start + 1)
-            end = min(end, layers - (n - 1 - i))
-            plan.append((w.id, start..<end))
-            start = end
-        }
-        return plan
+        Planner.proportional(layers: layers, workers: workers)
     }
 
     func replan(now: Double, reason: String) -> [Directive] {
@@ -267,15 +286,27 @@ public final class CoordinatorState {
         partialStats = [:]
         pendingGroups = [:]
         blocks = [:]
+        written = [:]
         phaseDone = []
         guard !alive.isEmpty else {
             phase = .waiting
             plan = []
             return [.log("phase=waiting \(reason); no worker left: waiting for one to join")]
         }
+        let capacities = alive.map { w in
+            (w.id, w.info.gemmGflops, spec.memory.capacity(memory: w.info.maxMemoryBytes, spills: w.info.scratchBytes > 0, layers: spec.layers))
+        }
+        guard let newPlan = Planner.plan(layers: spec.layers, workers: capacities) else {
+            phase = .waiting
+            plan = []
+            let held = capacities.reduce(0) { $0 + $1.2 }
+            return [.log(String(format: "phase=waiting %@; the memory of the %d live worker(s) holds %d of %d layers (%.3f GiB of weights per layer, %.3f GiB of inputs unless the worker has --scratch, %.3f GiB fixed per worker): waiting for more workers",
+                                reason, alive.count, min(held, spec.layers), spec.layers, spec.memory.layerWeightBytes / 1073741824,
+                                spec.memory.layerActivationBytes / 1073741824, spec.memory.fixedBytes / 1073741824))]
+        }
         epoch += 1
         if firstPlan == nil { firstPlan = now }
-        plan = Self.makePlan(layers: spec.layers, workers: alive.map { ($0.id, $0.info.gemmGflops) })
+        plan = newPlan
         var out: [Directive] = [.log("plan epoch=\(epoch) (\(reason)): " + plan.map { "\($0.worker)=layers \($0.range.lowerBound)..<\($0.range.upperBound)" }.joined(separator: ", ")), .journal]
         for (i, p) in plan.enumerated() {
             workers[p.worker]!.range = p.range
@@ -284,8 +315,17 @@ public final class CoordinatorState {
             a.endLayer = UInt32(p.range.upperBound)
             a.modelDir = spec.modelDir
             a.calibPath = spec.calibPath
-            a.upstreamEndpoint = i > 0 ? workers[plan[i - 1].worker]!.info.dataEndpoint : ""
-            a.downstreamEndpoint = i < plan.count - 1 ? workers[plan[i + 1].worker]!.info.dataEndpoint : ""
+            if i > 0 {
+                a.upstreamEndpoint = workers[plan[i - 1].worker]!.info.dataEndpoint
+                a.upstreamCurveKey = workers[plan[i - 1].worker]!.info.dataCurveKey
+            }
+            if i < plan.count - 1 {
+                a.downstreamEndpoint = workers[plan[i + 1].worker]!.info.dataEndpoint
+                a.downstreamCurveKey = workers[plan[i + 1].worker]!.info.dataCurveKey
+            }
+            a.outputDir = spec.outputDir
+            a.outputToken = spec.outputToken
+            a.outputVia = spec.outputVia
             a.holdsHead = i == plan.count - 1
             a.optionsJson = spec.optionsJSON
             a.samples = UInt32(spec.samples)
@@ -302,8 +342,9 @@ public final class CoordinatorState {
         phaseDone = []
         phaseStarted = now
         var out: [Directive] = [.log("phase=\(p.rawValue) epoch=\(epoch) started on \(plan.count) worker(s)")]
-        if p == .apply {
-            // Every worker gets the scales of its layers, whoever searched them.
+        if p == .apply || (p == .search && spec.distort) {
+            // Every worker gets the scales of its layers, whoever searched them (in a
+            // --distort search, those finished before a re-plan or a restart).
             for (w, range) in plan {
                 for l in range { for g in results[l] ?? [] { out.append(.send(identity: workers[w]!.identity, env(.groupResult(g)))) } }
             }

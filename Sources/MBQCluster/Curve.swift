@@ -70,7 +70,8 @@ public enum Curve {
 /// The ZAP handler (RFC 27) that admits only authorized CURVE public keys. Runs on its
 /// own thread for the life of the process; every decision is logged.
 public final class CurveAuthenticator: @unchecked Sendable {
-    let authorized: Set<[UInt8]>
+    private var authorized: Set<[UInt8]>
+    private let lock = NSLock()
     let log: (String) -> Void
 
     /// `authorizedKeys`: Z85 public keys (one per line in the files `mbq keys` writes).
@@ -83,13 +84,24 @@ public final class CurveAuthenticator: @unchecked Sendable {
         t.start()
     }
 
+    /// Replaces the admitted keys (a worker's data socket admits its current neighbours).
+    public func setAuthorized(_ keys: [String]) {
+        lock.lock(); defer { lock.unlock() }
+        authorized = Set(keys.compactMap(Curve.binary))
+    }
+
+    func admits(_ key: [UInt8]) -> Bool {
+        lock.lock(); defer { lock.unlock() }
+        return authorized.contains(key)
+    }
+
     func serve(_ rep: ZMQSocket) {
         while true {
             guard let f = try? rep.receive(timeoutMs: 1000), f.count >= 6 else { continue }
             // version, request id, domain, address, identity, mechanism, credentials...
             let mechanism = String(decoding: f[5], as: UTF8.self)
             let key = f.count > 6 ? f[6] : []
-            let ok = mechanism == "CURVE" && authorized.contains(key)
+            let ok = mechanism == "CURVE" && admits(key)
             let address = String(decoding: f[3], as: UTF8.self)
             if !ok {
                 var z = [CChar](repeating: 0, count: 41)

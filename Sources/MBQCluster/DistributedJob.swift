@@ -7,31 +7,61 @@ import MBQModel
 /// Builds a job from a checkpoint, bundle and options; runs the coordinator; writes the
 /// output exactly as the single-process `mbq quantize` does.
 public enum DistributedJob {
-    public static func spec(ckpt: Checkpoint, calibPath: String, samples: Int, options: QuantizeOptions,
-                            workers: Int) throws -> JobSpec {
-        if options.method == .smoothquant || options.distort {
-            throw MethodsError.invalidOptions("\(options.distort ? "--distort" : "smoothquant") is not distributed yet: run it without --workers")
+    public static func spec(ckpt: Checkpoint, calib: CalibrationBundle, options: QuantizeOptions, workers: Int,
+                            out: String, outputVia: String = "auto") throws -> JobSpec {
+        guard ["auto", "shared", "coordinator"].contains(outputVia) else {
+            throw MethodsError.invalidOptions("--output-via \(outputVia): use auto, shared or coordinator")
         }
         let cfg = ckpt.config
         let json = QuantizeOptionsCodec.encode(options)
         let modelDir = (ckpt.directory as NSString).standardizingPath
-        let calib = (calibPath as NSString).standardizingPath
-        let id = Auth.sha256(Array("\(modelDir)|\(calib)|\(json)".utf8)).prefix(6).map { String(format: "%02x", $0) }.joined()
+        let calibPath = (calib.path as NSString).standardizingPath
+        let id = Auth.sha256(Array("\(modelDir)|\(calibPath)|\(json)".utf8)).prefix(6).map { String(format: "%02x", $0) }.joined()
         let mha = cfg.numKVHeads * cfg.headDim == cfg.hiddenSize && cfg.numHeads * cfg.headDim == cfg.hiddenSize
-        return JobSpec(jobID: "mbq-" + id, modelDir: modelDir, calibPath: calib, optionsJSON: json, layers: cfg.numLayers,
-                       samples: samples, needsStats: options.method != .rtn && options.effectiveReweight,
-                       needsForward: options.method != .rtn, groupsPerLayer: mha ? 4 : 3,
-                       tensorsPerBlock: 9 + (cfg.qkvBias ? 3 : 0) + (cfg.oBias ? 1 : 0), expectedWorkers: workers)
+        var spec = JobSpec(jobID: "mbq-" + id, modelDir: modelDir, calibPath: calibPath, optionsJSON: json, layers: cfg.numLayers,
+                           samples: calib.count, needsStats: options.method != .rtn && options.effectiveReweight,
+                           needsForward: options.method != .rtn,
+                           groupsPerLayer: options.method == .smoothquant ? 2 : (mha ? 4 : 3),
+                           tensorsPerBlock: 9 + (cfg.qkvBias ? 3 : 0) + (cfg.oBias ? 1 : 0), expectedWorkers: workers)
+        let shape = CostModel.Shape(cfg)
+        let tokens = calib.samples.map(\.length).max() ?? 0
+        spec.memory = MemoryNeeds(layerWeightBytes: shape.paramsPerLayer * 4 + Double(2 * cfg.hiddenSize * 4),
+                                  layerActivationBytes: Double(calib.samples.reduce(0) { $0 + $1.length } * cfg.hiddenSize * 4),
+                                  fixedBytes: MemoryNeeds.fixed(hidden: cfg.hiddenSize, intermediate: cfg.intermediateSize,
+                                                                heads: cfg.numHeads, vocab: cfg.vocabSize, tokens: tokens))
+        let absOut = (out as NSString).standardizingPath
+        spec.outputDir = absOut + ".partial-" + spec.jobID
+        spec.outputToken = Auth.sha256(Array("\(spec.jobID)|\(UUID().uuidString)".utf8)).prefix(12).map { String(format: "%02x", $0) }.joined()
+        spec.outputVia = outputVia
+        spec.distort = options.distort
+        return spec
     }
 
-    /// Runs the coordinator to the end and writes `out`.
+    /// Runs the coordinator to the end and writes `out`: the layers workers wrote into
+    /// the temporary output directory are checked, the streamed ones written here, then
+    /// everything else as in one process, and the directory renamed into place.
     public static func coordinate(_ coord: ClusterCoordinator, ckpt: Checkpoint, options: QuantizeOptions, out: String,
                                   overwrite: Bool, deadline: Double = .infinity) throws {
         let t0 = Date()
-        try coord.run(deadline: deadline)
-        let result = try coord.result(options: options, model: ckpt, seconds: ["distributed_job": Date().timeIntervalSince(t0)])
-        try QuantizedCheckpointWriter.write(source: ckpt, blocks: result.blocks, quantizationConfig: options.configBlock,
-                                            to: out, overwrite: overwrite) { dir in try ResultsFile.writeAll(result, into: dir) }
+        let spec = coord.state.spec
+        let tmp = spec.outputDir
+        try QuantizedCheckpointWriter.begin(out: out, overwrite: overwrite, tmp: tmp)
+        do {
+            try AtomicFile.write(data: Data(spec.outputToken.utf8), to: tmp + "/" + OutputMarker.name)
+            try coord.run(deadline: deadline)
+            for (l, b) in coord.state.written.sorted(by: { $0.key < $1.key }) {
+                try QuantizedCheckpointWriter.verifyLayer(ckpt, layer: l, in: tmp, bytes: b.bytes)
+            }
+            for (l, w) in coord.streamedBlocks(model: ckpt).sorted(by: { $0.key < $1.key }) {
+                try QuantizedCheckpointWriter.writeLayer(ckpt, layer: l, block: w, into: tmp)
+            }
+        } catch {
+            try? FileManager.default.removeItem(atPath: tmp)
+            throw error
+        }
+        let result = coord.result(options: options, seconds: ["distributed_job": Date().timeIntervalSince(t0)])
+        try QuantizedCheckpointWriter.finish(source: ckpt, tmp: tmp, out: out, overwrite: overwrite,
+                                             quantizationConfig: options.configBlock) { dir in try ResultsFile.writeAll(result, into: dir) }
         coord.log("wrote \(out) in \(String(format: "%.1f", Date().timeIntervalSince(t0))) s total")
     }
 }

@@ -14,7 +14,8 @@ public enum TransportBenchmark {
         var rng = SeededRandom(seed: 9)
         let t: Tensor<Float> = rng.normalTensor([n / 1024, 1024])
         let done = DispatchSemaphore(value: 0)
-        var sendError: Error?
+        final class ErrorBox: @unchecked Sendable { var error: Error? }  // written before `done` is signalled
+        let failure = ErrorBox()
         let sender = Thread {
             do {
                 let push = try ZMQSocket(.push)
@@ -26,7 +27,7 @@ public enum TransportBenchmark {
                 // Keep the socket open until everything is received.
                 done.wait()
             } catch {
-                sendError = error
+                failure.error = error
             }
         }
         sender.start()
@@ -36,7 +37,7 @@ public enum TransportBenchmark {
         for _ in 0..<count { _ = try receiveOne(pull) }
         let dt = Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9
         done.signal()
-        if let sendError { throw sendError }
+        if let e = failure.error { throw e }
         return Double(count * n * 4) / dt / 1e9
     }
 

@@ -52,7 +52,8 @@ public enum Wire {
     }
 
     /// The envelope frame of a tensor message: its TensorHeader (checksum of the bytes).
-    public static func tensorHeader(job: String, name: String, tensor t: Tensor<Float>, epoch: UInt32) throws -> [UInt8] {
+    public static func tensorHeader(job: String, name: String, tensor t: Tensor<Float>, epoch: UInt32,
+                                    secret: String? = nil) throws -> [UInt8] {
         var h = Mbq_TensorHeader()
         h.name = name
         h.dtype = "F32"
@@ -61,6 +62,7 @@ public enum Wire {
         h.checksum = t.data.withUnsafeBytes { Checksum64.of($0) }
         h.epoch = epoch
         h.chunks = UInt32((t.count * 4 + tensorChunkBytes - 1) / tensorChunkBytes)
+        if let secret { h.authTag = Data(tag(h, job: job, secret: secret)) }
         return try encode(envelope(job: job, .tensor(h)))[0]
     }
 
@@ -79,10 +81,31 @@ public enum Wire {
         }
     }
 
-    /// Sends a tensor message straight from the tensor's storage.
-    public static func send(_ sock: ZMQSocket, job: String, name: String, tensor t: Tensor<Float>, epoch: UInt32) throws {
-        let head = try tensorHeader(job: job, name: name, tensor: t, epoch: epoch)
-        try t.data.withUnsafeBytes { try sock.send([head], payload: $0, chunk: tensorChunkBytes) }
+    /// Keeps a tensor's element storage alive while ZeroMQ still sends from it.
+    final class PinnedStorage {
+        let data: [Float]
+        init(_ d: [Float]) { data = d }
+    }
+
+    /// Sends a tensor message straight from the tensor's storage (no copy on this side).
+    /// The pointer stays valid after `withUnsafeBytes` returns because the box holds the
+    /// array's one heap buffer, which is never mutated (a write elsewhere would copy it
+    /// first) and is freed only when ZeroMQ releases the box.
+    public static func send(_ sock: ZMQSocket, job: String, name: String, tensor t: Tensor<Float>, epoch: UInt32,
+                            secret: String? = nil) throws {
+        let head = try tensorHeader(job: job, name: name, tensor: t, epoch: epoch, secret: secret)
+        let box = PinnedStorage(t.data)
+        try box.data.withUnsafeBytes { try sock.send([head], payload: $0, chunk: tensorChunkBytes, owner: box) }
+    }
+
+    /// Shared-secret mode: HMAC-SHA256 over what identifies a tensor message (the checksum
+    /// stands for the bytes, which the receiver checks against it).
+    static func tag(_ h: Mbq_TensorHeader, job: String, secret: String) -> [UInt8] {
+        Auth.hmacSHA256(key: Array(secret.utf8), message: Array("\(job)|\(h.name)|\(h.epoch)|\(h.byteCount)|\(h.checksum)".utf8))
+    }
+
+    public static func verifyTag(_ h: Mbq_TensorHeader, job: String, secret: String) -> Bool {
+        Auth.constantTimeEqual(tag(h, job: job, secret: secret), Array(h.authTag))
     }
 
     /// Decodes a message read in place: tensor chunks are copied once, into the tensor.
@@ -134,17 +157,21 @@ public enum Wire {
         guard UInt64(total) == h.byteCount else {
             throw ProtocolError.tensor(name: name, reason: "\(total) bytes arrived, header says \(h.byteCount)")
         }
+        // One pass per frame: copy it into the tensor and fold it into the checksum while
+        // it is still in cache.
+        var sum = Checksum64(total: Int(h.byteCount))
         let data = [Float](unsafeUninitializedCapacity: Int(elements)) { buf, n in
             let dst = UnsafeMutableRawBufferPointer(buf)
             var off = 0
             for f in frames.dropFirst() where f.count > 0 {
-                dst.baseAddress!.advanced(by: off).copyMemory(from: f.baseAddress!, byteCount: f.count)
+                let piece = UnsafeMutableRawBufferPointer(rebasing: dst[off..<(off + f.count)])
+                piece.copyMemory(from: f)
+                sum.update(UnsafeRawBufferPointer(piece))
                 off += f.count
             }
             n = Int(elements)
         }
-        let sum = data.withUnsafeBytes { Checksum64.of($0) }
-        guard sum == h.checksum else { throw ProtocolError.tensor(name: name, reason: "checksum mismatch (corrupted in transit)") }
+        guard sum.finalize() == h.checksum else { throw ProtocolError.tensor(name: name, reason: "checksum mismatch (corrupted in transit)") }
         return WireMessage(envelope: e, tensor: Tensor(shape: h.shape.map { Int($0) }, data: data))
     }
 }

@@ -7,50 +7,13 @@ import MBQModel
 import MBQQuant
 import MBQTensor
 
-/// The arithmetic a worker runs, behind a small interface so that another backend
-/// (CUDA) can be added without touching the protocol or the coordinator.
-public protocol ComputeBackend: Sendable {
-    var name: String { get }
-    func blockForward(_ x: Tensor<Float>, _ w: DecoderBlockWeights<Float>, rope: RoPETable<Float>, mask: [Bool],
-                      save: Bool, capture: Bool) -> DecoderBlockForward<Float>
-    func blockBackward(_ dy: Tensor<Float>, _ saved: DecoderBlockSaved<Float>, _ w: DecoderBlockWeights<Float>,
-                       rope: RoPETable<Float>, mask: [Bool]) -> DecoderBlockGradients<Float>
-    func searchLayer(_ l: Int, _ w: DecoderBlockWeights<Float>, samples: [LayerSample], attnRatio: Double, mlpRatio: Double,
-                     options: SearchOptions) -> [GroupResult]
-    func measureGFLOPS() -> Double
-}
-
-public struct CPUBackend: ComputeBackend {
-    public init() {}
-    public var name: String { "cpu" }
-    public func blockForward(_ x: Tensor<Float>, _ w: DecoderBlockWeights<Float>, rope: RoPETable<Float>, mask: [Bool],
-                             save: Bool, capture: Bool) -> DecoderBlockForward<Float> {
-        decoderBlockForward(x, weights: w, rope: rope, mask: mask, save: save, capture: capture)
-    }
-    public func blockBackward(_ dy: Tensor<Float>, _ saved: DecoderBlockSaved<Float>, _ w: DecoderBlockWeights<Float>,
-                              rope: RoPETable<Float>, mask: [Bool]) -> DecoderBlockGradients<Float> {
-        decoderBlockBackward(dy, saved: saved, weights: w, rope: rope, mask: mask)
-    }
-    public func searchLayer(_ l: Int, _ w: DecoderBlockWeights<Float>, samples: [LayerSample], attnRatio: Double, mlpRatio: Double,
-                            options: SearchOptions) -> [GroupResult] {
-        ScaleSearch.searchLayer(l, weights: w, samples: samples, attnRatio: attnRatio, mlpRatio: mlpRatio, options: options)
-    }
-    public func measureGFLOPS() -> Double {
-        var rng = SeededRandom(seed: 1)
-        let a: Tensor<Float> = rng.normalTensor([512, 512]), b: Tensor<Float> = rng.normalTensor([512, 512])
-        _ = matmul(a, b)
-        let t0 = DispatchTime.now().uptimeNanoseconds
-        for _ in 0..<4 { _ = matmul(a, b) }
-        let dt = Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9
-        return 4 * 2 * 512 * 512 * 512 / dt / 1e9
-    }
-}
-
 public struct WorkerOptions: Sendable {
     public var connect: String
     public var workerID: String
     public var dataBind = "tcp://127.0.0.1:*"
     public var maxMemoryBytes: UInt64 = 20 << 30
+    /// Where block inputs go past the memory budget (nil: they stay in memory).
+    public var scratch: String? = nil
     public var threads: Int = EngineThreads.count
     public var heartbeatInterval = 0.5
     public var coordinatorTimeout = 3.0
@@ -65,9 +28,11 @@ public struct WorkerOptions: Sendable {
 }
 
 /// A worker process: owns a contiguous range of decoder blocks and does forward,
-/// backward, search and apply for them. The control thread owns the coordinator
-/// socket (heartbeats keep flowing while the compute thread works); activations and
-/// gradients go straight to the neighbouring stages over their data sockets.
+/// backward, search and apply for them (the phases: WorkerPhases.swift). The control
+/// thread owns the coordinator socket (heartbeats keep flowing while the compute thread
+/// works); activations and gradients go straight to the neighbouring stages over their
+/// data sockets, which are CURVE-encrypted when the control channel is, and carry an
+/// HMAC tag under a shared secret.
 public final class Worker: @unchecked Sendable {
     let options: WorkerOptions
     let backend: ComputeBackend
@@ -77,7 +42,6 @@ public final class Worker: @unchecked Sendable {
     let epochLock = NSLock()
     var latestEpoch: UInt32 = 0
     var jobID = ""
-    var stopped = false
 
     // Compute-thread state.
     var assignment = Mbq_Assignment()
@@ -85,22 +49,38 @@ public final class Worker: @unchecked Sendable {
     var bundle: CalibrationBundle?
     var blocks: [Int: DecoderBlockWeights<Float>] = [:]
     var head: (norm: Tensor<Float>, lm: Tensor<Float>, eps: Float)?
-    var inputs: [Int: [Tensor<Float>]] = [:]       // block input per owned layer per sample
+    var inputs: ActivationStore
     var finalHidden: [Tensor<Float>] = []
     var ratios: (attn: [Double], mlp: [Double])?
-    var results: [Int: [Mbq_GroupResult]] = [:]
+    /// Scales per layer and group (searched here, or sent by the coordinator).
+    var results: [Int: [String: Mbq_GroupResult]] = [:]
     var quantOptions = QuantizeOptions()
     var pull: ZMQSocket
     var up: ZMQSocket?
     var down: ZMQSocket?
     let dataEndpoint: String
+    /// The data socket's CURVE keypair (made per process) and its ZAP handler, which
+    /// admits only the current neighbours' keys.
+    let dataKeys: (public: String, secret: String)?
+    let dataAuthenticator: CurveAuthenticator?
 
     public init(options: WorkerOptions, backend: ComputeBackend = CPUBackend()) throws {
         self.options = options
         self.backend = backend
-        logger = Logger(label: "mbq.worker.\(options.workerID)")
+        let logger = Logger(label: "mbq.worker.\(options.workerID)")
+        self.logger = logger
+        inputs = ActivationStore(budgetBytes: Int.max, scratch: nil, owner: options.workerID)
         pull = try ZMQSocket(.pull)
         try pull.setInt(ZMQ_RCVHWM, 0)
+        if options.curve != nil {
+            let keys = try Curve.keypair()
+            dataKeys = keys
+            dataAuthenticator = try CurveAuthenticator(authorizedKeys: []) { line in logger.warning("data socket: \(line)") }
+            try Curve.server(pull, secretKey: keys.secret)
+        } else {
+            dataKeys = nil
+            dataAuthenticator = nil
+        }
         try pull.bind(options.dataBind)
         dataEndpoint = pull.lastEndpoint
     }
@@ -120,6 +100,9 @@ public final class Worker: @unchecked Sendable {
     public func run() throws -> Int32 {
         let control = try ZMQSocket(.dealer)
         if let c = options.curve { try Curve.client(control, serverKey: c.serverKey, publicKey: c.publicKey, secretKey: c.secretKey) }
+        // A CURVE refusal never reaches us as a message (the handshake fails): watch the
+        // socket's events to say so and stop instead of retrying forever.
+        let monitor = options.curve != nil ? try control.monitor(events: ZMQ_EVENT_HANDSHAKE_FAILED_AUTH) : nil
         try control.connect(options.connect)
         let gflops = backend.measureGFLOPS()
         var reg = Mbq_Register()
@@ -130,6 +113,8 @@ public final class Worker: @unchecked Sendable {
         reg.gemmGflops = gflops
         reg.dataEndpoint = dataEndpoint
         reg.backend = backend.name
+        reg.dataCurveKey = dataKeys?.public ?? ""
+        if let s = options.scratch { reg.scratchBytes = Self.freeBytes(s) }
         if let s = options.secret { reg.authToken = Data(Auth.token(secret: s, workerID: options.workerID)) }
         let compute = Thread { [self] in computeLoop() }
         compute.stackSize = 16 << 20
@@ -138,6 +123,11 @@ public final class Worker: @unchecked Sendable {
         var registered = false
         while true {
             let now = Self.now()
+            if let monitor, let event = try monitor.receive(timeoutMs: 0), let code = Self.monitorEvent(event),
+               code == ZMQ_EVENT_HANDSHAKE_FAILED_AUTH {
+                logger.error("refused by the coordinator at \(options.connect): its CurveZMQ handler does not authorize this worker's key \(options.curve!.publicKey) (add the worker's .pub to the coordinator's --curve-authorized)")
+                return 1
+            }
             if !registered || now - lastHeard > options.coordinatorTimeout {
                 if now - lastRegister > options.coordinatorTimeout {
                     if registered { logger.warning("coordinator silent for \(String(format: "%.1f", now - lastHeard)) s: registering again") }
@@ -176,6 +166,7 @@ public final class Worker: @unchecked Sendable {
                 return 1
             case .shutdown:
                 logger.info("shutdown")
+                inputs.removeFiles()  // the job is over: the compute thread is idle
                 return 0
             case let .assignment(a):
                 jobID = m.envelope.jobID
@@ -188,6 +179,18 @@ public final class Worker: @unchecked Sendable {
     }
 
     static func now() -> Double { Double(DispatchTime.now().uptimeNanoseconds) / 1e9 }
+
+    /// A socket-monitor event's code (frame 1: uint16 event, uint32 value).
+    static func monitorEvent(_ frames: [[UInt8]]) -> Int32? {
+        guard let f = frames.first, f.count >= 2 else { return nil }
+        return Int32(UInt16(f[0]) | UInt16(f[1]) << 8)
+    }
+
+    static func freeBytes(_ dir: String) -> UInt64 {
+        var s = statvfs()
+        guard statvfs(dir, &s) == 0 else { return 0 }
+        return UInt64(s.f_bavail) * UInt64(s.f_frsize)
+    }
 
     // MARK: compute thread
 
@@ -213,7 +216,7 @@ public final class Worker: @unchecked Sendable {
         switch m.envelope.body {
         case let .assignment(a): try assign(a)
         case let .ratios(r): ratios = (r.attn, r.mlp)
-        case let .groupResult(g): results[Int(g.layer), default: []].append(g)
+        case let .groupResult(g): results[Int(g.layer), default: [:]][g.group] = g
         case let .runPhase(p):
             guard p.epoch == assignment.epoch, p.epoch == currentEpoch else { return }
             try testDelay(p.phase)
@@ -223,7 +226,7 @@ public final class Worker: @unchecked Sendable {
             switch p.phase {
             case "forward": (moved, transfer) = try forward()
             case "backward": (moved, transfer) = try backward()
-            case "search": try search(skip: Set(p.skipLayers.map(Int.init)))
+            case "search": (moved, transfer) = try search(skip: Set(p.skipLayers.map(Int.init)))
             case "apply": try apply(); return
             default: throw ProtocolError.malformed("unknown phase '\(p.phase)'")
             }
@@ -233,6 +236,7 @@ public final class Worker: @unchecked Sendable {
             d.seconds = Self.now() - t0
             d.bytesMoved = moved
             d.transferSeconds = transfer
+            d.spilledBytes = UInt64(inputs.spilledBytes)
             post(.phaseDone(d))
         default: break
         }
@@ -268,203 +272,41 @@ public final class Worker: @unchecked Sendable {
                               try c.tensor(c.names.outputProjection, shape: [c.config.vocabSize, c.config.hiddenSize]),
                               Float(c.config.rmsNormEps)) : nil
         quantOptions = try QuantizeOptionsCodec.decode(a.optionsJson)
-        inputs = [:]
+        // What the memory budget leaves for cached block inputs once the weights, the
+        // head and one sample's working set are in.
+        let cfg = c.config
+        let weights = nb.values.reduce(0) { $0 + BlockTensors.roles($1).reduce(0) { $0 + $1.1.count * 4 } }
+        let tokens = bundle!.samples.map(\.length).max() ?? 0
+        let fixed = MemoryNeeds.fixed(hidden: cfg.hiddenSize, intermediate: cfg.intermediateSize, heads: cfg.numHeads,
+                                      vocab: cfg.vocabSize, tokens: tokens)
+        let budget = max(0, Int(Double(options.maxMemoryBytes) - Double(weights) - fixed))
+        inputs = ActivationStore(budgetBytes: budget, scratch: options.scratch, owner: options.workerID)
         finalHidden = []
         results = [:]
         ratios = nil
         up = nil
         down = nil
-        if !a.upstreamEndpoint.isEmpty {
-            let s = try ZMQSocket(.push)
-            try s.setInt(ZMQ_SNDHWM, 0)
-            try s.connect(a.upstreamEndpoint)
-            up = s
-        }
-        if !a.downstreamEndpoint.isEmpty {
-            let s = try ZMQSocket(.push)
-            try s.setInt(ZMQ_SNDHWM, 0)
-            try s.connect(a.downstreamEndpoint)
-            down = s
-        }
+        dataAuthenticator?.setAuthorized([a.upstreamCurveKey, a.downstreamCurveKey].filter { !$0.isEmpty })
+        if !a.upstreamEndpoint.isEmpty { up = try dataSocket(a.upstreamEndpoint, serverKey: a.upstreamCurveKey) }
+        if !a.downstreamEndpoint.isEmpty { down = try dataSocket(a.downstreamEndpoint, serverKey: a.downstreamCurveKey) }
         assignment = a
-        logger.info("assigned layers \(range.lowerBound)..<\(range.upperBound) (epoch \(a.epoch)) in \(String(format: "%.2f", Self.now() - t0)) s")
+        let spill = options.scratch.map { " (block inputs past \(String(format: "%.1f", Double(budget) / 1048576)) MiB spill to \($0))" } ?? ""
+        logger.info("assigned layers \(range.lowerBound)..<\(range.upperBound) (epoch \(a.epoch)) in \(String(format: "%.2f", Self.now() - t0)) s\(spill)")
+    }
+
+    /// A PUSH socket to a neighbour's data endpoint, CURVE when the job uses it.
+    func dataSocket(_ endpoint: String, serverKey: String) throws -> ZMQSocket {
+        let s = try ZMQSocket(.push)
+        try s.setInt(ZMQ_SNDHWM, 0)
+        if let k = dataKeys {
+            guard !serverKey.isEmpty else {
+                throw ProtocolError.malformed("the assignment gives no CURVE key for \(endpoint) (every worker of a CURVE job has one)")
+            }
+            try Curve.client(s, serverKey: serverKey, publicKey: k.public, secretKey: k.secret)
+        }
+        try s.connect(endpoint)
+        return s
     }
 
     var range: Range<Int> { Int(assignment.firstLayer)..<Int(assignment.endLayer) }
-
-    func rope(_ s: CalibrationSample) -> RoPETable<Float> {
-        let cfg = ckpt!.config
-        return RoPETable(positions: s.positions, headDim: cfg.headDim, theta: cfg.ropeTheta, mropeSection: cfg.mropeSection)
-    }
-
-    /// Waits for tensor `name` of the current epoch on the data socket.
-    /// -> the tensor and the seconds spent moving it (taking it off the socket and
-    /// checking it; time waiting for the upstream stage to compute is not counted).
-    func receive(_ name: String, what: String) throws -> (Tensor<Float>, Double) {
-        while true {
-            if currentEpoch != assignment.epoch { throw Aborted(what: what) }
-            guard let raw = try pull.receiveRaw(timeoutMs: 200, maxFrameBytes: maxFrameBytes) else { continue }
-            let t0 = Self.now()
-            let m = try Wire.decode(raw)
-            let moving = pull.lastReceiveSeconds + (Self.now() - t0)
-            guard case let .tensor(h) = m.envelope.body, let t = m.tensor else { continue }
-            if h.epoch != assignment.epoch { continue }  // stale traffic from an earlier plan
-            guard h.name == name else { throw ProtocolError.tensor(name: h.name, reason: "expected '\(name)'") }
-            return (t, moving)
-        }
-    }
-
-    func send(_ sock: ZMQSocket, _ name: String, _ t: Tensor<Float>) throws -> (UInt64, Double) {
-        let t0 = Self.now()
-        try Wire.send(sock, job: jobID, name: name, tensor: t, epoch: assignment.epoch)
-        return (UInt64(t.count * 4), Self.now() - t0)
-    }
-
-    /// The calibration samples of this job (the first `assignment.samples` of the bundle).
-    var samples: [CalibrationSample] { Array(bundle!.samples.prefix(Int(assignment.samples))) }
-
-    func forward() throws -> (UInt64, Double) {
-        let samples = self.samples
-        var moved: UInt64 = 0, transfer = 0.0
-        for l in range { inputs[l] = [] }
-        finalHidden = []
-        for (s, sample) in samples.enumerated() {
-            var x: Tensor<Float>
-            if range.lowerBound == 0 {
-                x = sample.embeds
-            } else {
-                let (t, dt) = try receive("act/\(s)", what: "forward")
-                x = t
-                transfer += dt
-            }
-            let r = rope(sample)
-            for l in range {
-                inputs[l]!.append(x)
-                x = backend.blockForward(x, blocks[l]!, rope: r, mask: sample.attention, save: false, capture: false).output
-                guard allFinite(x) else { throw ModelError.nonFinite(what: "block output", layer: l) }
-            }
-            if let down {
-                let (b, dt) = try send(down, "act/\(s)", x)
-                moved += b; transfer += dt
-            } else {
-                finalHidden.append(x)
-            }
-        }
-        return (moved, transfer)
-    }
-
-    /// A sample enters the statistics when it has vision and caption positions and at
-    /// least one caption token is predicted (as GradientStatistics.compute decides).
-    static func usable(_ s: CalibrationSample) -> String? {
-        let vis = zip(s.vision, s.attention).contains { $0 && $1 }
-        let cap = zip(s.caption, s.attention).contains { $0 && $1 }
-        if !vis { return "no vision positions" }
-        if !cap { return "no caption positions" }
-        if !(0..<max(0, s.length - 1)).contains(where: { s.labels[$0 + 1] != -100 }) { return "no caption token is predicted" }
-        return nil
-    }
-
-    func backward() throws -> (UInt64, Double) {
-        let samples = self.samples
-        var moved: UInt64 = 0, transfer = 0.0
-        var sums = [Int: GradientStatistics.Layer]()
-        for l in range { sums[l] = GradientStatistics.Layer() }
-        var used = 0
-        var skipped: [String] = []
-        for (s, sample) in samples.enumerated() {
-            if let why = Self.usable(sample) { skipped.append("sample \(s): \(why)"); continue }
-            used += 1
-            var dy: Tensor<Float>
-            if let h = head {
-                let f = lossHeadForward(finalHidden[s], norm: h.norm, lmHead: h.lm, labels: sample.labels, eps: h.eps)
-                dy = lossHeadBackward(saved: f.saved, norm: h.norm, lmHead: h.lm)
-            } else {
-                let (t, dt) = try receive("grad/\(s)", what: "backward")
-                dy = t
-                transfer += dt
-            }
-            let r = rope(sample)
-            let vis = zip(sample.vision, sample.attention).map { $0 && $1 }
-            let cap = zip(sample.caption, sample.attention).map { $0 && $1 }
-            for l in range.reversed() {
-                let f = backend.blockForward(inputs[l]![s], blocks[l]!, rope: r, mask: sample.attention, save: true, capture: false)
-                let g = backend.blockBackward(dy, f.saved!, blocks[l]!, rope: r, mask: sample.attention)
-                sums[l]!.accumulate(attentionGrad: g.attentionOutput, mlpGrad: g.mlpOutput, vision: vis, caption: cap)
-                dy = g.input
-            }
-            if let up {
-                let (b, dt) = try send(up, "grad/\(s)", dy)
-                moved += b; transfer += dt
-            }
-        }
-        for l in range {
-            var st = Mbq_LayerStats()
-            st.layer = UInt32(l)
-            st.attnVis = sums[l]!.attnVis; st.attnCap = sums[l]!.attnCap; st.mlpVis = sums[l]!.mlpVis; st.mlpCap = sums[l]!.mlpCap
-            st.samples = UInt32(used)
-            st.skipped = skipped
-            st.epoch = assignment.epoch
-            post(.layerStats(st))
-        }
-        return (moved, transfer)
-    }
-
-    func search(skip: Set<Int>) throws {
-        let samples = self.samples
-        let opts = quantOptions.searchOptions
-        for l in range where !skip.contains(l) {
-            if currentEpoch != assignment.epoch { throw Aborted(what: "search") }
-            try testDelay("search")
-            logger.info("searching layer \(l)")
-            var layerSamples: [LayerSample] = []
-            for (s, sample) in samples.enumerated() {
-                let r = rope(sample)
-                let f = backend.blockForward(inputs[l]![s], blocks[l]!, rope: r, mask: sample.attention, save: false, capture: true)
-                layerSamples.append(LayerSample(captures: f.captures!, rope: r, attention: sample.attention,
-                                                vision: sample.vision, caption: sample.caption))
-            }
-            let ar = ratios?.attn[l] ?? 1, mr = ratios?.mlp[l] ?? 1
-            for g in backend.searchLayer(l, blocks[l]!, samples: layerSamples, attnRatio: ar, mlpRatio: mr, options: opts) {
-                var m = Mbq_GroupResult()
-                m.layer = UInt32(g.layer); m.group = g.group.rawValue; m.bestIdx = UInt32(g.bestIndex)
-                m.alpha = g.alpha; m.loss = g.losses; m.ratio = g.ratio; m.scales = g.scales
-                m.epoch = assignment.epoch
-                post(.groupResult(m))
-            }
-        }
-    }
-
-    func apply() throws {
-        for l in range {
-            var w = blocks[l]!
-            for g in results[l] ?? [] {
-                guard let group = SearchGroup(rawValue: g.group) else { throw ProtocolError.malformed("unknown group '\(g.group)'") }
-                ApplyScales.apply(group, scales: g.scales, to: &w)
-            }
-            ApplyScales.quantizeLinears(&w, with: quantOptions.weightQuantizer)
-            for (role, t) in BlockTensors.roles(w) {
-                outbox.post(try Wire.encode(job: jobID, name: "block/\(l)/\(role)", tensor: t, epoch: assignment.epoch))
-            }
-        }
-    }
-}
-
-/// Block tensors by role, for the apply phase's transfer.
-public enum BlockTensors {
-    public static func roles(_ w: DecoderBlockWeights<Float>) -> [(String, Tensor<Float>)] {
-        var r: [(String, Tensor<Float>)] = [("input_norm", w.inputNorm), ("post_norm", w.postAttentionNorm), ("q", w.q), ("k", w.k),
-                                            ("v", w.v), ("o", w.o), ("gate", w.gate), ("up", w.up), ("down", w.down)]
-        if let b = w.qBias { r.append(("q_bias", b)) }
-        if let b = w.kBias { r.append(("k_bias", b)) }
-        if let b = w.vBias { r.append(("v_bias", b)) }
-        if let b = w.oBias { r.append(("o_bias", b)) }
-        return r
-    }
-
-    /// Rebuilds a block from its role tensors.
-    public static func block(_ t: [String: Tensor<Float>], shape: AttentionShape, eps: Double) -> DecoderBlockWeights<Float> {
-        DecoderBlockWeights(inputNorm: t["input_norm"]!, postAttentionNorm: t["post_norm"]!, q: t["q"]!, k: t["k"]!, v: t["v"]!,
-                            o: t["o"]!, qBias: t["q_bias"], kBias: t["k_bias"], vBias: t["v_bias"], oBias: t["o_bias"],
-                            gate: t["gate"]!, up: t["up"]!, down: t["down"]!, shape: shape, rmsNormEps: eps)
-    }
 }

@@ -27,7 +27,7 @@ public final class ZMQContext: @unchecked Sendable {
 /// A thin owner of one ZeroMQ socket: multipart send/receive of byte frames, polling
 /// with a finite timeout, socket options. Not thread-safe (ZeroMQ sockets are not).
 public final class ZMQSocket {
-    public enum Kind { case router, dealer, push, pull, rep }
+    public enum Kind { case router, dealer, push, pull, rep, pair }
     let raw: UnsafeMutableRawPointer
     public private(set) var lastEndpoint = ""
     /// Seconds the last `receive` spent taking the message off the socket (poll wait excluded).
@@ -41,6 +41,7 @@ public final class ZMQSocket {
         case .push: t = ZMQ_PUSH
         case .pull: t = ZMQ_PULL
         case .rep: t = ZMQ_REP
+        case .pair: t = ZMQ_PAIR
         }
         guard let s = zmq_socket(context.raw, t) else { throw TransportError.zmq("socket", zmq_errno()) }
         raw = s
@@ -77,6 +78,16 @@ public final class ZMQSocket {
         lastEndpoint = String(cString: buf)
     }
 
+    /// Starts libzmq's monitor for `events` on this socket; -> a PAIR socket that
+    /// receives them (frame 1: uint16 event, uint32 value; frame 2: the endpoint).
+    public func monitor(events: Int32) throws -> ZMQSocket {
+        let endpoint = "inproc://monitor-\(UInt(bitPattern: raw))"
+        guard zmq_socket_monitor(raw, endpoint, events) == 0 else { throw TransportError.zmq("socket_monitor", zmq_errno()) }
+        let pair = try ZMQSocket(.pair)
+        try pair.connect(endpoint)
+        return pair
+    }
+
     public func connect(_ endpoint: String) throws {
         guard zmq_connect(raw, endpoint) == 0 else { throw TransportError.zmq("connect \(endpoint)", zmq_errno()) }
     }
@@ -90,9 +101,10 @@ public final class ZMQSocket {
         }
     }
 
-    /// Sends `head` frames, then `payload` cut into `chunk`-byte frames straight from the
-    /// caller's memory (one copy, into ZeroMQ's message).
-    public func send(_ head: [[UInt8]], payload: UnsafeRawBufferPointer, chunk: Int) throws {
+    /// Sends `head` frames, then `payload` cut into `chunk`-byte frames handed to ZeroMQ
+    /// without a copy: each frame points into the caller's storage, and `owner` is
+    /// retained until ZeroMQ's I/O thread has written the last of them (it calls back).
+    public func send(_ head: [[UInt8]], payload: UnsafeRawBufferPointer, chunk: Int, owner: AnyObject) throws {
         let chunks = payload.isEmpty ? 0 : (payload.count + chunk - 1) / chunk
         for (i, f) in head.enumerated() {
             let more = i < head.count - 1 || chunks > 0
@@ -101,8 +113,19 @@ public final class ZMQSocket {
         }
         for c in 0..<chunks {
             let start = c * chunk, n = min(chunk, payload.count - start)
-            let rc = zmq_send(raw, payload.baseAddress! + start, n, c < chunks - 1 ? ZMQ_SNDMORE : 0)
-            guard rc >= 0 else { throw TransportError.zmq("send", zmq_errno()) }
+            var msg = zmq_msg_t()
+            // One retain per frame, released by ZeroMQ's free callback (or below on failure).
+            let hint = Unmanaged.passRetained(owner).toOpaque()
+            guard zmq_msg_init_data(&msg, UnsafeMutableRawPointer(mutating: payload.baseAddress! + start), n,
+                                    { _, hint in Unmanaged<AnyObject>.fromOpaque(hint!).release() }, hint) == 0 else {
+                Unmanaged<AnyObject>.fromOpaque(hint).release()
+                throw TransportError.zmq("msg_init_data", zmq_errno())
+            }
+            guard zmq_msg_send(&msg, raw, c < chunks - 1 ? ZMQ_SNDMORE : 0) >= 0 else {
+                let e = zmq_errno()
+                zmq_msg_close(&msg)  // runs the callback: the retain is returned
+                throw TransportError.zmq("send", e)
+            }
         }
     }
 

@@ -15,7 +15,9 @@ struct WorkerCommand: ParsableCommand {
     @Option(help: "Coordinator endpoint, e.g. tcp://10.0.0.1:5555.") var connect: String
     @Option(help: "This worker's name (default: host-pid).") var id: String?
     @Option(help: "Where to receive activations from neighbouring workers (tcp://IP:* picks a port).") var dataBind = "tcp://127.0.0.1:*"
-    @Option(help: "Memory budget, e.g. 20GiB.") var maxMemory = "20GiB"
+    @Option(help: "Memory budget, e.g. 20GiB: the plan gives this worker no more layers than fit.") var maxMemory = "20GiB"
+    @Option(help: "Directory for block inputs past --max-memory (local disk; default: they stay in memory and count against the budget).")
+    var scratch: String?
     @Option(help: "Compute device (cpu).") var device = "cpu"
     @Option(help: "Shared secret (or MBQ_SECRET).") var secret: String?
     @Option(help: "CurveZMQ: the coordinator's public key file (NAME.pub from `mbq keys`).") var curveServerKey: String?
@@ -37,6 +39,13 @@ struct WorkerCommand: ParsableCommand {
             var o = WorkerOptions(connect: connect, workerID: id ?? "\(ProcessInfo.processInfo.hostName)-\(getpid())")
             o.dataBind = dataBind
             o.maxMemoryBytes = parseBytes(maxMemory)!
+            if let scratch {
+                var isDir: ObjCBool = false
+                guard FileManager.default.fileExists(atPath: scratch, isDirectory: &isDir), isDir.boolValue else {
+                    throw MethodsError.invalidOptions("--scratch \(scratch): not a directory")
+                }
+                o.scratch = (scratch as NSString).standardizingPath
+            }
             o.threads = BLASRuntime.threads
             o.secret = secret ?? ProcessInfo.processInfo.environment["MBQ_SECRET"]
             if let serverKey = curveServerKey, let keyFile = curveKey {
@@ -66,6 +75,8 @@ struct ClusterOptions: ParsableArguments {
     @Option(help: "Shared secret workers must present (or MBQ_SECRET).") var secret: String?
     @Option(help: "CurveZMQ: this coordinator's key file (NAME.key from `mbq keys`).") var curveKey: String?
     @Option(parsing: .upToNextOption, help: "CurveZMQ: authorized workers' public key files (NAME.pub).") var authorizedKeys: [String] = []
+    @Option(help: "How quantized blocks reach --out: auto (workers that see the output directory write their blocks into it, others stream them here), shared, or coordinator.")
+    var outputVia = "auto"
 
     /// The CURVE setup, or nil.
     func curve() throws -> (secretKey: String, authorized: [String])? {
@@ -116,8 +127,8 @@ struct CoordinatorCommand: ParsableCommand {
                 throw MethodsError.invalidOptions("binding \(bind) beyond loopback without --secret or --curve-key: pass one, or --allow-insecure")
             }
             let (ckpt, bundle) = try quantize.prepare()
-            let spec = try DistributedJob.spec(ckpt: ckpt, calibPath: quantize.calib, samples: bundle.count,
-                                               options: quantize.options, workers: workers)
+            let spec = try DistributedJob.spec(ckpt: ckpt, calib: bundle, options: quantize.options, workers: workers,
+                                               out: quantize.out, outputVia: cluster.outputVia)
             let coord = try ClusterCoordinator(spec: spec, bind: bind, jobDir: cluster.jobDir ?? quantize.out + ".job",
                                                resume: cluster.resume, secret: secret, logFormat: cluster.logFormat, curve: curve)
             try DistributedJob.coordinate(coord, ckpt: ckpt, options: quantize.options, out: quantize.out,

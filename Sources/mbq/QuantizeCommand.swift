@@ -55,6 +55,8 @@ struct QuantizeCommand: ParsableCommand {
 
     @OptionGroup var job: QuantizeArguments
     @Option(help: "Start N local worker processes and run distributed (0: in this process).") var workers = 0
+    @Option(help: "With --workers: each local worker's memory budget (block inputs past it spill to JOB-DIR/scratch).")
+    var workerMaxMemory = "20GiB"
     @OptionGroup var cluster: ClusterOptions
     @OptionGroup var common: CommonOptions
 
@@ -82,20 +84,27 @@ struct QuantizeCommand: ParsableCommand {
 
     /// The one-machine cluster: a coordinator here, `workers` worker processes beside it.
     func runLocalCluster(ckpt: Checkpoint, bundle: CalibrationBundle) throws {
-        let spec = try DistributedJob.spec(ckpt: ckpt, calibPath: job.calib, samples: bundle.count, options: job.options, workers: workers)
+        let spec = try DistributedJob.spec(ckpt: ckpt, calib: bundle, options: job.options, workers: workers, out: job.out,
+                                           outputVia: cluster.outputVia)
+        guard parseBytes(workerMaxMemory) != nil else { throw MethodsError.invalidOptions("--worker-max-memory \(workerMaxMemory): use e.g. 64GiB, 512MiB") }
+        let jobDir = cluster.jobDir ?? job.out + ".job"
         let secret = cluster.secret ?? ProcessInfo.processInfo.environment["MBQ_SECRET"]
-        let coord = try ClusterCoordinator(spec: spec, bind: "tcp://127.0.0.1:*", jobDir: cluster.jobDir ?? job.out + ".job",
+        let coord = try ClusterCoordinator(spec: spec, bind: "tcp://127.0.0.1:*", jobDir: jobDir,
                                            resume: cluster.resume, secret: secret, logFormat: cluster.logFormat)
         let threads = max(1, (common.threads ?? EngineThreads.count) / workers)
         var children: [Process] = []
         defer {
             for c in children where c.isRunning { c.terminate() }
             for c in children { c.waitUntilExit() }
+            for i in 0..<workers { try? FileManager.default.removeItem(atPath: jobDir + "/scratch-w\(i)") }
         }
         for i in 0..<workers {
             let p = Process()
             p.executableURL = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath()
-            p.arguments = ["worker", "--connect", coord.endpoint, "--id", "w\(i)", "--threads", "\(threads)"]
+            let scratch = jobDir + "/scratch-w\(i)"
+            try FileManager.default.createDirectory(atPath: scratch, withIntermediateDirectories: true)
+            p.arguments = ["worker", "--connect", coord.endpoint, "--id", "w\(i)", "--threads", "\(threads)",
+                           "--max-memory", workerMaxMemory, "--scratch", scratch]
                 + (secret.map { ["--secret", $0] } ?? [])
             try p.run()
             children.append(p)

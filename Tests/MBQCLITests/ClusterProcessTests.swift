@@ -1,4 +1,7 @@
 import Foundation
+import MBQCluster
+import MBQFormats
+import MBQModel
 import XCTest
 
 /// The distributed job as real processes over ZeroMQ: same output as one process with
@@ -49,23 +52,30 @@ final class ClusterProcessTests: XCTestCase {
         return true
     }
 
-    /// The single-process reference output, computed once.
-    static let reference: String = {
+    /// The single-process output for `options`, computed once per option set.
+    static var references: [[String]: String] = [:]
+    static func reference(_ options: [String]) -> String {
+        if let r = references[options] { return r }
         let out = NSTemporaryDirectory() + "mbq-cluster-ref-" + UUID().uuidString
         let p = Process()
         p.executableURL = URL(fileURLWithPath: CLITests.binary)
-        p.arguments = ["quantize", "--model", model, "--calib", calib, "--w-bit", "3", "--out", out]
+        p.arguments = ["quantize", "--model", model, "--calib", calib, "--out", out] + options
         p.environment = ProcessInfo.processInfo.environment.merging(["MBQ_KEEP_BLAS_ENV": "1"]) { $1 }
         p.standardError = FileHandle.nullDevice
         try! p.run()
         p.waitUntilExit()
+        references[options] = out
         return out
-    }()
+    }
 
-    /// Bit-identical checkpoint, scales and config; results JSON identical but for timings.
-    func assertSameAsReference(_ out: String, file: StaticString = #filePath, line: UInt = #line) throws {
-        let ref = Self.reference
-        for f in ["model.safetensors", "mbq_scales.safetensors", "config.json"] {
+    /// Bit-identical files (every shard, the index, scales, config); results JSON
+    /// identical but for timings.
+    func assertSameAsReference(_ out: String, options: [String] = ["--w-bit", "3"], file: StaticString = #filePath, line: UInt = #line) throws {
+        let ref = Self.reference(options)
+        let files = try FileManager.default.contentsOfDirectory(atPath: ref).sorted()
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: out).sorted(), files, "the same files", file: file, line: line)
+        XCTAssertTrue(files.contains("model.safetensors.index.json"), "\(files)", file: file, line: line)
+        for f in files where f != "mbq_results.json" && f != "report.md" {
             let a = FileManager.default.contents(atPath: ref + "/" + f), b = FileManager.default.contents(atPath: out + "/" + f)
             XCTAssertNotNil(b, "\(out)/\(f) missing", file: file, line: line)
             XCTAssert(a == b, "\(f) differs from the single-process run", file: file, line: line)
@@ -88,8 +98,57 @@ final class ClusterProcessTests: XCTestCase {
             XCTAssertTrue(waitExit(q), "job with \(n) workers did not finish: \(text(tmp + "/q\(n).log").suffix(2000))")
             XCTAssertEqual(q.terminationStatus, 0, text(tmp + "/q\(n).log"))
             XCTAssertTrue(text(tmp + "/q\(n).log").contains("plan epoch=1 (\(n) worker(s) ready)"), "planned over \(n) workers")
+            XCTAssertTrue(text(tmp + "/q\(n).log").contains("(3 written by workers, 0 streamed here)"), text(tmp + "/q\(n).log"))
             try assertSameAsReference(out)
         }
+    }
+
+    /// --distort (a pipeline across stages) and SmoothQuant, over 2 workers; blocks
+    /// streamed to the coordinator instead of written by the workers.
+    func testDistortSmoothQuantAndStreamedOutputMatchOneProcess() throws {
+        for (name, options) in [("distort", ["--w-bit", "3", "--distort"]),
+                                ("smoothquant", ["--method", "smoothquant", "--w-bit", "8", "--a-bit", "8"])] {
+            let out = tmp + "/out-" + name, log = tmp + "/q-\(name).log"
+            let q = try spawn(["quantize", "--model", Self.model, "--calib", Self.calib, "--out", out, "--workers", "2",
+                               "--threads", "2", "--output-via", "coordinator"] + options, log: log)
+            XCTAssertTrue(waitExit(q), "\(name) job did not finish: \(text(log).suffix(2000))")
+            XCTAssertEqual(q.terminationStatus, 0, text(log))
+            XCTAssertTrue(text(log).contains("(0 written by workers, 3 streamed here)"), text(log))
+            try assertSameAsReference(out, options: options)
+        }
+    }
+
+    /// Workers whose memory holds one layer each: 2 cannot hold the model (the plan
+    /// waits and says why), 3 can, with block inputs spilled to --scratch.
+    func testMemoryBudgetsPlanAndSpillToScratch() throws {
+        // A budget of one layer's weights + the fixed part + room for one sample's
+        // block input (8 KiB of 24): the other two inputs spill.
+        let ckpt = try Checkpoint(directory: Self.model)
+        let cfg = ckpt.config
+        let weights = BlockTensors.roles(try DecoderBlockWeights<Float>.load(from: ckpt, layer: 0)).reduce(0) { $0 + $1.1.count * 4 }
+        let fixed = MemoryNeeds.fixed(hidden: cfg.hiddenSize, intermediate: cfg.intermediateSize, heads: cfg.numHeads,
+                                      vocab: cfg.vocabSize, tokens: 16)
+        let budget = "\(weights + Int(fixed) + 12_000)"
+        let p = port()
+        let out = tmp + "/out", clog = tmp + "/coord.log"
+        let coord = try spawn(["coordinator", "--model", Self.model, "--calib", Self.calib, "--w-bit", "3", "--out", out,
+                               "--bind", "tcp://127.0.0.1:\(p)", "--workers", "2", "--job-dir", tmp + "/job"], log: clog)
+        var workers: [Process] = []
+        defer { for x in [coord] + workers where x.isRunning { x.terminate() } }
+        for i in 0..<3 {
+            let scratch = tmp + "/scratch\(i)"
+            try FileManager.default.createDirectory(atPath: scratch, withIntermediateDirectories: true)
+            workers.append(try spawn(["worker", "--connect", "tcp://127.0.0.1:\(p)", "--id", "w\(i)", "--threads", "1",
+                                      "--max-memory", budget, "--scratch", scratch], log: tmp + "/w\(i).log"))
+            if i == 1 { XCTAssertTrue(waitFor(clog, "holds 2 of 3 layers"), text(clog)) }
+        }
+        XCTAssertTrue(waitExit(coord), text(clog))
+        XCTAssertEqual(coord.terminationStatus, 0, text(clog))
+        let log = text(clog)
+        XCTAssertTrue(log.contains("w0=layers 0..<1, w1=layers 1..<2, w2=layers 2..<3"), log)
+        XCTAssertTrue(log.contains("of block inputs in scratch"), log)
+        XCTAssertTrue(text(tmp + "/w1.log").contains("spilled to scratch"), text(tmp + "/w1.log"))
+        try assertSameAsReference(out)
     }
 
     /// SIGKILL one of two workers inside `phase`: the survivor takes its blocks.
@@ -169,6 +228,10 @@ final class ClusterProcessTests: XCTestCase {
         let good = try spawn(["worker", "--connect", "tcp://127.0.0.1:\(p)", "--id", "good", "--curve-server-key", tmp + "/coord.pub",
                               "--curve-key", tmp + "/good.key"], log: tmp + "/good.log")
         defer { if good.isRunning { good.terminate() } }
+        // The refused worker says why and stops instead of retrying forever.
+        XCTAssertTrue(waitExit(evil, timeout: 30), text(tmp + "/evil.log"))
+        XCTAssertEqual(evil.terminationStatus, 1, text(tmp + "/evil.log"))
+        XCTAssertTrue(text(tmp + "/evil.log").contains("does not authorize this worker's key"), text(tmp + "/evil.log"))
         XCTAssertTrue(waitExit(coord), text(clog))
         XCTAssertEqual(coord.terminationStatus, 0, text(clog))
         XCTAssertFalse(text(clog).contains("worker=evil registered"), text(clog))

@@ -26,6 +26,8 @@ final class CoordinatorStateTests: XCTestCase {
         d.compactMap { if case let .send(i, e) = $0 { return (i, e.body!) } else { return nil } }
     }
 
+    func logs(_ d: [Directive]) -> [String] { d.compactMap { if case let .log(l) = $0 { return l } else { return nil } } }
+
     func done(_ phase: String, epoch: UInt32) -> Mbq_Envelope {
         var p = Mbq_PhaseDone()
         p.phase = phase
@@ -124,6 +126,44 @@ final class CoordinatorStateTests: XCTestCase {
         _ = s.handle(identity: [1], msg(Self.register("good", token: Auth.token(secret: "k", workerID: "good"))), now: 0)
         XCTAssertEqual(s.phase, .forward)
         XCTAssertEqual(s.plan.map(\.worker), ["good"])
+    }
+
+    func testPlanKeepsWithinMemoryBudgets() {
+        // Speed alone would give "fast" 60 layers; its memory holds 40.
+        let p = Planner.plan(layers: 80, workers: [("fast", 300, 40), ("slow", 100, 80)])!
+        XCTAssertEqual(p.map(\.range), [0..<40, 40..<80])
+        // Three equal workers, the middle one holding 1 layer: the others share the rest.
+        let q = Planner.plan(layers: 9, workers: [("a", 1, 9), ("b", 1, 1), ("c", 1, 9)])!
+        XCTAssertEqual(q.map(\.range.count), [4, 1, 4])
+        // A worker that holds nothing is left out; too little memory overall is nil.
+        XCTAssertEqual(Planner.plan(layers: 4, workers: [("a", 1, 0), ("b", 1, 4)])!.map(\.worker), ["b"])
+        XCTAssertNil(Planner.plan(layers: 5, workers: [("a", 1, 2), ("b", 1, 2)]))
+        // Within budgets the plan is the speed-proportional one.
+        XCTAssertEqual(Planner.plan(layers: 80, workers: [("fast", 300, 80), ("slow", 100, 80)])!.map(\.range), [0..<60, 60..<80])
+        let needs = MemoryNeeds(layerWeightBytes: 100, layerActivationBytes: 50, fixedBytes: 1000)
+        XCTAssertEqual(needs.capacity(memory: 1000 + 450, spills: false, layers: 10), 3)
+        XCTAssertEqual(needs.capacity(memory: 1000 + 450, spills: true, layers: 10), 4)
+        XCTAssertEqual(needs.capacity(memory: 900, spills: true, layers: 10), 0)
+    }
+
+    func testCoordinatorWaitsUntilTheWorkersHoldTheModel() {
+        var spec = Self.spec(workers: 2, layers: 4)
+        spec.memory = MemoryNeeds(layerWeightBytes: 100, layerActivationBytes: 0, fixedBytes: 0)
+        let st = CoordinatorState(spec: spec)
+        func reg(_ id: String) -> Mbq_Envelope {
+            var e = Self.register(id)
+            if case var .register(r) = e.body { r.maxMemoryBytes = 150; e.body = .register(r) }
+            return e
+        }
+        _ = st.handle(identity: [1], msg(reg("a")), now: 0)
+        let d = st.handle(identity: [2], msg(reg("b")), now: 0)
+        XCTAssertEqual(st.phase, .waiting)
+        XCTAssertTrue(logs(d).contains { $0.contains("holds 2 of 4 layers") }, "\(logs(d))")
+        XCTAssertTrue(sends(d).isEmpty, "no assignment while the model does not fit")
+        _ = st.handle(identity: [3], msg(reg("c")), now: 0)
+        let e = st.handle(identity: [4], msg(reg("d")), now: 0)
+        XCTAssertEqual(st.phase, .forward)
+        XCTAssertEqual(st.plan.map(\.range), [0..<1, 1..<2, 2..<3, 3..<4], "\(logs(e))")
     }
 
     func testPlanFollowsMeasuredSpeed() {

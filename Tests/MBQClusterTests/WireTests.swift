@@ -46,6 +46,48 @@ final class WireTests: XCTestCase {
         expect(try Wire.encode(Wire.envelope(job: "j", .tensor(h))) + [[UInt8](repeating: 0, count: 16)], "needs 12 bytes")
     }
 
+    func testSharedSecretTagsTensorMessages() throws {
+        var rng = SeededRandom(seed: 5)
+        let t: Tensor<Float> = rng.normalTensor([3, 5])
+        let head = try Wire.tensorHeader(job: "j", name: "act/0", tensor: t, epoch: 2, secret: "s3cret")
+        let m = try Wire.decode([head] + [t.data.withUnsafeBytes { Array($0) }])
+        guard case let .tensor(h) = m.envelope.body else { return XCTFail("not a tensor") }
+        XCTAssertTrue(Wire.verifyTag(h, job: "j", secret: "s3cret"))
+        XCTAssertFalse(Wire.verifyTag(h, job: "j", secret: "guess"), "another secret")
+        XCTAssertFalse(Wire.verifyTag(h, job: "other", secret: "s3cret"), "another job")
+        var renamed = h
+        renamed.name = "act/1"
+        XCTAssertFalse(Wire.verifyTag(renamed, job: "j", secret: "s3cret"), "a replayed tensor under another name")
+        let untagged = try Wire.tensorHeader(job: "j", name: "act/0", tensor: t, epoch: 2)
+        guard case let .tensor(u) = try Wire.decode([untagged] + [t.data.withUnsafeBytes { Array($0) }]).envelope.body else { return XCTFail() }
+        XCTAssertFalse(Wire.verifyTag(u, job: "j", secret: "s3cret"), "no tag")
+    }
+
+    func testChecksumStreamsInPiecesOfAnyLength() {
+        var rng = SeededRandom(seed: 4)
+        for n in [0, 1, 7, 8, 31, 32, 33, 100, 1000, 4099] {
+            let bytes = (0..<n).map { _ in UInt8(truncatingIfNeeded: Int(rng.normal() * 1000)) }
+            let whole = Checksum64.of(bytes)
+            for piece in [1, 5, 13, 32, 64, 1000] {
+                var s = Checksum64(total: n)
+                bytes.withUnsafeBytes { p in
+                    var i = 0
+                    while i < n { let k = min(piece, n - i); s.update(UnsafeRawBufferPointer(rebasing: p[i..<(i + k)])); i += k }
+                }
+                XCTAssertEqual(s.finalize(), whole, "n=\(n) piece=\(piece)")
+            }
+            if n >= 16 {
+                // Swapping two different words, or flipping one bit, changes the sum.
+                var swapped = bytes
+                for j in 0..<8 { swapped.swapAt(j, j + 8) }
+                if swapped != bytes { XCTAssertNotEqual(Checksum64.of(swapped), whole, "n=\(n) swap") }
+                var flipped = bytes
+                flipped[n / 2] ^= 0x10
+                XCTAssertNotEqual(Checksum64.of(flipped), whole, "n=\(n) flip")
+            }
+        }
+    }
+
     func testChecksumAndSHA256() {
         XCTAssertEqual(Auth.sha256(Array("abc".utf8)).map { String(format: "%02x", $0) }.joined(),
                        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")

@@ -34,114 +34,134 @@ fileprivate nonisolated struct _GeneratedWithProtocGenSwiftVersion: SwiftProtobu
   typealias Version = _2
 }
 
-public nonisolated struct Mbq_Envelope: Sendable {
+public nonisolated struct Mbq_Envelope: @unchecked Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
   /// PROTOCOL_VERSION; a mismatch is refused
-  public var version: UInt32 = 0
+  public var version: UInt32 {
+    get {_storage._version}
+    set {_uniqueStorage()._version = newValue}
+  }
 
-  public var jobID: String = String()
+  public var jobID: String {
+    get {_storage._jobID}
+    set {_uniqueStorage()._jobID = newValue}
+  }
 
-  public var seq: UInt64 = 0
+  public var seq: UInt64 {
+    get {_storage._seq}
+    set {_uniqueStorage()._seq = newValue}
+  }
 
-  public var body: Mbq_Envelope.OneOf_Body? = nil
+  public var body: OneOf_Body? {
+    get {return _storage._body}
+    set {_uniqueStorage()._body = newValue}
+  }
 
   public var register: Mbq_Register {
     get {
-      if case .register(let v)? = body {return v}
+      if case .register(let v)? = _storage._body {return v}
       return Mbq_Register()
     }
-    set {body = .register(newValue)}
+    set {_uniqueStorage()._body = .register(newValue)}
   }
 
   public var heartbeat: Mbq_Heartbeat {
     get {
-      if case .heartbeat(let v)? = body {return v}
+      if case .heartbeat(let v)? = _storage._body {return v}
       return Mbq_Heartbeat()
     }
-    set {body = .heartbeat(newValue)}
+    set {_uniqueStorage()._body = .heartbeat(newValue)}
   }
 
   public var assignment: Mbq_Assignment {
     get {
-      if case .assignment(let v)? = body {return v}
+      if case .assignment(let v)? = _storage._body {return v}
       return Mbq_Assignment()
     }
-    set {body = .assignment(newValue)}
+    set {_uniqueStorage()._body = .assignment(newValue)}
   }
 
   public var runPhase: Mbq_RunPhase {
     get {
-      if case .runPhase(let v)? = body {return v}
+      if case .runPhase(let v)? = _storage._body {return v}
       return Mbq_RunPhase()
     }
-    set {body = .runPhase(newValue)}
+    set {_uniqueStorage()._body = .runPhase(newValue)}
   }
 
   public var tensor: Mbq_TensorHeader {
     get {
-      if case .tensor(let v)? = body {return v}
+      if case .tensor(let v)? = _storage._body {return v}
       return Mbq_TensorHeader()
     }
-    set {body = .tensor(newValue)}
+    set {_uniqueStorage()._body = .tensor(newValue)}
   }
 
   public var layerStats: Mbq_LayerStats {
     get {
-      if case .layerStats(let v)? = body {return v}
+      if case .layerStats(let v)? = _storage._body {return v}
       return Mbq_LayerStats()
     }
-    set {body = .layerStats(newValue)}
+    set {_uniqueStorage()._body = .layerStats(newValue)}
   }
 
   public var groupResult: Mbq_GroupResult {
     get {
-      if case .groupResult(let v)? = body {return v}
+      if case .groupResult(let v)? = _storage._body {return v}
       return Mbq_GroupResult()
     }
-    set {body = .groupResult(newValue)}
+    set {_uniqueStorage()._body = .groupResult(newValue)}
   }
 
   public var phaseDone: Mbq_PhaseDone {
     get {
-      if case .phaseDone(let v)? = body {return v}
+      if case .phaseDone(let v)? = _storage._body {return v}
       return Mbq_PhaseDone()
     }
-    set {body = .phaseDone(newValue)}
+    set {_uniqueStorage()._body = .phaseDone(newValue)}
   }
 
   public var error: Mbq_ErrorReport {
     get {
-      if case .error(let v)? = body {return v}
+      if case .error(let v)? = _storage._body {return v}
       return Mbq_ErrorReport()
     }
-    set {body = .error(newValue)}
+    set {_uniqueStorage()._body = .error(newValue)}
   }
 
   public var shutdown: Mbq_Shutdown {
     get {
-      if case .shutdown(let v)? = body {return v}
+      if case .shutdown(let v)? = _storage._body {return v}
       return Mbq_Shutdown()
     }
-    set {body = .shutdown(newValue)}
+    set {_uniqueStorage()._body = .shutdown(newValue)}
   }
 
   public var ratios: Mbq_Ratios {
     get {
-      if case .ratios(let v)? = body {return v}
+      if case .ratios(let v)? = _storage._body {return v}
       return Mbq_Ratios()
     }
-    set {body = .ratios(newValue)}
+    set {_uniqueStorage()._body = .ratios(newValue)}
   }
 
   public var refused: Mbq_Refused {
     get {
-      if case .refused(let v)? = body {return v}
+      if case .refused(let v)? = _storage._body {return v}
       return Mbq_Refused()
     }
-    set {body = .refused(newValue)}
+    set {_uniqueStorage()._body = .refused(newValue)}
+  }
+
+  public var blockWritten: Mbq_BlockWritten {
+    get {
+      if case .blockWritten(let v)? = _storage._body {return v}
+      return Mbq_BlockWritten()
+    }
+    set {_uniqueStorage()._body = .blockWritten(newValue)}
   }
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
@@ -159,10 +179,13 @@ public nonisolated struct Mbq_Envelope: Sendable {
     case shutdown(Mbq_Shutdown)
     case ratios(Mbq_Ratios)
     case refused(Mbq_Refused)
+    case blockWritten(Mbq_BlockWritten)
 
   }
 
   public init() {}
+
+  fileprivate var _storage = _StorageClass.defaultInstance
 }
 
 /// Worker -> coordinator on every (re)connect.
@@ -190,6 +213,12 @@ public nonisolated struct Mbq_Register: Sendable {
 
   /// "cpu"
   public var backend: String = String()
+
+  /// Z85 CURVE public key of the data socket (empty: plain TCP)
+  public var dataCurveKey: String = String()
+
+  /// free space in --scratch (0: no scratch, nothing spills)
+  public var scratchBytes: UInt64 = 0
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -243,6 +272,21 @@ public nonisolated struct Mbq_Assignment: Sendable {
 
   /// bumps on every re-plan; stale traffic is dropped
   public var epoch: UInt32 = 0
+
+  /// the neighbours' data-socket CURVE keys: this worker
+  public var upstreamCurveKey: String = String()
+
+  /// connects to them as server keys and admits only them
+  public var downstreamCurveKey: String = String()
+
+  /// the output's temporary directory (on the coordinator)
+  public var outputDir: String = String()
+
+  /// content of OUTPUT_DIR/.mbq-output: seen = shared filesystem
+  public var outputToken: String = String()
+
+  /// "auto" (shared when seen), "shared", "coordinator"
+  public var outputVia: String = String()
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -303,6 +347,9 @@ public nonisolated struct Mbq_TensorHeader: Sendable {
   public var chunks: UInt32 = 0
 
   public var epoch: UInt32 = 0
+
+  /// shared-secret mode: HMAC-SHA256(secret, job|name|epoch|checksum)
+  public var authTag: Data = Data()
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -377,6 +424,29 @@ public nonisolated struct Mbq_PhaseDone: Sendable {
 
   public var transferSeconds: Double = 0
 
+  /// block inputs this worker keeps in --scratch
+  public var spilledBytes: UInt64 = 0
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+/// Worker -> coordinator: a quantized block written straight into the output directory.
+public nonisolated struct Mbq_BlockWritten: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var layer: UInt32 = 0
+
+  /// name inside the output directory
+  public var file: String = String()
+
+  public var bytes: UInt64 = 0
+
+  public var epoch: UInt32 = 0
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -426,251 +496,310 @@ fileprivate nonisolated let _protobuf_package = "mbq"
 
 nonisolated extension Mbq_Envelope: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Envelope"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}version\0\u{3}job_id\0\u{1}seq\0\u{2}\u{7}register\0\u{1}heartbeat\0\u{1}assignment\0\u{3}run_phase\0\u{1}tensor\0\u{3}layer_stats\0\u{3}group_result\0\u{3}phase_done\0\u{1}error\0\u{1}shutdown\0\u{1}ratios\0\u{1}refused\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}version\0\u{3}job_id\0\u{1}seq\0\u{2}\u{7}register\0\u{1}heartbeat\0\u{1}assignment\0\u{3}run_phase\0\u{1}tensor\0\u{3}layer_stats\0\u{3}group_result\0\u{3}phase_done\0\u{1}error\0\u{1}shutdown\0\u{1}ratios\0\u{1}refused\0\u{3}block_written\0")
+
+  fileprivate class _StorageClass {
+    var _version: UInt32 = 0
+    var _jobID: String = String()
+    var _seq: UInt64 = 0
+    var _body: Mbq_Envelope.OneOf_Body?
+
+      // This property is used as the initial default value for new instances of the type.
+      // The type itself is protecting the reference to its storage via CoW semantics.
+      // This will force a copy to be made of this reference when the first mutation occurs;
+      // hence, it is safe to mark this as `nonisolated(unsafe)`.
+      static nonisolated(unsafe) let defaultInstance = _StorageClass()
+
+    private init() {}
+
+    init(copying source: _StorageClass) {
+      _version = source._version
+      _jobID = source._jobID
+      _seq = source._seq
+      _body = source._body
+    }
+  }
+
+  fileprivate mutating func _uniqueStorage() -> _StorageClass {
+    if !isKnownUniquelyReferenced(&_storage) {
+      _storage = _StorageClass(copying: _storage)
+    }
+    return _storage
+  }
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
-    while let fieldNumber = try decoder.nextFieldNumber() {
-      // The use of inline closures is to circumvent an issue where the compiler
-      // allocates stack space for every case branch when no optimizations are
-      // enabled. https://github.com/apple/swift-protobuf/issues/1034
-      switch fieldNumber {
-      case 1: try { try decoder.decodeSingularUInt32Field(value: &self.version) }()
-      case 2: try { try decoder.decodeSingularStringField(value: &self.jobID) }()
-      case 3: try { try decoder.decodeSingularUInt64Field(value: &self.seq) }()
-      case 10: try {
-        var v: Mbq_Register?
-        var hadOneofValue = false
-        if let current = self.body {
-          hadOneofValue = true
-          if case .register(let m) = current {v = m}
+    _ = _uniqueStorage()
+    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
+      while let fieldNumber = try decoder.nextFieldNumber() {
+        // The use of inline closures is to circumvent an issue where the compiler
+        // allocates stack space for every case branch when no optimizations are
+        // enabled. https://github.com/apple/swift-protobuf/issues/1034
+        switch fieldNumber {
+        case 1: try { try decoder.decodeSingularUInt32Field(value: &_storage._version) }()
+        case 2: try { try decoder.decodeSingularStringField(value: &_storage._jobID) }()
+        case 3: try { try decoder.decodeSingularUInt64Field(value: &_storage._seq) }()
+        case 10: try {
+          var v: Mbq_Register?
+          var hadOneofValue = false
+          if let current = _storage._body {
+            hadOneofValue = true
+            if case .register(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._body = .register(v)
+          }
+        }()
+        case 11: try {
+          var v: Mbq_Heartbeat?
+          var hadOneofValue = false
+          if let current = _storage._body {
+            hadOneofValue = true
+            if case .heartbeat(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._body = .heartbeat(v)
+          }
+        }()
+        case 12: try {
+          var v: Mbq_Assignment?
+          var hadOneofValue = false
+          if let current = _storage._body {
+            hadOneofValue = true
+            if case .assignment(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._body = .assignment(v)
+          }
+        }()
+        case 13: try {
+          var v: Mbq_RunPhase?
+          var hadOneofValue = false
+          if let current = _storage._body {
+            hadOneofValue = true
+            if case .runPhase(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._body = .runPhase(v)
+          }
+        }()
+        case 14: try {
+          var v: Mbq_TensorHeader?
+          var hadOneofValue = false
+          if let current = _storage._body {
+            hadOneofValue = true
+            if case .tensor(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._body = .tensor(v)
+          }
+        }()
+        case 15: try {
+          var v: Mbq_LayerStats?
+          var hadOneofValue = false
+          if let current = _storage._body {
+            hadOneofValue = true
+            if case .layerStats(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._body = .layerStats(v)
+          }
+        }()
+        case 16: try {
+          var v: Mbq_GroupResult?
+          var hadOneofValue = false
+          if let current = _storage._body {
+            hadOneofValue = true
+            if case .groupResult(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._body = .groupResult(v)
+          }
+        }()
+        case 17: try {
+          var v: Mbq_PhaseDone?
+          var hadOneofValue = false
+          if let current = _storage._body {
+            hadOneofValue = true
+            if case .phaseDone(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._body = .phaseDone(v)
+          }
+        }()
+        case 18: try {
+          var v: Mbq_ErrorReport?
+          var hadOneofValue = false
+          if let current = _storage._body {
+            hadOneofValue = true
+            if case .error(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._body = .error(v)
+          }
+        }()
+        case 19: try {
+          var v: Mbq_Shutdown?
+          var hadOneofValue = false
+          if let current = _storage._body {
+            hadOneofValue = true
+            if case .shutdown(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._body = .shutdown(v)
+          }
+        }()
+        case 20: try {
+          var v: Mbq_Ratios?
+          var hadOneofValue = false
+          if let current = _storage._body {
+            hadOneofValue = true
+            if case .ratios(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._body = .ratios(v)
+          }
+        }()
+        case 21: try {
+          var v: Mbq_Refused?
+          var hadOneofValue = false
+          if let current = _storage._body {
+            hadOneofValue = true
+            if case .refused(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._body = .refused(v)
+          }
+        }()
+        case 22: try {
+          var v: Mbq_BlockWritten?
+          var hadOneofValue = false
+          if let current = _storage._body {
+            hadOneofValue = true
+            if case .blockWritten(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._body = .blockWritten(v)
+          }
+        }()
+        default: break
         }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.body = .register(v)
-        }
-      }()
-      case 11: try {
-        var v: Mbq_Heartbeat?
-        var hadOneofValue = false
-        if let current = self.body {
-          hadOneofValue = true
-          if case .heartbeat(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.body = .heartbeat(v)
-        }
-      }()
-      case 12: try {
-        var v: Mbq_Assignment?
-        var hadOneofValue = false
-        if let current = self.body {
-          hadOneofValue = true
-          if case .assignment(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.body = .assignment(v)
-        }
-      }()
-      case 13: try {
-        var v: Mbq_RunPhase?
-        var hadOneofValue = false
-        if let current = self.body {
-          hadOneofValue = true
-          if case .runPhase(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.body = .runPhase(v)
-        }
-      }()
-      case 14: try {
-        var v: Mbq_TensorHeader?
-        var hadOneofValue = false
-        if let current = self.body {
-          hadOneofValue = true
-          if case .tensor(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.body = .tensor(v)
-        }
-      }()
-      case 15: try {
-        var v: Mbq_LayerStats?
-        var hadOneofValue = false
-        if let current = self.body {
-          hadOneofValue = true
-          if case .layerStats(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.body = .layerStats(v)
-        }
-      }()
-      case 16: try {
-        var v: Mbq_GroupResult?
-        var hadOneofValue = false
-        if let current = self.body {
-          hadOneofValue = true
-          if case .groupResult(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.body = .groupResult(v)
-        }
-      }()
-      case 17: try {
-        var v: Mbq_PhaseDone?
-        var hadOneofValue = false
-        if let current = self.body {
-          hadOneofValue = true
-          if case .phaseDone(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.body = .phaseDone(v)
-        }
-      }()
-      case 18: try {
-        var v: Mbq_ErrorReport?
-        var hadOneofValue = false
-        if let current = self.body {
-          hadOneofValue = true
-          if case .error(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.body = .error(v)
-        }
-      }()
-      case 19: try {
-        var v: Mbq_Shutdown?
-        var hadOneofValue = false
-        if let current = self.body {
-          hadOneofValue = true
-          if case .shutdown(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.body = .shutdown(v)
-        }
-      }()
-      case 20: try {
-        var v: Mbq_Ratios?
-        var hadOneofValue = false
-        if let current = self.body {
-          hadOneofValue = true
-          if case .ratios(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.body = .ratios(v)
-        }
-      }()
-      case 21: try {
-        var v: Mbq_Refused?
-        var hadOneofValue = false
-        if let current = self.body {
-          hadOneofValue = true
-          if case .refused(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.body = .refused(v)
-        }
-      }()
-      default: break
       }
     }
   }
 
   public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
-    // The use of inline closures is to circumvent an issue where the compiler
-    // allocates stack space for every if/case branch local when no optimizations
-    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
-    // https://github.com/apple/swift-protobuf/issues/1182
-    if self.version != 0 {
-      try visitor.visitSingularUInt32Field(value: self.version, fieldNumber: 1)
-    }
-    if !self.jobID.isEmpty {
-      try visitor.visitSingularStringField(value: self.jobID, fieldNumber: 2)
-    }
-    if self.seq != 0 {
-      try visitor.visitSingularUInt64Field(value: self.seq, fieldNumber: 3)
-    }
-    switch self.body {
-    case .register?: try {
-      guard case .register(let v)? = self.body else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 10)
-    }()
-    case .heartbeat?: try {
-      guard case .heartbeat(let v)? = self.body else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 11)
-    }()
-    case .assignment?: try {
-      guard case .assignment(let v)? = self.body else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 12)
-    }()
-    case .runPhase?: try {
-      guard case .runPhase(let v)? = self.body else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 13)
-    }()
-    case .tensor?: try {
-      guard case .tensor(let v)? = self.body else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 14)
-    }()
-    case .layerStats?: try {
-      guard case .layerStats(let v)? = self.body else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 15)
-    }()
-    case .groupResult?: try {
-      guard case .groupResult(let v)? = self.body else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 16)
-    }()
-    case .phaseDone?: try {
-      guard case .phaseDone(let v)? = self.body else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 17)
-    }()
-    case .error?: try {
-      guard case .error(let v)? = self.body else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 18)
-    }()
-    case .shutdown?: try {
-      guard case .shutdown(let v)? = self.body else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 19)
-    }()
-    case .ratios?: try {
-      guard case .ratios(let v)? = self.body else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 20)
-    }()
-    case .refused?: try {
-      guard case .refused(let v)? = self.body else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 21)
-    }()
-    case nil: break
+    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every if/case branch local when no optimizations
+      // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+      // https://github.com/apple/swift-protobuf/issues/1182
+      if _storage._version != 0 {
+        try visitor.visitSingularUInt32Field(value: _storage._version, fieldNumber: 1)
+      }
+      if !_storage._jobID.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._jobID, fieldNumber: 2)
+      }
+      if _storage._seq != 0 {
+        try visitor.visitSingularUInt64Field(value: _storage._seq, fieldNumber: 3)
+      }
+      switch _storage._body {
+      case .register?: try {
+        guard case .register(let v)? = _storage._body else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 10)
+      }()
+      case .heartbeat?: try {
+        guard case .heartbeat(let v)? = _storage._body else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 11)
+      }()
+      case .assignment?: try {
+        guard case .assignment(let v)? = _storage._body else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 12)
+      }()
+      case .runPhase?: try {
+        guard case .runPhase(let v)? = _storage._body else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 13)
+      }()
+      case .tensor?: try {
+        guard case .tensor(let v)? = _storage._body else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 14)
+      }()
+      case .layerStats?: try {
+        guard case .layerStats(let v)? = _storage._body else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 15)
+      }()
+      case .groupResult?: try {
+        guard case .groupResult(let v)? = _storage._body else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 16)
+      }()
+      case .phaseDone?: try {
+        guard case .phaseDone(let v)? = _storage._body else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 17)
+      }()
+      case .error?: try {
+        guard case .error(let v)? = _storage._body else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 18)
+      }()
+      case .shutdown?: try {
+        guard case .shutdown(let v)? = _storage._body else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 19)
+      }()
+      case .ratios?: try {
+        guard case .ratios(let v)? = _storage._body else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 20)
+      }()
+      case .refused?: try {
+        guard case .refused(let v)? = _storage._body else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 21)
+      }()
+      case .blockWritten?: try {
+        guard case .blockWritten(let v)? = _storage._body else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 22)
+      }()
+      case nil: break
+      }
     }
     try unknownFields.traverse(visitor: &visitor)
   }
 
   public static func ==(lhs: Mbq_Envelope, rhs: Mbq_Envelope) -> Bool {
-    if lhs.version != rhs.version {return false}
-    if lhs.jobID != rhs.jobID {return false}
-    if lhs.seq != rhs.seq {return false}
-    if lhs.body != rhs.body {return false}
+    if lhs._storage !== rhs._storage {
+      let storagesAreEqual: Bool = withExtendedLifetime((lhs._storage, rhs._storage)) { (_args: (_StorageClass, _StorageClass)) in
+        let _storage = _args.0
+        let rhs_storage = _args.1
+        if _storage._version != rhs_storage._version {return false}
+        if _storage._jobID != rhs_storage._jobID {return false}
+        if _storage._seq != rhs_storage._seq {return false}
+        if _storage._body != rhs_storage._body {return false}
+        return true
+      }
+      if !storagesAreEqual {return false}
+    }
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -678,7 +807,7 @@ nonisolated extension Mbq_Envelope: SwiftProtobuf.Message, SwiftProtobuf._Messag
 
 nonisolated extension Mbq_Register: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Register"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}worker_id\0\u{1}host\0\u{3}max_memory_bytes\0\u{1}threads\0\u{3}gemm_gflops\0\u{3}data_endpoint\0\u{3}auth_token\0\u{1}backend\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}worker_id\0\u{1}host\0\u{3}max_memory_bytes\0\u{1}threads\0\u{3}gemm_gflops\0\u{3}data_endpoint\0\u{3}auth_token\0\u{1}backend\0\u{3}data_curve_key\0\u{3}scratch_bytes\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -694,6 +823,8 @@ nonisolated extension Mbq_Register: SwiftProtobuf.Message, SwiftProtobuf._Messag
       case 6: try { try decoder.decodeSingularStringField(value: &self.dataEndpoint) }()
       case 7: try { try decoder.decodeSingularBytesField(value: &self.authToken) }()
       case 8: try { try decoder.decodeSingularStringField(value: &self.backend) }()
+      case 9: try { try decoder.decodeSingularStringField(value: &self.dataCurveKey) }()
+      case 10: try { try decoder.decodeSingularUInt64Field(value: &self.scratchBytes) }()
       default: break
       }
     }
@@ -724,6 +855,12 @@ nonisolated extension Mbq_Register: SwiftProtobuf.Message, SwiftProtobuf._Messag
     if !self.backend.isEmpty {
       try visitor.visitSingularStringField(value: self.backend, fieldNumber: 8)
     }
+    if !self.dataCurveKey.isEmpty {
+      try visitor.visitSingularStringField(value: self.dataCurveKey, fieldNumber: 9)
+    }
+    if self.scratchBytes != 0 {
+      try visitor.visitSingularUInt64Field(value: self.scratchBytes, fieldNumber: 10)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -736,6 +873,8 @@ nonisolated extension Mbq_Register: SwiftProtobuf.Message, SwiftProtobuf._Messag
     if lhs.dataEndpoint != rhs.dataEndpoint {return false}
     if lhs.authToken != rhs.authToken {return false}
     if lhs.backend != rhs.backend {return false}
+    if lhs.dataCurveKey != rhs.dataCurveKey {return false}
+    if lhs.scratchBytes != rhs.scratchBytes {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -783,7 +922,7 @@ nonisolated extension Mbq_Heartbeat: SwiftProtobuf.Message, SwiftProtobuf._Messa
 
 nonisolated extension Mbq_Assignment: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Assignment"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}first_layer\0\u{3}end_layer\0\u{3}model_dir\0\u{3}calib_path\0\u{3}upstream_endpoint\0\u{3}downstream_endpoint\0\u{3}holds_head\0\u{3}options_json\0\u{1}samples\0\u{1}epoch\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}first_layer\0\u{3}end_layer\0\u{3}model_dir\0\u{3}calib_path\0\u{3}upstream_endpoint\0\u{3}downstream_endpoint\0\u{3}holds_head\0\u{3}options_json\0\u{1}samples\0\u{1}epoch\0\u{3}upstream_curve_key\0\u{3}downstream_curve_key\0\u{3}output_dir\0\u{3}output_token\0\u{3}output_via\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -801,6 +940,11 @@ nonisolated extension Mbq_Assignment: SwiftProtobuf.Message, SwiftProtobuf._Mess
       case 8: try { try decoder.decodeSingularStringField(value: &self.optionsJson) }()
       case 9: try { try decoder.decodeSingularUInt32Field(value: &self.samples) }()
       case 10: try { try decoder.decodeSingularUInt32Field(value: &self.epoch) }()
+      case 11: try { try decoder.decodeSingularStringField(value: &self.upstreamCurveKey) }()
+      case 12: try { try decoder.decodeSingularStringField(value: &self.downstreamCurveKey) }()
+      case 13: try { try decoder.decodeSingularStringField(value: &self.outputDir) }()
+      case 14: try { try decoder.decodeSingularStringField(value: &self.outputToken) }()
+      case 15: try { try decoder.decodeSingularStringField(value: &self.outputVia) }()
       default: break
       }
     }
@@ -837,6 +981,21 @@ nonisolated extension Mbq_Assignment: SwiftProtobuf.Message, SwiftProtobuf._Mess
     if self.epoch != 0 {
       try visitor.visitSingularUInt32Field(value: self.epoch, fieldNumber: 10)
     }
+    if !self.upstreamCurveKey.isEmpty {
+      try visitor.visitSingularStringField(value: self.upstreamCurveKey, fieldNumber: 11)
+    }
+    if !self.downstreamCurveKey.isEmpty {
+      try visitor.visitSingularStringField(value: self.downstreamCurveKey, fieldNumber: 12)
+    }
+    if !self.outputDir.isEmpty {
+      try visitor.visitSingularStringField(value: self.outputDir, fieldNumber: 13)
+    }
+    if !self.outputToken.isEmpty {
+      try visitor.visitSingularStringField(value: self.outputToken, fieldNumber: 14)
+    }
+    if !self.outputVia.isEmpty {
+      try visitor.visitSingularStringField(value: self.outputVia, fieldNumber: 15)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -851,6 +1010,11 @@ nonisolated extension Mbq_Assignment: SwiftProtobuf.Message, SwiftProtobuf._Mess
     if lhs.optionsJson != rhs.optionsJson {return false}
     if lhs.samples != rhs.samples {return false}
     if lhs.epoch != rhs.epoch {return false}
+    if lhs.upstreamCurveKey != rhs.upstreamCurveKey {return false}
+    if lhs.downstreamCurveKey != rhs.downstreamCurveKey {return false}
+    if lhs.outputDir != rhs.outputDir {return false}
+    if lhs.outputToken != rhs.outputToken {return false}
+    if lhs.outputVia != rhs.outputVia {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -933,7 +1097,7 @@ nonisolated extension Mbq_Ratios: SwiftProtobuf.Message, SwiftProtobuf._MessageI
 
 nonisolated extension Mbq_TensorHeader: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".TensorHeader"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{1}dtype\0\u{1}shape\0\u{3}byte_count\0\u{1}checksum\0\u{1}chunks\0\u{1}epoch\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{1}dtype\0\u{1}shape\0\u{3}byte_count\0\u{1}checksum\0\u{1}chunks\0\u{1}epoch\0\u{3}auth_tag\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -948,6 +1112,7 @@ nonisolated extension Mbq_TensorHeader: SwiftProtobuf.Message, SwiftProtobuf._Me
       case 5: try { try decoder.decodeSingularUInt64Field(value: &self.checksum) }()
       case 6: try { try decoder.decodeSingularUInt32Field(value: &self.chunks) }()
       case 7: try { try decoder.decodeSingularUInt32Field(value: &self.epoch) }()
+      case 8: try { try decoder.decodeSingularBytesField(value: &self.authTag) }()
       default: break
       }
     }
@@ -975,6 +1140,9 @@ nonisolated extension Mbq_TensorHeader: SwiftProtobuf.Message, SwiftProtobuf._Me
     if self.epoch != 0 {
       try visitor.visitSingularUInt32Field(value: self.epoch, fieldNumber: 7)
     }
+    if !self.authTag.isEmpty {
+      try visitor.visitSingularBytesField(value: self.authTag, fieldNumber: 8)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -986,6 +1154,7 @@ nonisolated extension Mbq_TensorHeader: SwiftProtobuf.Message, SwiftProtobuf._Me
     if lhs.checksum != rhs.checksum {return false}
     if lhs.chunks != rhs.chunks {return false}
     if lhs.epoch != rhs.epoch {return false}
+    if lhs.authTag != rhs.authTag {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -1123,7 +1292,7 @@ nonisolated extension Mbq_GroupResult: SwiftProtobuf.Message, SwiftProtobuf._Mes
 
 nonisolated extension Mbq_PhaseDone: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".PhaseDone"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}phase\0\u{1}epoch\0\u{1}seconds\0\u{3}bytes_moved\0\u{3}transfer_seconds\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}phase\0\u{1}epoch\0\u{1}seconds\0\u{3}bytes_moved\0\u{3}transfer_seconds\0\u{3}spilled_bytes\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -1136,6 +1305,7 @@ nonisolated extension Mbq_PhaseDone: SwiftProtobuf.Message, SwiftProtobuf._Messa
       case 3: try { try decoder.decodeSingularDoubleField(value: &self.seconds) }()
       case 4: try { try decoder.decodeSingularUInt64Field(value: &self.bytesMoved) }()
       case 5: try { try decoder.decodeSingularDoubleField(value: &self.transferSeconds) }()
+      case 6: try { try decoder.decodeSingularUInt64Field(value: &self.spilledBytes) }()
       default: break
       }
     }
@@ -1157,6 +1327,9 @@ nonisolated extension Mbq_PhaseDone: SwiftProtobuf.Message, SwiftProtobuf._Messa
     if self.transferSeconds.bitPattern != 0 {
       try visitor.visitSingularDoubleField(value: self.transferSeconds, fieldNumber: 5)
     }
+    if self.spilledBytes != 0 {
+      try visitor.visitSingularUInt64Field(value: self.spilledBytes, fieldNumber: 6)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -1166,6 +1339,52 @@ nonisolated extension Mbq_PhaseDone: SwiftProtobuf.Message, SwiftProtobuf._Messa
     if lhs.seconds != rhs.seconds {return false}
     if lhs.bytesMoved != rhs.bytesMoved {return false}
     if lhs.transferSeconds != rhs.transferSeconds {return false}
+    if lhs.spilledBytes != rhs.spilledBytes {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Mbq_BlockWritten: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".BlockWritten"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}layer\0\u{1}file\0\u{1}bytes\0\u{1}epoch\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularUInt32Field(value: &self.layer) }()
+      case 2: try { try decoder.decodeSingularStringField(value: &self.file) }()
+      case 3: try { try decoder.decodeSingularUInt64Field(value: &self.bytes) }()
+      case 4: try { try decoder.decodeSingularUInt32Field(value: &self.epoch) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if self.layer != 0 {
+      try visitor.visitSingularUInt32Field(value: self.layer, fieldNumber: 1)
+    }
+    if !self.file.isEmpty {
+      try visitor.visitSingularStringField(value: self.file, fieldNumber: 2)
+    }
+    if self.bytes != 0 {
+      try visitor.visitSingularUInt64Field(value: self.bytes, fieldNumber: 3)
+    }
+    if self.epoch != 0 {
+      try visitor.visitSingularUInt32Field(value: self.epoch, fieldNumber: 4)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Mbq_BlockWritten, rhs: Mbq_BlockWritten) -> Bool {
+    if lhs.layer != rhs.layer {return false}
+    if lhs.file != rhs.file {return false}
+    if lhs.bytes != rhs.bytes {return false}
+    if lhs.epoch != rhs.epoch {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

@@ -1,0 +1,103 @@
+import Foundation
+import MBQTensor
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The block inputs a worker keeps from the forward phase for backward and search
+/// (DESIGN.md §3: "keeps their inputs, spilling to its local disk past a memory
+/// budget"). Tensors stay in memory while they fit `budgetBytes`; past it they go to
+/// raw fp32 files under the scratch directory and are read back on use. Without a
+/// scratch directory nothing spills (the plan then counted the inputs as memory).
+public final class ActivationStore {
+    struct Key: Hashable { let layer: Int, sample: Int }
+
+    public let budgetBytes: Int
+    let directory: String?
+    var memory: [Key: Tensor<Float>] = [:]
+    var spilled: [Key: [Int]] = [:]   // shape of each spilled tensor
+    public private(set) var residentBytes = 0
+    public private(set) var spilledBytes = 0
+    public private(set) var spillSeconds = 0.0
+
+    /// `scratch`: the worker's --scratch; a private subdirectory is made in it lazily
+    /// and removed with the store.
+    public init(budgetBytes: Int, scratch: String?, owner: String) {
+        self.budgetBytes = budgetBytes
+        directory = scratch.map { $0 + "/mbq-\(owner)-\(getpid())-\(UInt32.random(in: 0...UInt32.max))" }
+    }
+
+    deinit { removeFiles() }
+
+    func path(_ k: Key) -> String { directory! + "/L\(k.layer)-S\(k.sample).f32" }
+
+    public func put(layer: Int, sample: Int, _ t: Tensor<Float>) throws {
+        let k = Key(layer: layer, sample: sample)
+        let bytes = t.count * 4
+        if directory == nil || residentBytes + bytes <= budgetBytes {
+            if let old = memory.updateValue(t, forKey: k) { residentBytes -= old.count * 4 }
+            residentBytes += bytes
+            return
+        }
+        let t0 = DispatchTime.now().uptimeNanoseconds
+        defer { spillSeconds += Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9 }
+        try FileManager.default.createDirectory(atPath: directory!, withIntermediateDirectories: true)
+        let p = path(k)
+        let fd = open(p, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
+        guard fd >= 0 else { throw ClusterError.scratch(path: p, reason: String(cString: strerror(errno))) }
+        defer { close(fd) }
+        try t.data.withUnsafeBytes { buf in
+            var done = 0
+            while done < buf.count {
+                let n = write(fd, buf.baseAddress! + done, buf.count - done)
+                if n < 0 && errno == EINTR { continue }
+                guard n > 0 else { throw ClusterError.scratch(path: p, reason: "write: \(String(cString: strerror(errno)))") }
+                done += n
+            }
+        }
+        if spilled.updateValue(t.shape, forKey: k) == nil { spilledBytes += bytes }
+    }
+
+    public func get(layer: Int, sample: Int) throws -> Tensor<Float> {
+        let k = Key(layer: layer, sample: sample)
+        if let t = memory[k] { return t }
+        guard let shape = spilled[k] else {
+            preconditionFailure("ActivationStore: no input for layer \(layer) sample \(sample)")
+        }
+        let t0 = DispatchTime.now().uptimeNanoseconds
+        defer { spillSeconds += Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9 }
+        let p = path(k)
+        let n = shape.reduce(1, *)
+        let fd = open(p, O_RDONLY)
+        guard fd >= 0 else { throw ClusterError.scratch(path: p, reason: String(cString: strerror(errno))) }
+        defer { close(fd) }
+        var failure: String?
+        let data = [Float](unsafeUninitializedCapacity: n) { buf, count in
+            let raw = UnsafeMutableRawBufferPointer(buf)
+            var done = 0
+            while done < raw.count {
+                let r = read(fd, raw.baseAddress! + done, raw.count - done)
+                if r < 0 && errno == EINTR { continue }
+                guard r > 0 else { failure = r == 0 ? "file is short" : String(cString: strerror(errno)); break }
+                done += r
+            }
+            if failure != nil { raw.initializeMemory(as: UInt8.self, repeating: 0) }
+            count = n
+        }
+        if let failure { throw ClusterError.scratch(path: p, reason: failure) }
+        return Tensor(shape: shape, data: data)
+    }
+
+    /// Forgets everything (a new plan or a new forward pass).
+    public func reset() {
+        memory = [:]
+        spilled = [:]
+        residentBytes = 0
+        spilledBytes = 0
+        removeFiles()
+    }
+
+    func removeFiles() {
+        if let d = directory { try? FileManager.default.removeItem(atPath: d) }
+    }
+}

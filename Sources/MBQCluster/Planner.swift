@@ -1,0 +1,101 @@
+import Foundation
+
+/// What a worker's memory must hold, per the plan (DESIGN.md §3): the fp32 weights of
+/// its blocks, their cached inputs unless it can spill them to --scratch, and a fixed
+/// part (final norm + lm_head for the last stage, reserved on every worker so any can
+/// be last; the working set of one sample through one block).
+public struct MemoryNeeds: Sendable, Equatable {
+    public var layerWeightBytes: Double = 0
+    public var layerActivationBytes: Double = 0
+    public var fixedBytes: Double = 0
+
+    public init(layerWeightBytes: Double = 0, layerActivationBytes: Double = 0, fixedBytes: Double = 0) {
+        self.layerWeightBytes = layerWeightBytes
+        self.layerActivationBytes = layerActivationBytes
+        self.fixedBytes = fixedBytes
+    }
+
+    /// The fixed part for a model: head weights plus one sample's largest intermediates
+    /// through one block (q/k/v/o, MLP and the saved attention probabilities).
+    public static func fixed(hidden: Int, intermediate: Int, heads: Int, vocab: Int, tokens: Int) -> Double {
+        let t = Double(tokens)
+        let head = Double(vocab * hidden + hidden) * 4 + t * Double(vocab) * 4 * 2
+        let working = t * Double(8 * hidden + 4 * intermediate) * 4 + Double(heads) * t * t * 4
+        return head + working
+    }
+
+    /// How many layers fit in `memory` bytes (everything when nothing is known).
+    public func capacity(memory: UInt64, spills: Bool, layers: Int) -> Int {
+        let per = layerWeightBytes + (spills ? 0 : layerActivationBytes)
+        guard per > 0 else { return layers }
+        let avail = Double(memory) - fixedBytes
+        return avail <= 0 ? 0 : min(layers, Int(avail / per))
+    }
+}
+
+/// Contiguous block ranges over workers in a fixed order, sized by measured GEMM rate so
+/// that stages finish together, and never more layers than a worker's memory holds.
+public enum Planner {
+    public typealias Plan = [(worker: String, range: Range<Int>)]
+
+    /// nil when the workers' memory cannot hold all `layers` together.
+    public static func plan(layers: Int, workers: [(id: String, gflops: Double, capacity: Int)]) -> Plan? {
+        let ws = workers.filter { $0.capacity > 0 }
+        guard ws.reduce(0, { $0 + $1.capacity }) >= layers, layers > 0 else { return nil }
+        let p = proportional(layers: layers, workers: ws.map { ($0.id, $0.gflops) })
+        let cap = Dictionary(uniqueKeysWithValues: ws.map { ($0.id, $0.capacity) })
+        if p.allSatisfy({ $0.range.count <= cap[$0.worker]! }) { return p }
+        return bottleneck(layers: layers, workers: ws)
+    }
+
+    /// Layers in proportion to speed (rounded), at least one per stage, at most `layers` stages.
+    public static func proportional(layers: Int, workers: [(id: String, gflops: Double)]) -> Plan {
+        let n = min(layers, workers.count)
+        let ws = Array(workers.prefix(n))
+        let total = ws.reduce(0) { $0 + max($1.gflops, 1e-3) }
+        var plan: Plan = []
+        var start = 0
+        var acc = 0.0
+        for (i, w) in ws.enumerated() {
+            acc += max(w.gflops, 1e-3)
+            var end = i == n - 1 ? layers : Int((Double(layers) * acc / total).rounded())
+            end = max(end, start + 1)
+            end = min(end, layers - (n - 1 - i))
+            plan.append((w.id, start..<end))
+            start = end
+        }
+        return plan
+    }
+
+    /// The smallest stage time T at which every worker taking min(capacity, T x speed)
+    /// layers covers the model (binary search over the times n / speed); surplus is
+    /// taken back from the last stages.
+    static func bottleneck(layers: Int, workers ws: [(id: String, gflops: Double, capacity: Int)]) -> Plan {
+        let speed = ws.map { max($0.gflops, 1e-3) }
+        func counts(_ t: Double) -> [Int] {
+            zip(ws, speed).map { w, g in min(w.capacity, Int((t * g * (1 + 1e-12)).rounded(.down))) }
+        }
+        var times = Set<Double>()
+        for (w, g) in zip(ws, speed) { for n in 1...min(w.capacity, layers) { times.insert(Double(n) / g) } }
+        let sorted = times.sorted()
+        var lo = 0, hi = sorted.count - 1
+        while lo < hi {
+            let mid = (lo + hi) / 2
+            if counts(sorted[mid]).reduce(0, +) >= layers { hi = mid } else { lo = mid + 1 }
+        }
+        var c = counts(sorted[lo])
+        var surplus = c.reduce(0, +) - layers
+        for i in c.indices.reversed() where surplus > 0 {
+            let take = min(c[i], surplus)
+            c[i] -= take
+            surplus -= take
+        }
+        var plan: Plan = []
+        var start = 0
+        for (w, n) in zip(ws, c) where n > 0 {
+            plan.append((w.id, start..<(start + n)))
+            start += n
+        }
+        return plan
+    }
+}
