@@ -71,12 +71,17 @@ public enum Curve {
 /// own thread for the life of the process; every decision is logged.
 public final class CurveAuthenticator: @unchecked Sendable {
     private var authorized: Set<[UInt8]>
-    private let lock = NSLock()
+    private let changed = NSCondition()
+    let grace: Double
     let log: (String) -> Void
 
     /// `authorizedKeys`: Z85 public keys (one per line in the files `mbq keys` writes).
-    public init(authorizedKeys: [String], log: @escaping (String) -> Void) throws {
+    /// `grace`: how long an unknown key's handshake waits for `setAuthorized` to admit it
+    /// (a worker's neighbour may connect before this worker has read the assignment
+    /// that names it; ZeroMQ does not retry a refused handshake).
+    public init(authorizedKeys: [String], grace: Double = 0, log: @escaping (String) -> Void) throws {
         authorized = Set(authorizedKeys.compactMap(Curve.binary))
+        self.grace = grace
         self.log = log
         let rep = try ZMQSocket(.rep)
         try rep.bind("inproc://zeromq.zap.01")
@@ -86,13 +91,18 @@ public final class CurveAuthenticator: @unchecked Sendable {
 
     /// Replaces the admitted keys (a worker's data socket admits its current neighbours).
     public func setAuthorized(_ keys: [String]) {
-        lock.lock(); defer { lock.unlock() }
+        changed.lock(); defer { changed.unlock() }
         authorized = Set(keys.compactMap(Curve.binary))
+        changed.broadcast()
     }
 
     func admits(_ key: [UInt8]) -> Bool {
-        lock.lock(); defer { lock.unlock() }
-        return authorized.contains(key)
+        changed.lock(); defer { changed.unlock() }
+        let end = Date().addingTimeInterval(grace)
+        while !authorized.contains(key) {
+            guard changed.wait(until: end) else { return authorized.contains(key) }
+        }
+        return true
     }
 
     func serve(_ rep: ZMQSocket) {

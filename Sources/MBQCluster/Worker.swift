@@ -75,7 +75,7 @@ public final class Worker: @unchecked Sendable {
         if options.curve != nil {
             let keys = try Curve.keypair()
             dataKeys = keys
-            dataAuthenticator = try CurveAuthenticator(authorizedKeys: []) { line in logger.warning("data socket: \(line)") }
+            dataAuthenticator = try CurveAuthenticator(authorizedKeys: [], grace: 5) { line in logger.warning("data socket: \(line)") }
             try Curve.server(pull, secretKey: keys.secret)
         } else {
             dataKeys = nil

@@ -209,7 +209,7 @@ final class ClusterProcessTests: XCTestCase {
     }
 
     func testCurveZMQAdmitsOnlyAuthorizedKeys() throws {
-        for name in ["coord", "good", "evil"] {
+        for name in ["coord", "good", "good2", "evil"] {
             let k = try spawn(["keys", "--name", name, "--dir", tmp], log: tmp + "/keys-\(name).log")
             XCTAssertTrue(waitExit(k))
             XCTAssertEqual(k.terminationStatus, 0, text(tmp + "/keys-\(name).log"))
@@ -219,15 +219,19 @@ final class ClusterProcessTests: XCTestCase {
         let p = port()
         let out = tmp + "/out", clog = tmp + "/coord.log"
         let coord = try spawn(["coordinator", "--model", Self.model, "--calib", Self.calib, "--w-bit", "3", "--out", out,
-                               "--bind", "tcp://127.0.0.1:\(p)", "--workers", "1", "--curve-key", tmp + "/coord.key",
-                               "--authorized-keys", tmp + "/good.pub"], log: clog)
+                               "--bind", "tcp://127.0.0.1:\(p)", "--workers", "2", "--curve-key", tmp + "/coord.key",
+                               "--authorized-keys", tmp + "/good.pub", tmp + "/good2.pub"], log: clog)
         let evil = try spawn(["worker", "--connect", "tcp://127.0.0.1:\(p)", "--id", "evil", "--curve-server-key", tmp + "/coord.pub",
                               "--curve-key", tmp + "/evil.key"], log: tmp + "/evil.log")
         defer { for x in [coord, evil] where x.isRunning { x.terminate() } }
         XCTAssertTrue(waitFor(clog, "is not authorized", timeout: 20), text(clog))
+        // Two authorized workers: activations and gradients between them go over
+        // CURVE-encrypted data sockets that admit only the neighbour's key.
         let good = try spawn(["worker", "--connect", "tcp://127.0.0.1:\(p)", "--id", "good", "--curve-server-key", tmp + "/coord.pub",
                               "--curve-key", tmp + "/good.key"], log: tmp + "/good.log")
-        defer { if good.isRunning { good.terminate() } }
+        let good2 = try spawn(["worker", "--connect", "tcp://127.0.0.1:\(p)", "--id", "good2", "--curve-server-key", tmp + "/coord.pub",
+                               "--curve-key", tmp + "/good2.key"], log: tmp + "/good2.log")
+        defer { for x in [good, good2] where x.isRunning { x.terminate() } }
         // The refused worker says why and stops instead of retrying forever.
         XCTAssertTrue(waitExit(evil, timeout: 30), text(tmp + "/evil.log"))
         XCTAssertEqual(evil.terminationStatus, 1, text(tmp + "/evil.log"))
@@ -235,6 +239,8 @@ final class ClusterProcessTests: XCTestCase {
         XCTAssertTrue(waitExit(coord), text(clog))
         XCTAssertEqual(coord.terminationStatus, 0, text(clog))
         XCTAssertFalse(text(clog).contains("worker=evil registered"), text(clog))
+        XCTAssertTrue(text(clog).contains("(2 worker(s) ready)"), text(clog))
+        XCTAssertTrue(text(clog).contains("moved"), "activations crossed the encrypted data sockets: \(text(clog))")
         try assertSameAsReference(out)
     }
 
