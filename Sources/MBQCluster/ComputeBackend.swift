@@ -13,7 +13,10 @@ public protocol ComputeBackend: Sendable {
                        rope: RoPETable<Float>, mask: [Bool]) -> DecoderBlockGradients<Float>
     func searchLayer(_ l: Int, _ w: DecoderBlockWeights<Float>, samples: [LayerSample], attnRatio: Double, mlpRatio: Double,
                      options: SearchOptions) -> [GroupResult]
-    func measureGFLOPS() -> Double
+    /// GEMM rate (GFLOP/s) on n x n x n products for each n of `sizes`, with the threads
+    /// this worker computes with: the cost model reads the efficiency of small GEMMs
+    /// from it, the plan the speed of large ones.
+    func measureGEMMRates(sizes: [Int]) -> [Double]
 }
 
 public struct CPUBackend: ComputeBackend {
@@ -31,13 +34,21 @@ public struct CPUBackend: ComputeBackend {
                             options: SearchOptions) -> [GroupResult] {
         ScaleSearch.searchLayer(l, weights: w, samples: samples, attnRatio: attnRatio, mlpRatio: mlpRatio, options: options)
     }
-    public func measureGFLOPS() -> Double {
-        var rng = SeededRandom(seed: 1)
-        let a: Tensor<Float> = rng.normalTensor([512, 512]), b: Tensor<Float> = rng.normalTensor([512, 512])
-        _ = matmul(a, b)
-        let t0 = DispatchTime.now().uptimeNanoseconds
-        for _ in 0..<4 { _ = matmul(a, b) }
-        let dt = Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9
-        return 4 * 2 * 512 * 512 * 512 / dt / 1e9
+    public func measureGEMMRates(sizes: [Int]) -> [Double] {
+        sizes.map { n in
+            var rng = SeededRandom(seed: UInt64(n))
+            let a: Tensor<Float> = rng.normalTensor([n, n]), b: Tensor<Float> = rng.normalTensor([n, n])
+            _ = matmul(a, b)  // warm-up: threads, caches, page faults
+            // Best of repeated runs for about 20 ms (small sizes run many times).
+            var best = 0.0
+            let end = DispatchTime.now().uptimeNanoseconds + 20_000_000
+            repeat {
+                let t0 = DispatchTime.now().uptimeNanoseconds
+                _ = matmul(a, b)
+                let dt = Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9
+                best = max(best, 2 * Double(n * n * n) / dt / 1e9)
+            } while DispatchTime.now().uptimeNanoseconds < end
+            return best
+        }
     }
 }

@@ -31,6 +31,10 @@ public struct JobSpec: Sendable {
     /// --distort: search runs as a pipeline; finished layers' scales go back to their
     /// owners at the start of the search, to recompute the quantized activations.
     public var distort = false
+    /// For the cost model's prediction, logged with the first plan and checked at the end.
+    public var shape: CostModel.Shape?
+    public var workload: CostModel.Workload?
+    public var bandwidthBytesPerSecond = 1.25e9
 
     public init(jobID: String, modelDir: String, calibPath: String, optionsJSON: String, layers: Int, samples: Int,
                 needsStats: Bool, needsForward: Bool, groupsPerLayer: Int, tensorsPerBlock: Int, expectedWorkers: Int) {
@@ -86,6 +90,9 @@ public final class CoordinatorState {
     public private(set) var bytesMoved: UInt64 = 0
     public private(set) var transferSeconds = 0.0
     var firstPlan: Double?
+    /// The cost model's prediction for the first plan, and the phases' measured seconds.
+    public private(set) var predicted: CostModel.Prediction?
+    public private(set) var phaseSeconds: [String: Double] = [:]
     var lastHeartbeatSent = -Double.infinity
     var phaseStarted = 0.0
     /// Checks a registration's credentials (shared-secret HMAC); CURVE is checked by ZeroMQ.
@@ -201,14 +208,29 @@ public final class CoordinatorState {
         (0..<spec.layers).filter { written[$0] != nil || blocks[$0]?.count == spec.tensorsPerBlock }.count
     }
 
+    /// Adds the running phase's time to its total (a re-plan runs some phases twice).
+    func closePhase(now: Double) {
+        if [.forward, .backward, .search, .apply].contains(phase) { phaseSeconds[phase.rawValue, default: 0] += now - phaseStarted }
+    }
+
     func finishIfComplete(now: Double) -> [Directive] {
         guard blocksDone == spec.layers else { return [] }
+        closePhase(now: now)
         phase = .done
         var out: [Directive] = [.log("phase=done all \(spec.layers) blocks quantized (\(written.count) written by workers, \(spec.layers - written.count) streamed here)")]
         if let t0 = firstPlan {
             let wall = now - t0, workersUsed = Double(max(plan.count, 1))
             out.append(.log(String(format: "transfers: %.1f MB of activations and gradients worker to worker, %.3f s of %.0f worker(s) x %.2f s wall = %.2f%% of worker time moving tensors",
                                    Double(bytesMoved) / 1e6, transferSeconds, workersUsed, wall, 100 * transferSeconds / (wall * workersUsed))))
+        }
+        if let p = predicted, let t0 = firstPlan {
+            let parts = p.seconds.map { ph -> String in
+                let m = phaseSeconds[ph.phase] ?? 0
+                return String(format: "%@ %.2f s (predicted %.2f, %+.0f%%)", ph.phase, m, ph.seconds, 100 * (m / max(ph.seconds, 1e-9) - 1))
+            }
+            let wall = now - t0
+            out.append(.log("cost model: measured " + parts.joined(separator: ", ")
+                            + String(format: "; total %.2f s (predicted %.2f, %+.0f%%)", wall, p.total, 100 * (wall / max(p.total, 1e-9) - 1))))
         }
         out.append(.finished)
         return out
@@ -253,8 +275,10 @@ public final class CoordinatorState {
         }
         let known = workers[r.workerID]
         workers[r.workerID] = WorkerEntry(identity: identity, id: r.workerID, info: r, lastSeen: now, alive: true, range: nil)
-        var out: [Directive] = [.log(String(format: "worker=%@ registered from %@: %d threads, %.0f GFLOP/s, %.1f GiB%@", r.workerID, r.host,
-                                            r.threads, r.gemmGflops, Double(r.maxMemoryBytes) / 1073741824,
+        let curve = r.gemmRates.isEmpty ? "" : " (GEMM 64..1024: " + r.gemmRates.map { String(format: "%.0f", $0) }.joined(separator: "/") + ")"
+        let scratch = r.scratchBytes > 0 ? String(format: ", scratch %.0f GiB free", Double(r.scratchBytes) / 1073741824) : ""
+        var out: [Directive] = [.log(String(format: "worker=%@ registered from %@: %d threads of %d cores, %.0f GFLOP/s%@, %.1f GiB%@%@", r.workerID, r.host,
+                                            r.threads, r.cores, r.gemmGflops, curve, Double(r.maxMemoryBytes) / 1073741824, scratch,
                                             known != nil ? " (reconnect: its state is gone)" : ""))]
         switch phase {
         case .waiting:
@@ -305,9 +329,25 @@ public final class CoordinatorState {
                                 spec.memory.layerActivationBytes / 1073741824, spec.memory.fixedBytes / 1073741824))]
         }
         epoch += 1
-        if firstPlan == nil { firstPlan = now }
         plan = newPlan
-        var out: [Directive] = [.log("plan epoch=\(epoch) (\(reason)): " + plan.map { "\($0.worker)=layers \($0.range.lowerBound)..<\($0.range.upperBound)" }.joined(separator: ", ")), .journal]
+        var predictionLog: [Directive] = []
+        if firstPlan == nil {
+            firstPlan = now
+            if let shape = spec.shape, let load = spec.workload {
+                let ws = plan.map { p -> CostModel.Worker in
+                    let i = workers[p.worker]!.info
+                    return CostModel.Worker(gflops: i.gemmGflops, memoryBytes: Double(i.maxMemoryBytes),
+                                            rates: i.gemmRates.count == CostModel.curveSizes.count ? i.gemmRates : nil,
+                                            host: i.host, threads: Int(i.threads), cores: Int(i.cores))
+                }
+                let p = CostModel().predict(shape, workers: ws, workload: load, bandwidthBytesPerSecond: spec.bandwidthBytesPerSecond,
+                                            plan: plan.map(\.range))
+                predicted = p
+                predictionLog = [.log("cost model: predicted " + p.seconds.map { String(format: "%@ %.2f s", $0.phase, $0.seconds) }.joined(separator: ", ")
+                                      + String(format: "; total %.2f s", p.total))]
+            }
+        }
+        var out: [Directive] = [.log("plan epoch=\(epoch) (\(reason)): " + plan.map { "\($0.worker)=layers \($0.range.lowerBound)..<\($0.range.upperBound)" }.joined(separator: ", ")), .journal] + predictionLog
         for (i, p) in plan.enumerated() {
             workers[p.worker]!.range = p.range
             var a = Mbq_Assignment()
@@ -338,6 +378,7 @@ public final class CoordinatorState {
     }
 
     func start(_ p: CoordinatorPhase, now: Double) -> [Directive] {
+        closePhase(now: now)
         phase = p
         phaseDone = []
         phaseStarted = now

@@ -2,16 +2,37 @@ import Foundation
 import MBQFormats
 
 /// Predicts a distributed job's time per phase and each worker's memory from the model's
-/// shape and the cluster's measured speeds. Its constants are calibrated against runs on
-/// this machine (README "Cost model"): the engine reaches `efficiency` of the GEMM rate a
-/// worker reports, backward (recompute + input gradients) costs `backwardFactor` forwards,
-/// and the 20-point search of a block costs `searchFactor` block forwards.
+/// shape, the calibration set and the workers' measured speeds.
+///
+/// Every GEMM of a phase is counted (a block's q/k/v/o and MLP products, attention's
+/// per-head products, the loss head's on the labelled rows; the search's 20 grid points
+/// plus the fp baseline per group, the token-wise groups only on the rows the loss
+/// reads) and timed at the rate the worker measured for a GEMM of that size
+/// (`rates`, GFLOP/s on n x n x n for n in `curveSizes`, interpolated at the cube root
+/// of m·k·n), so small models pay for small GEMMs. Loops that are not GEMMs (norms,
+/// RoPE, softmax, SiLU, quantization) are charged as bytes at `elementwiseGBps`. Workers
+/// sharing a host's cores run at `share` of their rate. The constants were calibrated
+/// against runs on this machine (README "Cost model").
 public struct CostModel: Sendable {
-    public var efficiency = 0.81
-    public var backwardFactor = 2.0
-    public var searchFactor = 21.3
-    /// Fixed cost per phase (process wake-up, ZeroMQ round trips, loading), seconds.
-    public var phaseOverhead = 0.15
+    /// The square GEMM sizes a worker measures at registration.
+    public static let curveSizes = [64, 128, 256, 512, 1024]
+    /// rate(n) / rate(512) measured here (one thread, OpenBLAS SkylakeX kernels), for
+    /// workers known by one number (`mbq plan --workers 16x64GiB@1000`).
+    public static let referenceCurve: [Double] = [1.05, 0.89, 1.04, 1.0, 1.0]
+
+    /// Bytes per second that non-GEMM loops move, per thread. Calibrated: a block of
+    /// hidden 256 on 128 tokens takes 3.6 ms on one thread here, 1.3 ms of it GEMM.
+    public var elementwiseGBps = 1.35
+    /// Bytes moved per weight element each time the search quantizes a candidate
+    /// (scale, group min/max, round, unscale): 90 ms per layer of the demo model.
+    public var quantizeBytesPerWeight = 8.0
+    /// Writing one layer's shard (fsync included), seconds, beyond its bytes at 1 GB/s.
+    public var writeOverhead = 0.01
+    /// Backward phase per block and sample, in forwards: the recompute with saved
+    /// activations plus the input gradients (measured: 2.12 on a 7B block).
+    public var backwardFactor = 2.1
+    /// Fixed cost per phase (commands, ZeroMQ round trips, thread wake-up), seconds.
+    public var phaseOverhead = 0.03
 
     public struct Shape: Sendable {
         public var layers, hidden, intermediate, heads, kvHeads, headDim, vocab: Int
@@ -32,12 +53,55 @@ public struct CostModel: Sendable {
             let t = Double(tokens)
             return 2 * t * paramsPerLayer + 2 * 2 * t * (t / 2) * Double(heads * headDim)
         }
+        /// Without GQA the o_proj group is searched too.
+        var searchesO: Bool { kvHeads == heads && heads * headDim == hidden }
+    }
+
+    /// What the job computes on.
+    public struct Workload: Sendable {
+        public var samples: Int
+        public var tokens: Int
+        /// Share of rows the search loss reads (vision + caption with reweighting, else
+        /// every non-padding row): the token-wise groups compute only those.
+        public var lossRowFraction = 1.0
+        /// Labelled rows per sample (the loss head's logits).
+        public var labelRows = 0.0
+        public var needsStats = true
+        /// Evaluations per group in the search phase: 21 for the grid search, 0 when the
+        /// phase only captures activations (SmoothQuant), nil when there is none (RTN).
+        public var searchEvaluations: Double? = 21
+        public var distort = false
+        public init(samples: Int, tokens: Int) { self.samples = samples; self.tokens = tokens }
     }
 
     public struct Worker: Sendable {
+        /// GFLOP/s on 512-cubed products.
         public var gflops: Double
         public var memoryBytes: Double
-        public init(gflops: Double, memoryBytes: Double) { self.gflops = gflops; self.memoryBytes = memoryBytes }
+        /// Measured rates at `curveSizes` (nil: `referenceCurve` scaled to `gflops`).
+        public var rates: [Double]?
+        /// Workers on one host share its cores (0: unknown, nothing shared).
+        public var host = ""
+        public var threads = 1
+        public var cores = 0
+        /// Fraction of its rate the worker gets (set per phase from who is busy).
+        var share = 1.0
+        public init(gflops: Double, memoryBytes: Double, rates: [Double]? = nil, host: String = "", threads: Int = 1, cores: Int = 0) {
+            self.gflops = gflops; self.memoryBytes = memoryBytes; self.rates = rates
+            self.host = host; self.threads = threads; self.cores = cores
+        }
+
+        /// GFLOP/s for a GEMM of m·k·n multiply-adds (log-log interpolation in size).
+        func rate(_ m: Double, _ k: Double, _ n: Double) -> Double {
+            let curve = rates ?? CostModel.referenceCurve.map { $0 * gflops }
+            let sizes = CostModel.curveSizes.map(Double.init)
+            let s = cbrt(max(m * k * n, 1))
+            guard s > sizes[0] else { return curve[0] }
+            guard s < sizes.last! else { return curve.last! }
+            let i = sizes.lastIndex { $0 <= s }!
+            let u = log(s / sizes[i]) / log(sizes[i + 1] / sizes[i])
+            return exp(log(curve[i]) * (1 - u) + log(curve[i + 1]) * u)
+        }
     }
 
     public struct Prediction: Sendable {
@@ -50,33 +114,142 @@ public struct CostModel: Sendable {
 
     public init() {}
 
-    public func predict(_ s: Shape, workers: [Worker], samples: Int, tokens: Int, bandwidthBytesPerSecond: Double,
-                        needsStats: Bool = true) -> Prediction {
-        let plan = CoordinatorState.makePlan(layers: s.layers, workers: workers.enumerated().map { ("w\($0.offset)", $0.element.gflops) })
+    // MARK: per-sample costs on one worker
+
+    func gemm(_ m: Double, _ k: Double, _ n: Double, _ w: Worker) -> Double {
+        guard m > 0 else { return 0 }
+        return 2 * m * k * n / (w.rate(m, k, n) * 1e9 * w.share)
+    }
+
+    /// Non-GEMM loops split over threads only when their tensors are large (the
+    /// engine's parallel loops have minimum chunk sizes): a T x hidden fp32 tensor of
+    /// 4 MB or more uses every thread, a small one about one (measured: the demo job's
+    /// search, hidden 256 x 128 tokens, takes 1.66 s per layer on one thread, 1.61 s on two).
+    func bytes(_ b: Double, _ w: Worker) -> Double {
+        let threads = 1 + Double(max(0, w.threads - 1)) * min(1, rowBytes / 4e6)
+        return b / (elementwiseGBps * 1e9 * threads * w.share)
+    }
+
+    /// Bytes of one T x hidden fp32 activation of the job being predicted.
+    var rowBytes = 0.0
+
+    /// Self-attention on `t` rows: projections, per-head products, softmax and RoPE; in
+    /// a block also its norm, residual and copies, in a search evaluation the loss.
+    func attention(_ s: Shape, _ t: Double, _ w: Worker, evaluation: Bool = false) -> Double {
+        let h = Double(s.hidden), q = Double(s.heads * s.headDim), kv = Double(s.kvHeads * s.headDim), d = Double(s.headDim)
+        let proj = gemm(t, h, q, w) + 2 * gemm(t, h, kv, w) + gemm(t, q, h, w)
+        let core = Double(s.heads) * 2 * gemm(t, d, t / 2, w)
+        let softmax = Double(s.heads) * t * t / 2 * 4 * 3
+        let rows = evaluation ? t * (2 * q + 2 * h) * 4 : t * (6 * h + 3 * q) * 4
+        return proj + core + bytes(rows + softmax, w)
+    }
+
+    /// The MLP on `r` rows.
+    func mlp(_ s: Shape, _ r: Double, _ w: Worker) -> Double {
+        let h = Double(s.hidden), i = Double(s.intermediate)
+        return 2 * gemm(r, h, i, w) + gemm(r, i, h, w) + bytes(r * (4 * h + 4 * i) * 4, w)
+    }
+
+    func block(_ s: Shape, _ t: Double, _ w: Worker) -> Double { attention(s, t, w) + mlp(s, t, w) }
+
+    /// One layer's search on one sample: the captures, then every evaluation of each
+    /// group (qkv: the whole attention on all rows; o, gate_up, down: the loss rows).
+    func searchLayer(_ s: Shape, _ t: Double, _ f: Double, evaluations: Double, _ w: Worker) -> Double {
+        let h = Double(s.hidden), q = Double(s.heads * s.headDim), i = Double(s.intermediate), r = f * t
+        let o = s.searchesO ? gemm(r, q, h, w) : 0
+        let perEval = attention(s, t, w, evaluation: true) + o + mlp(s, r, w) + gemm(r, i, h, w) + bytes(r * (h + i) * 4 * 2, w)
+        return block(s, t, w) + evaluations * perEval
+    }
+
+    // MARK: sharing cores
+
+    /// Each busy worker's share of its host's cores (threads beyond the cores slow
+    /// every busy worker there alike).
+    static func shares(_ ws: [Worker], busy: [Bool]) -> [Double] {
+        var threads: [String: Int] = [:]
+        for (w, b) in zip(ws, busy) where b { threads[w.host, default: 0] += max(1, w.threads) }
+        return ws.map { w in w.cores > 0 ? min(1, Double(w.cores) / Double(max(1, threads[w.host] ?? 1))) : 1 }
+    }
+
+    /// When independent jobs of `work` seconds (each at full speed) finish if the
+    /// workers run them at once, a host's cores shared among its busy workers.
+    static func makespan(_ ws: [Worker], work: [Double]) -> Double {
+        var left = work
+        var t = 0.0
+        while left.contains(where: { $0 > 1e-12 }) {
+            let busy = left.map { $0 > 1e-12 }
+            let sh = shares(ws, busy: busy)
+            let dt = zip(left, sh).filter { $0.0 > 1e-12 }.map { $0.0 / $0.1 }.min()!
+            t += dt
+            for i in left.indices where busy[i] { left[i] = max(0, left[i] - dt * sh[i]) }
+        }
+        return t
+    }
+
+    // MARK: phases
+
+    public func predict(_ s: Shape, workers: [Worker], workload j: Workload, bandwidthBytesPerSecond: Double,
+                        plan given: [Range<Int>]? = nil) -> Prediction {
+        let plan = given ?? CoordinatorState.makePlan(layers: s.layers, workers: workers.enumerated().map { ("w\($0.offset)", $0.element.gflops) })
             .map(\.range)
-        let block = s.blockFLOPs(tokens: tokens)
-        let stageFwd = plan.enumerated().map { i, r in Double(r.count) * block / (workers[i].gflops * 1e9 * efficiency) }
-        let slowest = stageFwd.max() ?? 0
-        let stages = Double(plan.count)
-        // Per sample a stage hands T x H fp32 to the next one; the pipeline fills in S - 1 steps.
-        let actBytes = Double(tokens * s.hidden * 4)
-        let hop = actBytes / bandwidthBytesPerSecond
-        let fwd = Double(samples) * slowest + (stages - 1) * (slowest + hop) + Double(samples) * hop * (stages > 1 ? 1 : 0) + phaseOverhead
-        let bwd = needsStats ? backwardFactor * (fwd - phaseOverhead) + phaseOverhead : 0
-        let search = Double(samples) * slowest * searchFactor + phaseOverhead
-        let weightBytes = s.paramsPerLayer * 4 * Double(s.layers)
-        let apply = weightBytes / bandwidthBytesPerSecond / stages + phaseOverhead
-        var seconds: [(String, Double)] = [("forward", fwd)]
-        if needsStats { seconds.append(("backward", bwd)) }
-        seconds += [("search", search), ("apply+transfer", apply)]
+        var model = self
+        model.rowBytes = Double(j.tokens * s.hidden * 4)
+        return model.predictSized(s, workers: workers, workload: j, bandwidthBytesPerSecond: bandwidthBytesPerSecond, plan: plan)
+    }
+
+    func predictSized(_ s: Shape, workers: [Worker], workload j: Workload, bandwidthBytesPerSecond: Double,
+                      plan: [Range<Int>]) -> Prediction {
+        let t = Double(j.tokens), n = Double(j.samples), stages = plan.count
+        // Pipelined phases keep every stage busy; the search is timed by makespan.
+        var workers = Array(workers.prefix(stages))
+        let allBusy = Self.shares(workers, busy: workers.map { _ in true })
+        for k in workers.indices { workers[k].share = allBusy[k] }
+        let actBytes = t * Double(s.hidden) * 4
+        let hop = stages > 1 ? actBytes / bandwidthBytesPerSecond : 0
+        // A pipeline of per-sample stage times: the slowest stage sets the pace, the
+        // others fill and drain it.
+        func pipeline(_ st: [Double]) -> Double {
+            let slow = st.max() ?? 0
+            return n * (slow + hop) + st.reduce(0, +) - slow + phaseOverhead
+        }
+        let fwdStage = plan.enumerated().map { k, r in Double(r.count) * block(s, t, workers[k]) }
+        var seconds: [(String, Double)] = [("forward", pipeline(fwdStage))]
+        if j.needsStats {
+            // Backward recomputes each block's forward with saved activations, then the
+            // input gradients (no weight gradients); the last stage also runs the loss head.
+            let head = { (w: Worker) in 2 * self.gemm(j.labelRows, Double(s.hidden), Double(s.vocab), w) }
+            let bwdStage = plan.enumerated().map { k, r in
+                backwardFactor * Double(r.count) * block(s, t, workers[k]) + (k == stages - 1 ? head(workers[k]) : 0)
+            }
+            seconds.append(("backward", pipeline(bwdStage)))
+        }
+        if let evaluations = j.searchEvaluations {
+            var alone = workers
+            for k in alone.indices { alone[k].share = 1 }
+            // Per layer: every sample's evaluations, and each evaluation's quantization of
+            // the group's weights (once per candidate, whatever the sample count).
+            let perStage = plan.enumerated().map { k, r in
+                Double(r.count) * (n * searchLayer(s, t, j.lossRowFraction, evaluations: evaluations, alone[k])
+                                   + bytes(evaluations * s.paramsPerLayer * quantizeBytesPerWeight, alone[k]))
+            }
+            // Stages search at once, sharing cores until the first ones finish; with
+            // --distort one after another (a pipeline of layers).
+            let search = j.distort ? perStage.reduce(0, +) + Double(stages - 1) * n * hop : Self.makespan(alone, work: perStage)
+            seconds.append(("search", search + phaseOverhead))
+        }
+        // Apply: each stage scales and quantizes its weights (a few passes over fp32) and
+        // writes its layers' shards.
+        let weightBytes = s.paramsPerLayer * 4
+        let apply = plan.enumerated().map { k, r in
+            Double(r.count) * (bytes(weightBytes * quantizeBytesPerWeight / 4 * 2, workers[k]) + weightBytes / 1e9 + writeOverhead)
+        }.max() ?? 0
+        seconds.append(("apply", apply + phaseOverhead))
         let memory = plan.map { r -> Double in
             let layers = Double(r.count)
-            let weights = layers * s.paramsPerLayer * 4
-            let cache = layers * Double(samples) * actBytes
-            let working = Double(tokens) * Double(max(s.intermediate, s.hidden)) * 4 * 8
-            return weights + cache + working
+            return layers * weightBytes + layers * n * actBytes
+                + MemoryNeeds.fixed(hidden: s.hidden, intermediate: s.intermediate, heads: s.heads, vocab: s.vocab, tokens: j.tokens)
         }
-        let transfer = Double(samples) * actBytes * (stages - 1) * (needsStats ? 2 : 1) + weightBytes
+        let transfer = n * actBytes * Double(stages - 1) * (j.needsStats ? 2 : 1)
         return Prediction(plan: plan, seconds: seconds, memoryPerWorker: memory, transferBytes: transfer)
     }
 

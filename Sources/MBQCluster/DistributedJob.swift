@@ -34,6 +34,16 @@ public enum DistributedJob {
         spec.outputToken = Auth.sha256(Array("\(spec.jobID)|\(UUID().uuidString)".utf8)).prefix(12).map { String(format: "%02x", $0) }.joined()
         spec.outputVia = outputVia
         spec.distort = options.distort
+        spec.shape = shape
+        var load = CostModel.Workload(samples: calib.count, tokens: tokens)
+        let weighted = options.effectiveReweight && options.method != .rtn
+        let rows = calib.samples.map { s in (0..<s.length).filter { s.attention[$0] && (!weighted || s.vision[$0] || s.caption[$0]) }.count }
+        load.lossRowFraction = Double(rows.reduce(0, +)) / Double(max(1, calib.count * tokens))
+        load.labelRows = Double(calib.samples.map { $0.labels.filter { $0 != -100 }.count }.reduce(0, +)) / Double(max(1, calib.count))
+        load.needsStats = spec.needsStats
+        load.searchEvaluations = options.method == .rtn ? nil : (options.method == .smoothquant ? 0 : 21)
+        load.distort = options.distort
+        spec.workload = load
         return spec
     }
 

@@ -104,7 +104,8 @@ public final class Worker: @unchecked Sendable {
         // socket's events to say so and stop instead of retrying forever.
         let monitor = options.curve != nil ? try control.monitor(events: ZMQ_EVENT_HANDSHAKE_FAILED_AUTH) : nil
         try control.connect(options.connect)
-        let gflops = backend.measureGFLOPS()
+        let rates = backend.measureGEMMRates(sizes: CostModel.curveSizes)
+        let gflops = rates[CostModel.curveSizes.firstIndex(of: 512)!]
         var reg = Mbq_Register()
         reg.workerID = options.workerID
         reg.host = ProcessInfo.processInfo.hostName
@@ -114,6 +115,8 @@ public final class Worker: @unchecked Sendable {
         reg.dataEndpoint = dataEndpoint
         reg.backend = backend.name
         reg.dataCurveKey = dataKeys?.public ?? ""
+        reg.gemmRates = rates
+        reg.cores = UInt32(ProcessInfo.processInfo.activeProcessorCount)
         if let s = options.scratch { reg.scratchBytes = Self.freeBytes(s) }
         if let s = options.secret { reg.authToken = Data(Auth.token(secret: s, workerID: options.workerID)) }
         let compute = Thread { [self] in computeLoop() }

@@ -24,6 +24,8 @@ struct BenchCommand: ParsableCommand {
     @Flag(help: "Skip the block forward/backward part.") var noBlock = false
     @Flag(help: "Also time the MBQ search (W4 g128) of the block, next to the PyTorch port of the authors' search.") var search = false
     @Flag(help: "Only the worker-to-worker activation streaming benchmark (64 MiB tensors over loopback).") var transport = false
+    @Flag(help: "Only the distributed benchmarks: streaming, then the demo job on 3 local workers (transfer share, cost model vs measured).")
+    var cluster = false
     @OptionGroup var common: CommonOptions
 
     /// Eight different 64 MiB windows (identical inputs would let the optimizer fold the
@@ -38,6 +40,31 @@ struct BenchCommand: ParsableCommand {
         return 8 * 64 * 1.048576e-3 / ct
     }
 
+    /// Streaming throughput, then `mbq quantize --workers 3` on the demo model and data,
+    /// with what its coordinator logged about transfers and the cost model.
+    func clusterBench() throws {
+        print(String(format: "activation streaming worker-to-worker (ZeroMQ PUSH/PULL over loopback, 64 MiB tensors in 1 MiB frames, checksummed): %.2f GB/s (target >= 2 GB/s)",
+                     try TransportBenchmark.run()))
+        let dir = NSTemporaryDirectory() + "mbq-bench-cluster-\(getpid())"
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let (_, model, calib) = try DemoCommand.writeData(to: dir)
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath()
+        p.arguments = ["quantize", "--model", model, "--calib", calib, "--w-bit", "3", "--workers", "3", "--out", dir + "/out"]
+        let pipe = Pipe()
+        p.standardError = pipe
+        p.standardOutput = FileHandle.nullDevice
+        let t0 = Date()
+        try p.run()
+        let log = String(decoding: pipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        p.waitUntilExit()
+        guard p.terminationStatus == 0 else { throw ValidationError("the 3-worker demo job failed:\n\(log.suffix(3000))") }
+        print(String(format: "demo job (mbq demo's model: 4 layers, hidden 256; 32 samples x 128 tokens; W3 g128 mbq) on 3 local workers: %.2f s wall", Date().timeIntervalSince(t0)))
+        for line in log.split(separator: "\n") where line.contains("transfers:") || line.contains("cost model:") || line.contains("plan epoch") {
+            print("  " + line.drop { $0 != "]" }.dropFirst().trimmingCharacters(in: .whitespaces))
+        }
+    }
+
     func best(_ n: Int, _ body: () -> Void) -> Double {
         (0..<max(1, n)).map { _ in timed(body).1 }.min()!
     }
@@ -48,6 +75,10 @@ struct BenchCommand: ParsableCommand {
             print("OpenBLAS core \(BLASRuntime.coreName), threads \(BLASRuntime.threads), engine threads \(EngineThreads.count)")
             print("OpenBLAS config: \(BLASRuntime.config)")
             print("OPENBLAS_CORETYPE=\(ProcessInfo.processInfo.environment["OPENBLAS_CORETYPE"] ?? "(unset)")")
+            if cluster {
+                try clusterBench()
+                return
+            }
             if transport {
                 print(String(format: "Checksum64: %.1f GB/s", checksumRate()))
                 let gbs = try TransportBenchmark.run()
@@ -103,8 +134,8 @@ struct BenchCommand: ParsableCommand {
             groupTimes.append((g, t))
         }
         let total = groupTimes.map(\.1).reduce(0, +)
-        print(String(format: "MBQ search W4 g128, %d tokens: %.1f s (%@); captures forward %.2f s", tokens, total,
-                     groupTimes.map { "\($0.0.rawValue) \(String(format: "%.1f", $0.1))" }.joined(separator: ", "), fwdT))
+        print(String(format: "MBQ search W4 g128, %d tokens: %.3f s (%@); captures forward %.4f s", tokens, total,
+                     groupTimes.map { "\($0.0.rawValue) \(String(format: "%.3f", $0.1))" }.joined(separator: ", "), fwdT))
         guard let py = torch else { return }
         let obj = try python(py, "reference/mbq_reference.py", ["--bench", "--threads", "\(BLASRuntime.threads)", "--tokens", "\(tokens)",
                                                                   "--hidden", "\(hidden)", "--intermediate", "\(intermediate)", "--heads", "\(heads)"])
@@ -180,7 +211,7 @@ struct BenchCommand: ParsableCommand {
             sink += decoderBlockBackward(dy, saved: f.saved!, weights: w, rope: rope, mask: mask).input.data[0]
         }
         _ = sink
-        print(String(format: "block %dx%d (inter %d, %d heads, %d tokens, fp32): forward %.2f s, forward+backward %.2f s",
+        print(String(format: "block %dx%d (inter %d, %d heads, %d tokens, fp32): forward %.4f s, forward+backward %.4f s",
                      hidden, hidden, intermediate, heads, tokens, fwd, fwdBwd))
         guard let py = torch else {
             print("(pass --torch PYTHON to time PyTorch on the same block)")

@@ -181,6 +181,9 @@ struct PlanCommand: ParsableCommand {
     @Option(help: "Calibration samples.") var samples = 128
     @Option(help: "Tokens per sample.") var tokens = 2048
     @Flag(help: "No backward pass (awq / rtn).") var noStats = false
+    @Option(help: "Share of rows the search loss reads (vision + caption tokens).") var lossRows = 0.6
+    @Option(help: "Compute threads per worker (its non-GEMM loops use them on large tensors).") var workerThreads = 8
+    @Flag(help: "Workers have --scratch: block inputs spill to disk instead of counting against memory.") var scratch = false
 
     func run() throws {
         try runReportingErrors {
@@ -198,18 +201,36 @@ struct PlanCommand: ParsableCommand {
                 guard a.count == 2, let n = Int(a[0]), n > 0, b.count == 2, let mem = parseBytes(String(b[0])), let g = Double(b[1]) else {
                     throw MethodsError.invalidOptions("--workers '\(part)': expected COUNTxMEMORY@GFLOPS, e.g. 16x64GiB@1000")
                 }
-                ws += Array(repeating: CostModel.Worker(gflops: g, memoryBytes: Double(mem)), count: n)
+                ws += Array(repeating: CostModel.Worker(gflops: g, memoryBytes: Double(mem), threads: workerThreads), count: n)
             }
-            let p = CostModel().predict(shape, workers: ws, samples: samples, tokens: tokens,
-                                        bandwidthBytesPerSecond: bandwidthGbit * 1e9 / 8, needsStats: !noStats)
+            var load = CostModel.Workload(samples: samples, tokens: tokens)
+            load.needsStats = !noStats
+            load.lossRowFraction = lossRows
+            load.labelRows = Double(tokens) * 0.1
+            let needs = MemoryNeeds(layerWeightBytes: shape.paramsPerLayer * 4, layerActivationBytes: Double(samples * tokens * shape.hidden * 4),
+                                    fixedBytes: MemoryNeeds.fixed(hidden: shape.hidden, intermediate: shape.intermediate, heads: shape.heads,
+                                                                  vocab: shape.vocab, tokens: tokens))
+            let candidates = ws.enumerated().map { i, w in
+                ("w\(i)", w.gflops, needs.capacity(memory: UInt64(w.memoryBytes), spills: scratch, layers: shape.layers))
+            }
+            guard let plan = Planner.plan(layers: shape.layers, workers: candidates) else {
+                let held = candidates.reduce(0) { $0 + $1.2 }
+                throw MethodsError.invalidOptions(String(format: "these workers' memory holds %d of %d layers (%.2f GiB of weights per layer%@): add workers or memory",
+                                                         min(held, shape.layers), shape.layers, needs.layerWeightBytes / 1073741824,
+                                                         scratch ? "" : " plus inputs; --scratch lets them spill"))
+            }
+            let used = plan.map { p in ws[Int(p.worker.dropFirst())!] }
+            let p = CostModel().predict(shape, workers: used, workload: load, bandwidthBytesPerSecond: bandwidthGbit * 1e9 / 8,
+                                        plan: plan.map(\.range))
             print("model: \(shape.layers) layers, hidden \(shape.hidden), intermediate \(shape.intermediate), \(shape.heads) heads / \(shape.kvHeads) kv; \(String(format: "%.2f", shape.paramsPerLayer * Double(shape.layers) / 1e9))B decoder parameters")
             print("calibration: \(samples) samples x \(tokens) tokens; \(ws.count) workers; \(bandwidthGbit) Gbit/s")
             for (i, r) in p.plan.enumerated() {
-                let fits = p.memoryPerWorker[i] <= ws[i].memoryBytes
-                print(String(format: "  worker %2d: layers %3d..<%3d  memory %.1f GiB of %.1f GiB%@", i, r.lowerBound, r.upperBound,
-                             p.memoryPerWorker[i] / 1073741824, ws[i].memoryBytes / 1073741824,
-                             fits ? "" : "  (over budget: needs more workers)"))
+                let inputs = scratch ? Double(r.count) * needs.layerActivationBytes : 0
+                print(String(format: "  %@: layers %3d..<%3d  memory %.1f GiB of %.1f GiB%@", plan[i].worker, r.lowerBound, r.upperBound,
+                             (p.memoryPerWorker[i] - inputs) / 1073741824, used[i].memoryBytes / 1073741824,
+                             scratch ? String(format: " (+%.1f GiB of inputs in scratch)", inputs / 1073741824) : ""))
             }
+            if used.count < ws.count { print("  \(ws.count - used.count) worker(s) left as spares") }
             func pad(_ s: String) -> String { s + String(repeating: " ", count: max(0, 16 - s.count)) }
             for (phase, s) in p.seconds { print("  " + pad(phase) + String(format: "%10.1f s", s)) }
             print("  " + pad("total") + String(format: "%10.1f s (%.2f h); %.1f GB over the network", p.total, p.total / 3600, p.transferBytes / 1e9))

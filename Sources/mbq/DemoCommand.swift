@@ -32,17 +32,24 @@ struct DemoCommand: ParsableCommand {
         if tokens < 64 { throw ValidationError("--tokens must be at least 64 (48 image tokens + 12 caption tokens + prompt)") }
     }
 
+    /// The demo model and calibration bundle (also what `mbq bench --cluster` runs on).
+    static func writeData(to out: String, samples: Int = 32, tokens: Int = 128) throws -> (SyntheticModelSpec, String, String) {
+        var spec = SyntheticModelSpec()
+        spec.layout = .llava
+        let modelDir = out + "/model", calibPath = out + "/calib.safetensors"
+        try spec.write(to: modelDir)
+        try CalibrationBundle.write(spec.calibrationSamples(count: samples, length: tokens, imageTokens: 48, captionTokens: 12,
+                                                            leftPadding: false, seed: 7), to: calibPath)
+        return (spec, modelDir, calibPath)
+    }
+
     func run() throws {
         common.apply()
         try runReportingErrors {
             let logger = Logger(label: "mbq.demo")
             let start = Date()
-            var spec = SyntheticModelSpec()
-            spec.layout = .llava
-            let modelDir = out + "/model", calibPath = out + "/calib.safetensors", heldPath = out + "/heldout.safetensors"
-            try spec.write(to: modelDir)
-            try CalibrationBundle.write(spec.calibrationSamples(count: samples, length: tokens, imageTokens: 48, captionTokens: 12,
-                                                                leftPadding: false, seed: 7), to: calibPath)
+            let (spec, modelDir, calibPath) = try Self.writeData(to: out, samples: samples, tokens: tokens)
+            let heldPath = out + "/heldout.safetensors"
             try CalibrationBundle.write(spec.calibrationSamples(count: heldOut, length: tokens, imageTokens: 48, captionTokens: 12,
                                                                 leftPadding: false, seed: 8), to: heldPath)
             logger.info("[demo] wrote \(spec.layout.rawValue) model (\(spec.layers) layers, hidden \(spec.hiddenSize), \(spec.dtype.rawValue)), \(samples) calibration and \(heldOut) held-out samples of \(tokens) tokens to \(out)")

@@ -220,6 +220,12 @@ public nonisolated struct Mbq_Register: Sendable {
   /// free space in --scratch (0: no scratch, nothing spills)
   public var scratchBytes: UInt64 = 0
 
+  /// CPU cores of the host (workers on one host share them)
+  public var cores: UInt32 = 0
+
+  /// GFLOP/s on n^3 products, n = 64, 128, 256, 512, 1024
+  public var gemmRates: [Double] = []
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -807,7 +813,7 @@ nonisolated extension Mbq_Envelope: SwiftProtobuf.Message, SwiftProtobuf._Messag
 
 nonisolated extension Mbq_Register: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Register"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}worker_id\0\u{1}host\0\u{3}max_memory_bytes\0\u{1}threads\0\u{3}gemm_gflops\0\u{3}data_endpoint\0\u{3}auth_token\0\u{1}backend\0\u{3}data_curve_key\0\u{3}scratch_bytes\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}worker_id\0\u{1}host\0\u{3}max_memory_bytes\0\u{1}threads\0\u{3}gemm_gflops\0\u{3}data_endpoint\0\u{3}auth_token\0\u{1}backend\0\u{3}data_curve_key\0\u{3}scratch_bytes\0\u{1}cores\0\u{3}gemm_rates\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -825,6 +831,8 @@ nonisolated extension Mbq_Register: SwiftProtobuf.Message, SwiftProtobuf._Messag
       case 8: try { try decoder.decodeSingularStringField(value: &self.backend) }()
       case 9: try { try decoder.decodeSingularStringField(value: &self.dataCurveKey) }()
       case 10: try { try decoder.decodeSingularUInt64Field(value: &self.scratchBytes) }()
+      case 11: try { try decoder.decodeSingularUInt32Field(value: &self.cores) }()
+      case 12: try { try decoder.decodeRepeatedDoubleField(value: &self.gemmRates) }()
       default: break
       }
     }
@@ -861,6 +869,12 @@ nonisolated extension Mbq_Register: SwiftProtobuf.Message, SwiftProtobuf._Messag
     if self.scratchBytes != 0 {
       try visitor.visitSingularUInt64Field(value: self.scratchBytes, fieldNumber: 10)
     }
+    if self.cores != 0 {
+      try visitor.visitSingularUInt32Field(value: self.cores, fieldNumber: 11)
+    }
+    if !self.gemmRates.isEmpty {
+      try visitor.visitPackedDoubleField(value: self.gemmRates, fieldNumber: 12)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -875,6 +889,8 @@ nonisolated extension Mbq_Register: SwiftProtobuf.Message, SwiftProtobuf._Messag
     if lhs.backend != rhs.backend {return false}
     if lhs.dataCurveKey != rhs.dataCurveKey {return false}
     if lhs.scratchBytes != rhs.scratchBytes {return false}
+    if lhs.cores != rhs.cores {return false}
+    if lhs.gemmRates != rhs.gemmRates {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
