@@ -6,14 +6,16 @@
 set -euo pipefail
 hosts=${1:?usage: launch-workers.sh HOSTS tcp://COORD:PORT | --stop}
 target=${2:?usage: launch-workers.sh HOSTS tcp://COORD:PORT | --stop}
-grep -v '^\s*#' "$hosts" | grep -v '^\s*$' | while read -r name ssh threads mem ip mbq; do
+grep -v '^\s*#' "$hosts" | grep -v '^\s*$' | while read -r name ssh threads mem ip scratch mbq; do
   mbq=${mbq:-mbq}
+  spill=""
+  if [ -n "${scratch:-}" ] && [ "$scratch" != "-" ]; then spill="--scratch $scratch"; fi
   if [ "$target" = "--stop" ]; then
     ssh -n "$ssh" "pkill -f 'mbq worker --connect' || true"
     echo "$name: stopped"
     continue
   fi
   ssh -n "$ssh" "MBQ_SECRET='${MBQ_SECRET:-}' nohup $mbq worker --connect $target --id $name --threads $threads \
-      --max-memory $mem --data-bind tcp://$ip:* > ~/mbq-worker-$name.log 2>&1 &"
-  echo "$name: worker started ($ssh, $threads threads, $mem)"
+      --max-memory $mem $spill --data-bind tcp://$ip:* > ~/mbq-worker-$name.log 2>&1 &"
+  echo "$name: worker started ($ssh, $threads threads, $mem${spill:+, $spill})"
 done

@@ -92,7 +92,7 @@ public struct CostModel: Sendable {
         }
 
         /// GFLOP/s for a GEMM of m·k·n multiply-adds (log-log interpolation in size).
-        func rate(_ m: Double, _ k: Double, _ n: Double) -> Double {
+        public func rate(_ m: Double, _ k: Double, _ n: Double) -> Double {
             let curve = rates ?? CostModel.referenceCurve.map { $0 * gflops }
             let sizes = CostModel.curveSizes.map(Double.init)
             let s = cbrt(max(m * k * n, 1))
@@ -173,7 +173,7 @@ public struct CostModel: Sendable {
 
     /// When independent jobs of `work` seconds (each at full speed) finish if the
     /// workers run them at once, a host's cores shared among its busy workers.
-    static func makespan(_ ws: [Worker], work: [Double]) -> Double {
+    public static func makespan(_ ws: [Worker], work: [Double]) -> Double {
         var left = work
         var t = 0.0
         while left.contains(where: { $0 > 1e-12 }) {

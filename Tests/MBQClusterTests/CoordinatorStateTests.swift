@@ -209,3 +209,50 @@ final class JournalTests: XCTestCase {
         XCTAssertThrowsError(try Journal.read(jobDir: dir)) { e in XCTAssert("\(e)".contains("checksum mismatch"), "\(e)") }
     }
 }
+
+/// The cost model's arithmetic (its calibration is shown by `mbq bench --cluster`).
+final class CostModelTests: XCTestCase {
+    func testWorkersOnOneHostShareItsCores() {
+        let a = CostModel.Worker(gflops: 100, memoryBytes: 0, host: "h", threads: 1, cores: 1)
+        let b = CostModel.Worker(gflops: 100, memoryBytes: 0, host: "h", threads: 1, cores: 1)
+        let c = CostModel.Worker(gflops: 100, memoryBytes: 0, host: "other", threads: 1, cores: 1)
+        // Two 1 s jobs on one core: 2 s; on two hosts: 1 s; 1 s + 3 s on one core: 4 s.
+        XCTAssertEqual(CostModel.makespan([a, b], work: [1, 1]), 2, accuracy: 1e-9)
+        XCTAssertEqual(CostModel.makespan([a, c], work: [1, 1]), 1, accuracy: 1e-9)
+        XCTAssertEqual(CostModel.makespan([a, b], work: [1, 3]), 4, accuracy: 1e-9)
+        // Three one-thread workers on two cores: each at 2/3 while all are busy.
+        let three = [a, b, b].map { w -> CostModel.Worker in var w = w; w.cores = 2; return w }
+        // Until 1.5 s all run at 2/3 (the third has done 1 of 2), then it runs alone.
+        XCTAssertEqual(CostModel.makespan(three, work: [1, 1, 2]), 1.5 + 1, accuracy: 1e-9)
+    }
+
+    func testGEMMRateFollowsTheMeasuredCurveBySize() {
+        let w = CostModel.Worker(gflops: 100, memoryBytes: 0, rates: [10, 20, 40, 80, 100])
+        XCTAssertEqual(w.rate(64, 64, 64), 10, accuracy: 1e-9)
+        XCTAssertEqual(w.rate(256, 256, 256), 40, accuracy: 1e-9)
+        XCTAssertEqual(w.rate(8, 8, 8), 10, accuracy: 1e-9, "below the curve: its first point")
+        XCTAssertEqual(w.rate(4096, 4096, 4096), 100, accuracy: 1e-9, "above: its last")
+        XCTAssertEqual(w.rate(181.02, 181.02, 181.02), 40 / 2.squareRoot(), accuracy: 0.01, "log-log halfway between 128 and 256")
+    }
+
+    func testPhasesScaleWithTheWork() {
+        let shape = CostModel.presets["llama-7b"]!
+        let w = CostModel.Worker(gflops: 250, memoryBytes: 64e9, threads: 2)
+        var load = CostModel.Workload(samples: 8, tokens: 2048)
+        load.lossRowFraction = 0.6
+        let one = CostModel().predict(shape, workers: [w], workload: load, bandwidthBytesPerSecond: 1e9)
+        load.samples = 16
+        let two = CostModel().predict(shape, workers: [w], workload: load, bandwidthBytesPerSecond: 1e9)
+        let s1 = Dictionary(uniqueKeysWithValues: one.seconds.map { ($0.phase, $0.seconds) })
+        let s2 = Dictionary(uniqueKeysWithValues: two.seconds.map { ($0.phase, $0.seconds) })
+        XCTAssertEqual(s2["forward"]! / s1["forward"]!, 2, accuracy: 0.01, "forward is linear in samples")
+        XCTAssertGreaterThan(s1["backward"]!, 2 * s1["forward"]!, "backward recomputes and differentiates")
+        XCTAssertGreaterThan(s1["search"]!, 15 * s1["forward"]!, "21 evaluations per group")
+        // Four workers: every phase shorter, the search about four times.
+        let four = CostModel().predict(shape, workers: Array(repeating: w, count: 4), workload: load, bandwidthBytesPerSecond: 1e9)
+        let s4 = Dictionary(uniqueKeysWithValues: four.seconds.map { ($0.phase, $0.seconds) })
+        XCTAssertEqual(s2["search"]! / s4["search"]!, 4, accuracy: 0.1)
+        XCTAssertLessThan(s4["forward"]!, s2["forward"]!)
+        XCTAssertEqual(four.plan.map(\.count), [8, 8, 8, 8])
+    }
+}
