@@ -36,9 +36,11 @@ build: deps
 release: deps
 	$(SWIFT) build $(RELEASE) --product mbq
 
-## GEMM and decoder-block benchmark; with .venv present also PyTorch on the same block.
+## GEMM and decoder-block benchmark (with .venv present also PyTorch on the same block),
+## then the distributed one: streaming, and the demo job on 3 local workers.
 bench: release
 	$(MBQ) bench $(if $(wildcard $(PYTHON)),--torch $(PYTHON),)
+	$(MBQ) bench --cluster
 
 ## Regenerates the PyTorch reference fixtures (needs network for PyPI; not used by CI).
 fixtures:

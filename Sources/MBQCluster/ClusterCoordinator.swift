@@ -113,6 +113,10 @@ public final class ClusterCoordinator {
                                 "workers": workers, "model": st.spec.modelDir, "calib": st.spec.calibPath,
                                 "options": st.spec.optionsJSON, "pid": Int(getpid())]
         if let eta { o["search_eta_s"] = eta }
+        if let p = st.predicted {
+            o["predicted_s"] = Dictionary(uniqueKeysWithValues: p.seconds.map { ($0.phase, $0.seconds) })
+            o["phase_s"] = st.phaseSeconds
+        }
         if let data = try? JSONSerialization.data(withJSONObject: o, options: [.prettyPrinted, .sortedKeys]) {
             try? AtomicFile.write(data: data, to: jobDir + "/status.json")
         }

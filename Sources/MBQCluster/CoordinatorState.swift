@@ -142,7 +142,7 @@ public final class CoordinatorState {
             break
         case let .phaseDone(p):
             guard p.epoch == epoch, p.phase == phase.rawValue else {
-                return [.log(p.epoch == epoch ? "worker=\(id) finished \(p.phase) after the phase was complete"
+                return [.log(p.epoch == epoch ? "worker=\(id) done with \(p.phase) (its results had completed the phase)"
                                               : "dropped stale \(p.phase) completion (epoch \(p.epoch), current \(epoch))")]
             }
             phaseDone.insert(id)

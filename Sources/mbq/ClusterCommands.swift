@@ -156,6 +156,13 @@ struct StatusCommand: ParsableCommand {
             print("model \(o["model"] ?? "?"), calibration \(o["calib"] ?? "?") (\(o["samples"] ?? 0) samples)")
             print("gradient statistics: \((o["gradient_statistics"] as? Bool) == true ? "done" : "pending")")
             print("searched layers: \(done.count)/\(layers)" + ((o["search_eta_s"] as? Double).map { String(format: ", ETA %.0f s", $0) } ?? ""))
+            if let predicted = o["predicted_s"] as? [String: Double] {
+                let measured = o["phase_s"] as? [String: Double] ?? [:]
+                let order = ["forward", "backward", "search", "apply"].filter { predicted[$0] != nil }
+                print("cost model: " + order.map { ph in
+                    String(format: "%@ %@ of %.1f s predicted", ph, measured[ph].map { String(format: "%.1f s", $0) } ?? "-", predicted[ph]!)
+                }.joined(separator: ", "))
+            }
             print("workers:")
             for w in o["workers"] as? [[String: Any]] ?? [] {
                 let r = (w["layers"] as? [Int]).map { "layers \($0[0])..<\($0[1])" } ?? "no layers"

@@ -152,29 +152,36 @@ final class ClusterProcessTests: XCTestCase {
     }
 
     /// SIGKILL one of two workers inside `phase`: the survivor takes its blocks.
-    func killWorker(during phase: String) throws {
+    func killWorker(during phase: String, options: [String] = ["--w-bit", "3"], after needle: String? = nil) throws {
         let p = port()
         let out = tmp + "/out-\(phase)", clog = tmp + "/coord-\(phase).log"
-        let coord = try spawn(["coordinator", "--model", Self.model, "--calib", Self.calib, "--w-bit", "3", "--out", out,
-                               "--bind", "tcp://127.0.0.1:\(p)", "--workers", "2", "--job-dir", tmp + "/job-\(phase)"], log: clog)
+        let coord = try spawn(["coordinator", "--model", Self.model, "--calib", Self.calib, "--out", out,
+                               "--bind", "tcp://127.0.0.1:\(p)", "--workers", "2", "--job-dir", tmp + "/job-\(phase)"] + options, log: clog)
         let delay = ["MBQ_TEST_PHASE_DELAY": "0.7"]
         let w0 = try spawn(["worker", "--connect", "tcp://127.0.0.1:\(p)", "--id", "w0", "--threads", "1"], log: tmp + "/w0-\(phase).log", env: delay)
         let w1 = try spawn(["worker", "--connect", "tcp://127.0.0.1:\(p)", "--id", "w1", "--threads", "1"], log: tmp + "/w1-\(phase).log", env: delay)
         defer { for x in [coord, w0, w1] where x.isRunning { x.terminate() } }
-        XCTAssertTrue(waitFor(clog, "phase=\(phase) epoch=1 started"), text(clog))
+        XCTAssertTrue(waitFor(clog, needle ?? "phase=\(phase) epoch=1 started"), text(clog))
         kill(w1.processIdentifier, SIGKILL)
         XCTAssertTrue(waitExit(coord), "coordinator did not finish after losing w1 in \(phase): \(text(clog).suffix(3000))")
         XCTAssertEqual(coord.terminationStatus, 0, text(clog))
         let log = text(clog)
         XCTAssertTrue(log.contains("worker=w1 lost"), log)
         XCTAssertTrue(log.contains("plan epoch=2"), log)
-        try assertSameAsReference(out)
+        try assertSameAsReference(out, options: options)
     }
 
     func testKillWorkerDuringForward() throws { try killWorker(during: "forward") }
     func testKillWorkerDuringBackward() throws { try killWorker(during: "backward") }
     func testKillWorkerDuringSearch() throws { try killWorker(during: "search") }
     func testKillWorkerDuringApply() throws { try killWorker(during: "apply") }
+    /// A --distort search that loses a stage: the survivor recomputes the quantized
+    /// activations of the layers already finished from their journaled scales.
+    func testKillWorkerDuringDistortSearch() throws {
+        try killWorker(during: "search", options: ["--w-bit", "3", "--distort"], after: "phase=search layer=0")
+        let log = text(tmp + "/coord-search.log")
+        XCTAssertEqual(log.components(separatedBy: "phase=search layer=0 ").count, 2, "layer 0 searched once:\n\(log)")
+    }
 
     func testCoordinatorKilledMidSearchResumes() throws {
         let p = port()
