@@ -256,3 +256,37 @@ final class CostModelTests: XCTestCase {
         XCTAssertEqual(four.plan.map(\.count), [8, 8, 8, 8])
     }
 }
+
+/// Block inputs past the memory budget go to --scratch and come back bit for bit.
+final class ActivationStoreTests: XCTestCase {
+    func testSpillsPastTheBudgetAndReadsBack() throws {
+        let scratch = NSTemporaryDirectory() + "mbq-scratch-" + UUID().uuidString
+        try FileManager.default.createDirectory(atPath: scratch, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: scratch) }
+        var rng = SeededRandom(seed: 8)
+        let ts: [Tensor<Float>] = (0..<5).map { _ in rng.normalTensor([16, 32]) }  // 2 KiB each
+        var store: ActivationStore? = ActivationStore(budgetBytes: 5000, scratch: scratch, owner: "t")
+        for (i, t) in ts.enumerated() { try store!.put(layer: 3, sample: i, t) }
+        XCTAssertEqual(store!.residentBytes, 4096, "two fit in 5000 bytes")
+        XCTAssertEqual(store!.spilledBytes, 3 * 2048)
+        for (i, t) in ts.enumerated() {
+            let back = try store!.get(layer: 3, sample: i)
+            XCTAssertEqual(back.shape, t.shape)
+            XCTAssertEqual(back.data, t.data, "sample \(i)")
+        }
+        let dirs = try FileManager.default.contentsOfDirectory(atPath: scratch)
+        XCTAssertEqual(dirs.count, 1)
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: scratch + "/" + dirs[0]).count, 3)
+        // A truncated file is an error naming it, not a crash.
+        let f = scratch + "/" + dirs[0] + "/L3-S4.f32"
+        try Data(count: 100).write(to: URL(fileURLWithPath: f))
+        XCTAssertThrowsError(try store!.get(layer: 3, sample: 4)) { e in XCTAssert("\(e)".contains("L3-S4.f32"), "\(e)") }
+        store = nil
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: scratch), [], "files go with the store")
+        // Without a scratch directory nothing spills.
+        let mem = ActivationStore(budgetBytes: 0, scratch: nil, owner: "t")
+        try mem.put(layer: 0, sample: 0, ts[0])
+        XCTAssertEqual(mem.spilledBytes, 0)
+        XCTAssertEqual(try mem.get(layer: 0, sample: 0).data, ts[0].data)
+    }
+}
