@@ -95,6 +95,9 @@ public final class CoordinatorState {
     public private(set) var phaseSeconds: [String: Double] = [:]
     var lastHeartbeatSent = -Double.infinity
     var phaseStarted = 0.0
+    /// Layers finished before this search phase began (a resume or a re-plan): the rate
+    /// and ETA count only what this phase searched.
+    var searchedBefore = 0
     /// Checks a registration's credentials (shared-secret HMAC); CURVE is checked by ZeroMQ.
     let authorize: (Mbq_Register) -> Bool
 
@@ -150,7 +153,11 @@ public final class CoordinatorState {
             transferSeconds += p.transferSeconds
             var moved = p.bytesMoved > 0 ? String(format: ", moved %.1f MB in %.2f s", Double(p.bytesMoved) / 1e6, p.transferSeconds) : ""
             if p.spilledBytes > 0 && phase == .forward { moved += String(format: ", %.1f MB of block inputs in scratch", Double(p.spilledBytes) / 1e6) }
-            out.append(.log("phase=\(phase.rawValue) worker=\(id) done in \(String(format: "%.2f", p.seconds)) s\(moved) (\(phaseDone.count)/\(plan.count))"))
+            // Throughput in block-samples per second: the worker's layers times the samples.
+            let layers = workers[id]?.range?.count ?? 0
+            let rate = (phase == .forward || phase == .backward) && p.seconds > 0
+                ? String(format: ", %.0f block-samples/s", Double(layers * spec.samples) / p.seconds) : ""
+            out.append(.log("phase=\(phase.rawValue) worker=\(id) done in \(String(format: "%.2f", p.seconds)) s\(rate)\(moved) (\(phaseDone.count)/\(plan.count))"))
             if Set(plan.map(\.worker)).isSubset(of: phaseDone) { out += advance(now: now) }
         case let .layerStats(s):
             guard phase == .backward, s.epoch == epoch else { return [.log("dropped stale layer statistics (epoch \(s.epoch))")] }
@@ -168,7 +175,9 @@ public final class CoordinatorState {
                 let picks = results[l]!.map { "\($0.group)=\(String(format: "%.2f", $0.alpha))" }.joined(separator: " ")
                 // Journal first: a layer the log calls finished must survive a crash.
                 out.append(.journal)
-                out.append(.log("phase=search layer=\(l) worker=\(id) \(picks) progress=\(results.count)/\(spec.layers)\(eta(now: now, done: results.count, of: spec.layers))"))
+                let searched = results.count - searchedBefore
+                let rate = now > phaseStarted && searched > 0 ? String(format: " %.1f layers/min", Double(searched) / (now - phaseStarted) * 60) : ""
+                out.append(.log("phase=search layer=\(l) worker=\(id) \(picks) progress=\(results.count)/\(spec.layers)\(rate)\(eta(now: now, done: searched, of: spec.layers - searchedBefore))"))
                 if results.count == spec.layers { out += advance(now: now) }
             }
         case .tensor:
@@ -379,6 +388,7 @@ public final class CoordinatorState {
 
     func start(_ p: CoordinatorPhase, now: Double) -> [Directive] {
         closePhase(now: now)
+        if p == .search { searchedBefore = results.count }
         phase = p
         phaseDone = []
         phaseStarted = now

@@ -17,6 +17,9 @@ public struct WorkerOptions: Sendable {
     public var threads: Int = EngineThreads.count
     public var heartbeatInterval = 0.5
     public var coordinatorTimeout = 3.0
+    /// A worker that has not heard from any coordinator this long gives up (exit 2):
+    /// long enough for a crashed coordinator to be restarted with --resume.
+    public var giveUpAfter = 600.0
     public var secret: String? = nil
     /// CurveZMQ: the coordinator's public key and this worker's keypair.
     public var curve: (serverKey: String, publicKey: String, secretKey: String)? = nil
@@ -123,6 +126,7 @@ public final class Worker: @unchecked Sendable {
         compute.stackSize = 16 << 20
         compute.start()
         var lastRegister = -Double.infinity, lastHeartbeat = 0.0, lastHeard = Self.now()
+        var lastMessage = Self.now()  // anything at all from a coordinator (lastHeard restarts on each registration)
         var registered = false
         while true {
             let now = Self.now()
@@ -130,6 +134,10 @@ public final class Worker: @unchecked Sendable {
                code == ZMQ_EVENT_HANDSHAKE_FAILED_AUTH {
                 logger.error("refused by the coordinator at \(options.connect): its CurveZMQ handler does not authorize this worker's key \(options.curve!.publicKey) (add the worker's .pub to the coordinator's --curve-authorized)")
                 return 1
+            }
+            if now - lastMessage > options.giveUpAfter {
+                logger.error("no coordinator at \(options.connect) for \(Int(options.giveUpAfter)) s: giving up")
+                return 2
             }
             if !registered || now - lastHeard > options.coordinatorTimeout {
                 if now - lastRegister > options.coordinatorTimeout {
@@ -156,6 +164,7 @@ public final class Worker: @unchecked Sendable {
                 continue
             }
             lastHeard = Self.now()
+            lastMessage = lastHeard
             if jobID.isEmpty { jobID = m.envelope.jobID }
             switch m.envelope.body {
             case let .heartbeat(h):

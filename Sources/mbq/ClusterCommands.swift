@@ -19,6 +19,8 @@ struct WorkerCommand: ParsableCommand {
     @Option(help: "Directory for block inputs past --max-memory (local disk; default: they stay in memory and count against the budget).")
     var scratch: String?
     @Option(help: "Compute device (cpu).") var device = "cpu"
+    @Option(help: "Seconds without any coordinator before the worker exits (it registers again every 3 s meanwhile).")
+    var giveUpAfter = 600.0
     @Option(help: "Shared secret (or MBQ_SECRET).") var secret: String?
     @Option(help: "CurveZMQ: the coordinator's public key file (NAME.pub from `mbq keys`).") var curveServerKey: String?
     @Option(help: "CurveZMQ: this worker's key file (NAME.key from `mbq keys`).") var curveKey: String?
@@ -39,6 +41,7 @@ struct WorkerCommand: ParsableCommand {
             var o = WorkerOptions(connect: connect, workerID: id ?? "\(ProcessInfo.processInfo.hostName)-\(getpid())")
             o.dataBind = dataBind
             o.maxMemoryBytes = parseBytes(maxMemory)!
+            o.giveUpAfter = giveUpAfter
             if let scratch {
                 var isDir: ObjCBool = false
                 guard FileManager.default.fileExists(atPath: scratch, isDirectory: &isDir), isDir.boolValue else {

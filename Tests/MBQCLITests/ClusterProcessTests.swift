@@ -251,6 +251,15 @@ final class ClusterProcessTests: XCTestCase {
         try assertSameAsReference(out)
     }
 
+    /// Bounded retries: a worker with no coordinator registers again every 3 s, then gives up.
+    func testWorkerWithoutCoordinatorGivesUp() throws {
+        let w = try spawn(["worker", "--connect", "tcp://127.0.0.1:\(port())", "--id", "lonely", "--give-up-after", "1.5"],
+                          log: tmp + "/lonely.log")
+        XCTAssertTrue(waitExit(w, timeout: 30), text(tmp + "/lonely.log"))
+        XCTAssertEqual(w.terminationStatus, 2, text(tmp + "/lonely.log"))
+        XCTAssertTrue(text(tmp + "/lonely.log").contains("giving up"), text(tmp + "/lonely.log"))
+    }
+
     func testUnauthorizedWorkerIsRefusedAndTheJobGoesOn() throws {
         let p = port()
         let out = tmp + "/out", clog = tmp + "/coord.log"
