@@ -10,7 +10,7 @@ public enum TransportBenchmark {
     public static func run(endpoint: String = "tcp://127.0.0.1:*", megabytes: Int = 64, count: Int = 16,
                            sender command: [String]? = nil) throws -> Double {
         let pull = try ZMQSocket(.pull)
-        try pull.setInt(23 /* ZMQ_RCVHWM */, 0)
+        try pull.configureForTensors()
         try pull.bind(endpoint)
         let target = pull.lastEndpoint
         var child: Process?
@@ -53,7 +53,7 @@ public enum TransportBenchmark {
         var rng = SeededRandom(seed: 9)
         let t: Tensor<Float> = rng.normalTensor([n / 1024, 1024])
         let push = try ZMQSocket(.push)
-        try push.setInt(24 /* ZMQ_SNDHWM */, 0)
+        try push.configureForTensors()
         try push.setInt(17 /* ZMQ_LINGER */, -1)  // queued frames still go out after close
         try push.connect(endpoint)
         for i in 0..<count { try Wire.send(push, job: "bench", name: "act/\(i)", tensor: t, epoch: 1) }

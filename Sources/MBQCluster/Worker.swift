@@ -74,7 +74,7 @@ public final class Worker: @unchecked Sendable {
         self.logger = logger
         inputs = ActivationStore(budgetBytes: Int.max, scratch: nil, owner: options.workerID)
         pull = try ZMQSocket(.pull)
-        try pull.setInt(ZMQ_RCVHWM, 0)
+        try pull.configureForTensors()
         if options.curve != nil {
             let keys = try Curve.keypair()
             dataKeys = keys
@@ -309,7 +309,7 @@ public final class Worker: @unchecked Sendable {
     /// A PUSH socket to a neighbour's data endpoint, CURVE when the job uses it.
     func dataSocket(_ endpoint: String, serverKey: String) throws -> ZMQSocket {
         let s = try ZMQSocket(.push)
-        try s.setInt(ZMQ_SNDHWM, 0)
+        try s.configureForTensors()
         if let k = dataKeys {
             guard !serverKey.isEmpty else {
                 throw ProtocolError.malformed("the assignment gives no CURVE key for \(endpoint) (every worker of a CURVE job has one)")

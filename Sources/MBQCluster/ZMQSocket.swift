@@ -70,6 +70,16 @@ public final class ZMQSocket {
         }
     }
 
+    /// A worker-to-worker data socket: no high-water mark (a stage may run ahead of the
+    /// next by the whole calibration set; the sender's memory already holds it) and 4 MiB
+    /// kernel buffers (fewer, larger reads and writes of 64 MiB tensors).
+    public func configureForTensors() throws {
+        try setInt(ZMQ_SNDHWM, 0)
+        try setInt(ZMQ_RCVHWM, 0)
+        try setInt(ZMQ_SNDBUF, 4 << 20)
+        try setInt(ZMQ_RCVBUF, 4 << 20)
+    }
+
     public func bind(_ endpoint: String) throws {
         guard zmq_bind(raw, endpoint) == 0 else { throw TransportError.zmq("bind \(endpoint)", zmq_errno()) }
         var buf = [CChar](repeating: 0, count: 256)

@@ -41,12 +41,17 @@ struct BenchCommand: ParsableCommand {
         return 8 * 64 * 1.048576e-3 / ct
     }
 
-    /// Streaming throughput, then `mbq quantize --workers 3` on the demo model and data,
-    /// with what its coordinator logged about transfers and the cost model.
-    func clusterBench() throws {
+    /// Two processes, as two workers: this one receives and checks, a child sends.
+    func streamingBench() throws {
         let me = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().path
         print(String(format: "activation streaming worker-to-worker (two processes, ZeroMQ PUSH/PULL over loopback, 64 MiB tensors in 1 MiB frames, checksummed): %.2f GB/s (target >= 2 GB/s)",
                      try TransportBenchmark.run(sender: [me, "bench", "--transport-send"])))
+    }
+
+    /// Streaming throughput, then `mbq quantize --workers 3` on the demo model and data,
+    /// with what its coordinator logged about transfers and the cost model.
+    func clusterBench() throws {
+        try streamingBench()
         let dir = NSTemporaryDirectory() + "mbq-bench-cluster-\(getpid())"
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let (_, model, calib) = try DemoCommand.writeData(to: dir)
@@ -90,8 +95,7 @@ struct BenchCommand: ParsableCommand {
             }
             if transport {
                 print(String(format: "Checksum64: %.1f GB/s", checksumRate()))
-                let gbs = try TransportBenchmark.run()
-                print(String(format: "activation streaming worker-to-worker (ZeroMQ PUSH/PULL over loopback, 64 MiB tensors in 1 MiB frames, checksummed): %.2f GB/s (target >= 2 GB/s)", gbs))
+                try streamingBench()
                 return
             }
             if !noGemm {
