@@ -161,12 +161,14 @@ public final class CoordinatorState {
             if Set(plan.map(\.worker)).isSubset(of: phaseDone) { out += advance(now: now) }
         case let .layerStats(s):
             guard phase == .backward, s.epoch == epoch else { return [.log("dropped stale layer statistics (epoch \(s.epoch))")] }
+            guard owns(id, Int(s.layer)) else { return [.log("dropped statistics for layer \(s.layer) from \(id), which does not hold it")] }
             partialStats[Int(s.layer)] = s
         case let .groupResult(g):
             guard phase == .search, g.epoch == epoch, Int(g.layer) < spec.layers, results[Int(g.layer)] == nil else {
                 return [.log("dropped a result for layer \(g.layer) (finished already or not searching)")]
             }
             guard SearchGroup(rawValue: g.group) != nil else { return [.log("dropped a result for unknown group '\(g.group)' from \(id)")] }
+            guard owns(id, Int(g.layer)) else { return [.log("dropped a result for layer \(g.layer) from \(id), which does not hold it")] }
             let l = Int(g.layer)
             pendingGroups[l, default: []].removeAll { $0.group == g.group }
             pendingGroups[l, default: []].append(g)
@@ -184,8 +186,8 @@ public final class CoordinatorState {
             guard phase == .apply, let t = m.tensor, case let .tensor(h) = body else { return [.log("dropped a tensor outside the apply phase")] }
             guard h.epoch == epoch else { return [.log("dropped stale tensor \(h.name) (epoch \(h.epoch))")] }
             let parts = h.name.split(separator: "/")
-            guard parts.count == 3, parts[0] == "block", let l = Int(parts[1]), l >= 0, l < spec.layers else {
-                return [.log("dropped unexpected tensor '\(h.name)'")]
+            guard parts.count == 3, parts[0] == "block", let l = Int(parts[1]), owns(id, l) else {
+                return [.log("dropped unexpected tensor '\(h.name)' from \(id)")]
             }
             blocks[l, default: [:]][String(parts[2])] = t
             if blocks[l]!.count == spec.tensorsPerBlock {
@@ -193,8 +195,8 @@ public final class CoordinatorState {
             }
             out += finishIfComplete(now: now)
         case let .blockWritten(b):
-            guard phase == .apply, b.epoch == epoch, Int(b.layer) < spec.layers else {
-                return [.log("dropped a stale block-written report for layer \(b.layer) (epoch \(b.epoch))")]
+            guard phase == .apply, b.epoch == epoch, owns(id, Int(b.layer)) else {
+                return [.log("dropped a block-written report for layer \(b.layer) from \(id) (stale, or a layer it does not hold)")]
             }
             written[Int(b.layer)] = b
             out.append(.log(String(format: "phase=apply layer=%d worker=%@ wrote %@ (%.1f MB) into the output (%d/%d)", Int(b.layer), id, b.file,
@@ -211,6 +213,10 @@ public final class CoordinatorState {
         }
         return out
     }
+
+    /// Whether worker `id` holds layer `l` in the current plan (reports about other
+    /// layers are stale or wrong, and never counted).
+    func owns(_ id: String, _ l: Int) -> Bool { workers[id]?.range?.contains(l) == true }
 
     /// Layers whose quantized block is in: streamed here or written by a worker.
     var blocksDone: Int {
@@ -427,7 +433,10 @@ public final class CoordinatorState {
             var used = 0
             var skipped: [String] = []
             for l in 0..<spec.layers {
-                let s = partialStats[l]!
+                guard let s = partialStats[l] else {
+                    phase = .failed
+                    return [.failed("backward finished without statistics for layer \(l)")]
+                }
                 var x = GradientStatistics.Layer()
                 x.attnVis = s.attnVis; x.attnCap = s.attnCap; x.mlpVis = s.mlpVis; x.mlpCap = s.mlpCap
                 sums.append(x)

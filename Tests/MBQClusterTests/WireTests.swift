@@ -114,6 +114,9 @@ final class WireTests: XCTestCase {
             try Wire.encode(Wire.envelope(job: "job", .groupResult(Mbq_GroupResult()))),
             try Wire.encode(Wire.envelope(job: "job", .phaseDone(Mbq_PhaseDone()))),
             try Wire.encode(Wire.envelope(job: "job", .layerStats(Mbq_LayerStats()))),
+            try Wire.encode(Wire.envelope(job: "job", .blockWritten(Mbq_BlockWritten()))),
+            [try Wire.tensorHeader(job: "job", name: "act/0", tensor: Tensor(shape: [1, 2], data: [5, 6]), epoch: 1, secret: "s"),
+             Tensor<Float>(shape: [1, 2], data: [5, 6]).data.withUnsafeBytes { Array($0) }],
         ]
         var decoded = 0, rejected = 0
         for i in 0..<100_000 {
@@ -144,6 +147,47 @@ final class WireTests: XCTestCase {
             }
         }
         print("fuzz: 100000 messages, \(decoded) decoded and fed to the coordinator, \(rejected) rejected")
+        // And 100,000 well-formed envelopes with random contents, straight into the
+        // coordinator's state machine: registrations, statistics, results for any layer
+        // and group, completions of any phase and epoch, tensors, errors, from known and
+        // unknown peers. A coordinator that fails or finishes is replaced by a fresh one;
+        // the phases reached are counted.
+        var st = CoordinatorState(spec: CoordinatorStateTests.spec(workers: 2))
+        var reached: [String: Int] = [:]
+        let phases = ["forward", "backward", "search", "apply", "bogus"]
+        let groups = ["qkv", "o", "gate_up", "down", "nope"]
+        func small() -> UInt32 { UInt32(rng.next() % 6) }
+        for i in 0..<100_000 {
+            let body: Mbq_Envelope.OneOf_Body
+            // Mostly the current epoch (so results and completions count), sometimes a stale one.
+            let epochNow = rng.next() % 4 == 0 ? small() : st.epoch
+            let peer = Int(rng.next() % 4)
+            switch rng.next() % 8 {
+            case 0 where rng.next() % 20 == 0: body = CoordinatorStateTests.register("w\(peer)").body!
+            case 1: var g = Mbq_GroupResult(); g.layer = small(); g.group = groups[Int(rng.next() % 5)]; g.epoch = epochNow; body = .groupResult(g)
+            case 2:
+                var p = Mbq_PhaseDone()
+                p.phase = rng.next() % 3 == 0 ? phases[Int(rng.next() % 5)] : st.phase.rawValue
+                p.epoch = epochNow
+                body = .phaseDone(p)
+            case 3: var l = Mbq_LayerStats(); l.layer = small(); l.epoch = epochNow; l.samples = small(); l.attnVis = rng.normal(); body = .layerStats(l)
+            case 4: var b = Mbq_BlockWritten(); b.layer = small(); b.epoch = epochNow; body = .blockWritten(b)
+            case 5: var h = Mbq_TensorHeader(); h.name = "block/\(small())/\(["q", "k", "x"][Int(rng.next() % 3)])"; h.epoch = epochNow; body = .tensor(h)
+            case 6: var e = Mbq_ErrorReport(); e.fatal = rng.next() % 5000 == 0; body = .error(e)
+            default: body = .heartbeat(Mbq_Heartbeat())
+            }
+            let m = WireMessage(envelope: Wire.envelope(job: "job", body), tensor: rng.next() % 2 == 0 ? Tensor(shape: [2, 2], repeating: 1) : nil)
+            let now = Double(i) * 1e-3
+            _ = st.handle(identity: [UInt8(peer)], m, now: now)
+            if i % 50 == 0 { _ = st.tick(now: now) }
+            reached[st.phase.rawValue, default: 0] += 1
+            if st.phase != .waiting && st.phase != .failed && st.phase != .done {
+                XCTAssertEqual(st.plan.map(\.range.count).reduce(0, +), 4, "a live plan covers every layer")
+            }
+            if st.phase == .failed || st.phase == .done { st = CoordinatorState(spec: CoordinatorStateTests.spec(workers: 2)) }
+        }
+        XCTAssertGreaterThan(reached["search"] ?? 0, 0, "the random walk reaches the search: \(reached)")
+        print("fuzz: 100000 random well-formed envelopes into the coordinator; messages handled per phase: \(reached.sorted { $0.key < $1.key })")
         XCTAssertEqual(decoded + rejected, 100_000)
         XCTAssertGreaterThan(rejected, 10_000)
         XCTAssertGreaterThan(decoded, 1_000)
