@@ -227,7 +227,11 @@ public final class Worker: @unchecked Sendable {
     func handle(_ m: WireMessage) throws {
         switch m.envelope.body {
         case let .assignment(a): try assign(a)
-        case let .ratios(r): ratios = (r.attn, r.mlp)
+        case let .ratios(r):
+            guard let n = ckpt?.config.numLayers, r.attn.count == n, r.mlp.count == n else {
+                throw ProtocolError.malformed("ratios for \(r.attn.count)/\(r.mlp.count) layers (the model has \(ckpt?.config.numLayers ?? 0))")
+            }
+            ratios = (r.attn, r.mlp)
         case let .groupResult(g): results[Int(g.layer), default: [:]][g.group] = g
         case let .runPhase(p):
             guard p.epoch == assignment.epoch, p.epoch == currentEpoch else { return }
@@ -274,6 +278,9 @@ public final class Worker: @unchecked Sendable {
         if bundle == nil || bundle!.path != a.calibPath {
             bundle = try CalibrationBundle.load(path: a.calibPath, hiddenSize: c.config.hiddenSize, vocabSize: c.config.vocabSize,
                                                 positionRows: c.config.mropeSection == nil ? 1 : 3)
+        }
+        guard a.firstLayer < a.endLayer, Int(a.endLayer) <= c.config.numLayers, Int(a.samples) <= bundle!.count, a.samples > 0 else {
+            throw ProtocolError.malformed("assignment of layers \(a.firstLayer)..<\(a.endLayer) over \(a.samples) samples does not fit the model (\(c.config.numLayers) layers) and bundle (\(bundle!.count) samples)")
         }
         let range = Int(a.firstLayer)..<Int(a.endLayer)
         // Keep blocks already loaded; load the new ones; drop the rest.
