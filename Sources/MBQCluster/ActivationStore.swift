@@ -62,7 +62,7 @@ public final class ActivationStore {
         let k = Key(layer: layer, sample: sample)
         if let t = memory[k] { return t }
         guard let shape = spilled[k] else {
-            preconditionFailure("ActivationStore: no input for layer \(layer) sample \(sample)")
+            throw ClusterError.missingInput(layer: layer, sample: sample)
         }
         let t0 = DispatchTime.now().uptimeNanoseconds
         defer { spillSeconds += Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9 }

@@ -5,14 +5,14 @@ public enum ClusterError: Error, CustomStringConvertible {
     case scratch(path: String, reason: String)
     /// A block a worker wrote into the shared output directory does not check out.
     case output(path: String, reason: String)
-    /// CurveZMQ refused this worker's key (it is not in the coordinator's authorized list).
-    case refused(String)
+    /// A phase asked for a block input the forward phase of this plan did not produce.
+    case missingInput(layer: Int, sample: Int)
 
     public var description: String {
         switch self {
         case let .scratch(path, why): return "scratch file \(path): \(why)"
         case let .output(path, why): return "output \(path): \(why)"
-        case let .refused(why): return "refused: \(why)"
+        case let .missingInput(l, s): return "no cached input for layer \(l), sample \(s): the forward phase of this plan has not run"
         }
     }
 }

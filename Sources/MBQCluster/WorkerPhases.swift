@@ -105,6 +105,7 @@ extension Worker {
         for l in range { sums[l] = GradientStatistics.Layer() }
         var used = 0
         var skipped: [String] = []
+        if head != nil && finalHidden.count != samples.count { throw ClusterError.missingInput(layer: range.upperBound, sample: finalHidden.count) }
         for (s, sample) in samples.enumerated() {
             if let why = Self.usable(sample) { skipped.append("sample \(s): \(why)"); continue }
             used += 1
