@@ -88,7 +88,6 @@ public final class ClusterCoordinator {
     static func now() -> Double { Double(DispatchTime.now().uptimeNanoseconds) / 1e9 }
 
     var lastStatus = -Double.infinity
-    var searchStart: (time: Double, done: Int)?
 
     /// job-dir/status.json, for `mbq status` (rewritten at most twice a second).
     func writeStatus(force: Bool = false) {
@@ -96,11 +95,7 @@ public final class ClusterCoordinator {
         guard force || now - lastStatus > 0.5 else { return }
         lastStatus = now
         let st = state
-        if st.phase == .search && searchStart == nil { searchStart = (now, st.results.count) }
-        var eta: Double? = nil
-        if let s = searchStart, st.results.count > s.done {
-            eta = (now - s.time) / Double(st.results.count - s.done) * Double(st.spec.layers - st.results.count)
-        }
+        let eta = st.searchETA(now: now)
         let workers: [[String: Any]] = st.workers.values.sorted { $0.id < $1.id }.map { w in
             var o: [String: Any] = ["id": w.id, "host": w.info.host, "alive": w.alive, "gflops": w.info.gemmGflops,
                                     "threads": w.info.threads, "seconds_since_heard": max(0, now - w.lastSeen)]

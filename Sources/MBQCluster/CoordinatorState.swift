@@ -98,6 +98,7 @@ public final class CoordinatorState {
     /// Layers finished before this search phase began (a resume or a re-plan): the rate
     /// and ETA count only what this phase searched.
     var searchedBefore = 0
+    var finishedBefore: Set<Int> = []
     /// Checks a registration's credentials (shared-secret HMAC); CURVE is checked by ZeroMQ.
     let authorize: (Mbq_Register) -> Bool
 
@@ -179,7 +180,7 @@ public final class CoordinatorState {
                 out.append(.journal)
                 let searched = results.count - searchedBefore
                 let rate = now > phaseStarted && searched > 0 ? String(format: " %.1f layers/min", Double(searched) / (now - phaseStarted) * 60) : ""
-                out.append(.log("phase=search layer=\(l) worker=\(id) \(picks) progress=\(results.count)/\(spec.layers)\(rate)\(eta(now: now, done: searched, of: spec.layers - searchedBefore))"))
+                out.append(.log("phase=search layer=\(l) worker=\(id) \(picks) progress=\(results.count)/\(spec.layers)\(rate)\(searchETA(now: now).map { String(format: " eta=%.1fs", $0) } ?? (results.count == spec.layers ? " eta=0.0s" : ""))"))
                 if results.count == spec.layers { out += advance(now: now) }
             }
         case .tensor:
@@ -394,7 +395,7 @@ public final class CoordinatorState {
 
     func start(_ p: CoordinatorPhase, now: Double) -> [Directive] {
         closePhase(now: now)
-        if p == .search { searchedBefore = results.count }
+        if p == .search { searchedBefore = results.count; finishedBefore = Set(results.keys) }
         phase = p
         phaseDone = []
         phaseStarted = now
@@ -458,10 +459,25 @@ public final class CoordinatorState {
         }
     }
 
-    func eta(now: Double, done: Int, of total: Int) -> String {
-        guard done > 0 else { return "" }
+    /// The search's ETA: stages search in parallel, so it is the slowest stage's — each
+    /// at its own seconds per layer so far (the mean of the others' before its first),
+    /// minus the time already spent. (--distort runs stages one after another.)
+    public func searchETA(now: Double) -> Double? {
+        guard phase == .search else { return nil }
         let dt = now - phaseStarted
-        return String(format: " eta=%.1fs", dt / Double(done) * Double(total - done))
+        let stages = plan.map { p -> (done: Int, left: Int) in
+            (p.range.filter { results[$0] != nil && !finishedBefore.contains($0) }.count, p.range.filter { results[$0] == nil }.count)
+        }
+        let newDone = results.count - searchedBefore
+        guard newDone > 0, dt > 0 else { return nil }
+        if spec.distort { return dt / Double(newDone) * Double(spec.layers - results.count) }
+        let rates = stages.filter { $0.done > 0 }.map { dt / Double($0.done) }
+        let mean = rates.reduce(0, +) / Double(max(1, rates.count))
+        let eta = stages.map { st -> Double in
+            let perLayer = st.done > 0 ? dt / Double(st.done) : mean
+            return max(0, perLayer * Double(st.done + st.left) - dt)
+        }.max() ?? 0
+        return eta
     }
 
     func bodyName(_ b: Mbq_Envelope.OneOf_Body) -> String { String(describing: b).split(separator: "(").first.map(String.init) ?? "message" }
