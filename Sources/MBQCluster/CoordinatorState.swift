@@ -97,7 +97,6 @@ public final class CoordinatorState {
     var phaseStarted = 0.0
     /// Layers finished before this search phase began (a resume or a re-plan): the rate
     /// and ETA count only what this phase searched.
-    var searchedBefore = 0
     var finishedBefore: Set<Int> = []
     /// Checks a registration's credentials (shared-secret HMAC); CURVE is checked by ZeroMQ.
     let authorize: (Mbq_Register) -> Bool
@@ -178,7 +177,7 @@ public final class CoordinatorState {
                 let picks = results[l]!.map { "\($0.group)=\(String(format: "%.2f", $0.alpha))" }.joined(separator: " ")
                 // Journal first: a layer the log calls finished must survive a crash.
                 out.append(.journal)
-                let searched = results.count - searchedBefore
+                let searched = results.count - finishedBefore.count
                 let rate = now > phaseStarted && searched > 0 ? String(format: " %.1f layers/min", Double(searched) / (now - phaseStarted) * 60) : ""
                 out.append(.log("phase=search layer=\(l) worker=\(id) \(picks) progress=\(results.count)/\(spec.layers)\(rate)\(searchETA(now: now).map { String(format: " eta=%.1fs", $0) } ?? (results.count == spec.layers ? " eta=0.0s" : ""))"))
                 if results.count == spec.layers { out += advance(now: now) }
@@ -395,7 +394,7 @@ public final class CoordinatorState {
 
     func start(_ p: CoordinatorPhase, now: Double) -> [Directive] {
         closePhase(now: now)
-        if p == .search { searchedBefore = results.count; finishedBefore = Set(results.keys) }
+        if p == .search { finishedBefore = Set(results.keys) }
         phase = p
         phaseDone = []
         phaseStarted = now
@@ -468,7 +467,7 @@ public final class CoordinatorState {
         let stages = plan.map { p -> (done: Int, left: Int) in
             (p.range.filter { results[$0] != nil && !finishedBefore.contains($0) }.count, p.range.filter { results[$0] == nil }.count)
         }
-        let newDone = results.count - searchedBefore
+        let newDone = results.count - finishedBefore.count
         guard newDone > 0, dt > 0 else { return nil }
         if spec.distort { return dt / Double(newDone) * Double(spec.layers - results.count) }
         let rates = stages.filter { $0.done > 0 }.map { dt / Double($0.done) }

@@ -1,7 +1,7 @@
 import Foundation
 import MBQFormats
 
-/// Predicts a distributed job's time per phase and each worker's memory from the model's
+/// Predicts a distributed job's time per phase (memory: MemoryNeeds) from the model's
 /// shape, the calibration set and the workers' measured speeds.
 ///
 /// Every GEMM of a phase is counted (a block's q/k/v/o and MLP products, attention's
@@ -86,6 +86,8 @@ public struct CostModel: Sendable {
         public var cores = 0
         /// Fraction of its rate the worker gets (set per phase from who is busy).
         var share = 1.0
+        /// Threads its non-GEMM loops use on this job's tensors (set by `predict`).
+        var loopThreads = 1.0
         public init(gflops: Double, memoryBytes: Double, rates: [Double]? = nil, host: String = "", threads: Int = 1, cores: Int = 0) {
             self.gflops = gflops; self.memoryBytes = memoryBytes; self.rates = rates
             self.host = host; self.threads = threads; self.cores = cores
@@ -107,7 +109,6 @@ public struct CostModel: Sendable {
     public struct Prediction: Sendable {
         public var plan: [Range<Int>]
         public var seconds: [(phase: String, seconds: Double)]
-        public var memoryPerWorker: [Double]
         public var transferBytes: Double
         public var total: Double { seconds.reduce(0) { $0 + $1.seconds } }
     }
@@ -121,17 +122,7 @@ public struct CostModel: Sendable {
         return 2 * m * k * n / (w.rate(m, k, n) * 1e9 * w.share)
     }
 
-    /// Non-GEMM loops split over threads only when their tensors are large (the
-    /// engine's parallel loops have minimum chunk sizes): a T x hidden fp32 tensor of
-    /// 4 MB or more uses every thread, a small one about one (measured: the demo job's
-    /// search, hidden 256 x 128 tokens, takes 1.66 s per layer on one thread, 1.61 s on two).
-    func bytes(_ b: Double, _ w: Worker) -> Double {
-        let threads = 1 + Double(max(0, w.threads - 1)) * min(1, rowBytes / 4e6)
-        return b / (elementwiseGBps * 1e9 * threads * w.share)
-    }
-
-    /// Bytes of one T x hidden fp32 activation of the job being predicted.
-    var rowBytes = 0.0
+    func bytes(_ b: Double, _ w: Worker) -> Double { b / (elementwiseGBps * 1e9 * w.loopThreads * w.share) }
 
     /// Self-attention on `t` rows: projections, per-head products, softmax and RoPE; in
     /// a block also its norm, residual and copies, in a search evaluation the loss.
@@ -192,19 +183,20 @@ public struct CostModel: Sendable {
                         plan given: [Range<Int>]? = nil) -> Prediction {
         let plan = given ?? CoordinatorState.makePlan(layers: s.layers, workers: workers.enumerated().map { ("w\($0.offset)", $0.element.gflops) })
             .map(\.range)
-        var model = self
-        model.rowBytes = Double(j.tokens * s.hidden * 4)
-        return model.predictSized(s, workers: workers, workload: j, bandwidthBytesPerSecond: bandwidthBytesPerSecond, plan: plan)
-    }
-
-    func predictSized(_ s: Shape, workers: [Worker], workload j: Workload, bandwidthBytesPerSecond: Double,
-                      plan: [Range<Int>]) -> Prediction {
         let t = Double(j.tokens), n = Double(j.samples), stages = plan.count
+        let actBytes = t * Double(s.hidden) * 4
         // Pipelined phases keep every stage busy; the search is timed by makespan.
         var workers = Array(workers.prefix(stages))
         let allBusy = Self.shares(workers, busy: workers.map { _ in true })
-        for k in workers.indices { workers[k].share = allBusy[k] }
-        let actBytes = t * Double(s.hidden) * 4
+        for k in workers.indices {
+            workers[k].share = allBusy[k]
+            // Non-GEMM loops split over threads only when their tensors are large (the
+            // engine's parallel loops have minimum chunk sizes): a T x hidden fp32 tensor
+            // of 4 MB or more uses every thread, a small one about one (measured: the demo
+            // job's search, hidden 256 x 128 tokens, takes 1.66 s per layer on one thread,
+            // 1.61 s on two).
+            workers[k].loopThreads = 1 + Double(max(0, workers[k].threads - 1)) * min(1, actBytes / 4e6)
+        }
         let hop = stages > 1 ? actBytes / bandwidthBytesPerSecond : 0
         // A pipeline of per-sample stage times: the slowest stage sets the pace, the
         // others fill and drain it.
@@ -244,13 +236,8 @@ public struct CostModel: Sendable {
             Double(r.count) * (bytes(weightBytes * quantizeBytesPerWeight / 4 * 2, workers[k]) + weightBytes / 1e9 + writeOverhead)
         }.max() ?? 0
         seconds.append(("apply", apply + phaseOverhead))
-        let memory = plan.map { r -> Double in
-            let layers = Double(r.count)
-            return layers * weightBytes + layers * n * actBytes
-                + MemoryNeeds.fixed(hidden: s.hidden, intermediate: s.intermediate, heads: s.heads, vocab: s.vocab, tokens: j.tokens)
-        }
         let transfer = n * actBytes * Double(stages - 1) * (j.needsStats ? 2 : 1)
-        return Prediction(plan: plan, seconds: seconds, memoryPerWorker: memory, transferBytes: transfer)
+        return Prediction(plan: plan, seconds: seconds, transferBytes: transfer)
     }
 
     public static let presets: [String: Shape] = [

@@ -25,10 +25,7 @@ public enum DistributedJob {
                            tensorsPerBlock: 9 + (cfg.qkvBias ? 3 : 0) + (cfg.oBias ? 1 : 0), expectedWorkers: workers)
         let shape = CostModel.Shape(cfg)
         let tokens = calib.samples.map(\.length).max() ?? 0
-        spec.memory = MemoryNeeds(layerWeightBytes: shape.paramsPerLayer * 4 + Double(2 * cfg.hiddenSize * 4),
-                                  layerActivationBytes: Double(calib.samples.reduce(0) { $0 + $1.length } * cfg.hiddenSize * 4),
-                                  fixedBytes: MemoryNeeds.fixed(hidden: cfg.hiddenSize, intermediate: cfg.intermediateSize,
-                                                                heads: cfg.numHeads, vocab: cfg.vocabSize, tokens: tokens))
+        spec.memory = MemoryNeeds(shape: shape, inputRows: calib.samples.reduce(0) { $0 + $1.length }, tokens: tokens)
         let absOut = (out as NSString).standardizingPath
         spec.outputDir = absOut + ".partial-" + spec.jobID
         spec.outputToken = Auth.sha256(Array("\(spec.jobID)|\(UUID().uuidString)".utf8)).prefix(12).map { String(format: "%02x", $0) }.joined()

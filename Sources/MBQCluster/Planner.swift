@@ -15,6 +15,19 @@ public struct MemoryNeeds: Sendable, Equatable {
         self.fixedBytes = fixedBytes
     }
 
+    /// For a model: fp32 block weights and norms per layer, `inputRows` cached rows (every
+    /// sample's tokens) per layer, the fixed part at `tokens` per sample.
+    public init(shape s: CostModel.Shape, inputRows: Int, tokens: Int) {
+        self.init(layerWeightBytes: s.paramsPerLayer * 4 + Double(2 * s.hidden * 4),
+                  layerActivationBytes: Double(inputRows * s.hidden * 4),
+                  fixedBytes: Self.fixed(hidden: s.hidden, intermediate: s.intermediate, heads: s.heads, vocab: s.vocab, tokens: tokens))
+    }
+
+    /// What a worker holding `layers` layers needs in memory.
+    public func bytes(layers: Int, spills: Bool) -> Double {
+        fixedBytes + Double(layers) * (layerWeightBytes + (spills ? 0 : layerActivationBytes))
+    }
+
     /// The fixed part for a model: head weights plus one sample's largest intermediates
     /// through one block (q/k/v/o, MLP and the saved attention probabilities).
     public static func fixed(hidden: Int, intermediate: Int, heads: Int, vocab: Int, tokens: Int) -> Double {

@@ -216,14 +216,9 @@ extension Worker {
     /// SmoothQuant (alpha 0.5) from max |x| per channel of the qkv and gate/up inputs,
     /// as QuantizeJob computes it; reported like search results (alpha 0.5, no curve).
     func smoothQuantScales(_ l: Int, _ layerSamples: [LayerSample]) -> [GroupResult] {
-        let fp = blocks[l]!
-        let masks = layerSamples.map(\.attention)
-        let s1 = ApplyScales.smoothQuantScales(
-            activationMax: ApplyScales.maxAbsPerChannel(layerSamples.map(\.captures.qkvInput), masks: masks), weights: [fp.q, fp.k, fp.v])
-        let s2 = ApplyScales.smoothQuantScales(
-            activationMax: ApplyScales.maxAbsPerChannel(layerSamples.map(\.captures.gateUpInput), masks: masks), weights: [fp.gate, fp.up])
-        return [GroupResult(layer: l, group: .qkv, bestIndex: 0, alpha: 0.5, losses: [], ratio: 1, scales: s1),
-                GroupResult(layer: l, group: .gateUp, bestIndex: 0, alpha: 0.5, losses: [], ratio: 1, scales: s2)]
+        let s = ApplyScales.smoothQuantLayer(blocks[l]!, samples: layerSamples)
+        return [GroupResult(layer: l, group: .qkv, bestIndex: 0, alpha: 0.5, losses: [], ratio: 1, scales: s.qkv),
+                GroupResult(layer: l, group: .gateUp, bestIndex: 0, alpha: 0.5, losses: [], ratio: 1, scales: s.gateUp)]
     }
 
     /// Block `l` with its scales applied and quantized (the apply phase's arithmetic).

@@ -64,6 +64,14 @@ public enum ApplyScales {
         }
     }
 
+    /// One layer's SmoothQuant scales from its captured inputs: norm -> q/k/v and
+    /// norm -> gate/up, each over the non-padding positions of every sample.
+    public static func smoothQuantLayer(_ fp: DecoderBlockWeights<Float>, samples: [LayerSample]) -> (qkv: [Float], gateUp: [Float]) {
+        let masks = samples.map(\.attention)
+        return (smoothQuantScales(activationMax: maxAbsPerChannel(samples.map(\.captures.qkvInput), masks: masks), weights: [fp.q, fp.k, fp.v]),
+                smoothQuantScales(activationMax: maxAbsPerChannel(samples.map(\.captures.gateUpInput), masks: masks), weights: [fp.gate, fp.up]))
+    }
+
     /// Per input channel max |x| over non-padding positions. -> [C]
     public static func maxAbsPerChannel(_ inputs: [Tensor<Float>], masks: [[Bool]]) -> [Float] {
         let c = inputs[0].cols

@@ -80,15 +80,9 @@ public enum QuantizeJob {
             }
             var w = fp
             if options.method == .smoothquant {
-                let masks = samples.map(\.attention)
-                let s1 = ApplyScales.smoothQuantScales(
-                    activationMax: ApplyScales.maxAbsPerChannel(layerSamples.map(\.captures.qkvInput), masks: masks),
-                    weights: [fp.q, fp.k, fp.v])
-                let s2 = ApplyScales.smoothQuantScales(
-                    activationMax: ApplyScales.maxAbsPerChannel(layerSamples.map(\.captures.gateUpInput), masks: masks),
-                    weights: [fp.gate, fp.up])
-                ApplyScales.apply(.qkv, scales: s1, to: &w)
-                ApplyScales.apply(.gateUp, scales: s2, to: &w)
+                let s = ApplyScales.smoothQuantLayer(fp, samples: layerSamples)
+                ApplyScales.apply(.qkv, scales: s.qkv, to: &w)
+                ApplyScales.apply(.gateUp, scales: s.gateUp, to: &w)
             } else {
                 let found = ScaleSearch.searchLayer(l, weights: fp, samples: layerSamples,
                                                     attnRatio: ratios.layers[l].attnRatio,

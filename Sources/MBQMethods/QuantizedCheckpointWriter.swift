@@ -65,8 +65,11 @@ public enum QuantizedCheckpointWriter {
         }
         let path = dir + "/" + file
         try w.write(to: path, metadata: ["format": "pt"])
-        let size = (try? FileManager.default.attributesOfItem(atPath: path)[.size] as? NSNumber)??.uint64Value ?? 0
-        return (file, size)
+        return (file, fileSize(path))
+    }
+
+    static func fileSize(_ path: String) -> UInt64 {
+        (try? FileManager.default.attributesOfItem(atPath: path)[.size] as? NSNumber)??.uint64Value ?? 0
     }
 
     /// Checks a layer shard someone else wrote: present, a valid safetensors file, and
@@ -74,7 +77,7 @@ public enum QuantizedCheckpointWriter {
     public static func verifyLayer(_ ckpt: Checkpoint, layer l: Int, in dir: String, bytes: UInt64) throws {
         let path = dir + "/" + layout(ckpt).layerFiles[l]
         let f = try SafetensorsFile(path: path)
-        let size = (try? FileManager.default.attributesOfItem(atPath: path)[.size] as? NSNumber)??.uint64Value ?? 0
+        let size = fileSize(path)
         guard size == bytes else { throw MethodsError.output(path: path, reason: "\(size) bytes on disk, the worker wrote \(bytes)") }
         let cfg = ckpt.config
         let want = ckpt.names.block(l, qkvBias: cfg.qkvBias, oBias: cfg.oBias).all.sorted()

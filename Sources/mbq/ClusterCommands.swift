@@ -217,11 +217,9 @@ struct PlanCommand: ParsableCommand {
             load.needsStats = !noStats
             load.lossRowFraction = lossRows
             load.labelRows = Double(tokens) * 0.1
-            let needs = MemoryNeeds(layerWeightBytes: shape.paramsPerLayer * 4, layerActivationBytes: Double(samples * tokens * shape.hidden * 4),
-                                    fixedBytes: MemoryNeeds.fixed(hidden: shape.hidden, intermediate: shape.intermediate, heads: shape.heads,
-                                                                  vocab: shape.vocab, tokens: tokens))
+            let needs = MemoryNeeds(shape: shape, inputRows: samples * tokens, tokens: tokens)
             let candidates = ws.enumerated().map { i, w in
-                ("w\(i)", w.gflops, needs.capacity(memory: UInt64(w.memoryBytes), spills: scratch, layers: shape.layers))
+                ("\(i)", w.gflops, needs.capacity(memory: UInt64(w.memoryBytes), spills: scratch, layers: shape.layers))
             }
             guard let plan = Planner.plan(layers: shape.layers, workers: candidates) else {
                 let held = candidates.reduce(0) { $0 + $1.2 }
@@ -229,15 +227,15 @@ struct PlanCommand: ParsableCommand {
                                                          min(held, shape.layers), shape.layers, needs.layerWeightBytes / 1073741824,
                                                          scratch ? "" : " plus inputs; --scratch lets them spill"))
             }
-            let used = plan.map { p in ws[Int(p.worker.dropFirst())!] }
+            let used = plan.map { p in ws[Int(p.worker)!] }
             let p = CostModel().predict(shape, workers: used, workload: load, bandwidthBytesPerSecond: bandwidthGbit * 1e9 / 8,
                                         plan: plan.map(\.range))
             print("model: \(shape.layers) layers, hidden \(shape.hidden), intermediate \(shape.intermediate), \(shape.heads) heads / \(shape.kvHeads) kv; \(String(format: "%.2f", shape.paramsPerLayer * Double(shape.layers) / 1e9))B decoder parameters")
             print("calibration: \(samples) samples x \(tokens) tokens; \(ws.count) workers; \(bandwidthGbit) Gbit/s")
             for (i, r) in p.plan.enumerated() {
                 let inputs = scratch ? Double(r.count) * needs.layerActivationBytes : 0
-                print(String(format: "  %@: layers %3d..<%3d  memory %.1f GiB of %.1f GiB%@", plan[i].worker, r.lowerBound, r.upperBound,
-                             (p.memoryPerWorker[i] - inputs) / 1073741824, used[i].memoryBytes / 1073741824,
+                print(String(format: "  w%@: layers %3d..<%3d  memory %.1f GiB of %.1f GiB%@", plan[i].worker, r.lowerBound, r.upperBound,
+                             needs.bytes(layers: r.count, spills: scratch) / 1073741824, used[i].memoryBytes / 1073741824,
                              scratch ? String(format: " (+%.1f GiB of inputs in scratch)", inputs / 1073741824) : ""))
             }
             if used.count < ws.count { print("  \(ws.count - used.count) worker(s) left as spares") }
