@@ -2,7 +2,7 @@
 // SwiftMBQ — modality-balanced quantization of the language model inside VLMs.
 // Modules, one concern each: CBLAS / CZMQ (system libraries), MBQTensor (tensors,
 // GEMM, kernels), MBQFormats (safetensors, HF configs, checkpoints, calibration
-// bundles), MBQModel (decoder blocks, forward and backward), mbq (the CLI).
+// bundles, packed checkpoint formats), MBQQuant (quantizers, integer codes, bit packing), MBQModel (decoder blocks, forward and backward), mbq (the CLI).
 import PackageDescription
 
 let package = Package(
@@ -25,7 +25,7 @@ let package = Package(
                        providers: [.apt(["libzmq3-dev"])]),
         .target(name: "MBQTensor", dependencies: ["CBLAS"]),
         .target(name: "MBQFormats", dependencies: [
-            "MBQTensor", .product(name: "Logging", package: "swift-log"),
+            "MBQTensor", "MBQQuant", .product(name: "Logging", package: "swift-log"),
         ]),
         .target(name: "MBQQuant", dependencies: ["MBQTensor"]),
         .target(name: "MBQModel", dependencies: [
@@ -46,7 +46,7 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         .testTarget(name: "MBQTensorTests", dependencies: ["MBQTensor", "CZMQ"]),
-        .testTarget(name: "MBQFormatsTests", dependencies: ["MBQFormats", "MBQTensor", "MBQModel"]),
+        .testTarget(name: "MBQFormatsTests", dependencies: ["MBQFormats", "MBQTensor", "MBQModel", "MBQQuant"]),
         .testTarget(name: "MBQQuantTests", dependencies: ["MBQQuant", "MBQTensor"]),
         // Reads its fixtures (and MBQModelTests') by path: Tests/MBQMethodsTests/Fixtures.
         .testTarget(name: "MBQMethodsTests", dependencies: ["MBQMethods", "MBQModel", "MBQFormats", "MBQQuant", "MBQTensor"],

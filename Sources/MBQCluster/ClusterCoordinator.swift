@@ -186,7 +186,8 @@ public final class ClusterCoordinator {
         return QuantizeResult(options: options, gradStats: state.stats, groups: groups, blocks: [], seconds: seconds)
     }
 
-    /// The blocks workers streamed here (those that could not write the output themselves).
+    /// The blocks workers streamed here (those that could not write the output
+    /// themselves), scales applied, not yet quantized.
     public func streamedBlocks(model: Checkpoint) -> [Int: DecoderBlockWeights<Float>] {
         let cfg = model.config
         let shape = AttentionShape(heads: cfg.numHeads, kvHeads: cfg.numKVHeads, headDim: cfg.headDim)

@@ -57,10 +57,12 @@ public enum DistributedJob {
             try AtomicFile.write(data: Data(spec.outputToken.utf8), to: tmp + "/" + OutputMarker.name)
             try coord.run(deadline: deadline)
             for (l, b) in coord.state.written.sorted(by: { $0.key < $1.key }) {
-                try QuantizedCheckpointWriter.verifyLayer(ckpt, layer: l, in: tmp, bytes: b.bytes)
+                try QuantizedCheckpointWriter.verifyLayer(ckpt, layer: l, in: tmp, bytes: b.bytes, options: options)
             }
-            for (l, w) in coord.streamedBlocks(model: ckpt).sorted(by: { $0.key < $1.key }) {
-                try QuantizedCheckpointWriter.writeLayer(ckpt, layer: l, block: w, into: tmp)
+            for (l, scaled) in coord.streamedBlocks(model: ckpt).sorted(by: { $0.key < $1.key }) {
+                var w = scaled
+                let codes = ApplyScales.quantizeLinears(&w, with: options.weightQuantizer, precision: options.scaleDType.scalePrecision)
+                try QuantizedCheckpointWriter.writeLayer(ckpt, layer: l, block: w, codes: codes, options: options, into: tmp)
             }
         } catch {
             try? FileManager.default.removeItem(atPath: tmp)
@@ -68,7 +70,7 @@ public enum DistributedJob {
         }
         let result = coord.result(options: options, seconds: ["distributed_job": Date().timeIntervalSince(t0)])
         try QuantizedCheckpointWriter.finish(source: ckpt, tmp: tmp, out: out, overwrite: overwrite,
-                                             quantizationConfig: options.configBlock) { dir in try ResultsFile.writeAll(result, into: dir) }
+                                             options: options) { dir in try ResultsFile.writeAll(result, into: dir) }
         coord.log("wrote \(out) in \(String(format: "%.1f", Date().timeIntervalSince(t0))) s total")
     }
 }

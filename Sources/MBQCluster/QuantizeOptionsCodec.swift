@@ -1,4 +1,5 @@
 import Foundation
+import MBQFormats
 import MBQMethods
 
 /// QuantizeOptions as the JSON the coordinator sends in every assignment.
@@ -8,6 +9,8 @@ public enum QuantizeOptionsCodec {
                                 "distort": o.distort]
         if let a = o.aBit { d["a_bit"] = a }
         if let r = o.reweight { d["reweight"] = r }
+        d["format"] = o.resolvedFormat.rawValue
+        d["weight_dtype"] = o.weightDType.rawValue
         return String(decoding: try! JSONSerialization.data(withJSONObject: d, options: [.sortedKeys]), as: UTF8.self)
     }
 
@@ -23,6 +26,18 @@ public enum QuantizeOptionsCodec {
         o.aBit = d["a_bit"] as? Int
         o.reweight = d["reweight"] as? Bool
         o.distort = d["distort"] as? Bool ?? false
+        if let f = d["format"] {
+            guard let s = f as? String, let format = CheckpointFormat(rawValue: s) else {
+                throw ProtocolError.malformed("assignment options: unknown format \(f)")
+            }
+            o.format = format
+        }
+        if let t = d["weight_dtype"] {
+            guard let s = t as? String, let dtype = DType(rawValue: s), dtype.isFloatingPoint else {
+                throw ProtocolError.malformed("assignment options: weight_dtype \(t) is not a float dtype")
+            }
+            o.weightDType = dtype
+        }
         return o
     }
 }

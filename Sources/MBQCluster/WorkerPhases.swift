@@ -2,6 +2,7 @@ import Foundation
 import MBQFormats
 import MBQMethods
 import MBQModel
+import MBQQuant
 import MBQTensor
 
 /// The four phases as a worker runs them on its blocks (DESIGN.md §3), in the same
@@ -221,8 +222,8 @@ extension Worker {
                 GroupResult(layer: l, group: .gateUp, bestIndex: 0, alpha: 0.5, losses: [], ratio: 1, scales: s.gateUp)]
     }
 
-    /// Block `l` with its scales applied and quantized (the apply phase's arithmetic).
-    func quantizedBlock(_ l: Int) throws -> DecoderBlockWeights<Float> {
+    /// Block `l` with its scales applied, before quantization.
+    func scaledBlock(_ l: Int) throws -> DecoderBlockWeights<Float> {
         var w = blocks[l]!
         // The order QuantizeJob applies them in (it matters bit for bit: v_proj takes
         // both the qkv column scales and the o row scales).
@@ -232,14 +233,22 @@ extension Worker {
         if let unknown = results[l]?.keys.first(where: { SearchGroup(rawValue: $0) == nil }) {
             throw ProtocolError.malformed("unknown group '\(unknown)'")
         }
-        ApplyScales.quantizeLinears(&w, with: quantOptions.weightQuantizer)
         return w
+    }
+
+    /// Block `l` with its scales applied and quantized (the apply phase's arithmetic):
+    /// the weights the output holds and every linear's codes.
+    func quantizedBlock(_ l: Int) throws -> (block: DecoderBlockWeights<Float>, codes: [String: QuantizedWeight]) {
+        var w = try scaledBlock(l)
+        let codes = ApplyScales.quantizeLinears(&w, with: quantOptions.weightQuantizer,
+                                                precision: quantOptions.scaleDType.scalePrecision)
+        return (w, codes)
     }
 
     /// --distort: the quantized block's output on `xs` (activations quantized as the
     /// model will run them).
     func distortedOutputs(_ l: Int, _ xs: [Tensor<Float>]) throws -> [Tensor<Float>] {
-        let w = try quantizedBlock(l)
+        let w = try quantizedBlock(l).block
         return zip(samples, xs).map { s, x in
             decoderBlockForward(x, weights: w, rope: rope(s), mask: s.attention, actBits: quantOptions.aBit).output
         }
@@ -248,18 +257,20 @@ extension Worker {
     // MARK: apply
 
     /// Scales applied, weights quantized; each block written straight into the shared
-    /// output directory when this worker sees it, else streamed to the coordinator.
+    /// output directory when this worker sees it, else its scaled block streamed to the
+    /// coordinator, which quantizes and writes it with the same functions.
     func apply() throws {
         let shared = try outputIsShared()
         for l in range {
-            let w = try quantizedBlock(l)
             if shared {
-                let (file, bytes) = try QuantizedCheckpointWriter.writeLayer(ckpt!, layer: l, block: w, into: assignment.outputDir)
+                let q = try quantizedBlock(l)
+                let (file, bytes) = try QuantizedCheckpointWriter.writeLayer(ckpt!, layer: l, block: q.block, codes: q.codes,
+                                                                             options: quantOptions, into: assignment.outputDir)
                 var b = Mbq_BlockWritten()
                 b.layer = UInt32(l); b.file = file; b.bytes = bytes; b.epoch = assignment.epoch
                 post(.blockWritten(b))
             } else {
-                for (role, t) in BlockTensors.roles(w) {
+                for (role, t) in BlockTensors.roles(try scaledBlock(l)) {
                     outbox.post(try Wire.encode(job: jobID, name: "block/\(l)/\(role)", tensor: t, epoch: assignment.epoch))
                 }
             }

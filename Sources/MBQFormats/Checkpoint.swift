@@ -10,6 +10,8 @@ public final class Checkpoint: @unchecked Sendable {
     public let directory: String
     public let config: LanguageModelConfig
     public let names: LanguageModelTensorNames
+    /// What `quantization_config` says, for checkpoints mbq (or another tool) quantized.
+    public let quantization: CheckpointQuantization?
     private let files: [SafetensorsFile]
     private let location: [String: Int]
     private let logger = Logger(label: "mbq.checkpoint")
@@ -21,6 +23,8 @@ public final class Checkpoint: @unchecked Sendable {
     public init(directory: String) throws {
         self.directory = directory
         config = try LanguageModelConfig.load(configPath: directory + "/config.json")
+        quantization = try CheckpointQuantization.parse(try Data(contentsOf: URL(fileURLWithPath: directory + "/config.json")),
+                                                        path: directory + "/config.json")
         let fm = FileManager.default
         let indexPath = directory + "/model.safetensors.index.json"
         var shardNames: [String]
@@ -90,14 +94,34 @@ public final class Checkpoint: @unchecked Sendable {
         return t
     }
 
-    /// The storage dtype of the decoder's weights (what the output keeps).
+    /// A decoder linear's weight ("...q_proj.weight", [out, in]) as fp32: read as stored,
+    /// or decoded from a packed format and dequantized as the engines compute it, in the
+    /// precision of the stored scales.
+    public func linearWeight(_ name: String, shape: [Int]) throws -> Tensor<Float> {
+        guard let qc = quantization, qc.format != .fake else { return try tensor(name, shape: shape) }
+        guard name.hasSuffix(".weight"), shape.count == 2 else {
+            throw FormatsError.invalidTensorEntry(path: directory, tensor: name, reason: "not a linear layer's weight")
+        }
+        let module = String(name.dropLast(".weight".count))
+        let q = try PackedLinear.read(module: module, rows: shape[0], cols: shape[1], quant: qc, from: self)
+        let scaleName = module + (qc.format == .compressedTensors ? ".weight_scale" : ".scales")
+        return q.dequantized(precision: try entry(scaleName).entry.dtype.scalePrecision)
+    }
+
+    /// The storage dtype of the decoder's weights (what the output keeps); for a packed
+    /// checkpoint, that of its scales.
     public var weightDType: DType {
-        (try? entry(names.block(0, qkvBias: false, oBias: false).q).entry.dtype) ?? .f32
+        let q = names.block(0, qkvBias: false, oBias: false).q
+        let module = String(q.dropLast(".weight".count))
+        for name in [q, module + ".weight_scale", module + ".scales"] {
+            if let e = try? entry(name).entry { return e.dtype }
+        }
+        return .f32
     }
 
     /// Bytes of decoder block `i`'s tensors as stored (for planning, no data read).
     public func blockBytes(_ i: Int) -> Int {
-        let b = names.block(i, qkvBias: config.qkvBias, oBias: config.oBias)
-        return b.all.reduce(0) { $0 + ((try? entry($1).entry.byteRange.count) ?? 0) }
+        let prefix = names.layer(i)
+        return location.keys.filter { $0.hasPrefix(prefix) }.reduce(0) { $0 + ((try? entry($1).entry.byteRange.count) ?? 0) }
     }
 }

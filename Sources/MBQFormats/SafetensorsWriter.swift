@@ -69,6 +69,12 @@ public struct SafetensorsWriter {
         add(name, dtype: .u8, shape: shape, bytes: values)
     }
 
+    /// Orders the data section by tensor name (the header is sorted anyway), so a file's
+    /// bytes do not depend on the order its tensors were added in.
+    public mutating func sortByName() {
+        pending.sort { $0.name < $1.name }
+    }
+
     /// The header JSON, padded with spaces to a multiple of 8 bytes so that the data
     /// section starts aligned (as the reference writer does).
     func headerBytes(metadata: [String: String]) throws -> [UInt8] {

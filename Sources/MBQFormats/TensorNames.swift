@@ -59,6 +59,11 @@ public struct BlockTensorNames: Sendable, Equatable {
     public let qBias, kBias, vBias, oBias: String?
     public let gate, up, down: String
 
+    /// The linear layers' weights by role, in the order the formats list them.
+    public var linears: [(role: String, name: String)] {
+        [("q", q), ("k", k), ("v", v), ("o", o), ("gate", gate), ("up", up), ("down", down)]
+    }
+
     public var all: [String] {
         [inputNorm, postAttentionNorm, q, k, v, o, gate, up, down] + [qBias, kBias, vBias, oBias].compactMap { $0 }
     }

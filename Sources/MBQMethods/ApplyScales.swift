@@ -43,10 +43,25 @@ public enum ApplyScales {
         }
     }
 
-    /// Fake-quantizes every linear of the block.
-    public static func quantizeLinears(_ w: inout DecoderBlockWeights<Float>, with q: WeightQuantizer) {
-        w.q = q.apply(w.q); w.k = q.apply(w.k); w.v = q.apply(w.v); w.o = q.apply(w.o)
-        w.gate = q.apply(w.gate); w.up = q.apply(w.up); w.down = q.apply(w.down)
+    /// The block's linears by role, in the order the output formats list them.
+    public static let linears: [(role: String, path: WritableKeyPath<DecoderBlockWeights<Float>, Tensor<Float>>)] = [
+        ("q", \.q), ("k", \.k), ("v", \.v), ("o", \.o), ("gate", \.gate), ("up", \.up), ("down", \.down),
+    ]
+
+    /// Quantizes every linear of the block: its integer codes (what packed formats
+    /// store, by role), and in `w` their dequantization with scales in `precision`, the
+    /// weights the output holds (with fp32 scales, exactly the search's fake
+    /// quantization).
+    @discardableResult
+    public static func quantizeLinears(_ w: inout DecoderBlockWeights<Float>, with q: WeightQuantizer,
+                                       precision: ScalePrecision = .f32) -> [String: QuantizedWeight] {
+        var codes: [String: QuantizedWeight] = [:]
+        for (role, path) in linears {
+            let c = q.codes(w[keyPath: path])
+            w[keyPath: path] = c.dequantized(precision: precision)
+            codes[role] = c
+        }
+        return codes
     }
 
     /// SmoothQuant's migration (Xiao et al. 2023, alpha 0.5): per input channel

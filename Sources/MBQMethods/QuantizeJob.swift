@@ -7,19 +7,24 @@ import MBQTensor
 
 /// What a quantization run produces.
 public struct QuantizeResult: Sendable {
-    public init(options: QuantizeOptions, gradStats: GradientStatistics?, groups: [GroupResult], blocks: [DecoderBlockWeights<Float>], seconds: [String: Double]) {
+    public init(options: QuantizeOptions, gradStats: GradientStatistics?, groups: [GroupResult], blocks: [DecoderBlockWeights<Float>],
+                codes: [[String: QuantizedWeight]] = [], seconds: [String: Double]) {
         self.options = options
         self.gradStats = gradStats
         self.groups = groups
         self.blocks = blocks
+        self.codes = codes
         self.seconds = seconds
     }
 
     public var options: QuantizeOptions
     public var gradStats: GradientStatistics?
     public var groups: [GroupResult]
-    /// The blocks with scales applied and weights fake-quantized.
+    /// The blocks with scales applied and weights fake-quantized (dequantized with the
+    /// output's scale precision).
     public var blocks: [DecoderBlockWeights<Float>]
+    /// Per layer, every linear's integer codes by role ("q", ..., "down").
+    public var codes: [[String: QuantizedWeight]]
     public var seconds: [String: Double]
 }
 
@@ -39,14 +44,14 @@ public enum QuantizeJob {
 
         if options.method == .rtn {
             let q = options.weightQuantizer
-            let blocks = model.blocks.map { b -> DecoderBlockWeights<Float> in
-                var b = b
-                ApplyScales.quantizeLinears(&b, with: q)
-                return b
+            var blocks: [DecoderBlockWeights<Float>] = [], codes: [[String: QuantizedWeight]] = []
+            for var b in model.blocks {
+                codes.append(ApplyScales.quantizeLinears(&b, with: q, precision: options.scaleDType.scalePrecision))
+                blocks.append(b)
             }
             seconds["quantize"] = Date().timeIntervalSince(start)
             logger.info("[quantize] rtn \(q): \(nl) layers in \(elapsed())")
-            return QuantizeResult(options: options, gradStats: nil, groups: [], blocks: blocks, seconds: seconds)
+            return QuantizeResult(options: options, gradStats: nil, groups: [], blocks: blocks, codes: codes, seconds: seconds)
         }
 
         var stats: GradientStatistics? = nil
@@ -66,6 +71,7 @@ public enum QuantizeJob {
         var xs = samples.map(\.embeds)
         var groups: [GroupResult] = []
         var blocks: [DecoderBlockWeights<Float>] = []
+        var codes: [[String: QuantizedWeight]] = []
         let search = options.searchOptions
         for l in 0..<nl {
             let fp = model.blocks[l]
@@ -92,7 +98,7 @@ public enum QuantizeJob {
                 let picks = found.map { "\($0.group.rawValue)=\(String(format: "%.2f", $0.alpha))" }.joined(separator: " ")
                 logger.info("[search] layer \(l + 1)/\(nl): \(picks)")
             }
-            ApplyScales.quantizeLinears(&w, with: options.weightQuantizer)
+            codes.append(ApplyScales.quantizeLinears(&w, with: options.weightQuantizer, precision: options.scaleDType.scalePrecision))
             blocks.append(w)
             if options.distort {
                 for (i, s) in samples.enumerated() {
@@ -106,6 +112,6 @@ public enum QuantizeJob {
             logger.info("[search] layer \(l + 1)/\(nl) done, elapsed \(elapsed()), ETA \(String(format: "%.1fs", dt / Double(l + 1) * Double(nl - l - 1)))")
         }
         seconds["search_apply_quantize"] = Date().timeIntervalSince(t0)
-        return QuantizeResult(options: options, gradStats: stats, groups: groups, blocks: blocks, seconds: seconds)
+        return QuantizeResult(options: options, gradStats: stats, groups: groups, blocks: blocks, codes: codes, seconds: seconds)
     }
 }

@@ -24,8 +24,38 @@ public struct QuantizeOptions: Sendable {
     /// nil: on for mbq, off otherwise.
     public var reweight: Bool?
     public var distort = false
+    /// The checkpoint format written; nil = the one vLLM serves for the scheme
+    /// (`defaultFormat`).
+    public var format: CheckpointFormat?
+    /// The source's decoder weight dtype: the output keeps it, and the formats that store
+    /// scales in the model's dtype (fake, compressed-tensors) round them to it.
+    public var weightDType: DType = .f32
 
     public init() {}
+
+    /// The format written: `format`, or the default for the scheme.
+    public var resolvedFormat: CheckpointFormat { format ?? defaultFormat }
+
+    /// What vLLM serves for each scheme (README "Formats"): compressed-tensors for W4/W8
+    /// weight-only (pack-quantized, zero points via Marlin), W4A8 (pack-quantized +
+    /// int8 dynamic per-token activations) and W8A8 (int-quantized); GPTQ for 3- and
+    /// 2-bit weight-only; fake quantization for schemes no engine kernel serves.
+    public var defaultFormat: CheckpointFormat {
+        if aBit != nil { return 32 % wBit == 0 ? .compressedTensors : .fake }
+        if wBit == 4 || wBit == 8 { return .compressedTensors }
+        if wBit == 3 || wBit == 2 { return .gptq }
+        return .fake
+    }
+
+    /// The dtype the output stores scales in, and in which its dequantization multiplies:
+    /// fp16 for AutoAWQ and GPTQ, the model's dtype otherwise (fp32 for fp32 models, so
+    /// their fake output is exactly the search's fp32 fake quantization).
+    public var scaleDType: DType {
+        switch resolvedFormat {
+        case .awq, .gptq: return .f16
+        case .fake, .compressedTensors: return [.bf16, .f16].contains(weightDType) ? weightDType : .f32
+        }
+    }
 
     public var effectiveReweight: Bool { reweight ?? (method == .mbq) }
 
@@ -49,6 +79,15 @@ public struct QuantizeOptions: Sendable {
             throw no("--reweight applies to the scale search (awq, mbq), not to \(method.rawValue)")
         }
         if distort && (method == .rtn) { throw no("--distort needs a search method (awq, mbq, smoothquant)") }
+        let linears = [("q_proj", cfg.numHeads * cfg.headDim, cfg.hiddenSize), ("k_proj", cfg.numKVHeads * cfg.headDim, cfg.hiddenSize),
+                       ("o_proj", cfg.hiddenSize, cfg.numHeads * cfg.headDim), ("gate_proj", cfg.intermediateSize, cfg.hiddenSize),
+                       ("down_proj", cfg.hiddenSize, cfg.intermediateSize)]
+        for (name, rows, cols) in linears {
+            if let why = PackedLinear.unsupported(format: resolvedFormat, bits: wBit, group: aBit == nil ? group : -1,
+                                                  symmetric: aBit != nil, rows: rows, cols: cols) {
+                throw no("--format \(resolvedFormat.rawValue) cannot hold \(schemeName) (\(name)): \(why)")
+            }
+        }
         if aBit == nil {
             guard group == -1 || [32, 64, 128].contains(group) else {
                 throw no("--group \(group): use 32, 64, 128 or -1 (per row)")
@@ -63,18 +102,33 @@ public struct QuantizeOptions: Sendable {
         }
     }
 
-    /// The `quantization_config` block written into the output's config.json.
-    public var configBlock: [String: Any] {
-        var o: [String: Any] = ["quant_method": "mbq-fake", "method": method.rawValue, "bits": wBit,
-                                "a_bit": aBit ?? 16, "loss": loss.rawValue, "reweight": effectiveReweight,
-                                "distort": distort, "fake_quantized": true]
-        if aBit == nil {
-            o["group_size"] = group
-            o["zero_point"] = true
-        } else {
-            o["weight_granularity"] = "per_channel_symmetric"
-            o["activation_granularity"] = "per_token_symmetric"
+    /// "w4 g128", "w4a8", "w8a8".
+    public var schemeName: String {
+        aBit.map { "w\(wBit)a\($0)" } ?? "w\(wBit) " + (group > 0 ? "g\(group)" : "per-channel")
+    }
+
+    /// The `quantization_config` added to the output's config.json for the resolved format.
+    /// `ignore`: the modules outside the decoder (vision tower, projector, lm_head).
+    public func configBlock(ignore: [String]) -> JSONText {
+        switch resolvedFormat {
+        case .fake:
+            // Our own marker (keys in the order JSONSerialization's sortedKeys wrote them
+            // before): `mbq eval` reads a_bit from it.
+            var o: [(String, JSONText)] = [("a_bit", .int(aBit ?? 16))]
+            if aBit != nil { o.append(("activation_granularity", "per_token_symmetric")) }
+            o += [("bits", .int(wBit)), ("distort", .bool(distort)), ("fake_quantized", true)]
+            if aBit == nil { o.append(("group_size", .int(group))) }
+            o += [("loss", .string(loss.rawValue)), ("method", .string(method.rawValue)), ("quant_method", "mbq-fake"),
+                  ("reweight", .bool(effectiveReweight))]
+            if aBit != nil { o.append(("weight_granularity", "per_channel_symmetric")) } else { o.append(("zero_point", true)) }
+            return .object(o)
+        case .compressedTensors:
+            return QuantizationConfigBlock.compressedTensors(bits: wBit, group: aBit == nil ? group : -1, symmetric: aBit != nil,
+                                                             activationBits: aBit, ignore: ignore)
+        case .awq:
+            return QuantizationConfigBlock.awq(bits: wBit, group: group, ignore: ignore)
+        case .gptq:
+            return QuantizationConfigBlock.gptq(bits: wBit, group: group, ignore: ignore)
         }
-        return o
     }
 }

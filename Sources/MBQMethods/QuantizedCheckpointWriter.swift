@@ -1,12 +1,14 @@
 import Foundation
 import MBQFormats
 import MBQModel
+import MBQQuant
 import MBQTensor
 
 /// Writes the quantized model as a directory that loads like the input (DESIGN.md §4):
-/// same tensor names and dtypes, decoder weights replaced by their scaled and
-/// fake-quantized values, `quantization_config` added to config.json, other files
-/// copied.
+/// the decoder's linears in the chosen format (fake: dequantized weights under the same
+/// names and dtypes; compressed-tensors, AWQ, GPTQ: packed codes and scales, see
+/// `PackedLinear`), norms and biases with their scales folded in, `quantization_config`
+/// added to config.json by editing its text, other files copied.
 ///
 /// Layout: one shard per decoder layer and, for every source shard, one shard with its
 /// other tensors (embeddings, lm_head, vision tower, ...), named
@@ -34,36 +36,54 @@ public enum QuantizedCheckpointWriter {
                       layerFiles: (0..<cfg.numLayers).map { file(rest.count + $0) })
     }
 
-    /// The decoder tensors of one quantized block, by checkpoint name.
-    public static func tensors(_ ckpt: Checkpoint, layer l: Int, block w: DecoderBlockWeights<Float>) -> [String: Tensor<Float>] {
+    /// The names layer `l`'s shard holds in the output format: the source's block names,
+    /// each linear's `.weight` replaced by the format's tensors.
+    public static func outputNames(_ ckpt: Checkpoint, layer l: Int, options: QuantizeOptions) -> [String] {
         let cfg = ckpt.config
         let n = ckpt.names.block(l, qkvBias: cfg.qkvBias, oBias: cfg.oBias)
-        var r: [String: Tensor<Float>] = [:]
-        r[n.inputNorm] = w.inputNorm; r[n.postAttentionNorm] = w.postAttentionNorm
-        r[n.q] = w.q; r[n.k] = w.k; r[n.v] = w.v; r[n.o] = w.o
-        r[n.gate] = w.gate; r[n.up] = w.up; r[n.down] = w.down
-        if let b = n.qBias, let t = w.qBias { r[b] = t }
-        if let b = n.kBias, let t = w.kBias { r[b] = t }
-        if let b = n.vBias, let t = w.vBias { r[b] = t }
-        if let b = n.oBias, let t = w.oBias { r[b] = t }
-        return r
+        let linear = Set(n.linears.map(\.name))
+        var names = n.all.filter { !linear.contains($0) }
+        for (_, name) in n.linears {
+            names += PackedLinear.tensorNames(module: String(name.dropLast(".weight".count)), format: options.resolvedFormat,
+                                              bits: options.wBit, symmetric: options.aBit != nil)
+        }
+        return names.sorted()
     }
 
-    /// Writes layer `l`'s shard into `dir` (atomically) in the source dtypes.
-    /// -> the file name and its size in bytes.
+    /// Writes layer `l`'s shard into `dir` (atomically): norms and biases in the source
+    /// dtypes, linears in the output format (from their codes; the fake format stores the
+    /// dequantized weights of `block`). -> the file name and its size in bytes.
     @discardableResult
-    public static func writeLayer(_ ckpt: Checkpoint, layer l: Int, block: DecoderBlockWeights<Float>,
+    public static func writeLayer(_ ckpt: Checkpoint, layer l: Int, block b: DecoderBlockWeights<Float>,
+                                  codes: [String: QuantizedWeight], options: QuantizeOptions,
                                   into dir: String) throws -> (file: String, bytes: UInt64) {
         let file = layout(ckpt).layerFiles[l]
+        let path = dir + "/" + file
+        let cfg = ckpt.config
+        let n = ckpt.names.block(l, qkvBias: cfg.qkvBias, oBias: cfg.oBias)
         var w = SafetensorsWriter()
-        for (name, t) in tensors(ckpt, layer: l, block: block).sorted(by: { $0.key < $1.key }) {
+        func add(_ name: String?, _ t: Tensor<Float>?) throws {
+            guard let name, let t else { return }
             let e = try ckpt.entry(name).entry
             guard t.shape == e.shape else {
-                throw MethodsError.output(path: dir + "/" + file, reason: "tensor '\(name)' would change shape \(e.shape) -> \(t.shape)")
+                throw MethodsError.output(path: path, reason: "tensor '\(name)' would change shape \(e.shape) -> \(t.shape)")
             }
             w.add(name, t, as: e.dtype)
         }
-        let path = dir + "/" + file
+        try add(n.inputNorm, b.inputNorm); try add(n.postAttentionNorm, b.postAttentionNorm)
+        try add(n.qBias, b.qBias); try add(n.kBias, b.kBias); try add(n.vBias, b.vBias); try add(n.oBias, b.oBias)
+        let format = options.resolvedFormat
+        for ((role, name), (_, keyPath)) in zip(n.linears, ApplyScales.linears) {
+            if format == .fake {
+                try add(name, b[keyPath: keyPath])
+                continue
+            }
+            guard let q = codes[role], [q.rows, q.cols] == (try ckpt.entry(name).entry.shape) else {
+                throw MethodsError.output(path: path, reason: "no codes of the source's shape for '\(name)'")
+            }
+            PackedLinear.add(q, module: String(name.dropLast(".weight".count)), format: format, scaleDType: options.scaleDType, to: &w)
+        }
+        w.sortByName()
         try w.write(to: path, metadata: ["format": "pt"])
         return (file, fileSize(path))
     }
@@ -73,19 +93,22 @@ public enum QuantizedCheckpointWriter {
     }
 
     /// Checks a layer shard someone else wrote: present, a valid safetensors file, and
-    /// holding exactly the layer's tensors with the source shapes.
-    public static func verifyLayer(_ ckpt: Checkpoint, layer l: Int, in dir: String, bytes: UInt64) throws {
+    /// holding exactly the layer's tensors in the output format, those the source also
+    /// has (norms, biases, fake weights) with the source shapes.
+    public static func verifyLayer(_ ckpt: Checkpoint, layer l: Int, in dir: String, bytes: UInt64,
+                                   options: QuantizeOptions) throws {
         let path = dir + "/" + layout(ckpt).layerFiles[l]
         let f = try SafetensorsFile(path: path)
         let size = fileSize(path)
         guard size == bytes else { throw MethodsError.output(path: path, reason: "\(size) bytes on disk, the worker wrote \(bytes)") }
-        let cfg = ckpt.config
-        let want = ckpt.names.block(l, qkvBias: cfg.qkvBias, oBias: cfg.oBias).all.sorted()
+        let want = outputNames(ckpt, layer: l, options: options)
         guard f.tensorNames == want else {
             throw MethodsError.output(path: path, reason: "holds \(f.tensorNames.count) tensors, layer \(l) has \(want.count)")
         }
-        for n in want where try f.entry(n).shape != ckpt.entry(n).entry.shape {
-            throw MethodsError.output(path: path, reason: "tensor '\(n)' has the wrong shape")
+        for n in want where ckpt.contains(n) {
+            guard try f.entry(n).shape == ckpt.entry(n).entry.shape else {
+                throw MethodsError.output(path: path, reason: "tensor '\(n)' has the wrong shape")
+            }
         }
     }
 
@@ -106,7 +129,7 @@ public enum QuantizedCheckpointWriter {
     /// Writes everything but the layer shards (already in `tmp`), then renames `tmp` to
     /// `out`. `extras` adds files (results, report) before the rename.
     public static func finish(source ckpt: Checkpoint, tmp: String, out: String, overwrite: Bool,
-                              quantizationConfig: [String: Any], extras: (String) throws -> Void) throws {
+                              options: QuantizeOptions, extras: (String) throws -> Void) throws {
         let fm = FileManager.default
         do {
             let lay = layout(ckpt)
@@ -122,15 +145,15 @@ public enum QuantizedCheckpointWriter {
                 }
                 try w.write(to: tmp + "/" + file, metadata: source.metadata)
             }
-            let cfg = ckpt.config
-            for l in 0..<cfg.numLayers {
-                guard fm.fileExists(atPath: tmp + "/" + lay.layerFiles[l]) else {
+            for l in 0..<ckpt.config.numLayers {
+                let path = tmp + "/" + lay.layerFiles[l]
+                guard fm.fileExists(atPath: path) else {
                     throw MethodsError.output(path: tmp, reason: "layer \(l)'s shard \(lay.layerFiles[l]) was never written")
                 }
-                for name in ckpt.names.block(l, qkvBias: cfg.qkvBias, oBias: cfg.oBias).all {
-                    let e = try ckpt.entry(name).entry
+                let shard = try SafetensorsFile(path: path)
+                for name in shard.tensorNames {
                     weightMap[name] = lay.layerFiles[l]
-                    totalSize += e.shape.reduce(1, *) * e.dtype.byteSize
+                    totalSize += try shard.entry(name).byteRange.count
                 }
             }
             let index: [String: Any] = ["metadata": ["total_size": totalSize], "weight_map": weightMap]
@@ -145,13 +168,15 @@ public enum QuantizedCheckpointWriter {
                     try fm.copyItem(atPath: src, toPath: tmp + "/" + f)
                 }
             }
+            // config.json is edited as text: every input key and value stays as written.
             let cfgPath = ckpt.directory + "/config.json"
-            guard var json = (try? JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: cfgPath)))) as? [String: Any] else {
-                throw FormatsError.invalidConfig(path: cfgPath, reason: "not a JSON object")
+            guard let text = try? String(contentsOfFile: cfgPath, encoding: .utf8) else {
+                throw FormatsError.unreadable(path: cfgPath, reason: "not readable as UTF-8")
             }
-            json["quantization_config"] = quantizationConfig
-            try AtomicFile.write(data: try JSONSerialization.data(withJSONObject: json, options: [.prettyPrinted, .sortedKeys]),
-                                 to: tmp + "/config.json")
+            let edited = try ConfigEdit.addingTopLevelKey("quantization_config",
+                                                          value: options.configBlock(ignore: try ckpt.nonDecoderModules()),
+                                                          to: text, path: cfgPath)
+            try AtomicFile.write(data: Data(edited.utf8), to: tmp + "/config.json")
             // Markers and leftovers of the workers' writes do not belong in the model.
             for f in try fm.contentsOfDirectory(atPath: tmp) where f.hasPrefix(".") { try? fm.removeItem(atPath: tmp + "/" + f) }
             try extras(tmp)
@@ -166,17 +191,21 @@ public enum QuantizedCheckpointWriter {
     }
 
     /// The one-process path: every layer, then the rest.
-    public static func write(source ckpt: Checkpoint, blocks: [DecoderBlockWeights<Float>],
-                             quantizationConfig: [String: Any], to out: String, overwrite: Bool,
+    public static func write(source ckpt: Checkpoint, result r: QuantizeResult, to out: String, overwrite: Bool,
                              extras: (String) throws -> Void) throws {
+        guard r.blocks.count == ckpt.config.numLayers, r.codes.count == r.blocks.count else {
+            throw MethodsError.output(path: out, reason: "\(r.blocks.count) quantized blocks (\(r.codes.count) with codes) for a model of \(ckpt.config.numLayers) layers")
+        }
         let tmp = out + ".partial-\(getpid())"
         try begin(out: out, overwrite: overwrite, tmp: tmp)
         do {
-            for (l, b) in blocks.enumerated() { try writeLayer(ckpt, layer: l, block: b, into: tmp) }
+            for (l, b) in r.blocks.enumerated() {
+                try writeLayer(ckpt, layer: l, block: b, codes: r.codes[l], options: r.options, into: tmp)
+            }
         } catch {
             try? FileManager.default.removeItem(atPath: tmp)
             throw error
         }
-        try finish(source: ckpt, tmp: tmp, out: out, overwrite: overwrite, quantizationConfig: quantizationConfig, extras: extras)
+        try finish(source: ckpt, tmp: tmp, out: out, overwrite: overwrite, options: r.options, extras: extras)
     }
 }

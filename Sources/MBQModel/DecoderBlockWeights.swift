@@ -60,12 +60,12 @@ extension DecoderBlockWeights where T == Float {
         return DecoderBlockWeights<Float>(
             inputNorm: try ckpt.tensor(n.inputNorm, shape: [c]),
             postAttentionNorm: try ckpt.tensor(n.postAttentionNorm, shape: [c]),
-            q: try ckpt.tensor(n.q, shape: [qd, c]), k: try ckpt.tensor(n.k, shape: [kvd, c]),
-            v: try ckpt.tensor(n.v, shape: [kvd, c]), o: try ckpt.tensor(n.o, shape: [c, qd]),
+            q: try ckpt.linearWeight(n.q, shape: [qd, c]), k: try ckpt.linearWeight(n.k, shape: [kvd, c]),
+            v: try ckpt.linearWeight(n.v, shape: [kvd, c]), o: try ckpt.linearWeight(n.o, shape: [c, qd]),
             qBias: try opt(n.qBias, [qd]), kBias: try opt(n.kBias, [kvd]), vBias: try opt(n.vBias, [kvd]),
             oBias: try opt(n.oBias, [c]),
-            gate: try ckpt.tensor(n.gate, shape: [i, c]), up: try ckpt.tensor(n.up, shape: [i, c]),
-            down: try ckpt.tensor(n.down, shape: [c, i]),
+            gate: try ckpt.linearWeight(n.gate, shape: [i, c]), up: try ckpt.linearWeight(n.up, shape: [i, c]),
+            down: try ckpt.linearWeight(n.down, shape: [c, i]),
             shape: AttentionShape(heads: cfg.numHeads, kvHeads: cfg.numKVHeads, headDim: cfg.headDim),
             rmsNormEps: cfg.rmsNormEps)
     }

@@ -20,6 +20,14 @@ public enum WeightQuantizer: Sendable, Equatable, CustomStringConvertible {
         }
     }
 
+    /// The integers of `w` ([out, in]): what the output formats store.
+    public func codes(_ w: Tensor<Float>) -> QuantizedWeight {
+        switch self {
+        case let .groupAsymmetric(b, g): return Quantize.groupAsymmetricCodes(w, bits: b, group: g)
+        case let .channelSymmetric(b): return Quantize.rowSymmetricCodes(w, bits: b)
+        }
+    }
+
     /// Fake-quantizes `w` ([out, in]).
     public func apply(_ w: Tensor<Float>) -> Tensor<Float> {
         switch self {
@@ -86,6 +94,84 @@ public enum Quantize {
         }
         }
         return out
+    }
+
+    /// `QuantReference.groupAsymmetricCodes`, in parallel over groups.
+    public static func groupAsymmetricCodes(_ w: Tensor<Float>, bits: Int, group: Int) -> QuantizedWeight {
+        let cols = w.cols
+        let g = group <= 0 ? cols : group
+        precondition(bits >= 1 && bits <= 8 && cols % g == 0, "group \(g) does not divide \(cols)")
+        let maxInt = Float((1 << bits) - 1)
+        let groups = w.count / g
+        var codes = [UInt8](repeating: 0, count: w.count)
+        var scales = [Float](repeating: 0, count: groups)
+        var zeros = [UInt8](repeating: 0, count: groups)
+        w.data.withUnsafeBufferPointer { pw in
+        codes.withUnsafeMutableBufferPointer { pq in
+        scales.withUnsafeMutableBufferPointer { ps in
+        zeros.withUnsafeMutableBufferPointer { pz in
+            let pw = pw, pq = pq, ps = ps, pz = pz
+            parallelChunks(groups, minChunk: 256) { range in
+                for gi in range {
+                    let base = gi * g
+                    var mn = pw[base], mx = pw[base]
+                    for i in base..<(base + g) {
+                        let v = pw[i]
+                        mn = v < mn ? v : mn
+                        mx = v > mx ? v : mx
+                    }
+                    let d = mx - mn
+                    let scale = (d > 1e-5 ? d : 1e-5) / maxInt
+                    var zero = -(mn / scale).rounded(.toNearestOrEven)
+                    zero = zero < 0 ? 0 : (zero > maxInt ? maxInt : zero)
+                    for i in base..<(base + g) {
+                        var q = (pw[i] / scale).rounded(.toNearestOrEven) + zero
+                        q = q < 0 ? 0 : (q > maxInt ? maxInt : q)
+                        pq[i] = UInt8(q)
+                    }
+                    ps[gi] = scale
+                    pz[gi] = UInt8(zero)
+                }
+            }
+        }
+        }
+        }
+        }
+        return QuantizedWeight(rows: w.rows, cols: cols, bits: bits, group: g, symmetric: false,
+                               codes: codes, scales: scales, zeros: zeros)
+    }
+
+    /// `QuantReference.rowSymmetricCodes`, in parallel over rows.
+    public static func rowSymmetricCodes(_ x: Tensor<Float>, bits: Int) -> QuantizedWeight {
+        let cols = x.cols, rows = x.rows
+        precondition(bits >= 2 && bits <= 8, "bits \(bits)")
+        let qmax = Float((1 << (bits - 1)) - 1), qmin = -Float(1 << (bits - 1))
+        let offset = Float(1 << (bits - 1))
+        var codes = [UInt8](repeating: 0, count: x.count)
+        var scales = [Float](repeating: 0, count: rows)
+        x.data.withUnsafeBufferPointer { px in
+        codes.withUnsafeMutableBufferPointer { pq in
+        scales.withUnsafeMutableBufferPointer { ps in
+            let px = px, pq = pq, ps = ps
+            parallelChunks(rows, minChunk: 16) { range in
+                for r in range {
+                    let base = r * cols
+                    var am: Float = 0
+                    for j in 0..<cols { let a = Swift.abs(px[base + j]); am = a > am ? a : am }
+                    let scale = (am > 1e-5 ? am : 1e-5) / qmax
+                    for j in 0..<cols {
+                        var q = (px[base + j] / scale).rounded(.toNearestOrEven)
+                        q = q < qmin ? qmin : (q > qmax ? qmax : q)
+                        pq[base + j] = UInt8(q + offset)
+                    }
+                    ps[r] = scale
+                }
+            }
+        }
+        }
+        }
+        return QuantizedWeight(rows: rows, cols: cols, bits: bits, group: cols, symmetric: true, codes: codes,
+                               scales: scales, zeros: [UInt8](repeating: UInt8(1 << (bits - 1)), count: rows))
     }
 
     public static func rowSymmetric(_ x: Tensor<Float>, bits: Int) -> Tensor<Float> {

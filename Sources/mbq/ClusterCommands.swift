@@ -130,11 +130,11 @@ struct CoordinatorCommand: ParsableCommand {
                 throw MethodsError.invalidOptions("binding \(bind) beyond loopback without --secret or --curve-key: pass one, or --allow-insecure")
             }
             let (ckpt, bundle) = try quantize.prepare()
-            let spec = try DistributedJob.spec(ckpt: ckpt, calib: bundle, options: quantize.options, workers: workers,
+            let spec = try DistributedJob.spec(ckpt: ckpt, calib: bundle, options: quantize.options(ckpt), workers: workers,
                                                out: quantize.out, outputVia: cluster.outputVia)
             let coord = try ClusterCoordinator(spec: spec, bind: bind, jobDir: cluster.jobDir ?? quantize.out + ".job",
                                                resume: cluster.resume, secret: secret, logFormat: cluster.logFormat, curve: curve)
-            try DistributedJob.coordinate(coord, ckpt: ckpt, options: quantize.options, out: quantize.out,
+            try DistributedJob.coordinate(coord, ckpt: ckpt, options: quantize.options(ckpt), out: quantize.out,
                                           overwrite: quantize.overwrite)
         }
     }

@@ -73,11 +73,11 @@ struct DemoCommand: ParsableCommand {
                 for method in [QuantMethod.rtn, .awq, .mbq] {
                     var o = QuantizeOptions()
                     o.method = method; o.wBit = wBit; o.group = 128; o.aBit = aBit
+                    o.weightDType = ckpt.weightDType
                     let t0 = Date()
                     let r = try QuantizeJob.run(model: fp, samples: calib.samples, options: o)
                     let dir = out + "/\(method.rawValue)-\(scheme.replacingOccurrences(of: " ", with: "").lowercased())"
-                    try QuantizedCheckpointWriter.write(source: ckpt, blocks: r.blocks, quantizationConfig: o.configBlock,
-                                                        to: dir, overwrite: true) { try ResultsFile.writeAll(r, into: $0) }
+                    try QuantizedCheckpointWriter.write(source: ckpt, result: r, to: dir, overwrite: true) { try ResultsFile.writeAll(r, into: $0) }
                     let secs = Date().timeIntervalSince(t0)
                     // Evaluate what was written, as a user would.
                     let q = try LanguageModel<Float>.load(try Checkpoint(directory: dir))

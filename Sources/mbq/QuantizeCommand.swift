@@ -9,6 +9,7 @@ import MBQTensor
 
 extension QuantMethod: ExpressibleByArgument {}
 extension SearchLoss: ExpressibleByArgument {}
+extension CheckpointFormat: ExpressibleByArgument {}
 
 /// The options of a quantization job, shared by `quantize` and `coordinator`.
 struct QuantizeArguments: ParsableArguments {
@@ -22,20 +23,27 @@ struct QuantizeArguments: ParsableArguments {
     @Flag(inversion: .prefixedNo, help: "Modality-reweighted search loss (default: on for mbq).") var reweight: Bool?
     @Flag(help: "Feed each block the already-quantized blocks' output (a pipeline).") var distort = false
     @Option(help: "Use only the first N calibration samples.") var samples: Int?
+    @Option(help: "Output format: fake, compressed-tensors, awq or gptq (default: what vLLM serves for the scheme; see the README).")
+    var format: CheckpointFormat?
     @Option(help: "Output directory.") var out: String
     @Flag(help: "Replace --out if it exists.") var overwrite = false
 
-    var options: QuantizeOptions {
+    /// The options for this checkpoint (the output keeps its weight dtype).
+    func options(_ ckpt: Checkpoint) -> QuantizeOptions {
         var o = QuantizeOptions()
         o.method = method; o.wBit = wBit; o.group = group; o.aBit = aBit; o.loss = loss
-        o.reweight = reweight; o.distort = distort
+        o.reweight = reweight; o.distort = distort; o.format = format
+        o.weightDType = ckpt.weightDType
         return o
     }
 
     /// Everything that can be refused is refused here, before any weight is read.
     func prepare() throws -> (Checkpoint, CalibrationBundle) {
         let ckpt = try Checkpoint(directory: model)
-        try options.validate(for: ckpt.config)
+        if let q = ckpt.quantization {
+            throw MethodsError.invalidOptions("\(model) is already quantized (\(q.description)): quantize the original checkpoint")
+        }
+        try options(ckpt).validate(for: ckpt.config)
         if let samples, samples < 1 { throw MethodsError.invalidOptions("--samples must be at least 1") }
         if FileManager.default.fileExists(atPath: out) && !overwrite {
             throw MethodsError.output(path: out, reason: "already exists (pass --overwrite to replace it)")
@@ -51,7 +59,7 @@ struct QuantizeArguments: ParsableArguments {
 /// `mbq quantize`: MBQ / AWQ / SmoothQuant / RTN, in this process or over local workers.
 struct QuantizeCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "quantize", abstract: "Quantize the language model of a VLM checkpoint (fake-quantized output).")
+        commandName: "quantize", abstract: "Quantize the language model of a VLM checkpoint (compressed-tensors, AWQ, GPTQ or fake-quantized output).")
 
     @OptionGroup var job: QuantizeArguments
     @Option(help: "Start N local worker processes and run distributed (0: in this process).") var workers = 0
@@ -71,10 +79,11 @@ struct QuantizeCommand: ParsableCommand {
             }
             let (lm, loadT) = try timed { try LanguageModel<Float>.load(ckpt) }
             logger.info("[load] \(ckpt.config.modelType): \(ckpt.config.numLayers) layers in \(String(format: "%.1fs", loadT)); \(bundle.count) calibration samples")
-            let result = try QuantizeJob.run(model: lm, samples: bundle.samples, options: job.options, logger: logger)
+            let options = job.options(ckpt)
+            logger.info("[format] \(options.resolvedFormat.rawValue), scales in \(options.scaleDType.rawValue)")
+            let result = try QuantizeJob.run(model: lm, samples: bundle.samples, options: options, logger: logger)
             let (_, writeT) = try timed {
-                try QuantizedCheckpointWriter.write(source: ckpt, blocks: result.blocks, quantizationConfig: job.options.configBlock,
-                                                    to: job.out, overwrite: job.overwrite) { dir in
+                try QuantizedCheckpointWriter.write(source: ckpt, result: result, to: job.out, overwrite: job.overwrite) { dir in
                     try ResultsFile.writeAll(result, into: dir)
                 }
             }
@@ -84,7 +93,7 @@ struct QuantizeCommand: ParsableCommand {
 
     /// The one-machine cluster: a coordinator here, `workers` worker processes beside it.
     func runLocalCluster(ckpt: Checkpoint, bundle: CalibrationBundle) throws {
-        let spec = try DistributedJob.spec(ckpt: ckpt, calib: bundle, options: job.options, workers: workers, out: job.out,
+        let spec = try DistributedJob.spec(ckpt: ckpt, calib: bundle, options: job.options(ckpt), workers: workers, out: job.out,
                                            outputVia: cluster.outputVia)
         guard parseBytes(workerMaxMemory) != nil else { throw MethodsError.invalidOptions("--worker-max-memory \(workerMaxMemory): use e.g. 64GiB, 512MiB") }
         let jobDir = cluster.jobDir ?? job.out + ".job"
@@ -109,7 +118,7 @@ struct QuantizeCommand: ParsableCommand {
             try p.run()
             children.append(p)
         }
-        try DistributedJob.coordinate(coord, ckpt: ckpt, options: job.options, out: job.out, overwrite: job.overwrite)
+        try DistributedJob.coordinate(coord, ckpt: ckpt, options: job.options(ckpt), out: job.out, overwrite: job.overwrite)
     }
 }
 
@@ -118,7 +127,7 @@ struct EvalCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "eval", abstract: "Caption cross-entropy and perplexity, and KL(reference || model) with --reference.")
 
-    @Option(help: "Model directory (a quantized output or any checkpoint).") var model: String
+    @Option(help: "Model directory: any checkpoint, or a quantized one in any format mbq writes (read as the engines dequantize it).") var model: String
     @Option(help: "Calibration / evaluation bundle.") var calib: String
     @Option(help: "Reference model directory (e.g. the fp model).") var reference: String?
     @Flag(help: "Print one JSON object.") var json = false
@@ -139,9 +148,9 @@ struct EvalCommand: ParsableCommand {
                     throw MethodsError.invalidOptions("--reference \(reference) is not the same architecture as --model \(model)")
                 }
                 ref = try LanguageModel<Float>.load(rc)
-                refBits = try activationBits(reference)
+                refBits = rc.quantization?.activationBits
             }
-            let r = try Evaluate.run(model: lm, actBits: try activationBits(model), samples: bundle.samples,
+            let r = try Evaluate.run(model: lm, actBits: ckpt.quantization?.activationBits, samples: bundle.samples,
                                      reference: ref, referenceActBits: refBits)
             if json {
                 print(String(decoding: try JSONSerialization.data(withJSONObject: r.json, options: [.sortedKeys]), as: UTF8.self))
@@ -153,14 +162,4 @@ struct EvalCommand: ParsableCommand {
             }
         }
     }
-}
-
-/// The activation bits a checkpoint's `quantization_config` asks for (nil: none).
-func activationBits(_ dir: String) throws -> Int? {
-    let path = dir + "/config.json"
-    guard let obj = (try? JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: path)))) as? [String: Any] else {
-        throw FormatsError.invalidConfig(path: path, reason: "not a JSON object")
-    }
-    guard let q = obj["quantization_config"] as? [String: Any], let a = q["a_bit"] as? Int, a < 16 else { return nil }
-    return a
 }

@@ -142,9 +142,10 @@ final class MethodsTests: XCTestCase {
         let source = try Checkpoint(directory: src)
         var o = QuantizeOptions()
         o.wBit = 3
+        o.format = .fake
+        o.weightDType = source.weightDType
         let r = try QuantizeJob.run(model: model, samples: bundle.samples, options: o)
-        try QuantizedCheckpointWriter.write(source: source, blocks: r.blocks, quantizationConfig: o.configBlock, to: out,
-                                            overwrite: false) { try ResultsFile.writeAll(r, into: $0) }
+        try QuantizedCheckpointWriter.write(source: source, result: r, to: out, overwrite: false) { try ResultsFile.writeAll(r, into: $0) }
         let q = try Checkpoint(directory: out)
         XCTAssertEqual(q.allTensorNames, source.allTensorNames)
         for n in q.allTensorNames { XCTAssertEqual(try q.entry(n).entry.dtype, try source.entry(n).entry.dtype, n) }
@@ -173,10 +174,10 @@ final class MethodsTests: XCTestCase {
         let e = try Evaluate.run(model: try LanguageModel<Float>.load(q), actBits: nil, samples: bundle.samples, reference: model)
         XCTAssertGreaterThan(e.klAll!, 0)
         // An existing output is refused; a failed write leaves nothing behind.
-        XCTAssertThrowsError(try QuantizedCheckpointWriter.write(source: source, blocks: r.blocks, quantizationConfig: [:], to: out,
+        XCTAssertThrowsError(try QuantizedCheckpointWriter.write(source: source, result: r, to: out,
                                                                  overwrite: false) { _ in }) { e in XCTAssert("\(e)".contains("already exists")) }
         let out2 = out + "-2"
-        XCTAssertThrowsError(try QuantizedCheckpointWriter.write(source: source, blocks: Array(r.blocks), quantizationConfig: [:], to: out2,
+        XCTAssertThrowsError(try QuantizedCheckpointWriter.write(source: source, result: r, to: out2,
                                                                  overwrite: false) { _ in throw MethodsError.output(path: "x", reason: "boom") })
         XCTAssertFalse(FileManager.default.fileExists(atPath: out2))
         let leftovers = try FileManager.default.contentsOfDirectory(atPath: NSTemporaryDirectory()).filter { $0.contains(".partial-") }
