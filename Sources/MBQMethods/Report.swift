@@ -6,7 +6,7 @@ public enum Report {
     public static func markdown(_ r: QuantizeResult) -> String {
         let o = r.options
         var s = "# MBQ quantization report\n\n"
-        s += "method **\(o.method.rawValue)**, w\(o.wBit)\(o.aBit.map { "a\($0)" } ?? " g\(o.group)"), loss \(o.loss.rawValue), reweight \(o.effectiveReweight), distort \(o.distort)\n\n"
+        s += "method **\(o.method.rawValue)**, w\(o.wBit)\(o.aBit.map { "a\($0)" } ?? " g\(o.group)"), loss \(o.loss.rawValue), reweight \(o.effectiveReweight), distort \(o.distort); format \(o.resolvedFormat.rawValue), scales in \(o.scaleDType.rawValue)\n\n"
         for (k, v) in r.seconds.sorted(by: { $0.key < $1.key }) { s += "- \(k): \(String(format: "%.2f", v)) s\n" }
         if let g = r.gradStats { s += "- gradient statistics over \(g.samplesUsed) samples; skipped: \(g.skipped.isEmpty ? "none" : g.skipped.joined(separator: "; "))\n" }
         s += "\n![ratios and alphas](ratios.svg)\n\n"

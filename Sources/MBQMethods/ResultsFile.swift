@@ -8,7 +8,10 @@ public enum ResultsFile {
         let o = r.options
         var j: [String: Any] = ["method": o.method.rawValue, "w_bit": o.wBit, "group_size": o.aBit == nil ? o.group : -1,
                                 "a_bit": o.aBit ?? 16, "loss": o.loss.rawValue, "reweight": o.effectiveReweight,
-                                "distort": o.distort, "seconds": r.seconds]
+                                "distort": o.distort, "seconds": r.seconds,
+                                // How the output stores the codes: the fake weights and every
+                                // packed format dequantize (q - z) * scale in this precision.
+                                "format": o.resolvedFormat.rawValue, "scale_dtype": o.scaleDType.rawValue]
         if let s = r.gradStats {
             j["grad_stats"] = [
                 "samples_used": s.samplesUsed, "skipped": s.skipped,

@@ -61,14 +61,14 @@ struct DemoCommand: ParsableCommand {
             let base = try Evaluate.run(model: fp, actBits: nil, samples: held.samples)
 
             func row(_ cells: [String]) -> String {
-                let widths = [8, 9, 12, 10, 11, 8]
+                let widths = [8, 9, 19, 12, 10, 11, 8]
                 return zip(cells, widths).enumerated().map { i, cw in
                     let pad = String(repeating: " ", count: max(0, cw.1 - cw.0.count))
-                    return i < 2 ? cw.0 + pad : pad + cw.0
+                    return i < 3 ? cw.0 + pad : pad + cw.0
                 }.joined(separator: " ")
             }
-            var rows = [row(["method", "scheme", "caption ppl", "KL all", "KL caption", "time"]),
-                        row(["fp", spec.dtype.rawValue.lowercased(), String(format: "%.3f", base.captionPPL), "-", "-", "-"])]
+            var rows = [row(["method", "scheme", "written as", "caption ppl", "KL all", "KL caption", "time"]),
+                        row(["fp", spec.dtype.rawValue.lowercased(), "-", String(format: "%.3f", base.captionPPL), "-", "-", "-"])]
             for (scheme, wBit, aBit) in [("W3 g128", 3, nil as Int?), ("W4A8", 4, 8 as Int?)] {
                 for method in [QuantMethod.rtn, .awq, .mbq] {
                     var o = QuantizeOptions()
@@ -79,10 +79,10 @@ struct DemoCommand: ParsableCommand {
                     let dir = out + "/\(method.rawValue)-\(scheme.replacingOccurrences(of: " ", with: "").lowercased())"
                     try QuantizedCheckpointWriter.write(source: ckpt, result: r, to: dir, overwrite: true) { try ResultsFile.writeAll(r, into: $0) }
                     let secs = Date().timeIntervalSince(t0)
-                    // Evaluate what was written, as a user would.
+                    // Evaluate what was written (packed: as the engines dequantize it), as a user would.
                     let q = try LanguageModel<Float>.load(try Checkpoint(directory: dir))
                     let e = try Evaluate.run(model: q, actBits: aBit, samples: held.samples, reference: fp)
-                    rows.append(row([method.rawValue, scheme, String(format: "%.3f", e.captionPPL), String(format: "%.5f", e.klAll!),
+                    rows.append(row([method.rawValue, scheme, o.resolvedFormat.rawValue, String(format: "%.3f", e.captionPPL), String(format: "%.5f", e.klAll!),
                                      String(format: "%.5f", e.klCaption!), String(format: "%.1fs", secs)]))
                 }
             }

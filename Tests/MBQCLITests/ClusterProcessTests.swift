@@ -104,10 +104,16 @@ final class ClusterProcessTests: XCTestCase {
     }
 
     /// --distort (a pipeline across stages) and SmoothQuant, over 2 workers; blocks
-    /// streamed to the coordinator instead of written by the workers.
+    /// streamed to the coordinator instead of written by the workers. The default formats
+    /// make these GPTQ (W3) and compressed-tensors int-quantized (W8A8); AutoAWQ and
+    /// compressed-tensors pack-quantized W4A8 are added, so every packed layout is
+    /// written once through the streamed path (the 1/2/3-worker test writes GPTQ from
+    /// the workers).
     func testDistortSmoothQuantAndStreamedOutputMatchOneProcess() throws {
         for (name, options) in [("distort", ["--w-bit", "3", "--distort"]),
-                                ("smoothquant", ["--method", "smoothquant", "--w-bit", "8", "--a-bit", "8"])] {
+                                ("smoothquant", ["--method", "smoothquant", "--w-bit", "8", "--a-bit", "8"]),
+                                ("awq", ["--method", "rtn", "--w-bit", "4", "--format", "awq"]),
+                                ("w4a8", ["--method", "awq", "--w-bit", "4", "--a-bit", "8", "--format", "compressed-tensors"])] {
             let out = tmp + "/out-" + name, log = tmp + "/q-\(name).log"
             let q = try spawn(["quantize", "--model", Self.model, "--calib", Self.calib, "--out", out, "--workers", "2",
                                "--threads", "2", "--output-via", "coordinator"] + options, log: log)
