@@ -8,7 +8,7 @@ CPU_FLAGS  := $(shell grep -q ' avx2 ' /proc/cpuinfo 2>/dev/null && echo "-Xswif
 RELEASE    := -c release $(CPU_FLAGS)
 MBQ        := .build/release/mbq
 
-.PHONY: demo test deps build release bench fixtures proto clean
+.PHONY: demo test deps build release bench fixtures check-formats proto clean
 
 ## Installs what is missing, builds in release, runs the built-in demo.
 demo: release
@@ -47,6 +47,14 @@ fixtures:
 	test -x $(PYTHON) || (python3 -m venv .venv && .venv/bin/pip install -q torch==2.13.0 && \
 	  .venv/bin/pip install -q transformers safetensors numpy)
 	$(PYTHON) Scripts/reference/make_fixtures.py
+
+## Decodes every packed format with transformers / compressed-tensors / an independent
+## GPTQ decoder and compares with our weights and `mbq eval` (needs PyPI; not used by CI).
+check-formats: release
+	test -x $(PYTHON) || (python3 -m venv .venv && .venv/bin/pip install -q torch==2.13.0 && \
+	  .venv/bin/pip install -q transformers safetensors numpy)
+	.venv/bin/pip install -q compressed-tensors frozendict
+	$(PYTHON) Scripts/reference/check_formats.py --mbq $(MBQ)
 
 ## Regenerates Sources/MBQCluster/Generated from Proto/mbq.proto (protoc + protoc-gen-swift 1.39.0).
 proto:

@@ -81,7 +81,7 @@ public enum PackedLinear {
         case .gptq:
             // qweight: a stream down each output column of [in, out]; qzeros: along each
             // group row of [in/g, out].
-            w.add(m + ".qweight", int32: BitPacking.packColumns(transpose(q.codes, q.rows, q.cols), rows: q.cols, cols: q.rows, bits: q.bits),
+            w.add(m + ".qweight", int32: BitPacking.packRowsTransposed(q.codes, rows: q.rows, cols: q.cols, bits: q.bits),
                   shape: [BitPacking.words(q.cols, bits: q.bits), q.rows])
             w.add(m + ".qzeros", int32: BitPacking.packRows(transpose(q.zeros, q.rows, gpr), rows: gpr, cols: q.rows, bits: q.bits),
                   shape: [gpr, BitPacking.words(q.rows, bits: q.bits)])
@@ -170,19 +170,30 @@ public enum PackedLinear {
                 }
                 zeros = zeros.map { $0 + 1 }
             }
-            let codes = transpose(BitPacking.unpackColumns(qw.map { Int32(truncatingIfNeeded: $0) }, rows: cols, cols: rows, bits: b), cols, rows)
+            let codes = BitPacking.unpackRowsTransposed(qw.map { Int32(truncatingIfNeeded: $0) }, rows: rows, cols: cols, bits: b)
             try checkRange(zeros, m + ".qzeros", max: maxCode)
             return QuantizedWeight(rows: rows, cols: cols, bits: b, group: g, symmetric: false, codes: codes,
                                    scales: transpose(s, gpr, rows), zeros: zeros)
         }
     }
 
-    /// [r, c] -> [c, r].
-    static func transpose<E>(_ v: [E], _ r: Int, _ c: Int) -> [E] {
+    /// [r, c] -> [c, r], in 32 x 32 tiles.
+    @inlinable
+    static func transpose<E: BitwiseCopyable>(_ v: [E], _ r: Int, _ c: Int) -> [E] {
         precondition(v.count == r * c)
         guard let first = v.first else { return [] }
         var out = [E](repeating: first, count: v.count)
-        for i in 0..<r { for j in 0..<c { out[j * r + i] = v[i * c + j] } }
+        v.withUnsafeBufferPointer { src in
+            out.withUnsafeMutableBufferPointer { dst in
+                for i0 in stride(from: 0, to: r, by: 32) {
+                    for j0 in stride(from: 0, to: c, by: 32) {
+                        for i in i0..<min(r, i0 + 32) {
+                            for j in j0..<min(c, j0 + 32) { dst[j * r + i] = src[i * c + j] }
+                        }
+                    }
+                }
+            }
+        }
         return out
     }
 }

@@ -73,6 +73,32 @@ public enum BitPacking {
         return out
     }
 
+    /// codes: [rows, cols] -> [words(cols), rows]: each row's stream written down a column
+    /// of the output (GPTQ's `qweight` from [out, in] codes; `packColumns` of the
+    /// transpose, without transposing).
+    public static func packRowsTransposed(_ codes: [UInt8], rows: Int, cols: Int, bits: Int) -> [Int32] {
+        var out = [UInt32](repeating: 0, count: words(cols, bits: bits) * rows)
+        out.withUnsafeMutableBufferPointer { po in
+            codes.withUnsafeBufferPointer { pc in
+                for r in 0..<rows { packLine(cols, bits: bits, into: po.baseAddress!, base: r, stride: rows) { pc[r * cols + $0] } }
+            }
+        }
+        return out.map { Int32(bitPattern: $0) }
+    }
+
+    /// [words(cols), rows] -> codes [rows, cols].
+    public static func unpackRowsTransposed(_ packed: [Int32], rows: Int, cols: Int, bits: Int) -> [UInt8] {
+        precondition(packed.count == words(cols, bits: bits) * rows, "packed \(packed.count) words for [\(words(cols, bits: bits)), \(rows)]")
+        let w = packed.map { UInt32(bitPattern: $0) }
+        var out = [UInt8](repeating: 0, count: rows * cols)
+        w.withUnsafeBufferPointer { pw in
+            out.withUnsafeMutableBufferPointer { po in
+                for r in 0..<rows { unpackLine(cols, bits: bits, from: pw.baseAddress!, base: r, stride: rows) { po[r * cols + $0] = $1 } }
+            }
+        }
+        return out
+    }
+
     /// codes: [rows, cols] -> [words(rows), cols]: one stream down each column.
     public static func packColumns(_ codes: [UInt8], rows: Int, cols: Int, bits: Int) -> [Int32] {
         let wpc = words(rows, bits: bits)
@@ -99,7 +125,8 @@ public enum BitPacking {
         return out
     }
 
-    /// AutoAWQ's order: nibble k of a word holds column 8c + awqOrder[k]
+    /// AutoAWQ's order: nibble k of a word holds column 8c + awqOrder[k] (`packAWQ`
+    /// writes it out by hand)
     /// (AutoAWQ `awq/modules/linear/gemm.py`, `AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]`).
     public static let awqOrder = [0, 2, 4, 6, 1, 3, 5, 7]
 
@@ -107,11 +134,15 @@ public enum BitPacking {
     public static func packAWQ(_ codes: [UInt8], rows: Int, cols: Int) -> [Int32] {
         precondition(cols % 8 == 0 && codes.count == rows * cols, "AWQ packs 8 columns per word: [\(rows), \(cols)]")
         var out = [Int32](repeating: 0, count: rows * cols / 8)
-        for r in 0..<rows {
-            for c in 0..<(cols / 8) {
-                var word: UInt32 = 0
-                for k in 0..<8 { word |= UInt32(codes[r * cols + 8 * c + awqOrder[k]] & 0xF) << UInt32(4 * k) }
-                out[r * (cols / 8) + c] = Int32(bitPattern: word)
+        codes.withUnsafeBufferPointer { pc in
+            out.withUnsafeMutableBufferPointer { po in
+                for w in 0..<(rows * cols / 8) {
+                    let b = 8 * w  // the row's columns 8c ..< 8c + 8, in memory order
+                    var word = UInt32(pc[b] & 0xF) | UInt32(pc[b + 2] & 0xF) << 4 | UInt32(pc[b + 4] & 0xF) << 8
+                    word |= UInt32(pc[b + 6] & 0xF) << 12 | UInt32(pc[b + 1] & 0xF) << 16 | UInt32(pc[b + 3] & 0xF) << 20
+                    word |= UInt32(pc[b + 5] & 0xF) << 24 | UInt32(pc[b + 7] & 0xF) << 28
+                    po[w] = Int32(bitPattern: word)
+                }
             }
         }
         return out

@@ -70,20 +70,9 @@ public enum Quantize {
                         } else {
                             for i in 0..<g { po[base + i] = pw[base + i] }
                         }
-                        var mn = po[base], mx = po[base]
+                        let (scale, zero) = groupParameters(UnsafeBufferPointer(po), base: base, count: g, maxInt: maxInt)
                         for i in base..<(base + g) {
-                            let v = po[i]
-                            mn = v < mn ? v : mn
-                            mx = v > mx ? v : mx
-                        }
-                        let d = mx - mn
-                        let scale = (d > 1e-5 ? d : 1e-5) / maxInt
-                        var zero = -(mn / scale).rounded(.toNearestOrEven)
-                        zero = zero < 0 ? 0 : (zero > maxInt ? maxInt : zero)
-                        for i in base..<(base + g) {
-                            var q = (po[i] / scale).rounded(.toNearestOrEven) + zero
-                            q = q < 0 ? 0 : (q > maxInt ? maxInt : q)
-                            po[i] = (q - zero) * scale
+                            po[i] = (code(po[i], scale: scale, zero: zero, maxInt: maxInt) - zero) * scale
                         }
                         if scaled {
                             for i in 0..<g { po[base + i] /= ps[col0 + i] }
@@ -94,6 +83,29 @@ public enum Quantize {
         }
         }
         return out
+    }
+
+    /// One group's asymmetric parameters from its values p[base ..< base + count]:
+    /// scale = max(max - min, 1e-5) / maxInt, zero = clamp(-round(min / scale), 0, maxInt).
+    @inline(__always)
+    static func groupParameters(_ p: UnsafeBufferPointer<Float>, base: Int, count: Int, maxInt: Float) -> (scale: Float, zero: Float) {
+        var mn = p[base], mx = p[base]
+        for i in base..<(base + count) {
+            let v = p[i]
+            mn = v < mn ? v : mn
+            mx = v > mx ? v : mx
+        }
+        let d = mx - mn
+        let scale = (d > 1e-5 ? d : 1e-5) / maxInt
+        let zero = -(mn / scale).rounded(.toNearestOrEven)
+        return (scale, zero < 0 ? 0 : (zero > maxInt ? maxInt : zero))
+    }
+
+    /// q = clamp(round(v / scale) + zero, 0, maxInt), as a float.
+    @inline(__always)
+    static func code(_ v: Float, scale: Float, zero: Float, maxInt: Float) -> Float {
+        let q = (v / scale).rounded(.toNearestOrEven) + zero
+        return q < 0 ? 0 : (q > maxInt ? maxInt : q)
     }
 
     /// `QuantReference.groupAsymmetricCodes`, in parallel over groups.
@@ -114,21 +126,8 @@ public enum Quantize {
             parallelChunks(groups, minChunk: 256) { range in
                 for gi in range {
                     let base = gi * g
-                    var mn = pw[base], mx = pw[base]
-                    for i in base..<(base + g) {
-                        let v = pw[i]
-                        mn = v < mn ? v : mn
-                        mx = v > mx ? v : mx
-                    }
-                    let d = mx - mn
-                    let scale = (d > 1e-5 ? d : 1e-5) / maxInt
-                    var zero = -(mn / scale).rounded(.toNearestOrEven)
-                    zero = zero < 0 ? 0 : (zero > maxInt ? maxInt : zero)
-                    for i in base..<(base + g) {
-                        var q = (pw[i] / scale).rounded(.toNearestOrEven) + zero
-                        q = q < 0 ? 0 : (q > maxInt ? maxInt : q)
-                        pq[i] = UInt8(q)
-                    }
+                    let (scale, zero) = groupParameters(pw, base: base, count: g, maxInt: maxInt)
+                    for i in base..<(base + g) { pq[i] = UInt8(code(pw[i], scale: scale, zero: zero, maxInt: maxInt)) }
                     ps[gi] = scale
                     pz[gi] = UInt8(zero)
                 }

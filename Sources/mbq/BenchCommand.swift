@@ -2,6 +2,7 @@ import ArgumentParser
 import CBLAS
 import Foundation
 import MBQCluster
+import MBQFormats
 import MBQMethods
 import MBQModel
 import MBQQuant
@@ -24,6 +25,8 @@ struct BenchCommand: ParsableCommand {
     @Flag(help: "Skip the block forward/backward part.") var noBlock = false
     @Flag(help: "Also time the MBQ search (W4 g128) of the block, next to the PyTorch port of the authors' search.") var search = false
     @Flag(help: "Only the worker-to-worker activation streaming benchmark (64 MiB tensors over loopback).") var transport = false
+    @Flag(help: "Only the quantizer and packing benchmark (one 11008x4096 weight): the search's fused candidate, codes, dequantization, each format's packing.")
+    var quant = false
     @Flag(help: "Only the distributed benchmarks: streaming, then the demo job on 3 local workers (transfer share, cost model vs measured).")
     var cluster = false
     @Option(help: .hidden) var transportSend: String?
@@ -39,6 +42,32 @@ struct BenchCommand: ParsableCommand {
         }
         precondition(Set(sums).count == 8)
         return 8 * 64 * 1.048576e-3 / ct
+    }
+
+    /// GB/s of fp32 weight processed (4 bytes per element) by each quantizer path and each
+    /// format's packing of one MLP-sized weight; the best of `reps` runs.
+    func quantBench() {
+        var rng = SeededRandom(seed: 11)
+        let w = Tensor<Float>(shape: [intermediate, hidden], data: (0..<(intermediate * hidden)).map { _ in Float(rng.normal()) })
+        let s = (0..<hidden).map { _ in Float(0.5 + rng.uniform()) }
+        let gb = Double(w.count * 4) / 1e9
+        func rate(_ label: String, _ body: () -> Void) {
+            print(label.padding(toLength: 58, withPad: " ", startingAt: 0) + String(format: " %6.2f GB/s", gb / best(reps, body)))
+        }
+        print("quantizer and packing, one \(intermediate)x\(hidden) fp32 weight, \(EngineThreads.count) engine threads:")
+        rate("search candidate Q(W diag s) diag(s)^-1, w4 g128 (fused)") { _ = Quantize.groupAsymmetric(w, bits: 4, group: 128, columnScales: s) }
+        rate("codes, w4 g128 asymmetric") { _ = Quantize.groupAsymmetricCodes(w, bits: 4, group: 128) }
+        rate("codes, w8 symmetric per channel") { _ = Quantize.rowSymmetricCodes(w, bits: 8) }
+        let q = Quantize.groupAsymmetricCodes(w, bits: 4, group: 128)
+        rate("dequantize, fp32 scales") { _ = q.dequantized() }
+        rate("dequantize, bf16 scales") { _ = q.dequantized(precision: .bf16) }
+        for (format, label) in [(CheckpointFormat.compressedTensors, "pack compressed-tensors w4 g128"), (.awq, "pack AutoAWQ w4 g128"),
+                                (.gptq, "pack GPTQ w4 g128")] {
+            rate(label) {
+                var writer = SafetensorsWriter()
+                PackedLinear.add(q, module: "m", format: format, scaleDType: .bf16, to: &writer)
+            }
+        }
     }
 
     /// Two processes, as two workers: this one receives and checks, a child sends.
@@ -91,6 +120,10 @@ struct BenchCommand: ParsableCommand {
             }
             if cluster {
                 try clusterBench()
+                return
+            }
+            if quant {
+                quantBench()
                 return
             }
             if transport {

@@ -93,6 +93,12 @@ final class PackingTests: XCTestCase {
                 }
                 XCTAssertEqual(BitPacking.unpackRows(BitPacking.packRows(codes, rows: rows, cols: cols, bits: bits), rows: rows, cols: cols, bits: bits), codes)
                 XCTAssertEqual(BitPacking.unpackColumns(BitPacking.packColumns(codes, rows: rows, cols: cols, bits: bits), rows: rows, cols: cols, bits: bits), codes)
+                // A row's stream down an output column is packColumns of the transpose.
+                var t = codes
+                for r in 0..<rows { for c in 0..<cols { t[c * rows + r] = codes[r * cols + c] } }
+                let down = BitPacking.packRowsTransposed(codes, rows: rows, cols: cols, bits: bits)
+                XCTAssertEqual(down, BitPacking.packColumns(t, rows: cols, cols: rows, bits: bits))
+                XCTAssertEqual(BitPacking.unpackRowsTransposed(down, rows: rows, cols: cols, bits: bits), codes)
                 if bits == 4 && cols % 8 == 0 {
                     XCTAssertEqual(BitPacking.unpackAWQ(BitPacking.packAWQ(codes, rows: rows, cols: cols), rows: rows, cols: cols), codes)
                 }
