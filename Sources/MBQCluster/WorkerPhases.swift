@@ -70,7 +70,7 @@ extension Worker {
             let r = rope(sample)
             for l in range {
                 try inputs.put(layer: l, sample: s, x)
-                x = backend.blockForward(x, blocks[l]!, rope: r, mask: sample.attention, save: false, capture: false).output
+                x = backend.blockForward(x, blocks[l]!, rope: r, mask: sample.attention, save: false, capture: false, actBits: nil).output
                 guard allFinite(x) else { throw ModelError.nonFinite(what: "block output", layer: l) }
             }
             if let down {
@@ -88,17 +88,6 @@ extension Worker {
 
     // MARK: backward
 
-    /// A sample enters the statistics when it has vision and caption positions and at
-    /// least one caption token is predicted (as GradientStatistics.compute decides).
-    static func usable(_ s: CalibrationSample) -> String? {
-        let vis = zip(s.vision, s.attention).contains { $0 && $1 }
-        let cap = zip(s.caption, s.attention).contains { $0 && $1 }
-        if !vis { return "no vision positions" }
-        if !cap { return "no caption positions" }
-        if !(0..<max(0, s.length - 1)).contains(where: { s.labels[$0 + 1] != -100 }) { return "no caption token is predicted" }
-        return nil
-    }
-
     func backward() throws -> (UInt64, Double) {
         let samples = self.samples
         var moved: UInt64 = 0, transfer = 0.0
@@ -108,7 +97,7 @@ extension Worker {
         var skipped: [String] = []
         if head != nil && finalHidden.count != samples.count { throw ClusterError.missingInput(layer: range.upperBound, sample: finalHidden.count) }
         for (s, sample) in samples.enumerated() {
-            if let why = Self.usable(sample) { skipped.append("sample \(s): \(why)"); continue }
+            if let why = GradientStatistics.skipReason(sample) { skipped.append("sample \(s): \(why)"); continue }
             used += 1
             var dy: Tensor<Float>
             if let h = head {
@@ -124,7 +113,7 @@ extension Worker {
             let cap = zip(sample.caption, sample.attention).map { $0 && $1 }
             for l in range.reversed() {
                 let f = backend.blockForward(try inputs.get(layer: l, sample: s), blocks[l]!, rope: r, mask: sample.attention,
-                                             save: true, capture: false)
+                                             save: true, capture: false, actBits: nil)
                 let g = backend.blockBackward(dy, f.saved!, blocks[l]!, rope: r, mask: sample.attention)
                 sums[l]!.accumulate(attentionGrad: g.attentionOutput, mlpGrad: g.mlpOutput, vision: vis, caption: cap)
                 dy = g.input
@@ -155,7 +144,6 @@ extension Worker {
     /// blocks produced, and each quantized block feeds the next (QuantizeJob's order).
     func search(skip: Set<Int>) throws -> (UInt64, Double) {
         let samples = self.samples
-        let opts = quantOptions.searchOptions
         let distort = quantOptions.distort
         var moved: UInt64 = 0, transfer = 0.0
         var xs: [Tensor<Float>] = []
@@ -180,21 +168,10 @@ extension Worker {
             }
             try testDelay("search")
             logger.info("searching layer \(l)")
-            var layerSamples: [LayerSample] = []
-            for (s, sample) in samples.enumerated() {
-                let r = rope(sample)
-                let x = distort ? xs[s] : try inputs.get(layer: l, sample: s)
-                let f = backend.blockForward(x, blocks[l]!, rope: r, mask: sample.attention, save: false, capture: true)
-                layerSamples.append(LayerSample(captures: f.captures!, rope: r, attention: sample.attention,
-                                                vision: sample.vision, caption: sample.caption))
-            }
-            let found: [GroupResult]
-            if quantOptions.method == .smoothquant {
-                found = smoothQuantScales(l, layerSamples)
-            } else {
-                let ar = ratios?.attn[l] ?? 1, mr = ratios?.mlp[l] ?? 1
-                found = backend.searchLayer(l, blocks[l]!, samples: layerSamples, attnRatio: ar, mlpRatio: mr, options: opts)
-            }
+            let inputs = distort ? xs : try samples.indices.map { try self.inputs.get(layer: l, sample: $0) }
+            let captured = LayerStep.capture(blocks[l]!, inputs: inputs, samples: samples, rope: rope, backend: backend)
+            let found = LayerStep.scales(layer: l, weights: blocks[l]!, samples: captured.samples, attnRatio: ratios?.attn[l] ?? 1,
+                                         mlpRatio: ratios?.mlp[l] ?? 1, options: quantOptions, backend: backend)
             for g in found {
                 var m = Mbq_GroupResult()
                 m.layer = UInt32(g.layer); m.group = g.group.rawValue; m.bestIdx = UInt32(g.bestIndex)
@@ -214,44 +191,25 @@ extension Worker {
         return (moved, transfer)
     }
 
-    /// SmoothQuant (alpha 0.5) from max |x| per channel of the qkv and gate/up inputs,
-    /// as QuantizeJob computes it; reported like search results (alpha 0.5, no curve).
-    func smoothQuantScales(_ l: Int, _ layerSamples: [LayerSample]) -> [GroupResult] {
-        let s = ApplyScales.smoothQuantLayer(blocks[l]!, samples: layerSamples)
-        return [GroupResult(layer: l, group: .qkv, bestIndex: 0, alpha: 0.5, losses: [], ratio: 1, scales: s.qkv),
-                GroupResult(layer: l, group: .gateUp, bestIndex: 0, alpha: 0.5, losses: [], ratio: 1, scales: s.gateUp)]
-    }
-
-    /// Block `l` with its scales applied, before quantization.
+    /// Block `l` with its scales applied, before quantization (`LayerStep.applied`).
     func scaledBlock(_ l: Int) throws -> DecoderBlockWeights<Float> {
-        var w = blocks[l]!
-        // The order QuantizeJob applies them in (it matters bit for bit: v_proj takes
-        // both the qkv column scales and the o row scales).
-        for group in SearchGroup.allCases {
-            if let g = results[l]?[group.rawValue] { ApplyScales.apply(group, scales: g.scales, to: &w) }
+        var scales: [SearchGroup: [Float]] = [:]
+        for (name, r) in results[l] ?? [:] {
+            guard let g = SearchGroup(rawValue: name) else { throw ProtocolError.malformed("unknown group '\(name)'") }
+            scales[g] = r.scales
         }
-        if let unknown = results[l]?.keys.first(where: { SearchGroup(rawValue: $0) == nil }) {
-            throw ProtocolError.malformed("unknown group '\(unknown)'")
-        }
-        return w
+        return LayerStep.applied(blocks[l]!, scales: scales)
     }
 
     /// Block `l` with its scales applied and quantized (the apply phase's arithmetic):
     /// the weights the output holds and every linear's codes.
     func quantizedBlock(_ l: Int) throws -> (block: DecoderBlockWeights<Float>, codes: [String: QuantizedWeight]) {
-        var w = try scaledBlock(l)
-        let codes = ApplyScales.quantizeLinears(&w, with: quantOptions.weightQuantizer,
-                                                precision: quantOptions.scaleDType.scalePrecision)
-        return (w, codes)
+        LayerStep.quantized(try scaledBlock(l), options: quantOptions)
     }
 
-    /// --distort: the quantized block's output on `xs` (activations quantized as the
-    /// model will run them).
+    /// --distort: the quantized block's output on `xs`.
     func distortedOutputs(_ l: Int, _ xs: [Tensor<Float>]) throws -> [Tensor<Float>] {
-        let w = try quantizedBlock(l).block
-        return zip(samples, xs).map { s, x in
-            decoderBlockForward(x, weights: w, rope: rope(s), mask: s.attention, actBits: quantOptions.aBit).output
-        }
+        LayerStep.distorted(try quantizedBlock(l).block, inputs: xs, samples: samples, rope: rope, options: quantOptions, backend: backend)
     }
 
     // MARK: apply

@@ -68,6 +68,16 @@ public struct GradientStatistics: Sendable, Equatable {
         return s.count % 2 == 1 ? s[s.count / 2] : (s[s.count / 2 - 1] + s[s.count / 2]) / 2
     }
 
+    /// Why sample `s` does not enter the statistics, or nil when it does: it needs
+    /// attended vision and caption positions and at least one predicted caption token.
+    /// The one rule for the one-process job, the workers and `mbq forward`.
+    public static func skipReason(_ s: CalibrationSample) -> String? {
+        if !zip(s.vision, s.attention).contains(where: { $0 && $1 }) { return "no vision positions" }
+        if !zip(s.caption, s.attention).contains(where: { $0 && $1 }) { return "no caption positions" }
+        if !(0..<Swift.max(0, s.length - 1)).contains(where: { s.labels[$0 + 1] != -100 }) { return "no caption token is predicted" }
+        return nil
+    }
+
     /// Runs forward and backward on every usable sample of `samples`.
     public static func compute(model: LanguageModel<Float>, samples: [CalibrationSample],
                                progress: ((Int, Int) -> Void)? = nil) throws -> GradientStatistics {
@@ -77,12 +87,10 @@ public struct GradientStatistics: Sendable, Equatable {
         var skipped: [String] = []
         for (i, s) in samples.enumerated() {
             defer { progress?(i + 1, samples.count) }
+            if let why = skipReason(s) { skipped.append("sample \(i): \(why)"); continue }
             let vis = zip(s.vision, s.attention).map { $0 && $1 }
             let cap = zip(s.caption, s.attention).map { $0 && $1 }
-            guard vis.contains(true) else { skipped.append("sample \(i): no vision positions"); continue }
-            guard cap.contains(true) else { skipped.append("sample \(i): no caption positions"); continue }
             let g = try model.lossAndGradients(SequenceInput(s))
-            guard g.count > 0 else { skipped.append("sample \(i): no caption token is predicted"); continue }
             used += 1
             for l in 0..<nl {
                 sums[l].accumulate(attentionGrad: g.attentionOutput[l], mlpGrad: g.mlpOutput[l], vision: vis, caption: cap)

@@ -29,12 +29,13 @@ public struct QuantizeResult: Sendable {
 }
 
 /// MBQ / AWQ / SmoothQuant / RTN on one process holding the whole model
-/// (DESIGN.md §2). Layer by layer: run the fp block on the calibration inputs, search
-/// its groups against the fp outputs, apply the scales, quantize; the next layer's
-/// inputs are the fp block's outputs (all searches independent) or, with `distort`,
-/// the quantized block's.
+/// (DESIGN.md §2). Layer by layer, `LayerStep` as the workers run it: the fp block on the
+/// calibration inputs, its groups searched against the fp outputs, scales applied,
+/// quantized; the next layer's inputs are the fp block's outputs (all searches
+/// independent) or, with `distort`, the quantized block's.
 public enum QuantizeJob {
     public static func run(model: LanguageModel<Float>, samples: [CalibrationSample], options: QuantizeOptions,
+                           backend: ComputeBackend = CPUBackend(),
                            logger: Logger = Logger(label: "mbq.quantize")) throws -> QuantizeResult {
         try options.validate(for: model.config)
         var seconds: [String: Double] = [:]
@@ -43,14 +44,13 @@ public enum QuantizeJob {
         let nl = model.config.numLayers
 
         if options.method == .rtn {
-            let q = options.weightQuantizer
             var blocks: [DecoderBlockWeights<Float>] = [], codes: [[String: QuantizedWeight]] = []
-            for var b in model.blocks {
-                codes.append(ApplyScales.quantizeLinears(&b, with: q, precision: options.scaleDType.scalePrecision))
-                blocks.append(b)
+            for b in model.blocks {
+                let q = LayerStep.quantized(b, options: options)
+                blocks.append(q.block); codes.append(q.codes)
             }
             seconds["quantize"] = Date().timeIntervalSince(start)
-            logger.info("[quantize] rtn \(q): \(nl) layers in \(elapsed())")
+            logger.info("[quantize] rtn \(options.weightQuantizer): \(nl) layers in \(elapsed())")
             return QuantizeResult(options: options, gradStats: nil, groups: [], blocks: blocks, codes: codes, seconds: seconds)
         }
 
@@ -72,42 +72,23 @@ public enum QuantizeJob {
         var groups: [GroupResult] = []
         var blocks: [DecoderBlockWeights<Float>] = []
         var codes: [[String: QuantizedWeight]] = []
-        let search = options.searchOptions
         for l in 0..<nl {
             let fp = model.blocks[l]
-            var layerSamples: [LayerSample] = []
-            var fpOutputs: [Tensor<Float>] = []
-            for (i, s) in samples.enumerated() {
-                let rope = model.ropeTable(s.positions)
-                let f = decoderBlockForward(xs[i], weights: fp, rope: rope, mask: s.attention, capture: true)
-                layerSamples.append(LayerSample(captures: f.captures!, rope: rope, attention: s.attention,
-                                                vision: s.vision, caption: s.caption))
-                fpOutputs.append(f.output)
-            }
-            var w = fp
-            if options.method == .smoothquant {
-                let s = ApplyScales.smoothQuantLayer(fp, samples: layerSamples)
-                ApplyScales.apply(.qkv, scales: s.qkv, to: &w)
-                ApplyScales.apply(.gateUp, scales: s.gateUp, to: &w)
-            } else {
-                let found = ScaleSearch.searchLayer(l, weights: fp, samples: layerSamples,
-                                                    attnRatio: ratios.layers[l].attnRatio,
-                                                    mlpRatio: ratios.layers[l].mlpRatio, options: search)
-                for g in found { ApplyScales.apply(g.group, scales: g.scales, to: &w) }
+            let captured = LayerStep.capture(fp, inputs: xs, samples: samples, rope: { model.ropeTable($0.positions) }, backend: backend)
+            let found = LayerStep.scales(layer: l, weights: fp, samples: captured.samples, attnRatio: ratios.layers[l].attnRatio,
+                                         mlpRatio: ratios.layers[l].mlpRatio, options: options, backend: backend)
+            if options.method != .smoothquant {
+                // SmoothQuant's scales are not reported (alpha is fixed), as in the distributed job.
                 groups += found
                 let picks = found.map { "\($0.group.rawValue)=\(String(format: "%.2f", $0.alpha))" }.joined(separator: " ")
                 logger.info("[search] layer \(l + 1)/\(nl): \(picks)")
             }
-            codes.append(ApplyScales.quantizeLinears(&w, with: options.weightQuantizer, precision: options.scaleDType.scalePrecision))
-            blocks.append(w)
-            if options.distort {
-                for (i, s) in samples.enumerated() {
-                    xs[i] = decoderBlockForward(xs[i], weights: w, rope: layerSamples[i].rope, mask: s.attention,
-                                                actBits: options.aBit).output
-                }
-            } else {
-                xs = fpOutputs
-            }
+            let q = LayerStep.quantized(LayerStep.applied(fp, results: found), options: options)
+            blocks.append(q.block)
+            codes.append(q.codes)
+            xs = options.distort ? LayerStep.distorted(q.block, inputs: xs, samples: samples, rope: { model.ropeTable($0.positions) },
+                                                       options: options, backend: backend)
+                                 : captured.outputs
             let dt = Date().timeIntervalSince(t0)
             logger.info("[search] layer \(l + 1)/\(nl) done, elapsed \(elapsed()), ETA \(String(format: "%.1fs", dt / Double(l + 1) * Double(nl - l - 1)))")
         }

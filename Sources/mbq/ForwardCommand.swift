@@ -90,10 +90,10 @@ struct ModelRun {
                     let g = try lm.lossAndGradients(input)
                     lossSum += Double(g.loss) * Double(g.count)
                     r.lossTokens += g.count
-                    let vis = s.vision, cap = s.caption
-                    if !vis.contains(true) || !cap.contains(true) {
-                        r.skipped.append("sample \(i): no \(vis.contains(true) ? "caption" : "vision") positions")
+                    if let why = GradientStatistics.skipReason(s) {
+                        r.skipped.append("sample \(i): \(why)")
                     } else {
+                        let vis = zip(s.vision, s.attention).map { $0 && $1 }, cap = zip(s.caption, s.attention).map { $0 && $1 }
                         statSamples += 1
                         for l in 0..<lm.config.numLayers {
                             sums[l].accumulate(attentionGrad: g.attentionOutput[l], mlpGrad: g.mlpOutput[l], vision: vis, caption: cap)

@@ -1,14 +1,16 @@
 import Foundation
-import MBQMethods
 import MBQModel
 import MBQTensor
 
-/// The arithmetic a worker runs, behind a small interface so that another backend
-/// (CUDA) can be added without touching the protocol or the coordinator.
+/// The arithmetic of a job, behind a small interface so that another backend (CUDA) can
+/// be added without touching the layer step, the protocol or the coordinator. The
+/// one-process job and the workers both run through it (`LayerStep`).
 public protocol ComputeBackend: Sendable {
     var name: String { get }
+    /// `actBits`: per-token activation quantization of every linear's input (the
+    /// `--distort` forward of W-A schemes).
     func blockForward(_ x: Tensor<Float>, _ w: DecoderBlockWeights<Float>, rope: RoPETable<Float>, mask: [Bool],
-                      save: Bool, capture: Bool) -> DecoderBlockForward<Float>
+                      save: Bool, capture: Bool, actBits: Int?) -> DecoderBlockForward<Float>
     func blockBackward(_ dy: Tensor<Float>, _ saved: DecoderBlockSaved<Float>, _ w: DecoderBlockWeights<Float>,
                        rope: RoPETable<Float>, mask: [Bool]) -> DecoderBlockGradients<Float>
     func searchLayer(_ l: Int, _ w: DecoderBlockWeights<Float>, samples: [LayerSample], attnRatio: Double, mlpRatio: Double,
@@ -23,8 +25,8 @@ public struct CPUBackend: ComputeBackend {
     public init() {}
     public var name: String { "cpu" }
     public func blockForward(_ x: Tensor<Float>, _ w: DecoderBlockWeights<Float>, rope: RoPETable<Float>, mask: [Bool],
-                             save: Bool, capture: Bool) -> DecoderBlockForward<Float> {
-        decoderBlockForward(x, weights: w, rope: rope, mask: mask, save: save, capture: capture)
+                             save: Bool, capture: Bool, actBits: Int?) -> DecoderBlockForward<Float> {
+        decoderBlockForward(x, weights: w, rope: rope, mask: mask, save: save, capture: capture, actBits: actBits)
     }
     public func blockBackward(_ dy: Tensor<Float>, _ saved: DecoderBlockSaved<Float>, _ w: DecoderBlockWeights<Float>,
                               rope: RoPETable<Float>, mask: [Bool]) -> DecoderBlockGradients<Float> {
