@@ -56,11 +56,13 @@ check-formats: release
 	.venv/bin/pip install -q compressed-tensors frozendict
 	$(PYTHON) Scripts/reference/check_formats.py --mbq $(MBQ)
 
-## Regenerates Sources/MBQCluster/Generated from Proto/mbq.proto (protoc + protoc-gen-swift 1.39.0).
-proto:
-	test -x .build-protoc/release/protoc-gen-swift || (rm -rf .build-protoc-src && \
-	  git clone -q https://github.com/apple/swift-protobuf .build-protoc-src && cd .build-protoc-src && git checkout -q 1.39.0 && \
-	  swift build -c release --product protoc-gen-swift --scratch-path ../.build-protoc)
+## Regenerates Sources/MBQCluster/Generated from Proto/mbq.proto: Debian's protoc and
+## protoc-gen-swift built from the swift-protobuf package copy SwiftPM resolved (1.39.0).
+proto: deps
+	command -v protoc >/dev/null || (apt-get update -qq && apt-get install -y -qq protobuf-compiler >/dev/null)
+	test -x .build-protoc/release/protoc-gen-swift || ($(SWIFT) package resolve && rm -rf .build-protoc-src && \
+	  cp -r .build/checkouts/swift-protobuf .build-protoc-src && cd .build-protoc-src && \
+	  $(SWIFT) build -c release --product protoc-gen-swift --scratch-path ../.build-protoc)
 	protoc --plugin=protoc-gen-swift=.build-protoc/release/protoc-gen-swift --swift_opt=Visibility=Public \
 	  --swift_out=Sources/MBQCluster/Generated -I Proto Proto/mbq.proto
 

@@ -45,7 +45,7 @@ let package = Package(
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ]),
-        .testTarget(name: "MBQTensorTests", dependencies: ["MBQTensor", "CZMQ"]),
+        .testTarget(name: "MBQTensorTests", dependencies: ["MBQTensor"]),
         .testTarget(name: "MBQFormatsTests", dependencies: ["MBQFormats", "MBQTensor", "MBQModel", "MBQQuant"]),
         .testTarget(name: "MBQQuantTests", dependencies: ["MBQQuant", "MBQTensor"]),
         // Reads its fixtures (and MBQModelTests') by path: Tests/MBQMethodsTests/Fixtures.

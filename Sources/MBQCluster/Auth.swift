@@ -1,13 +1,22 @@
-/// Shared-secret authentication of workers: the Register message carries
-/// HMAC-SHA256(secret, worker_id); the coordinator recomputes it. (Used when the job
-/// has a secret; CurveZMQ, which also encrypts, is the stronger option — see README.)
+/// Shared-secret authentication of workers (used when the job has a secret; CurveZMQ,
+/// which also encrypts, is the stronger option — see README). The coordinator answers a
+/// registration with a Challenge holding a fresh random nonce; the worker registers again
+/// with HMAC-SHA256(secret, "mbq-register|job|worker|" + nonce), and the coordinator
+/// accepts each nonce once: a recorded registration cannot be replayed, nor used for
+/// another job.
 public enum Auth {
-    public static func token(secret: String, workerID: String) -> [UInt8] {
-        hmacSHA256(key: Array(secret.utf8), message: Array(("mbq-worker:" + workerID).utf8))
+    public static func token(secret: String, jobID: String, workerID: String, nonce: [UInt8]) -> [UInt8] {
+        hmacSHA256(key: Array(secret.utf8), message: Array("mbq-register|\(jobID)|\(workerID)|".utf8) + nonce)
     }
 
-    public static func verify(secret: String, workerID: String, token: [UInt8]) -> Bool {
-        constantTimeEqual(self.token(secret: secret, workerID: workerID), token)
+    public static func verify(secret: String, jobID: String, workerID: String, nonce: [UInt8], token: [UInt8]) -> Bool {
+        constantTimeEqual(self.token(secret: secret, jobID: jobID, workerID: workerID, nonce: nonce), token)
+    }
+
+    /// 16 bytes from the system's random source (getrandom on Linux).
+    public static func nonce() -> [UInt8] {
+        var g = SystemRandomNumberGenerator()
+        return (0..<16).map { _ in UInt8.random(in: 0...255, using: &g) }
     }
 
     /// Equality whose time does not depend on where the bytes differ.

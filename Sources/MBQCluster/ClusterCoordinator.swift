@@ -40,10 +40,8 @@ public final class ClusterCoordinator {
         } else if FileManager.default.fileExists(atPath: Journal.path(jobDir)) {
             throw FormatsError.invalidConfig(path: Journal.path(jobDir), reason: "the job directory holds a journal: pass --resume to continue it, or use a new --job-dir")
         }
-        state = CoordinatorState(spec: spec, resumed: resumed.map { (stats: $0.0, results: $0.1) }, epochBase: epochBase) { r in
-            guard let secret else { return true }
-            return Auth.verify(secret: secret, workerID: r.workerID, token: Array(r.authToken))
-        }
+        state = CoordinatorState(spec: spec, resumed: resumed.map { (stats: $0.0, results: $0.1) }, epochBase: epochBase,
+                                 secret: secret)
         router = try ZMQSocket(.router)
         try router.setInt(ZMQ_ROUTER_MANDATORY, 0)
         var zapLog: [String] = []

@@ -98,15 +98,21 @@ public final class CoordinatorState {
     /// Layers finished before this search phase began (a resume or a re-plan): the rate
     /// and ETA count only what this phase searched.
     var finishedBefore: Set<Int> = []
-    /// Checks a registration's credentials (shared-secret HMAC); CURVE is checked by ZeroMQ.
-    let authorize: (Mbq_Register) -> Bool
+    /// Shared-secret mode (CURVE is checked by ZeroMQ): the secret, where nonces come
+    /// from, and the nonce each connection (ZeroMQ identity) was challenged with.
+    let secret: String?
+    let makeNonce: () -> [UInt8]
+    var challenges: [[UInt8]: [UInt8]] = [:]
 
     /// `epochBase`: plans count up from here; a resumed coordinator starts above every
     /// epoch its predecessor used, so workers' traffic from before the crash is stale.
+    /// `secret`: workers must answer a challenge (see `Auth`); `makeNonce` is injected
+    /// so that tests can replay exactly.
     public init(spec: JobSpec, resumed: (stats: GradientStatistics?, results: [Int: [Mbq_GroupResult]])? = nil,
-                epochBase: UInt32 = 0, authorize: @escaping (Mbq_Register) -> Bool = { _ in true }) {
+                epochBase: UInt32 = 0, secret: String? = nil, makeNonce: @escaping () -> [UInt8] = Auth.nonce) {
         self.spec = spec
-        self.authorize = authorize
+        self.secret = secret
+        self.makeNonce = makeNonce
         self.epoch = epochBase
         self.epochBase = epochBase
         if let resumed {
@@ -282,11 +288,24 @@ public final class CoordinatorState {
     }
 
     func register(identity: [UInt8], _ r: Mbq_Register, now: Double) -> [Directive] {
-        guard authorize(r) else {
-            var no = Mbq_Refused()
-            no.reason = "authentication failed"
-            return [.send(identity: identity, env(.refused(no))),
-                    .log("refused worker '\(r.workerID)' from \(r.host): authentication failed")]
+        if let secret {
+            // Only an answer to the nonce this connection was just given counts; anything
+            // else (a first registration, a stale or replayed one) gets a fresh challenge.
+            guard let issued = challenges[identity], Array(r.nonce) == issued else {
+                if challenges.count >= 1024 { challenges.removeAll() }  // bounded under a flood of identities
+                let n = makeNonce()
+                challenges[identity] = n
+                var c = Mbq_Challenge()
+                c.nonce = Data(n)
+                return [.send(identity: identity, env(.challenge(c)))]
+            }
+            challenges[identity] = nil
+            guard Auth.verify(secret: secret, jobID: spec.jobID, workerID: r.workerID, nonce: issued, token: Array(r.authToken)) else {
+                var no = Mbq_Refused()
+                no.reason = "authentication failed"
+                return [.send(identity: identity, env(.refused(no))),
+                        .log("refused worker '\(r.workerID)' from \(r.host): authentication failed")]
+            }
         }
         let known = workers[r.workerID]
         workers[r.workerID] = WorkerEntry(identity: identity, id: r.workerID, info: r, lastSeen: now, alive: true, range: nil)
@@ -311,12 +330,6 @@ public final class CoordinatorState {
             break
         }
         return out
-    }
-
-    /// Contiguous block ranges over workers sized by their measured GEMM rate, so that
-    /// stages finish together (no memory limits; see Planner).
-    public static func makePlan(layers: Int, workers: [(id: String, gflops: Double)]) -> [(worker: String, range: Range<Int>)] {
-        Planner.proportional(layers: layers, workers: workers)
     }
 
     func replan(now: Double, reason: String) -> [Directive] {

@@ -181,7 +181,7 @@ public struct CostModel: Sendable {
 
     public func predict(_ s: Shape, workers: [Worker], workload j: Workload, bandwidthBytesPerSecond: Double,
                         plan given: [Range<Int>]? = nil) -> Prediction {
-        let plan = given ?? CoordinatorState.makePlan(layers: s.layers, workers: workers.enumerated().map { ("w\($0.offset)", $0.element.gflops) })
+        let plan = given ?? Planner.proportional(layers: s.layers, workers: workers.enumerated().map { ("w\($0.offset)", $0.element.gflops) })
             .map(\.range)
         let t = Double(j.tokens), n = Double(j.samples), stages = plan.count
         let actBytes = t * Double(s.hidden) * 4

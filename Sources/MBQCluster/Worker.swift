@@ -121,7 +121,6 @@ public final class Worker: @unchecked Sendable {
         reg.gemmRates = rates
         reg.cores = UInt32(ProcessInfo.processInfo.activeProcessorCount)
         if let s = options.scratch { reg.scratchBytes = Self.freeBytes(s) }
-        if let s = options.secret { reg.authToken = Data(Auth.token(secret: s, workerID: options.workerID)) }
         let compute = Thread { [self] in computeLoop() }
         compute.stackSize = 16 << 20
         compute.start()
@@ -132,7 +131,7 @@ public final class Worker: @unchecked Sendable {
             let now = Self.now()
             if let monitor, let event = try monitor.receive(timeoutMs: 0), let code = Self.monitorEvent(event),
                code == ZMQ_EVENT_HANDSHAKE_FAILED_AUTH {
-                logger.error("refused by the coordinator at \(options.connect): its CurveZMQ handler does not authorize this worker's key \(options.curve!.publicKey) (add the worker's .pub to the coordinator's --curve-authorized)")
+                logger.error("refused by the coordinator at \(options.connect): its CurveZMQ handler does not authorize this worker's key \(options.curve!.publicKey) (add the worker's .pub to the coordinator's --authorized-keys)")
                 return 1
             }
             if now - lastMessage > options.giveUpAfter {
@@ -167,6 +166,15 @@ public final class Worker: @unchecked Sendable {
             lastMessage = lastHeard
             if jobID.isEmpty { jobID = m.envelope.jobID }
             switch m.envelope.body {
+            case let .challenge(c):
+                guard let s = options.secret else {
+                    logger.error("the coordinator at \(options.connect) requires a shared secret: pass the job's --secret (or MBQ_SECRET)")
+                    return 1
+                }
+                reg.nonce = c.nonce
+                reg.authToken = Data(Auth.token(secret: s, jobID: m.envelope.jobID, workerID: options.workerID, nonce: Array(c.nonce)))
+                try control.send(try Wire.encode(Wire.envelope(job: jobID, .register(reg))))
+                lastRegister = now
             case let .heartbeat(h):
                 if h.phase == "register-again" && now - lastRegister > 0.5 {
                     logger.info("coordinator does not know this worker (restarted?): registering again")

@@ -118,14 +118,50 @@ final class CoordinatorStateTests: XCTestCase {
         XCTAssertTrue(logs.contains { if case let .log(l) = $0 { return l.contains("finished already") } else { return false } })
     }
 
-    func testUnauthorizedWorkerIsRefused() {
-        let s = CoordinatorState(spec: Self.spec(workers: 1)) { r in Auth.verify(secret: "k", workerID: r.workerID, token: Array(r.authToken)) }
-        let d = s.handle(identity: [9], msg(Self.register("evil", token: Auth.token(secret: "wrong", workerID: "evil"))), now: 0)
-        XCTAssertTrue(sends(d).contains { if case .refused = $0.body { return true } else { return false } })
-        XCTAssertEqual(s.phase, .waiting)
-        _ = s.handle(identity: [1], msg(Self.register("good", token: Auth.token(secret: "k", workerID: "good"))), now: 0)
+    /// Shared secret: a registration is answered with a challenge; only the answer to
+    /// that connection's current nonce, under the right secret and for this job, is
+    /// accepted, once. A recorded registration replayed (on its connection or another)
+    /// gets a fresh challenge, never a place in the plan.
+    func testSharedSecretChallengeCannotBeReplayed() {
+        var counter: UInt8 = 0
+        let s = CoordinatorState(spec: Self.spec(workers: 2), secret: "k") { counter += 1; return [counter, 7, 7, 7] }
+        func challenge(_ d: [Directive]) -> [UInt8]? {
+            for x in sends(d) { if case let .challenge(c) = x.body { return Array(c.nonce) } }
+            return nil
+        }
+        func refused(_ d: [Directive]) -> Bool { sends(d).contains { if case .refused = $0.body { return true } else { return false } } }
+        func answer(_ id: String, secret: String, job: String = "job", nonce: [UInt8]) -> Mbq_Envelope {
+            var e = Self.register(id, token: Auth.token(secret: secret, jobID: job, workerID: id, nonce: nonce))
+            if case var .register(r) = e.body { r.nonce = Data(nonce); e.body = .register(r) }
+            return e
+        }
+        // Without a token: a challenge, nothing registered.
+        let n1 = challenge(s.handle(identity: [9], msg(Self.register("evil")), now: 0))
+        XCTAssertEqual(n1, [1, 7, 7, 7])
+        XCTAssertTrue(s.workers.isEmpty)
+        // The wrong secret: refused.
+        XCTAssertTrue(refused(s.handle(identity: [9], msg(answer("evil", secret: "wrong", nonce: n1!)), now: 0)))
+        // The right secret for another job: refused.
+        let n2 = challenge(s.handle(identity: [8], msg(Self.register("other")), now: 0))!
+        XCTAssertTrue(refused(s.handle(identity: [8], msg(answer("other", secret: "k", job: "another-job", nonce: n2)), now: 0)))
+        // The right answer: registered.
+        let n3 = challenge(s.handle(identity: [1], msg(Self.register("good")), now: 0))!
+        let recorded = answer("good", secret: "k", nonce: n3)
+        _ = s.handle(identity: [1], msg(recorded), now: 0)
+        XCTAssertEqual(s.workers.keys.sorted(), ["good"])
+        // The recorded registration replayed from another connection, then from the
+        // same one: each time a new nonce, never accepted.
+        let r1 = s.handle(identity: [5], msg(recorded), now: 1)
+        XCTAssertNotNil(challenge(r1)); XCTAssertNotEqual(challenge(r1), n3)
+        let r2 = s.handle(identity: [1], msg(recorded), now: 1)
+        XCTAssertNotNil(challenge(r2))
+        XCTAssertEqual(s.workers.keys.sorted(), ["good"])
+        XCTAssertEqual(s.phase, .waiting, "one worker of two: the replay did not count as the second")
+        // A second honest worker completes the plan.
+        let n4 = challenge(s.handle(identity: [2], msg(Self.register("good2")), now: 2))!
+        _ = s.handle(identity: [2], msg(answer("good2", secret: "k", nonce: n4)), now: 2)
         XCTAssertEqual(s.phase, .forward)
-        XCTAssertEqual(s.plan.map(\.worker), ["good"])
+        XCTAssertEqual(s.plan.map(\.worker), ["good", "good2"])
     }
 
     func testPlanKeepsWithinMemoryBudgets() {
@@ -166,11 +202,18 @@ final class CoordinatorStateTests: XCTestCase {
         XCTAssertEqual(st.plan.map(\.range), [0..<1, 1..<2, 2..<3, 3..<4], "\(logs(e))")
     }
 
+    /// Through the state machine: workers that register with different measured GEMM
+    /// rates get layer ranges in proportion, and never more stages than layers.
     func testPlanFollowsMeasuredSpeed() {
-        let p = CoordinatorState.makePlan(layers: 80, workers: [("fast", 300), ("slow", 100)])
-        XCTAssertEqual(p.map(\.range), [0..<60, 60..<80])
-        let q = CoordinatorState.makePlan(layers: 2, workers: [("a", 1), ("b", 1), ("c", 1)])
-        XCTAssertEqual(q.map(\.range), [0..<1, 1..<2], "never more stages than layers")
+        let st = CoordinatorState(spec: Self.spec(workers: 2, layers: 8))
+        _ = st.handle(identity: [1], msg(Self.register("fast", gflops: 300)), now: 0)
+        _ = st.handle(identity: [2], msg(Self.register("slow", gflops: 100)), now: 0)
+        XCTAssertEqual(st.phase, .forward)
+        XCTAssertEqual(st.plan.map(\.worker), ["fast", "slow"])
+        XCTAssertEqual(st.plan.map(\.range), [0..<6, 6..<8], "3:1 speeds, 6:2 layers")
+        let few = CoordinatorState(spec: Self.spec(workers: 3, layers: 2))
+        for (i, id) in ["a", "b", "c"].enumerated() { _ = few.handle(identity: [UInt8(i)], msg(Self.register(id)), now: 0) }
+        XCTAssertEqual(few.plan.map(\.range), [0..<1, 1..<2], "never more stages than layers")
     }
 }
 

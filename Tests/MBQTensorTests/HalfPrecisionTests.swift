@@ -1,4 +1,3 @@
-import CZMQ
 import MBQTensor
 import XCTest
 
@@ -47,10 +46,4 @@ final class HalfPrecisionTests: XCTestCase {
         #endif
     }
 
-    /// The libzmq system-library target links (the cluster module is built on it).
-    func testZeroMQLinks() {
-        var major: Int32 = 0, minor: Int32 = 0, patch: Int32 = 0
-        zmq_version(&major, &minor, &patch)
-        XCTAssertGreaterThanOrEqual(major, 4)
-    }
 }

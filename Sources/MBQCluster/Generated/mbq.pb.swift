@@ -8,7 +8,7 @@
 // For information on using the generated types, please see the documentation:
 //   https://github.com/apple/swift-protobuf/
 
-/// SwiftMBQ coordinator <-> worker protocol (DESIGN.md §3).
+/// SwiftMBQ coordinator <-> worker protocol (docs/DESIGN.md "Protocol").
 ///
 /// Every ZeroMQ message is one Envelope frame, optionally followed by raw tensor frames:
 /// a TensorHeader inside the envelope describes them (tensors never travel inside
@@ -45,14 +45,10 @@ public nonisolated struct Mbq_Envelope: @unchecked Sendable {
     set {_uniqueStorage()._version = newValue}
   }
 
+  /// empty in a worker's messages until it has heard from the coordinator
   public var jobID: String {
     get {_storage._jobID}
     set {_uniqueStorage()._jobID = newValue}
-  }
-
-  public var seq: UInt64 {
-    get {_storage._seq}
-    set {_uniqueStorage()._seq = newValue}
   }
 
   public var body: OneOf_Body? {
@@ -164,6 +160,14 @@ public nonisolated struct Mbq_Envelope: @unchecked Sendable {
     set {_uniqueStorage()._body = .blockWritten(newValue)}
   }
 
+  public var challenge: Mbq_Challenge {
+    get {
+      if case .challenge(let v)? = _storage._body {return v}
+      return Mbq_Challenge()
+    }
+    set {_uniqueStorage()._body = .challenge(newValue)}
+  }
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public nonisolated enum OneOf_Body: Equatable, Sendable {
@@ -180,6 +184,7 @@ public nonisolated struct Mbq_Envelope: @unchecked Sendable {
     case ratios(Mbq_Ratios)
     case refused(Mbq_Refused)
     case blockWritten(Mbq_BlockWritten)
+    case challenge(Mbq_Challenge)
 
   }
 
@@ -208,7 +213,7 @@ public nonisolated struct Mbq_Register: Sendable {
   /// where this worker receives activations / gradients
   public var dataEndpoint: String = String()
 
-  /// HMAC of the job id under the shared secret
+  /// shared-secret mode: HMAC-SHA256(secret, "mbq-register|" job "|" worker_id "|" nonce)
   public var authToken: Data = Data()
 
   /// "cpu"
@@ -226,6 +231,24 @@ public nonisolated struct Mbq_Register: Sendable {
   /// GFLOP/s on n^3 products, n = 64, 128, 256, 512, 1024
   public var gemmRates: [Double] = []
 
+  /// the coordinator's Challenge this auth_token answers
+  public var nonce: Data = Data()
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+/// Coordinator -> worker, shared-secret mode: a fresh nonce for this connection. The
+/// worker registers again with auth_token over the job id, its id and this nonce; a
+/// nonce is accepted once, so a recorded registration cannot be replayed.
+public nonisolated struct Mbq_Challenge: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var nonce: Data = Data()
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -238,9 +261,8 @@ public nonisolated struct Mbq_Heartbeat: Sendable {
 
   public var workerID: String = String()
 
+  /// coordinator -> worker: "register-again" when it does not know the sender
   public var phase: String = String()
-
-  public var progress: Double = 0
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -336,7 +358,7 @@ public nonisolated struct Mbq_TensorHeader: Sendable {
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
-  /// e.g. "act/3" (sample 3), "grad/3", "layers.4.q_proj"
+  /// "act/S", "grad/S", "dist/S" (sample S), "block/L/ROLE" (layer L's scaled block)
   public var name: String = String()
 
   /// "F32"
@@ -354,7 +376,7 @@ public nonisolated struct Mbq_TensorHeader: Sendable {
 
   public var epoch: UInt32 = 0
 
-  /// shared-secret mode: HMAC-SHA256(secret, job|name|epoch|checksum)
+  /// shared-secret mode: HMAC-SHA256(secret, job|name|epoch|byte_count|checksum)
   public var authTag: Data = Data()
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
@@ -502,12 +524,11 @@ fileprivate nonisolated let _protobuf_package = "mbq"
 
 nonisolated extension Mbq_Envelope: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Envelope"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}version\0\u{3}job_id\0\u{1}seq\0\u{2}\u{7}register\0\u{1}heartbeat\0\u{1}assignment\0\u{3}run_phase\0\u{1}tensor\0\u{3}layer_stats\0\u{3}group_result\0\u{3}phase_done\0\u{1}error\0\u{1}shutdown\0\u{1}ratios\0\u{1}refused\0\u{3}block_written\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}version\0\u{3}job_id\0\u{2}\u{8}register\0\u{1}heartbeat\0\u{1}assignment\0\u{3}run_phase\0\u{1}tensor\0\u{3}layer_stats\0\u{3}group_result\0\u{3}phase_done\0\u{1}error\0\u{1}shutdown\0\u{1}ratios\0\u{1}refused\0\u{3}block_written\0\u{1}challenge\0\u{c}\u{3}\u{1}")
 
   fileprivate class _StorageClass {
     var _version: UInt32 = 0
     var _jobID: String = String()
-    var _seq: UInt64 = 0
     var _body: Mbq_Envelope.OneOf_Body?
 
       // This property is used as the initial default value for new instances of the type.
@@ -521,7 +542,6 @@ nonisolated extension Mbq_Envelope: SwiftProtobuf.Message, SwiftProtobuf._Messag
     init(copying source: _StorageClass) {
       _version = source._version
       _jobID = source._jobID
-      _seq = source._seq
       _body = source._body
     }
   }
@@ -543,7 +563,6 @@ nonisolated extension Mbq_Envelope: SwiftProtobuf.Message, SwiftProtobuf._Messag
         switch fieldNumber {
         case 1: try { try decoder.decodeSingularUInt32Field(value: &_storage._version) }()
         case 2: try { try decoder.decodeSingularStringField(value: &_storage._jobID) }()
-        case 3: try { try decoder.decodeSingularUInt64Field(value: &_storage._seq) }()
         case 10: try {
           var v: Mbq_Register?
           var hadOneofValue = false
@@ -713,6 +732,19 @@ nonisolated extension Mbq_Envelope: SwiftProtobuf.Message, SwiftProtobuf._Messag
             _storage._body = .blockWritten(v)
           }
         }()
+        case 23: try {
+          var v: Mbq_Challenge?
+          var hadOneofValue = false
+          if let current = _storage._body {
+            hadOneofValue = true
+            if case .challenge(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._body = .challenge(v)
+          }
+        }()
         default: break
         }
       }
@@ -730,9 +762,6 @@ nonisolated extension Mbq_Envelope: SwiftProtobuf.Message, SwiftProtobuf._Messag
       }
       if !_storage._jobID.isEmpty {
         try visitor.visitSingularStringField(value: _storage._jobID, fieldNumber: 2)
-      }
-      if _storage._seq != 0 {
-        try visitor.visitSingularUInt64Field(value: _storage._seq, fieldNumber: 3)
       }
       switch _storage._body {
       case .register?: try {
@@ -787,6 +816,10 @@ nonisolated extension Mbq_Envelope: SwiftProtobuf.Message, SwiftProtobuf._Messag
         guard case .blockWritten(let v)? = _storage._body else { preconditionFailure() }
         try visitor.visitSingularMessageField(value: v, fieldNumber: 22)
       }()
+      case .challenge?: try {
+        guard case .challenge(let v)? = _storage._body else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 23)
+      }()
       case nil: break
       }
     }
@@ -800,7 +833,6 @@ nonisolated extension Mbq_Envelope: SwiftProtobuf.Message, SwiftProtobuf._Messag
         let rhs_storage = _args.1
         if _storage._version != rhs_storage._version {return false}
         if _storage._jobID != rhs_storage._jobID {return false}
-        if _storage._seq != rhs_storage._seq {return false}
         if _storage._body != rhs_storage._body {return false}
         return true
       }
@@ -813,7 +845,7 @@ nonisolated extension Mbq_Envelope: SwiftProtobuf.Message, SwiftProtobuf._Messag
 
 nonisolated extension Mbq_Register: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Register"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}worker_id\0\u{1}host\0\u{3}max_memory_bytes\0\u{1}threads\0\u{3}gemm_gflops\0\u{3}data_endpoint\0\u{3}auth_token\0\u{1}backend\0\u{3}data_curve_key\0\u{3}scratch_bytes\0\u{1}cores\0\u{3}gemm_rates\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}worker_id\0\u{1}host\0\u{3}max_memory_bytes\0\u{1}threads\0\u{3}gemm_gflops\0\u{3}data_endpoint\0\u{3}auth_token\0\u{1}backend\0\u{3}data_curve_key\0\u{3}scratch_bytes\0\u{1}cores\0\u{3}gemm_rates\0\u{1}nonce\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -833,6 +865,7 @@ nonisolated extension Mbq_Register: SwiftProtobuf.Message, SwiftProtobuf._Messag
       case 10: try { try decoder.decodeSingularUInt64Field(value: &self.scratchBytes) }()
       case 11: try { try decoder.decodeSingularUInt32Field(value: &self.cores) }()
       case 12: try { try decoder.decodeRepeatedDoubleField(value: &self.gemmRates) }()
+      case 13: try { try decoder.decodeSingularBytesField(value: &self.nonce) }()
       default: break
       }
     }
@@ -875,6 +908,9 @@ nonisolated extension Mbq_Register: SwiftProtobuf.Message, SwiftProtobuf._Messag
     if !self.gemmRates.isEmpty {
       try visitor.visitPackedDoubleField(value: self.gemmRates, fieldNumber: 12)
     }
+    if !self.nonce.isEmpty {
+      try visitor.visitSingularBytesField(value: self.nonce, fieldNumber: 13)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -891,6 +927,37 @@ nonisolated extension Mbq_Register: SwiftProtobuf.Message, SwiftProtobuf._Messag
     if lhs.scratchBytes != rhs.scratchBytes {return false}
     if lhs.cores != rhs.cores {return false}
     if lhs.gemmRates != rhs.gemmRates {return false}
+    if lhs.nonce != rhs.nonce {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Mbq_Challenge: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".Challenge"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}nonce\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularBytesField(value: &self.nonce) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.nonce.isEmpty {
+      try visitor.visitSingularBytesField(value: self.nonce, fieldNumber: 1)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Mbq_Challenge, rhs: Mbq_Challenge) -> Bool {
+    if lhs.nonce != rhs.nonce {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -898,7 +965,7 @@ nonisolated extension Mbq_Register: SwiftProtobuf.Message, SwiftProtobuf._Messag
 
 nonisolated extension Mbq_Heartbeat: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Heartbeat"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}worker_id\0\u{1}phase\0\u{1}progress\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}worker_id\0\u{1}phase\0\u{c}\u{3}\u{1}")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -908,7 +975,6 @@ nonisolated extension Mbq_Heartbeat: SwiftProtobuf.Message, SwiftProtobuf._Messa
       switch fieldNumber {
       case 1: try { try decoder.decodeSingularStringField(value: &self.workerID) }()
       case 2: try { try decoder.decodeSingularStringField(value: &self.phase) }()
-      case 3: try { try decoder.decodeSingularDoubleField(value: &self.progress) }()
       default: break
       }
     }
@@ -921,16 +987,12 @@ nonisolated extension Mbq_Heartbeat: SwiftProtobuf.Message, SwiftProtobuf._Messa
     if !self.phase.isEmpty {
       try visitor.visitSingularStringField(value: self.phase, fieldNumber: 2)
     }
-    if self.progress.bitPattern != 0 {
-      try visitor.visitSingularDoubleField(value: self.progress, fieldNumber: 3)
-    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
   public static func ==(lhs: Mbq_Heartbeat, rhs: Mbq_Heartbeat) -> Bool {
     if lhs.workerID != rhs.workerID {return false}
     if lhs.phase != rhs.phase {return false}
-    if lhs.progress != rhs.progress {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
