@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Builds an mbq-calib v1 calibration bundle (DESIGN.md §4) from a Hugging Face VLM
+"""Builds an mbq-calib v1 calibration bundle (docs/DESIGN.md §4) from a Hugging Face VLM
 directory and a ShareGPT4V-style caption file, with transformers.
 
 Only the processor, the vision tower, the projector and the token embeddings are

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""A PyTorch port of the MBQ authors' algorithm (thu-nics/MBQ; DESIGN.md §2), run on
+"""A PyTorch port of the MBQ authors' algorithm (thu-nics/MBQ; docs/DESIGN.md §2), run on
 the CPU, that writes the fixtures the Swift methods tests compare against.
 
 What it computes, for a model directory + calibration bundle written by
@@ -8,7 +8,8 @@ make_fixtures.py, for each configuration (w3g128 / w4g128 / w4a8 x awq / mbq):
   search.{l}.{group}.loss  [20]   search.{l}.{group}.best_idx  [1]
   layers.{l}.{tensor}      the scaled, fake-quantized block (for --weights configs)
 
-Faithful to the authors' search with the fixes DESIGN.md states: weights are backed
+Faithful to the authors' search with the fixes ../shared/DESIGN.md §2 and
+../shared/PYTHON-REFERENCE.md state: weights are backed
 up with clone() (their `{k: v.cpu()}` aliases the live tensor on the CPU), padding is
 excluded from the channel statistics and the loss, and Qwen2-VL runs with its real
 M-RoPE positions. Modules are transformers' own (LlamaAttention, Qwen2MLP, ...).
@@ -32,7 +33,7 @@ CONFIGS = {  # name: (w_bit, group, a_bit)
 }
 
 
-# ---- quantizers (the spec of DESIGN.md §2) ---------------------------------------
+# ---- quantizers (the spec of docs/DESIGN.md §2) ---------------------------------------
 def q_group_asym(w, bits, group):
     shape = w.shape
     w = w.reshape(-1, group) if group > 0 else w.reshape(-1, shape[-1])

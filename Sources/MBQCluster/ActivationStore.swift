@@ -5,8 +5,7 @@ import Glibc
 #endif
 
 /// The block inputs a worker keeps from the forward phase for backward and search
-/// (DESIGN.md §3: "keeps their inputs, spilling to its local disk past a memory
-/// budget"). Tensors stay in memory while they fit `budgetBytes`; past it they go to
+/// (docs/DESIGN.md §3.1). Tensors stay in memory while they fit `budgetBytes`; past it they go to
 /// raw fp32 files under the scratch directory and are read back on use. Without a
 /// scratch directory nothing spills (the plan then counted the inputs as memory).
 public final class ActivationStore {

@@ -67,7 +67,7 @@ public struct WorkerEntry {
     public var range: Range<Int>?
 }
 
-/// The coordinator's logic as a pure state machine (DESIGN.md §3): messages and clock
+/// The coordinator's logic as a pure state machine (docs/DESIGN.md §3): messages and clock
 /// ticks in, directives out; no sockets, no clock of its own, so every path — lost
 /// workers, re-plans, stale messages, resume — is tested without a network.
 public final class CoordinatorState {

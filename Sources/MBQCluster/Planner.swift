@@ -1,6 +1,6 @@
 import Foundation
 
-/// What a worker's memory must hold, per the plan (DESIGN.md §3): the fp32 weights of
+/// What a worker's memory must hold, per the plan (docs/DESIGN.md §3): the fp32 weights of
 /// its blocks, their cached inputs unless it can spill them to --scratch, and a fixed
 /// part (final norm + lm_head for the last stage, reserved on every worker so any can
 /// be last; the working set of one sample through one block).

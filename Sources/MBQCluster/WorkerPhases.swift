@@ -5,7 +5,7 @@ import MBQModel
 import MBQQuant
 import MBQTensor
 
-/// The four phases as a worker runs them on its blocks (DESIGN.md §3), in the same
+/// The four phases as a worker runs them on its blocks (docs/DESIGN.md §3), in the same
 /// order of operations as the one-process QuantizeJob so that the output is identical.
 extension Worker {
     func rope(_ s: CalibrationSample) -> RoPETable<Float> {

@@ -20,11 +20,11 @@ public struct CalibrationSample: Sendable {
     }
 
     public var length: Int { attention.count }
-    /// caption_mask = labels != -100 (DESIGN.md §2).
+    /// caption_mask = labels != -100 (docs/DESIGN.md §2).
     public var caption: [Bool] { labels.map { $0 != -100 } }
 }
 
-/// The `mbq-calib` v1 bundle (DESIGN.md §4): one safetensors file with inputs_embeds
+/// The `mbq-calib` v1 bundle (docs/DESIGN.md §4): one safetensors file with inputs_embeds
 /// [N, T, H], attention_mask [N, T], position_ids [N, T] or [3, N, T], vision_mask
 /// [N, T], labels [N, T]; metadata {"format": "mbq-calib", "version": "1"}.
 public struct CalibrationBundle: Sendable {

@@ -2,7 +2,7 @@ import MBQModel
 import MBQQuant
 import MBQTensor
 
-/// Folding searched scales into a block and quantizing it (DESIGN.md §2 "Apply").
+/// Folding searched scales into a block and quantizing it (docs/DESIGN.md §2 "Apply").
 /// The scaled block computes the same function as the fp block: the previous op's
 /// output channels are divided by s and the scaled linears' input columns multiplied.
 public enum ApplyScales {

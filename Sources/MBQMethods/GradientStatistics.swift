@@ -3,7 +3,7 @@ import MBQFormats
 import MBQModel
 import MBQTensor
 
-/// MBQ's modality sensitivity (DESIGN.md §2, paper §3.2): per layer and branch, the mean
+/// MBQ's modality sensitivity (docs/DESIGN.md §2, paper §3.2): per layer and branch, the mean
 /// |dL/d output| at vision positions over that at caption positions, where L is one
 /// sample's mean caption cross-entropy and the outputs are o_proj's (attention) and
 /// down_proj's (MLP). Averaged over samples, then each ratio is clamped from below by

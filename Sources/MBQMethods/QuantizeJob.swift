@@ -29,7 +29,7 @@ public struct QuantizeResult: Sendable {
 }
 
 /// MBQ / AWQ / SmoothQuant / RTN on one process holding the whole model
-/// (DESIGN.md §2). Layer by layer, `LayerStep` as the workers run it: the fp block on the
+/// (docs/DESIGN.md §2). Layer by layer, `LayerStep` as the workers run it: the fp block on the
 /// calibration inputs, its groups searched against the fp outputs, scales applied,
 /// quantized; the next layer's inputs are the fp block's outputs (all searches
 /// independent) or, with `distort`, the quantized block's.

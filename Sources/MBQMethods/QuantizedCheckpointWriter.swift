@@ -4,7 +4,7 @@ import MBQModel
 import MBQQuant
 import MBQTensor
 
-/// Writes the quantized model as a directory that loads like the input (DESIGN.md §4):
+/// Writes the quantized model as a directory that loads like the input (docs/DESIGN.md §4):
 /// the decoder's linears in the chosen format (fake: dequantized weights under the same
 /// names and dtypes; compressed-tensors, AWQ, GPTQ: packed codes and scales, see
 /// `PackedLinear`), norms and biases with their scales folded in, `quantization_config`

@@ -3,7 +3,7 @@ import MBQModel
 import MBQQuant
 import MBQTensor
 
-/// The four scaling groups of a Llama/Qwen2 block (DESIGN.md §2).
+/// The four scaling groups of a Llama/Qwen2 block (docs/DESIGN.md §2).
 public enum SearchGroup: String, CaseIterable, Sendable {
     /// input_layernorm -> q, k, v; compared on the whole self-attention.
     case qkv
@@ -98,7 +98,7 @@ struct LossAccumulator {
         }
     }
 
-    /// DESIGN.md §2: mae with reweight (cap + r vis) / (n_cap + n_vis); mse with reweight
+    /// docs/DESIGN.md §2: mae with reweight (cap + r vis) / (n_cap + n_vis); mse with reweight
     /// mean_cap + r mean_vis; without reweight the mean over non-padding positions.
     func loss(_ kind: SearchLoss, reweight: Bool, ratio: Double) -> Double {
         guard reweight else { return allSum / Double(Swift.max(allCount, 1)) }

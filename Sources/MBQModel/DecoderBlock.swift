@@ -15,7 +15,7 @@ func quantizedInput<T: BLASScalar>(_ x: Tensor<T>, bits: Int?) -> Tensor<T> {
 //   out = h + down_proj(silu(gate_proj(n2)) * up_proj(n2))                         n2 = post_attention_layernorm(h)
 
 /// The inputs of every linear and the outputs of the two modules the MBQ search
-/// compares (DESIGN.md §2 groups A-D). All [T, ·].
+/// compares (docs/DESIGN.md §2 groups A-D). All [T, ·].
 public struct BlockCaptures<T: BLASScalar>: Sendable {
     public var qkvInput: Tensor<T>     // n1: input of q, k, v          [T, C]
     public var oInput: Tensor<T>       // attention context              [T, heads*D]

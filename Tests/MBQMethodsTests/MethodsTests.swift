@@ -16,7 +16,7 @@ final class MethodsTests: XCTestCase {
     }
 
     /// Scaling is an identity of the fp function: every group's scales folded into the
-    /// block leave its output unchanged (DESIGN.md §2 "Apply").
+    /// block leave its output unchanged (docs/DESIGN.md §2 "Apply").
     func testApplyingScalesPreservesTheBlockFunction() throws {
         let (_, model, bundle) = try fixture("onevision_mha")
         var rng = SeededRandom(seed: 3)
