@@ -39,7 +39,7 @@ done
 export MBQ_KEEP_BLAS_ENV=1 MBQ_SECRET=rehearsal-secret
 "$mbq" quantize --model "$fx/model" --calib "$fx/calib.safetensors" --w-bit 3 --out "$work/ref" 2>/dev/null
 ip netns exec mbq-coord "$mbq" coordinator --model "$fx/model" --calib "$fx/calib.safetensors" --w-bit 3 \
-   --out "$work/out" --bind tcp://10.211.0.1:5555 --workers 2 --secret "$MBQ_SECRET" 2> "$work/coord.log" &
+   --out "$work/out" --bind tcp://10.211.0.1:5555 --workers 2 --secret "$MBQ_SECRET" --log-format json 2> "$work/coord.log" &
 coord=$!
 # The worker hosts do not share the coordinator's disk: $work (where the output goes) is
 # an empty tmpfs in their mount namespaces, so they stream their blocks to the coordinator.
@@ -49,8 +49,17 @@ for i in 1 2; do
 done
 if ! timeout 120 tail --pid=$coord -f /dev/null; then echo "rehearsal: job did not finish"; cat "$work/coord.log"; exit 1; fi
 wait $coord
-grep -E "plan epoch|phase=done" "$work/coord.log"
-grep -q "(0 written by workers, 3 streamed here)" "$work/coord.log" || { echo "rehearsal: workers without the output directory did not stream their blocks"; exit 1; }
+# The coordinator's events (one JSON object per line; docs/DESIGN.md §3.4): the plans, and
+# the end of the job with where the blocks came from.
+python3 - "$work/coord.log" <<'PY' || { echo "rehearsal: workers without the output directory did not stream their blocks"; exit 1; }
+import json, sys
+events = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+for e in events:
+    if e["event"] in ("planned", "job_done"):
+        print({k: v for k, v in e.items() if k not in ("t", "phase")})
+done = [e for e in events if e["event"] == "job_done"]
+sys.exit(0 if done and done[-1]["written_by_workers"] == 0 and done[-1]["streamed"] == 3 else 1)
+PY
 [ "$(ls "$work/ref")" = "$(ls "$work/out")" ] || { echo "rehearsal: the output's files differ from the single-process run"; exit 1; }
 for f in $(ls "$work/ref"); do
   case "$f" in mbq_results.json|report.md) continue ;; esac   # these record timings

@@ -21,6 +21,9 @@ public final class ClusterCoordinator {
     let logFile: FileHandle?
     let started = Date()
     public private(set) var endpoint: String
+    /// The cost model's prediction for the first plan (the shell's: the state machine
+    /// does not run the cost model).
+    public private(set) var predicted: CostModel.Prediction?
 
     var authenticator: CurveAuthenticator?
 
@@ -64,23 +67,49 @@ public final class ClusterCoordinator {
         logFile = FileHandle(forWritingAtPath: logPath)
         logFile?.seekToEndOfFile()
         if let r = resumed {
-            log("resume: journal has \(r.1.count) finished layer(s) \(r.1.keys.sorted()) and \(r.0 == nil ? "no" : "complete") gradient statistics; they are not recomputed")
+            log(.resumed(finishedLayers: r.1.keys.sorted(), statistics: r.0 != nil))
         }
-        log("listening on \(endpoint)\(curve != nil ? " (CurveZMQ, \(curve!.authorized.count) authorized key(s))" : ""), waiting for \(spec.expectedWorkers) worker(s); job \(spec.jobID), \(spec.layers) layers, \(spec.samples) samples")
+        log(.listening(endpoint: endpoint, curveKeys: curve?.authorized.count, workers: spec.expectedWorkers, job: spec.jobID,
+                       layers: spec.layers, samples: spec.samples))
     }
 
-    func log(_ line: String) {
-        let t = Date().timeIntervalSince(started)
-        let text: String
-        switch logFormat {
-        case .text:
-            text = String(format: "[%8.2fs] ", t) + line
-        case .json:
-            let obj: [String: Any] = ["t": t, "phase": state.phase.rawValue, "epoch": state.epoch, "event": line]
-            text = String(decoding: (try? JSONSerialization.data(withJSONObject: obj, options: [.sortedKeys])) ?? Data(), as: UTF8.self)
+    /// Writes one event to stderr and the job's coordinator.log, as text or JSON; the
+    /// cost model's report rides on the events that close a plan and the job.
+    public func log(_ e: CoordinatorEvent) {
+        let line = CoordinatorEventLog.line(e, t: Date().timeIntervalSince(started), phase: state.phase.rawValue, epoch: state.epoch,
+                                            json: logFormat == .json)
+        FileHandle.standardError.write(Data((line + "\n").utf8))
+        logFile?.write(Data((line + "\n").utf8))
+        switch e {
+        case .planned where predicted == nil:
+            if let p = predict() {
+                predicted = p
+                log(.costModelPredicted(phases: Dictionary(uniqueKeysWithValues: p.seconds.map { ($0.phase, $0.seconds) }),
+                                        order: p.seconds.map(\.phase), total: p.total))
+            }
+        case let .jobDone(_, _, _, _, _, _, wall?):
+            if let p = predicted {
+                log(.costModelMeasured(measured: state.phaseSeconds, predicted: Dictionary(uniqueKeysWithValues: p.seconds.map { ($0.phase, $0.seconds) }),
+                                       order: p.seconds.map(\.phase), total: wall, predictedTotal: p.total))
+            }
+        default:
+            break
         }
-        FileHandle.standardError.write(Data((text + "\n").utf8))
-        logFile?.write(Data((text + "\n").utf8))
+    }
+
+    /// The cost model's prediction for the current (first) plan, from what the workers
+    /// measured when they registered.
+    func predict() -> CostModel.Prediction? {
+        let spec = state.spec
+        guard let shape = spec.shape, let load = spec.workload, !state.plan.isEmpty else { return nil }
+        let ws = state.plan.map { p -> CostModel.Worker in
+            let i = state.workers[p.worker]!.info
+            return CostModel.Worker(gflops: i.gemmGflops, memoryBytes: Double(i.maxMemoryBytes),
+                                    rates: i.gemmRates.count == CostModel.curveSizes.count ? i.gemmRates : nil,
+                                    host: i.host, threads: Int(i.threads), cores: Int(i.cores))
+        }
+        return CostModel().predict(shape, workers: ws, workload: load, bandwidthBytesPerSecond: spec.bandwidthBytesPerSecond,
+                                   plan: state.plan.map(\.range))
     }
 
     static func now() -> Double { Double(DispatchTime.now().uptimeNanoseconds) / 1e9 }
@@ -106,7 +135,7 @@ public final class ClusterCoordinator {
                                 "workers": workers, "model": st.spec.modelDir, "calib": st.spec.calibPath,
                                 "options": st.spec.optionsJSON, "pid": Int(getpid())]
         if let eta { o["search_eta_s"] = eta }
-        if let p = st.predicted {
+        if let p = predicted {
             o["predicted_s"] = Dictionary(uniqueKeysWithValues: p.seconds.map { ($0.phase, $0.seconds) })
             o["phase_s"] = st.phaseSeconds
         }
@@ -121,17 +150,17 @@ public final class ClusterCoordinator {
         let t0 = Self.now()
         while true {
             if Self.now() - t0 > deadline { throw MethodsError.invalidOptions("job did not finish within \(Int(deadline)) s") }
-            for line in zapLines() { log(line) }
+            for line in zapLines() { log(.curveAuth(line: line)) }
             var directives = state.tick(now: Self.now())
             if let frames = try router.receive(timeoutMs: 20, maxFrameBytes: maxFrameBytes) {
                 if frames.count < 2 {
-                    log("rejected a message with \(frames.count) frame(s) (oversized or empty)")
+                    log(.messageRejected(reason: "\(frames.count) frame(s), oversized or empty"))
                 } else {
                     do {
                         let m = try Wire.decode(Array(frames.dropFirst()))
                         directives += state.handle(identity: frames[0], m, now: Self.now())
                     } catch {
-                        log("rejected a message: \(error)")
+                        log(.messageRejected(reason: "\(error)"))
                     }
                 }
             }
@@ -140,8 +169,8 @@ public final class ClusterCoordinator {
                 switch d {
                 case let .send(identity, env):
                     try? router.send([identity] + (try Wire.encode(env)))
-                case let .log(line):
-                    log(line)
+                case let .event(e):
+                    log(e)
                 case .journal:
                     try Journal.write(Journal.Contents(jobID: state.spec.jobID, stats: state.stats, results: state.results,
                                                        epoch: state.epoch), jobDir: jobDir)

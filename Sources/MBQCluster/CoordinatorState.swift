@@ -51,7 +51,7 @@ public enum CoordinatorPhase: String, Sendable {
 /// What the shell must do.
 public enum Directive {
     case send(identity: [UInt8], Mbq_Envelope)
-    case log(String)
+    case event(CoordinatorEvent)
     /// Finished results changed: write the journal.
     case journal
     case finished
@@ -90,8 +90,7 @@ public final class CoordinatorState {
     public private(set) var bytesMoved: UInt64 = 0
     public private(set) var transferSeconds = 0.0
     var firstPlan: Double?
-    /// The cost model's prediction for the first plan, and the phases' measured seconds.
-    public private(set) var predicted: CostModel.Prediction?
+    /// The phases' measured seconds (a re-plan runs some phases twice: their sum).
     public private(set) var phaseSeconds: [String: Double] = [:]
     var lastHeartbeatSent = -Double.infinity
     var phaseStarted = 0.0
@@ -132,7 +131,7 @@ public final class CoordinatorState {
     public func handle(identity: [UInt8], _ m: WireMessage, now: Double) -> [Directive] {
         // A worker learns the job id from the coordinator: its first messages carry none.
         guard m.envelope.jobID == spec.jobID || m.envelope.jobID.isEmpty else {
-            return [.log("dropped a message for job '\(m.envelope.jobID)' (this job is '\(spec.jobID)')")]
+            return [.event(.messageDropped(what: "a message for job '\(m.envelope.jobID)'", from: nil, reason: "this job is '\(spec.jobID)'"))]
         }
         guard let body = m.envelope.body else { return [] }
         if case let .register(r) = body { return register(identity: identity, r, now: now) }
@@ -142,7 +141,7 @@ public final class CoordinatorState {
             var hb = Mbq_Heartbeat()
             hb.phase = "register-again"
             return [.send(identity: identity, env(.heartbeat(hb))),
-                    .log("dropped \(bodyName(body)) from an unregistered peer; asked it to register")]
+                    .event(.messageDropped(what: bodyName(body), from: nil, reason: "an unregistered peer; asked it to register"))]
         }
         workers[id]!.lastSeen = now
         var out: [Directive] = []
@@ -151,71 +150,83 @@ public final class CoordinatorState {
             break
         case let .phaseDone(p):
             guard p.epoch == epoch, p.phase == phase.rawValue else {
-                return [.log(p.epoch == epoch ? "worker=\(id) done with \(p.phase) (its results had completed the phase)"
-                                              : "dropped stale \(p.phase) completion (epoch \(p.epoch), current \(epoch))")]
+                return [.event(p.epoch == epoch ? .workerLateCompletion(worker: id, phase: p.phase)
+                                                : .messageDropped(what: "a \(p.phase) completion", from: id, reason: "stale (epoch \(p.epoch), current \(epoch))"))]
             }
             phaseDone.insert(id)
             bytesMoved += p.bytesMoved
             transferSeconds += p.transferSeconds
-            var moved = p.bytesMoved > 0 ? String(format: ", moved %.1f MB in %.2f s", Double(p.bytesMoved) / 1e6, p.transferSeconds) : ""
-            if p.spilledBytes > 0 && phase == .forward { moved += String(format: ", %.1f MB of block inputs in scratch", Double(p.spilledBytes) / 1e6) }
             // Throughput in block-samples per second: the worker's layers times the samples.
             let layers = workers[id]?.range?.count ?? 0
-            let rate = (phase == .forward || phase == .backward) && p.seconds > 0
-                ? String(format: ", %.0f block-samples/s", Double(layers * spec.samples) / p.seconds) : ""
-            out.append(.log("phase=\(phase.rawValue) worker=\(id) done in \(String(format: "%.2f", p.seconds)) s\(rate)\(moved) (\(phaseDone.count)/\(plan.count))"))
+            let rate = (phase == .forward || phase == .backward) && p.seconds > 0 ? Double(layers * spec.samples) / p.seconds : nil
+            out.append(.event(.workerFinishedPhase(phase: phase.rawValue, worker: id, seconds: p.seconds, blockSamplesPerSecond: rate,
+                                                   bytesMoved: p.bytesMoved, transferSeconds: p.transferSeconds,
+                                                   spilledBytes: phase == .forward ? p.spilledBytes : 0,
+                                                   done: phaseDone.count, of: plan.count)))
             if Set(plan.map(\.worker)).isSubset(of: phaseDone) { out += advance(now: now) }
         case let .layerStats(s):
-            guard phase == .backward, s.epoch == epoch else { return [.log("dropped stale layer statistics (epoch \(s.epoch))")] }
-            guard owns(id, Int(s.layer)) else { return [.log("dropped statistics for layer \(s.layer) from \(id), which does not hold it")] }
+            guard phase == .backward, s.epoch == epoch else {
+                return [.event(.messageDropped(what: "layer statistics", from: id, reason: "stale (epoch \(s.epoch))"))]
+            }
+            guard owns(id, Int(s.layer)) else {
+                return [.event(.messageDropped(what: "statistics for layer \(s.layer)", from: id, reason: "it does not hold that layer"))]
+            }
             partialStats[Int(s.layer)] = s
         case let .groupResult(g):
             guard phase == .search, g.epoch == epoch, Int(g.layer) < spec.layers, results[Int(g.layer)] == nil else {
-                return [.log("dropped a result for layer \(g.layer) (finished already or not searching)")]
+                return [.event(.messageDropped(what: "a result for layer \(g.layer)", from: id, reason: "finished already or not searching"))]
             }
-            guard SearchGroup(rawValue: g.group) != nil else { return [.log("dropped a result for unknown group '\(g.group)' from \(id)")] }
-            guard owns(id, Int(g.layer)) else { return [.log("dropped a result for layer \(g.layer) from \(id), which does not hold it")] }
+            guard SearchGroup(rawValue: g.group) != nil else {
+                return [.event(.messageDropped(what: "a result for group '\(g.group)'", from: id, reason: "unknown group"))]
+            }
+            guard owns(id, Int(g.layer)) else {
+                return [.event(.messageDropped(what: "a result for layer \(g.layer)", from: id, reason: "it does not hold that layer"))]
+            }
             let l = Int(g.layer)
             pendingGroups[l, default: []].removeAll { $0.group == g.group }
             pendingGroups[l, default: []].append(g)
             if pendingGroups[l]!.count == spec.groupsPerLayer {
                 results[l] = pendingGroups.removeValue(forKey: l)
-                let picks = results[l]!.map { "\($0.group)=\(String(format: "%.2f", $0.alpha))" }.joined(separator: " ")
                 // Journal first: a layer the log calls finished must survive a crash.
                 out.append(.journal)
                 let searched = results.count - finishedBefore.count
-                let rate = now > phaseStarted && searched > 0 ? String(format: " %.1f layers/min", Double(searched) / (now - phaseStarted) * 60) : ""
-                out.append(.log("phase=search layer=\(l) worker=\(id) \(picks) progress=\(results.count)/\(spec.layers)\(rate)\(searchETA(now: now).map { String(format: " eta=%.1fs", $0) } ?? (results.count == spec.layers ? " eta=0.0s" : ""))"))
+                let rate = now > phaseStarted && searched > 0 ? Double(searched) / (now - phaseStarted) * 60 : nil
+                out.append(.event(.layerSearched(layer: l, worker: id,
+                                                 alphas: Dictionary(results[l]!.map { ($0.group, $0.alpha) }, uniquingKeysWith: { a, _ in a }),
+                                                 groups: results[l]!.map(\.group), done: results.count, of: spec.layers, layersPerMinute: rate,
+                                                 etaSeconds: searchETA(now: now) ?? (results.count == spec.layers ? 0 : nil))))
                 if results.count == spec.layers { out += advance(now: now) }
             }
         case .tensor:
-            guard phase == .apply, let t = m.tensor, case let .tensor(h) = body else { return [.log("dropped a tensor outside the apply phase")] }
-            guard h.epoch == epoch else { return [.log("dropped stale tensor \(h.name) (epoch \(h.epoch))")] }
+            guard phase == .apply, let t = m.tensor, case let .tensor(h) = body else {
+                return [.event(.messageDropped(what: "a tensor", from: id, reason: "outside the apply phase"))]
+            }
+            guard h.epoch == epoch else { return [.event(.messageDropped(what: "tensor \(h.name)", from: id, reason: "stale (epoch \(h.epoch))"))] }
             let parts = h.name.split(separator: "/")
             guard parts.count == 3, parts[0] == "block", let l = Int(parts[1]), owns(id, l) else {
-                return [.log("dropped unexpected tensor '\(h.name)' from \(id)")]
+                return [.event(.messageDropped(what: "tensor '\(h.name)'", from: id, reason: "unexpected"))]
             }
             blocks[l, default: [:]][String(parts[2])] = t
             if blocks[l]!.count == spec.tensorsPerBlock {
-                out.append(.log("phase=apply layer=\(l) worker=\(id) quantized block received (\(blocksDone)/\(spec.layers))"))
+                out.append(.event(.blockReceived(layer: l, worker: id, done: blocksDone, of: spec.layers)))
             }
             out += finishIfComplete(now: now)
         case let .blockWritten(b):
             guard phase == .apply, b.epoch == epoch, owns(id, Int(b.layer)) else {
-                return [.log("dropped a block-written report for layer \(b.layer) from \(id) (stale, or a layer it does not hold)")]
+                return [.event(.messageDropped(what: "a block-written report for layer \(b.layer)", from: id,
+                                               reason: "stale, or a layer it does not hold"))]
             }
             written[Int(b.layer)] = b
-            out.append(.log(String(format: "phase=apply layer=%d worker=%@ wrote %@ (%.1f MB) into the output (%d/%d)", Int(b.layer), id, b.file,
-                                   Double(b.bytes) / 1e6, blocksDone, spec.layers)))
+            out.append(.event(.blockWritten(layer: Int(b.layer), worker: id, file: b.file, bytes: b.bytes, done: blocksDone, of: spec.layers)))
             out += finishIfComplete(now: now)
         case let .error(e):
-            out.append(.log("worker=\(id) error: \(e.message)"))
+            out.append(.event(.workerError(worker: id, message: e.message, fatal: e.fatal)))
             if e.fatal {
                 phase = .failed
                 out.append(.failed("worker \(id): \(e.message)"))
             }
         default:
-            out.append(.log("dropped unexpected \(bodyName(body)) from \(id)"))
+            out.append(.event(.messageDropped(what: bodyName(body), from: id, reason: "unexpected")))
         }
         return out
     }
@@ -238,21 +249,10 @@ public final class CoordinatorState {
         guard blocksDone == spec.layers else { return [] }
         closePhase(now: now)
         phase = .done
-        var out: [Directive] = [.log("phase=done all \(spec.layers) blocks quantized (\(written.count) written by workers, \(spec.layers - written.count) streamed here)")]
-        if let t0 = firstPlan {
-            let wall = now - t0, workersUsed = Double(max(plan.count, 1))
-            out.append(.log(String(format: "transfers: %.1f MB of activations and gradients worker to worker, %.3f s of %.0f worker(s) x %.2f s wall = %.2f%% of worker time moving tensors",
-                                   Double(bytesMoved) / 1e6, transferSeconds, workersUsed, wall, 100 * transferSeconds / (wall * workersUsed))))
-        }
-        if let p = predicted, let t0 = firstPlan {
-            let parts = p.seconds.map { ph -> String in
-                let m = phaseSeconds[ph.phase] ?? 0
-                return String(format: "%@ %.2f s (predicted %.2f, %+.0f%%)", ph.phase, m, ph.seconds, 100 * (m / max(ph.seconds, 1e-9) - 1))
-            }
-            let wall = now - t0
-            out.append(.log("cost model: measured " + parts.joined(separator: ", ")
-                            + String(format: "; total %.2f s (predicted %.2f, %+.0f%%)", wall, p.total, 100 * (wall / max(p.total, 1e-9) - 1))))
-        }
+        let wall = firstPlan.map { now - $0 }
+        var out: [Directive] = [.event(.jobDone(layers: spec.layers, writtenByWorkers: written.count, streamed: spec.layers - written.count,
+                                                bytesMoved: bytesMoved, transferSeconds: transferSeconds, workers: max(plan.count, 1),
+                                                wallSeconds: wall))]
         out.append(.finished)
         return out
     }
@@ -272,7 +272,7 @@ public final class CoordinatorState {
             lost.append(id)
         }
         for id in lost.sorted() {
-            out.append(.log("worker=\(id) lost: no heartbeat for \(String(format: "%.1f", spec.livenessTimeout)) s (held layers \(workers[id]!.range.map { "\($0.lowerBound)..<\($0.upperBound)" } ?? "none"))"))
+            out.append(.event(.workerLost(worker: id, silentSeconds: spec.livenessTimeout, layers: workers[id]!.range)))
         }
         if !lost.isEmpty && [.forward, .backward, .search, .apply].contains(phase)
             && lost.contains(where: { id in plan.contains { $0.worker == id } }) {
@@ -304,16 +304,14 @@ public final class CoordinatorState {
                 var no = Mbq_Refused()
                 no.reason = "authentication failed"
                 return [.send(identity: identity, env(.refused(no))),
-                        .log("refused worker '\(r.workerID)' from \(r.host): authentication failed")]
+                        .event(.workerRefused(worker: r.workerID, host: r.host, reason: "authentication failed"))]
             }
         }
         let known = workers[r.workerID]
         workers[r.workerID] = WorkerEntry(identity: identity, id: r.workerID, info: r, lastSeen: now, alive: true, range: nil)
-        let curve = r.gemmRates.isEmpty ? "" : " (GEMM 64..1024: " + r.gemmRates.map { String(format: "%.0f", $0) }.joined(separator: "/") + ")"
-        let scratch = r.scratchBytes > 0 ? String(format: ", scratch %.0f GiB free", Double(r.scratchBytes) / 1073741824) : ""
-        var out: [Directive] = [.log(String(format: "worker=%@ registered from %@: %d threads of %d cores, %.0f GFLOP/s%@, %.1f GiB%@%@", r.workerID, r.host,
-                                            r.threads, r.cores, r.gemmGflops, curve, Double(r.maxMemoryBytes) / 1073741824, scratch,
-                                            known != nil ? " (reconnect: its state is gone)" : ""))]
+        var out: [Directive] = [.event(.workerRegistered(worker: r.workerID, host: r.host, threads: Int(r.threads), cores: Int(r.cores),
+                                                         gflops: r.gemmGflops, gemmRates: r.gemmRates, memoryBytes: r.maxMemoryBytes,
+                                                         scratchBytes: r.scratchBytes, reconnect: known != nil))]
         switch phase {
         case .waiting:
             let alive = workers.values.filter(\.alive).count
@@ -324,7 +322,7 @@ public final class CoordinatorState {
             if known?.range != nil || plan.contains(where: { $0.worker == r.workerID }) {
                 out += replan(now: now, reason: "worker \(r.workerID) restarted")
             } else {
-                out.append(.log("worker=\(r.workerID) joins as a spare"))
+                out.append(.event(.workerSpare(worker: r.workerID)))
             }
         case .done, .failed:
             break
@@ -343,7 +341,7 @@ public final class CoordinatorState {
         guard !alive.isEmpty else {
             phase = .waiting
             plan = []
-            return [.log("phase=waiting \(reason); no worker left: waiting for one to join")]
+            return [.event(.waitingForWorkers(reason: reason))]
         }
         let capacities = alive.map { w in
             (w.id, w.info.gemmGflops, spec.memory.capacity(memory: w.info.maxMemoryBytes, spills: w.info.scratchBytes > 0, layers: spec.layers))
@@ -352,30 +350,15 @@ public final class CoordinatorState {
             phase = .waiting
             plan = []
             let held = capacities.reduce(0) { $0 + $1.2 }
-            return [.log(String(format: "phase=waiting %@; the memory of the %d live worker(s) holds %d of %d layers (%.3f GiB of weights per layer, %.3f GiB of inputs unless the worker has --scratch, %.3f GiB fixed per worker): waiting for more workers",
-                                reason, alive.count, min(held, spec.layers), spec.layers, spec.memory.layerWeightBytes / 1073741824,
-                                spec.memory.layerActivationBytes / 1073741824, spec.memory.fixedBytes / 1073741824))]
+            return [.event(.waitingForMemory(reason: reason, liveWorkers: alive.count, layersHeld: min(held, spec.layers), layers: spec.layers,
+                                             layerWeightBytes: spec.memory.layerWeightBytes, layerInputBytes: spec.memory.layerActivationBytes,
+                                             fixedBytes: spec.memory.fixedBytes))]
         }
         epoch += 1
         plan = newPlan
-        var predictionLog: [Directive] = []
-        if firstPlan == nil {
-            firstPlan = now
-            if let shape = spec.shape, let load = spec.workload {
-                let ws = plan.map { p -> CostModel.Worker in
-                    let i = workers[p.worker]!.info
-                    return CostModel.Worker(gflops: i.gemmGflops, memoryBytes: Double(i.maxMemoryBytes),
-                                            rates: i.gemmRates.count == CostModel.curveSizes.count ? i.gemmRates : nil,
-                                            host: i.host, threads: Int(i.threads), cores: Int(i.cores))
-                }
-                let p = CostModel().predict(shape, workers: ws, workload: load, bandwidthBytesPerSecond: spec.bandwidthBytesPerSecond,
-                                            plan: plan.map(\.range))
-                predicted = p
-                predictionLog = [.log("cost model: predicted " + p.seconds.map { String(format: "%@ %.2f s", $0.phase, $0.seconds) }.joined(separator: ", ")
-                                      + String(format: "; total %.2f s", p.total))]
-            }
-        }
-        var out: [Directive] = [.log("plan epoch=\(epoch) (\(reason)): " + plan.map { "\($0.worker)=layers \($0.range.lowerBound)..<\($0.range.upperBound)" }.joined(separator: ", ")), .journal] + predictionLog
+        if firstPlan == nil { firstPlan = now }
+        var out: [Directive] = [.event(.planned(epoch: epoch, reason: reason,
+                                                plan: plan.map { CoordinatorEvent.PlanEntry(worker: $0.worker, layers: $0.range) })), .journal]
         for (i, p) in plan.enumerated() {
             workers[p.worker]!.range = p.range
             var a = Mbq_Assignment()
@@ -411,7 +394,7 @@ public final class CoordinatorState {
         phase = p
         phaseDone = []
         phaseStarted = now
-        var out: [Directive] = [.log("phase=\(p.rawValue) epoch=\(epoch) started on \(plan.count) worker(s)")]
+        var out: [Directive] = [.event(.phaseStarted(phase: p.rawValue, epoch: epoch, workers: plan.count))]
         if p == .apply || (p == .search && spec.distort) {
             // Every worker gets the scales of its layers, whoever searched them (in a
             // --distort search, those finished before a re-plan or a restart).
@@ -461,8 +444,8 @@ public final class CoordinatorState {
                 return [.failed("no usable calibration samples: every sample lacks vision or caption positions")]
             }
             stats = GradientStatistics.finalize(sums: sums, used: used, skipped: skipped)
-            let ratios = stats!.layers.map { String(format: "%.3f/%.3f", $0.attnRatio, $0.mlpRatio) }.joined(separator: " ")
-            return [.journal, .log("phase=backward gradient statistics over \(used) samples; ratios attn/mlp: \(ratios)")]
+            return [.journal, .event(.gradientStatistics(samples: used, attnRatios: stats!.layers.map(\.attnRatio),
+                                                         mlpRatios: stats!.layers.map(\.mlpRatio)))]
                 + start(results.count == spec.layers ? .apply : .search, now: now)
         case .search:
             return start(.apply, now: now)

@@ -71,6 +71,6 @@ public enum DistributedJob {
         let result = coord.result(options: options, seconds: ["distributed_job": Date().timeIntervalSince(t0)])
         try QuantizedCheckpointWriter.finish(source: ckpt, tmp: tmp, out: out, overwrite: overwrite,
                                              options: options) { dir in try ResultsFile.writeAll(result, into: dir) }
-        coord.log("wrote \(out) in \(String(format: "%.1f", Date().timeIntervalSince(t0))) s total")
+        coord.log(.wrote(path: out, seconds: Date().timeIntervalSince(t0)))
     }
 }

@@ -23,7 +23,8 @@ public indirect enum JSONText: Sendable, Equatable, ExpressibleByStringLiteral, 
         case let .string(s): return JSONText.quote(s)
         case let .int(i): return String(i)
         case let .double(d):
-            // A float stays a float: 1.0 is written "1.0", never "1".
+            // A float stays a float: 1.0 is written "1.0", never "1". JSON has no NaN or Inf.
+            guard d.isFinite else { return "null" }
             return d == d.rounded() && abs(d) < 1e15 ? String(format: "%.1f", d) : "\(d)"
         case let .bool(b): return b ? "true" : "false"
         case .null: return "null"

@@ -86,7 +86,8 @@ struct BenchCommand: ParsableCommand {
         let (_, model, calib) = try DemoCommand.writeData(to: dir)
         let p = Process()
         p.executableURL = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath()
-        p.arguments = ["quantize", "--model", model, "--calib", calib, "--w-bit", "3", "--workers", "3", "--out", dir + "/out"]
+        p.arguments = ["quantize", "--model", model, "--calib", calib, "--w-bit", "3", "--workers", "3", "--out", dir + "/out",
+                       "--log-format", "json"]
         let pipe = Pipe()
         p.standardError = pipe
         p.standardOutput = FileHandle.nullDevice
@@ -96,8 +97,11 @@ struct BenchCommand: ParsableCommand {
         p.waitUntilExit()
         guard p.terminationStatus == 0 else { throw ValidationError("the 3-worker demo job failed:\n\(log.suffix(3000))") }
         print(String(format: "demo job (mbq demo's model: 4 layers, hidden 256; 32 samples x 128 tokens; W3 g128 mbq) on 3 local workers: %.2f s wall", Date().timeIntervalSince(t0)))
-        for line in log.split(separator: "\n") where line.contains("transfers:") || line.contains("cost model:") || line.contains("plan epoch") {
-            print("  " + line.drop { $0 != "]" }.dropFirst().trimmingCharacters(in: .whitespaces))
+        // The coordinator's events (one JSON object per line), shown as the text log renders them.
+        for line in log.split(separator: "\n") where line.hasPrefix("{") {
+            guard let o = try? JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any],
+                  let name = o["event"] as? String, ["planned", "job_done", "cost_model_predicted", "cost_model_measured"].contains(name) else { continue }
+            print("  " + String(line))
         }
     }
 

@@ -36,20 +36,42 @@ final class ClusterProcessTests: XCTestCase {
 
     func text(_ path: String) -> String { (try? String(contentsOfFile: path, encoding: .utf8)) ?? "" }
 
-    func waitFor(_ path: String, _ needle: String, timeout: Double = 60) -> Bool {
-        let end = Date().addingTimeInterval(timeout)
-        while Date() < end {
-            if text(path).contains(needle) { return true }
-            Thread.sleep(forTimeInterval: 0.05)
-        }
-        return false
-    }
 
     func waitExit(_ p: Process, timeout: Double = 90) -> Bool {
         let end = Date().addingTimeInterval(timeout)
         while p.isRunning && Date() < end { Thread.sleep(forTimeInterval: 0.05) }
         if p.isRunning { p.terminate(); return false }
         return true
+    }
+
+    /// The coordinator's events in a `--log-format json` log (other lines, such as the
+    /// workers' or swift-log's, are skipped): what the tests read, never the text log.
+    func events(_ path: String, _ name: String? = nil) -> [[String: Any]] {
+        text(path).split(separator: "\n").compactMap { line -> [String: Any]? in
+            guard line.hasPrefix("{"), let o = try? JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any] else { return nil }
+            return name == nil || o["event"] as? String == name ? o : nil
+        }
+    }
+
+    func hasEvent(_ path: String, _ name: String, _ match: ([String: Any]) -> Bool = { _ in true }) -> Bool {
+        events(path, name).contains(where: match)
+    }
+
+    func waitForEvent(_ path: String, _ name: String, timeout: Double = 60, _ match: @escaping ([String: Any]) -> Bool = { _ in true }) -> Bool {
+        let end = Date().addingTimeInterval(timeout)
+        while Date() < end {
+            if hasEvent(path, name, match) { return true }
+            Thread.sleep(forTimeInterval: 0.05)
+        }
+        return false
+    }
+
+    /// A plan's ranges as "w0=0..<1" strings.
+    static func plan(_ e: [String: Any]) -> [String] {
+        (e["plan"] as? [[String: Any]] ?? []).map { p in
+            let r = p["layers"] as? [Int] ?? []
+            return "\(p["worker"] as? String ?? "?")=\(r.first ?? -1)..<\(r.last ?? -1)"
+        }
     }
 
     /// The single-process output for `options`, computed once per option set.
@@ -94,11 +116,13 @@ final class ClusterProcessTests: XCTestCase {
         for n in [1, 2, 3] {
             let out = tmp + "/out\(n)"
             let q = try spawn(["quantize", "--model", Self.model, "--calib", Self.calib, "--w-bit", "3", "--out", out,
-                               "--workers", "\(n)", "--threads", "\(max(1, n))"], log: tmp + "/q\(n).log")
+                               "--workers", "\(n)", "--threads", "\(max(1, n))", "--log-format", "json"], log: tmp + "/q\(n).log")
             XCTAssertTrue(waitExit(q), "job with \(n) workers did not finish: \(text(tmp + "/q\(n).log").suffix(2000))")
             XCTAssertEqual(q.terminationStatus, 0, text(tmp + "/q\(n).log"))
-            XCTAssertTrue(text(tmp + "/q\(n).log").contains("plan epoch=1 (\(n) worker(s) ready)"), "planned over \(n) workers")
-            XCTAssertTrue(text(tmp + "/q\(n).log").contains("(3 written by workers, 0 streamed here)"), text(tmp + "/q\(n).log"))
+            XCTAssertTrue(hasEvent(tmp + "/q\(n).log", "planned") { $0["plan_epoch"] as? Int == 1 && $0["reason"] as? String == "\(n) worker(s) ready" },
+                          "planned over \(n) workers")
+            XCTAssertTrue(hasEvent(tmp + "/q\(n).log", "job_done") { $0["written_by_workers"] as? Int == 3 && $0["streamed"] as? Int == 0 },
+                          text(tmp + "/q\(n).log"))
             try assertSameAsReference(out)
         }
     }
@@ -116,10 +140,10 @@ final class ClusterProcessTests: XCTestCase {
                                 ("w4a8", ["--method", "awq", "--w-bit", "4", "--a-bit", "8", "--format", "compressed-tensors"])] {
             let out = tmp + "/out-" + name, log = tmp + "/q-\(name).log"
             let q = try spawn(["quantize", "--model", Self.model, "--calib", Self.calib, "--out", out, "--workers", "2",
-                               "--threads", "2", "--output-via", "coordinator"] + options, log: log)
+                               "--threads", "2", "--output-via", "coordinator", "--log-format", "json"] + options, log: log)
             XCTAssertTrue(waitExit(q), "\(name) job did not finish: \(text(log).suffix(2000))")
             XCTAssertEqual(q.terminationStatus, 0, text(log))
-            XCTAssertTrue(text(log).contains("(0 written by workers, 3 streamed here)"), text(log))
+            XCTAssertTrue(hasEvent(log, "job_done") { $0["written_by_workers"] as? Int == 0 && $0["streamed"] as? Int == 3 }, text(log))
             // The tests run OpenBLAS as the machine configures it: here its Prescott
             // fallback, whose multithreaded sgemm rounds some of the W-A search's GEMMs
             // differently from one thread (loss curves 1e-9 apart; with the SkylakeX kernel
@@ -143,7 +167,7 @@ final class ClusterProcessTests: XCTestCase {
         let p = port()
         let out = tmp + "/out", clog = tmp + "/coord.log"
         let coord = try spawn(["coordinator", "--model", Self.model, "--calib", Self.calib, "--w-bit", "3", "--out", out,
-                               "--bind", "tcp://127.0.0.1:\(p)", "--workers", "2", "--job-dir", tmp + "/job"], log: clog)
+                               "--bind", "tcp://127.0.0.1:\(p)", "--workers", "2", "--job-dir", tmp + "/job", "--log-format", "json"], log: clog)
         var workers: [Process] = []
         defer { for x in [coord] + workers where x.isRunning { x.terminate() } }
         for i in 0..<3 {
@@ -151,34 +175,40 @@ final class ClusterProcessTests: XCTestCase {
             try FileManager.default.createDirectory(atPath: scratch, withIntermediateDirectories: true)
             workers.append(try spawn(["worker", "--connect", "tcp://127.0.0.1:\(p)", "--id", "w\(i)", "--threads", "1",
                                       "--max-memory", budget, "--scratch", scratch], log: tmp + "/w\(i).log"))
-            if i == 1 { XCTAssertTrue(waitFor(clog, "holds 2 of 3 layers"), text(clog)) }
+            if i == 1 {
+                XCTAssertTrue(waitForEvent(clog, "waiting_for_memory") { $0["layers_held"] as? Int == 2 && $0["layers"] as? Int == 3 }, text(clog))
+            }
         }
         XCTAssertTrue(waitExit(coord), text(clog))
         XCTAssertEqual(coord.terminationStatus, 0, text(clog))
-        let log = text(clog)
-        XCTAssertTrue(log.contains("w0=layers 0..<1, w1=layers 1..<2, w2=layers 2..<3"), log)
-        XCTAssertTrue(log.contains("of block inputs in scratch"), log)
+        XCTAssertTrue(hasEvent(clog, "planned") { Self.plan($0) == ["w0=0..<1", "w1=1..<2", "w2=2..<3"] }, text(clog))
+        XCTAssertTrue(hasEvent(clog, "worker_finished_phase") { $0["of_phase"] as? String == "forward" && ($0["spilled_bytes"] as? Int ?? 0) > 0 },
+                      text(clog))
         XCTAssertTrue(text(tmp + "/w1.log").contains("spilled to scratch"), text(tmp + "/w1.log"))
         try assertSameAsReference(out)
     }
 
     /// SIGKILL one of two workers inside `phase`: the survivor takes its blocks.
-    func killWorker(during phase: String, options: [String] = ["--w-bit", "3"], after needle: String? = nil) throws {
+    func killWorker(during phase: String, options: [String] = ["--w-bit", "3"], afterLayer: Int? = nil) throws {
         let p = port()
         let out = tmp + "/out-\(phase)", clog = tmp + "/coord-\(phase).log"
         let coord = try spawn(["coordinator", "--model", Self.model, "--calib", Self.calib, "--out", out,
-                               "--bind", "tcp://127.0.0.1:\(p)", "--workers", "2", "--job-dir", tmp + "/job-\(phase)"] + options, log: clog)
+                               "--bind", "tcp://127.0.0.1:\(p)", "--workers", "2", "--job-dir", tmp + "/job-\(phase)", "--log-format", "json"] + options,
+                              log: clog)
         let delay = ["MBQ_TEST_PHASE_DELAY": "0.7"]
         let w0 = try spawn(["worker", "--connect", "tcp://127.0.0.1:\(p)", "--id", "w0", "--threads", "1"], log: tmp + "/w0-\(phase).log", env: delay)
         let w1 = try spawn(["worker", "--connect", "tcp://127.0.0.1:\(p)", "--id", "w1", "--threads", "1"], log: tmp + "/w1-\(phase).log", env: delay)
         defer { for x in [coord, w0, w1] where x.isRunning { x.terminate() } }
-        XCTAssertTrue(waitFor(clog, needle ?? "phase=\(phase) epoch=1 started"), text(clog))
+        if let afterLayer {
+            XCTAssertTrue(waitForEvent(clog, "layer_searched") { $0["layer"] as? Int == afterLayer }, text(clog))
+        } else {
+            XCTAssertTrue(waitForEvent(clog, "phase_started") { $0["of_phase"] as? String == phase && $0["plan_epoch"] as? Int == 1 }, text(clog))
+        }
         kill(w1.processIdentifier, SIGKILL)
         XCTAssertTrue(waitExit(coord), "coordinator did not finish after losing w1 in \(phase): \(text(clog).suffix(3000))")
         XCTAssertEqual(coord.terminationStatus, 0, text(clog))
-        let log = text(clog)
-        XCTAssertTrue(log.contains("worker=w1 lost"), log)
-        XCTAssertTrue(log.contains("plan epoch=2"), log)
+        XCTAssertTrue(hasEvent(clog, "worker_lost") { $0["worker"] as? String == "w1" }, text(clog))
+        XCTAssertTrue(hasEvent(clog, "planned") { $0["plan_epoch"] as? Int == 2 }, text(clog))
         try assertSameAsReference(out, options: options)
     }
 
@@ -189,25 +219,24 @@ final class ClusterProcessTests: XCTestCase {
     /// A --distort search that loses a stage: the survivor recomputes the quantized
     /// activations of the layers already finished from their journaled scales.
     func testKillWorkerDuringDistortSearch() throws {
-        try killWorker(during: "search", options: ["--w-bit", "3", "--distort"], after: "phase=search layer=0")
-        let log = text(tmp + "/coord-search.log")
-        XCTAssertEqual(log.components(separatedBy: "phase=search layer=0 ").count, 2, "layer 0 searched once:\n\(log)")
+        try killWorker(during: "search", options: ["--w-bit", "3", "--distort"], afterLayer: 0)
+        let log = tmp + "/coord-search.log"
+        XCTAssertEqual(events(log, "layer_searched").filter { $0["layer"] as? Int == 0 }.count, 1, "layer 0 searched once:\n\(text(log))")
     }
 
     func testCoordinatorKilledMidSearchResumes() throws {
         let p = port()
         let out = tmp + "/out", job = tmp + "/job", clog1 = tmp + "/coord1.log", clog2 = tmp + "/coord2.log"
         let args = ["coordinator", "--model", Self.model, "--calib", Self.calib, "--w-bit", "3", "--out", out,
-                    "--bind", "tcp://127.0.0.1:\(p)", "--workers", "1", "--job-dir", job]
+                    "--bind", "tcp://127.0.0.1:\(p)", "--workers", "1", "--job-dir", job, "--log-format", "json"]
         let c1 = try spawn(args, log: clog1)
         let w = try spawn(["worker", "--connect", "tcp://127.0.0.1:\(p)", "--id", "w0", "--threads", "1"], log: tmp + "/w.log",
                           env: ["MBQ_TEST_PHASE_DELAY": "0.8"])
         defer { for x in [c1, w] where x.isRunning { x.terminate() } }
-        XCTAssertTrue(waitFor(clog1, "phase=search layer=0"), text(clog1))
+        XCTAssertTrue(waitForEvent(clog1, "layer_searched") { $0["layer"] as? Int == 0 }, text(clog1))
         kill(c1.processIdentifier, SIGKILL)
         c1.waitUntilExit()
-        let finishedBefore = text(clog1).components(separatedBy: "\n").filter { $0.contains("phase=search layer=") }
-            .compactMap { $0.components(separatedBy: "layer=").last?.split(separator: " ").first.map(String.init) }
+        let finishedBefore = events(clog1, "layer_searched").compactMap { $0["layer"] as? Int }
         XCTAssertFalse(finishedBefore.isEmpty)
         // Without --resume the job directory is refused; with it the job completes.
         let refused = try spawn(args, log: tmp + "/refused.log")
@@ -218,11 +247,9 @@ final class ClusterProcessTests: XCTestCase {
         defer { if c2.isRunning { c2.terminate() } }
         XCTAssertTrue(waitExit(c2), text(clog2).suffix(3000).description)
         XCTAssertEqual(c2.terminationStatus, 0, text(clog2))
-        let log2 = text(clog2)
-        XCTAssertTrue(log2.contains("resume: journal has"), log2)
-        for l in finishedBefore {
-            XCTAssertFalse(log2.contains("phase=search layer=\(l) "), "layer \(l) was searched again after resume:\n\(log2)")
-        }
+        XCTAssertTrue(hasEvent(clog2, "resumed") { Set($0["finished_layers"] as? [Int] ?? []).isSuperset(of: finishedBefore) }, text(clog2))
+        let searchedAgain = Set(events(clog2, "layer_searched").compactMap { $0["layer"] as? Int }).intersection(finishedBefore)
+        XCTAssertEqual(searchedAgain, [], "layers searched again after resume:\n\(text(clog2))")
         try assertSameAsReference(out)
     }
 
@@ -238,11 +265,11 @@ final class ClusterProcessTests: XCTestCase {
         let out = tmp + "/out", clog = tmp + "/coord.log"
         let coord = try spawn(["coordinator", "--model", Self.model, "--calib", Self.calib, "--w-bit", "3", "--out", out,
                                "--bind", "tcp://127.0.0.1:\(p)", "--workers", "2", "--curve-key", tmp + "/coord.key",
-                               "--authorized-keys", tmp + "/good.pub", tmp + "/good2.pub"], log: clog)
+                               "--authorized-keys", tmp + "/good.pub", tmp + "/good2.pub", "--log-format", "json"], log: clog)
         let evil = try spawn(["worker", "--connect", "tcp://127.0.0.1:\(p)", "--id", "evil", "--curve-server-key", tmp + "/coord.pub",
                               "--curve-key", tmp + "/evil.key"], log: tmp + "/evil.log")
         defer { for x in [coord, evil] where x.isRunning { x.terminate() } }
-        XCTAssertTrue(waitFor(clog, "is not authorized", timeout: 20), text(clog))
+        XCTAssertTrue(waitForEvent(clog, "curve_auth", timeout: 20) { ($0["line"] as? String ?? "").contains("is not authorized") }, text(clog))
         // Two authorized workers: activations and gradients between them go over
         // CURVE-encrypted data sockets that admit only the neighbour's key.
         let good = try spawn(["worker", "--connect", "tcp://127.0.0.1:\(p)", "--id", "good", "--curve-server-key", tmp + "/coord.pub",
@@ -256,9 +283,10 @@ final class ClusterProcessTests: XCTestCase {
         XCTAssertTrue(text(tmp + "/evil.log").contains("does not authorize this worker's key"), text(tmp + "/evil.log"))
         XCTAssertTrue(waitExit(coord), text(clog))
         XCTAssertEqual(coord.terminationStatus, 0, text(clog))
-        XCTAssertFalse(text(clog).contains("worker=evil registered"), text(clog))
-        XCTAssertTrue(text(clog).contains("(2 worker(s) ready)"), text(clog))
-        XCTAssertTrue(text(clog).contains("moved"), "activations crossed the encrypted data sockets: \(text(clog))")
+        XCTAssertFalse(hasEvent(clog, "worker_registered") { $0["worker"] as? String == "evil" }, text(clog))
+        XCTAssertTrue(hasEvent(clog, "planned") { $0["reason"] as? String == "2 worker(s) ready" }, text(clog))
+        XCTAssertTrue(hasEvent(clog, "worker_finished_phase") { ($0["bytes_moved"] as? Int ?? 0) > 0 },
+                      "activations crossed the encrypted data sockets: \(text(clog))")
         try assertSameAsReference(out)
     }
 
@@ -275,7 +303,7 @@ final class ClusterProcessTests: XCTestCase {
         let p = port()
         let out = tmp + "/out", clog = tmp + "/coord.log"
         let coord = try spawn(["coordinator", "--model", Self.model, "--calib", Self.calib, "--w-bit", "3", "--out", out,
-                               "--bind", "tcp://127.0.0.1:\(p)", "--workers", "1", "--secret", "s3cret"], log: clog)
+                               "--bind", "tcp://127.0.0.1:\(p)", "--workers", "1", "--secret", "s3cret", "--log-format", "json"], log: clog)
         let evil = try spawn(["worker", "--connect", "tcp://127.0.0.1:\(p)", "--id", "evil", "--secret", "guess"], log: tmp + "/evil.log")
         XCTAssertTrue(waitExit(evil, timeout: 30))
         XCTAssertNotEqual(evil.terminationStatus, 0)
@@ -284,7 +312,7 @@ final class ClusterProcessTests: XCTestCase {
         defer { for x in [coord, good] where x.isRunning { x.terminate() } }
         XCTAssertTrue(waitExit(coord), text(clog))
         XCTAssertEqual(coord.terminationStatus, 0, text(clog))
-        XCTAssertTrue(text(clog).contains("refused worker 'evil'"), text(clog))
+        XCTAssertTrue(hasEvent(clog, "worker_refused") { $0["worker"] as? String == "evil" }, text(clog))
         try assertSameAsReference(out)
         // Binding beyond loopback without a secret is refused.
         let open = try spawn(["coordinator", "--model", Self.model, "--calib", Self.calib, "--out", tmp + "/x",

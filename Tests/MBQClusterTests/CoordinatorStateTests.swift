@@ -26,7 +26,7 @@ final class CoordinatorStateTests: XCTestCase {
         d.compactMap { if case let .send(i, e) = $0 { return (i, e.body!) } else { return nil } }
     }
 
-    func logs(_ d: [Directive]) -> [String] { d.compactMap { if case let .log(l) = $0 { return l } else { return nil } } }
+    func events(_ d: [Directive]) -> [CoordinatorEvent] { d.compactMap { if case let .event(e) = $0 { return e } else { return nil } } }
 
     func done(_ phase: String, epoch: UInt32) -> Mbq_Envelope {
         var p = Mbq_PhaseDone()
@@ -82,7 +82,7 @@ final class CoordinatorStateTests: XCTestCase {
         XCTAssertEqual(s.plan.map(\.worker), ["a"])
         XCTAssertEqual(s.plan.map(\.range), [0..<4])
         XCTAssertEqual(s.phase, .forward)
-        XCTAssertTrue(d.contains { if case let .log(l) = $0 { return l.contains("worker=b lost") } else { return false } })
+        XCTAssertTrue(events(d).contains { if case .workerLost(worker: "b", _, _) = $0 { return true } else { return false } }, "\(events(d))")
         // A newly joined worker waits as a spare until the next plan.
         _ = s.handle(identity: [3], msg(Self.register("c")), now: 3.6)
         XCTAssertEqual(s.plan.map(\.worker), ["a"])
@@ -115,7 +115,7 @@ final class CoordinatorStateTests: XCTestCase {
         var late = g
         late.epoch = s.epoch
         let logs = s.handle(identity: [1], msg(Wire.envelope(job: "job", .groupResult(late))), now: 2)
-        XCTAssertTrue(logs.contains { if case let .log(l) = $0 { return l.contains("finished already") } else { return false } })
+        XCTAssertTrue(events(logs).contains { if case let .messageDropped(_, _, reason) = $0 { return reason.contains("finished already") } else { return false } })
     }
 
     /// Shared secret: a registration is answered with a challenge; only the answer to
@@ -194,12 +194,12 @@ final class CoordinatorStateTests: XCTestCase {
         _ = st.handle(identity: [1], msg(reg("a")), now: 0)
         let d = st.handle(identity: [2], msg(reg("b")), now: 0)
         XCTAssertEqual(st.phase, .waiting)
-        XCTAssertTrue(logs(d).contains { $0.contains("holds 2 of 4 layers") }, "\(logs(d))")
+        XCTAssertTrue(events(d).contains { if case .waitingForMemory(_, _, 2, 4, _, _, _) = $0 { return true } else { return false } }, "\(events(d))")
         XCTAssertTrue(sends(d).isEmpty, "no assignment while the model does not fit")
         _ = st.handle(identity: [3], msg(reg("c")), now: 0)
         let e = st.handle(identity: [4], msg(reg("d")), now: 0)
         XCTAssertEqual(st.phase, .forward)
-        XCTAssertEqual(st.plan.map(\.range), [0..<1, 1..<2, 2..<3, 3..<4], "\(logs(e))")
+        XCTAssertEqual(st.plan.map(\.range), [0..<1, 1..<2, 2..<3, 3..<4], "\(events(e))")
     }
 
     /// Through the state machine: workers that register with different measured GEMM
