@@ -99,14 +99,22 @@ public final class Worker: @unchecked Sendable {
 
     // MARK: control thread
 
-    /// Runs until the coordinator says shutdown (returns 0) or refuses us (returns 1).
-    public func run() throws -> Int32 {
+    /// The control socket (DEALER to the coordinator, CURVE client when configured) and,
+    /// under CURVE, a monitor that sees a refused handshake.
+    func openControl() throws -> (socket: ZMQSocket, monitor: ZMQSocket?) {
         let control = try ZMQSocket(.dealer)
         if let c = options.curve { try Curve.client(control, serverKey: c.serverKey, publicKey: c.publicKey, secretKey: c.secretKey) }
         // A CURVE refusal never reaches us as a message (the handshake fails): watch the
         // socket's events to say so and stop instead of retrying forever.
         let monitor = options.curve != nil ? try control.monitor(events: ZMQ_EVENT_HANDSHAKE_FAILED_AUTH) : nil
         try control.connect(options.connect)
+        return (control, monitor)
+    }
+
+    /// Runs until the coordinator says shutdown (returns 0), refuses us (returns 1) or is
+    /// gone for `giveUpAfter` seconds (returns 2). The link's timing is `WorkerLink`'s.
+    public func run() throws -> Int32 {
+        var (control, monitor) = try openControl()
         let rates = backend.measureGEMMRates(sizes: CostModel.curveSizes)
         let gflops = rates[CostModel.curveSizes.firstIndex(of: 512)!]
         var reg = Mbq_Register()
@@ -124,9 +132,8 @@ public final class Worker: @unchecked Sendable {
         let compute = Thread { [self] in computeLoop() }
         compute.stackSize = 16 << 20
         compute.start()
-        var lastRegister = -Double.infinity, lastHeartbeat = 0.0, lastHeard = Self.now()
-        var lastMessage = Self.now()  // anything at all from a coordinator (lastHeard restarts on each registration)
-        var registered = false
+        var link = WorkerLink(settings: .init(heartbeatInterval: options.heartbeatInterval, coordinatorTimeout: options.coordinatorTimeout,
+                                              giveUpAfter: options.giveUpAfter), now: Self.now())
         while true {
             let now = Self.now()
             if let monitor, let event = try monitor.receive(timeoutMs: 0), let code = Self.monitorEvent(event),
@@ -134,24 +141,24 @@ public final class Worker: @unchecked Sendable {
                 logger.error("refused by the coordinator at \(options.connect): its CurveZMQ handler does not authorize this worker's key \(options.curve!.publicKey) (add the worker's .pub to the coordinator's --authorized-keys)")
                 return 1
             }
-            if now - lastMessage > options.giveUpAfter {
-                logger.error("no coordinator at \(options.connect) for \(Int(options.giveUpAfter)) s: giving up")
-                return 2
-            }
-            if !registered || now - lastHeard > options.coordinatorTimeout {
-                if now - lastRegister > options.coordinatorTimeout {
-                    if registered { logger.warning("coordinator silent for \(String(format: "%.1f", now - lastHeard)) s: registering again") }
+            for action in link.tick(now: now) {
+                switch action {
+                case .giveUp:
+                    logger.error("no coordinator at \(options.connect) for \(Int(options.giveUpAfter)) s: giving up")
+                    return 2
+                case .recreateSocket:
+                    monitor = nil
+                    (control, monitor) = try openControl()
+                case let .register(silentFor):
+                    if let silentFor {
+                        logger.warning("coordinator silent for \(String(format: "%.1f", silentFor)) s: registering again on a new connection (next try in \(String(format: "%.0f", link.backoff)) s)")
+                    }
                     try control.send(try Wire.encode(Wire.envelope(job: jobID, .register(reg))))
-                    lastRegister = now
-                    registered = true
-                    lastHeard = now
+                case .heartbeat:
+                    var hb = Mbq_Heartbeat()
+                    hb.workerID = options.workerID
+                    try control.send(try Wire.encode(Wire.envelope(job: jobID, .heartbeat(hb))))
                 }
-            }
-            if now - lastHeartbeat > options.heartbeatInterval {
-                var hb = Mbq_Heartbeat()
-                hb.workerID = options.workerID
-                try control.send(try Wire.encode(Wire.envelope(job: jobID, .heartbeat(hb))))
-                lastHeartbeat = now
             }
             for f in outbox.drain() { try control.send(f) }
             guard let frames = try control.receive(timeoutMs: 50, maxFrameBytes: maxFrameBytes) else { continue }
@@ -162,8 +169,12 @@ public final class Worker: @unchecked Sendable {
                 logger.error("dropped a bad message from the coordinator: \(error)")
                 continue
             }
-            lastHeard = Self.now()
-            lastMessage = lastHeard
+            var registerAgain = false
+            if case let .heartbeat(h) = m.envelope.body, h.phase == "register-again" {
+                logger.info("coordinator does not know this worker (restarted?): registering again")
+                registerAgain = true
+            }
+            link.heard(now: Self.now(), registerAgain: registerAgain)
             if jobID.isEmpty { jobID = m.envelope.jobID }
             switch m.envelope.body {
             case let .challenge(c):
@@ -174,13 +185,9 @@ public final class Worker: @unchecked Sendable {
                 reg.nonce = c.nonce
                 reg.authToken = Data(Auth.token(secret: s, jobID: m.envelope.jobID, workerID: options.workerID, nonce: Array(c.nonce)))
                 try control.send(try Wire.encode(Wire.envelope(job: jobID, .register(reg))))
-                lastRegister = now
-            case let .heartbeat(h):
-                if h.phase == "register-again" && now - lastRegister > 0.5 {
-                    logger.info("coordinator does not know this worker (restarted?): registering again")
-                    registered = false
-                    lastRegister = -Double.infinity
-                }
+                link.registerSent(now: now)
+            case .heartbeat:
+                break
             case let .refused(r):
                 logger.error("refused by the coordinator: \(r.reason)")
                 return 1
