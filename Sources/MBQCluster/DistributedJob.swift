@@ -17,12 +17,11 @@ public enum DistributedJob {
         let modelDir = (ckpt.directory as NSString).standardizingPath
         let calibPath = (calib.path as NSString).standardizingPath
         let id = Auth.sha256(Array("\(modelDir)|\(calibPath)|\(json)".utf8)).prefix(6).map { String(format: "%02x", $0) }.joined()
-        let mha = cfg.numKVHeads * cfg.headDim == cfg.hiddenSize && cfg.numHeads * cfg.headDim == cfg.hiddenSize
         var spec = JobSpec(jobID: "mbq-" + id, modelDir: modelDir, calibPath: calibPath, optionsJSON: json, layers: cfg.numLayers,
                            samples: calib.count, needsStats: options.method != .rtn && options.effectiveReweight,
                            needsForward: options.method != .rtn,
-                           groupsPerLayer: options.method == .smoothquant ? 2 : (mha ? 4 : 3),
-                           tensorsPerBlock: 9 + (cfg.qkvBias ? 3 : 0) + (cfg.oBias ? 1 : 0), expectedWorkers: workers)
+                           groupsPerLayer: options.method == .smoothquant ? 2 : ScaleSearch.groups(for: cfg).count,
+                           tensorsPerBlock: cfg.tensorsPerBlock, expectedWorkers: workers)
         let shape = CostModel.Shape(cfg)
         let tokens = calib.samples.map(\.length).max() ?? 0
         spec.memory = MemoryNeeds(shape: shape, inputRows: calib.samples.reduce(0) { $0 + $1.length }, tokens: tokens)

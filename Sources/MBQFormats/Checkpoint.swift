@@ -76,6 +76,11 @@ public final class Checkpoint: @unchecked Sendable {
 
     public func contains(_ name: String) -> Bool { location[name] != nil }
 
+    /// The checkpoint names of decoder block `layer`, as its family names them.
+    public func blockNames(_ layer: Int) -> BlockTensorNames {
+        config.architecture.blockNames(names, layer: layer, config: config)
+    }
+
     public func entry(_ name: String) throws -> (file: SafetensorsFile, entry: TensorEntry) {
         guard let i = location[name] else { throw FormatsError.missingTensor(name: name, in: directory) }
         return (files[i], try files[i].entry(name))
@@ -111,7 +116,7 @@ public final class Checkpoint: @unchecked Sendable {
     /// The storage dtype of the decoder's weights (what the output keeps); for a packed
     /// checkpoint, that of its scales.
     public var weightDType: DType {
-        let q = names.block(0, qkvBias: false, oBias: false).q
+        let q = blockNames(0).q
         let module = String(q.dropLast(".weight".count))
         for name in [q, module + ".weight_scale", module + ".scales"] {
             if let e = try? entry(name).entry { return e.dtype }

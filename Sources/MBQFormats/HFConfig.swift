@@ -130,14 +130,9 @@ public struct LanguageModelConfig: Sendable, Equatable {
             throw FormatsError.invalidConfig(path: path, reason: "model_type '\(top.modelType)' needs a text_config")
         }
         let textType = text.modelType ?? top.modelType
-        let family: ModelFamily
-        switch textType {
-        case "llama": family = .llama
-        case "qwen2": family = .qwen2
-        case "qwen2_vl", "qwen2_vl_text": family = .qwen2VL
-        default:
+        guard let arch = DecoderArchitectures.forTextType(textType) else {
             throw FormatsError.invalidConfig(path: path,
-                reason: "text model_type '\(textType)' is not supported (llama, qwen2, qwen2_vl)")
+                reason: "text model_type '\(textType)' is not supported (\(DecoderArchitectures.textModelTypes.joined(separator: ", ")))")
         }
         if let act = text.hiddenAct, act != "silu" {
             throw FormatsError.invalidConfig(path: path, reason: "hidden_act '\(act)' is not supported (silu)")
@@ -159,25 +154,13 @@ public struct LanguageModelConfig: Sendable, Equatable {
         guard headDim > 0, headDim % 2 == 0 else {
             throw FormatsError.invalidConfig(path: path, reason: "head_dim \(headDim) must be positive and even")
         }
+        let mrope = try arch.mropeSection(text, headDim: headDim, path: path)
         let rope = text.ropeParameters ?? text.ropeScaling
-        let ropeType = rope?.ropeType ?? rope?.type ?? "default"
-        var mrope: [Int]? = nil
-        if family == .qwen2VL {
-            mrope = rope?.mropeSection ?? [16, 24, 24]
-            guard mrope!.count == 3, mrope!.reduce(0, +) == headDim / 2 else {
-                throw FormatsError.invalidConfig(path: path,
-                    reason: "mrope_section \(mrope!) must have 3 entries summing to head_dim/2 = \(headDim / 2)")
-            }
-        } else if ropeType != "default" {
-            throw FormatsError.invalidConfig(path: path,
-                reason: "rope type '\(ropeType)' is not supported (default, or mrope for qwen2_vl)")
-        }
         let theta = text.ropeParameters?.ropeTheta ?? text.ropeTheta ?? rope?.ropeTheta ?? 10000
         let eps = text.rmsNormEps ?? 1e-6
-        let qkvBias = family == .llama ? (text.attentionBias ?? false) : true
-        let oBias = family == .llama ? (text.attentionBias ?? false) : false
+        let (qkvBias, oBias) = arch.biases(text)
         return LanguageModelConfig(
-            family: family, modelType: top.modelType, hiddenSize: text.hiddenSize,
+            family: arch.family, modelType: top.modelType, hiddenSize: text.hiddenSize,
             intermediateSize: text.intermediateSize, numLayers: text.numHiddenLayers,
             numHeads: heads, numKVHeads: kv, headDim: headDim, rmsNormEps: eps, ropeTheta: theta,
             mropeSection: mrope, vocabSize: text.vocabSize,

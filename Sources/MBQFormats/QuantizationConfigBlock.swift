@@ -61,7 +61,7 @@ extension Checkpoint {
             if !roots.contains(last) { roots.append(last) }
         }
         if !roots.contains("lm_head") { roots.append("lm_head") }
-        let probe = names.block(0, qkvBias: false, oBias: false).all
+        let probe = blockNames(0).all
         for r in roots where probe.contains(where: { $0.contains(r) }) {
             throw FormatsError.invalidConfig(path: directory, reason: "module '\(r)' outside the decoder is also part of a decoder name: cannot list it as not quantized")
         }

@@ -79,13 +79,10 @@ public struct QuantizeOptions: Sendable {
             throw no("--reweight applies to the scale search (awq, mbq), not to \(method.rawValue)")
         }
         if distort && (method == .rtn) { throw no("--distort needs a search method (awq, mbq, smoothquant)") }
-        let linears = [("q_proj", cfg.numHeads * cfg.headDim, cfg.hiddenSize), ("k_proj", cfg.numKVHeads * cfg.headDim, cfg.hiddenSize),
-                       ("o_proj", cfg.hiddenSize, cfg.numHeads * cfg.headDim), ("gate_proj", cfg.intermediateSize, cfg.hiddenSize),
-                       ("down_proj", cfg.hiddenSize, cfg.intermediateSize)]
-        for (name, rows, cols) in linears {
+        for (role, shape) in cfg.linearShapes {
             if let why = PackedLinear.unsupported(format: resolvedFormat, bits: wBit, group: aBit == nil ? group : -1,
-                                                  symmetric: aBit != nil, rows: rows, cols: cols) {
-                throw no("--format \(resolvedFormat.rawValue) cannot hold \(schemeName) (\(name)): \(why)")
+                                                  symmetric: aBit != nil, rows: shape[0], cols: shape[1]) {
+                throw no("--format \(resolvedFormat.rawValue) cannot hold \(schemeName) (\(role)): \(why)")
             }
         }
         if aBit == nil {

@@ -28,7 +28,7 @@ public enum QuantizedCheckpointWriter {
 
     public static func layout(_ ckpt: Checkpoint) -> Layout {
         let cfg = ckpt.config
-        let blockNames = Set((0..<cfg.numLayers).flatMap { ckpt.names.block($0, qkvBias: cfg.qkvBias, oBias: cfg.oBias).all })
+        let blockNames = Set((0..<cfg.numLayers).flatMap { ckpt.blockNames($0).all })
         let rest = ckpt.shards.map { s in (s, s.tensorNames.filter { !blockNames.contains($0) }) }.filter { !$0.1.isEmpty }
         let total = rest.count + cfg.numLayers
         func file(_ i: Int) -> String { String(format: "model-%05d-of-%05d.safetensors", i + 1, total) }
@@ -40,7 +40,7 @@ public enum QuantizedCheckpointWriter {
     /// each linear's `.weight` replaced by the format's tensors.
     public static func outputNames(_ ckpt: Checkpoint, layer l: Int, options: QuantizeOptions) -> [String] {
         let cfg = ckpt.config
-        let n = ckpt.names.block(l, qkvBias: cfg.qkvBias, oBias: cfg.oBias)
+        let n = ckpt.blockNames(l)
         let linear = Set(n.linears.map(\.name))
         var names = n.all.filter { !linear.contains($0) }
         for (_, name) in n.linears {
@@ -60,7 +60,7 @@ public enum QuantizedCheckpointWriter {
         let file = layout(ckpt).layerFiles[l]
         let path = dir + "/" + file
         let cfg = ckpt.config
-        let n = ckpt.names.block(l, qkvBias: cfg.qkvBias, oBias: cfg.oBias)
+        let n = ckpt.blockNames(l)
         var w = SafetensorsWriter()
         func add(_ name: String?, _ t: Tensor<Float>?) throws {
             guard let name, let t else { return }

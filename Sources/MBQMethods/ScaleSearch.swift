@@ -1,4 +1,5 @@
 import Foundation
+import MBQFormats
 import MBQModel
 import MBQQuant
 import MBQTensor
@@ -116,7 +117,19 @@ struct LossAccumulator {
 public enum ScaleSearch {
     /// Groups searched for a block: o only when v_proj and o_proj have the same shape (no GQA).
     public static func groups(for w: DecoderBlockWeights<Float>) -> [SearchGroup] {
-        w.v.shape == w.o.shape ? [.qkv, .o, .gateUp, .down] : [.qkv, .gateUp, .down]
+        groups(vShape: w.v.shape, oShape: w.o.shape)
+    }
+
+    /// The rule itself (the authors' code): the o group only when v_proj and o_proj have
+    /// the same shape, i.e. no grouped-query attention.
+    public static func groups(vShape: [Int], oShape: [Int]) -> [SearchGroup] {
+        vShape == oShape ? [.qkv, .o, .gateUp, .down] : [.qkv, .gateUp, .down]
+    }
+
+    /// The groups searched in a block of this model.
+    public static func groups(for cfg: LanguageModelConfig) -> [SearchGroup] {
+        let shapes = Dictionary(uniqueKeysWithValues: cfg.linearShapes.map { ($0.role, $0.shape) })
+        return groups(vShape: shapes["v"]!, oShape: shapes["o"]!)
     }
 
     /// Per input channel mean |x| over non-padding positions of all samples. -> [C]

@@ -50,7 +50,7 @@ extension DecoderBlockWeights where T == Float {
         guard layer >= 0 && layer < cfg.numLayers else {
             throw ModelError.layerOutOfRange(layer: layer, layers: cfg.numLayers)
         }
-        let n = ckpt.names.block(layer, qkvBias: cfg.qkvBias, oBias: cfg.oBias)
+        let n = ckpt.blockNames(layer)
         let c = cfg.hiddenSize, i = cfg.intermediateSize
         let qd = cfg.numHeads * cfg.headDim, kvd = cfg.numKVHeads * cfg.headDim
         func opt(_ name: String?, _ shape: [Int]) throws -> Tensor<Float>? {
