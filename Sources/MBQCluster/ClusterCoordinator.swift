@@ -171,6 +171,8 @@ public final class ClusterCoordinator {
                     try? router.send([identity] + (try Wire.encode(env)))
                 case let .event(e):
                     log(e)
+                case let .storeShard(_, file, bytes):
+                    try QuantizedCheckpointWriter.writeShard(file, bytes, into: state.spec.outputDir)
                 case .journal:
                     try Journal.write(Journal.Contents(jobID: state.spec.jobID, stats: state.stats, results: state.results,
                                                        epoch: state.epoch), jobDir: jobDir)
@@ -197,7 +199,7 @@ public final class ClusterCoordinator {
     }
 
     /// The finished job as a QuantizeResult (same ordering as the single-process run).
-    /// `blocks` is empty: blocks are in the output directory or in `streamedBlocks`.
+    /// `blocks` is empty: the layers' shards are in the output's temporary directory.
     public func result(options: QuantizeOptions, seconds: [String: Double]) -> QuantizeResult {
         var groups: [GroupResult] = []
         // SmoothQuant's scales travel as results but, as in one process, are not reported.
@@ -211,17 +213,5 @@ public final class ClusterCoordinator {
             }
         }
         return QuantizeResult(options: options, gradStats: state.stats, groups: groups, blocks: [], seconds: seconds)
-    }
-
-    /// The blocks workers streamed here (those that could not write the output
-    /// themselves), scales applied, not yet quantized.
-    public func streamedBlocks(model: Checkpoint) -> [Int: DecoderBlockWeights<Float>] {
-        let cfg = model.config
-        let shape = AttentionShape(heads: cfg.numHeads, kvHeads: cfg.numKVHeads, headDim: cfg.headDim)
-        var out: [Int: DecoderBlockWeights<Float>] = [:]
-        for (l, t) in state.blocks where state.written[l] == nil && t.count == state.spec.tensorsPerBlock {
-            out[l] = BlockTensors.block(t, shape: shape, eps: cfg.rmsNormEps)
-        }
-        return out
     }
 }

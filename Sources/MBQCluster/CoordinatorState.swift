@@ -15,7 +15,6 @@ public struct JobSpec: Sendable {
     /// rtn needs no activations at all.
     public var needsForward: Bool
     public var groupsPerLayer: Int
-    public var tensorsPerBlock: Int
     public var expectedWorkers: Int
     public var heartbeatInterval: Double = 0.5
     /// A worker silent this long is declared lost (the missed-heartbeat budget).
@@ -37,10 +36,10 @@ public struct JobSpec: Sendable {
     public var bandwidthBytesPerSecond = 1.25e9
 
     public init(jobID: String, modelDir: String, calibPath: String, optionsJSON: String, layers: Int, samples: Int,
-                needsStats: Bool, needsForward: Bool, groupsPerLayer: Int, tensorsPerBlock: Int, expectedWorkers: Int) {
+                needsStats: Bool, needsForward: Bool, groupsPerLayer: Int, expectedWorkers: Int) {
         self.jobID = jobID; self.modelDir = modelDir; self.calibPath = calibPath; self.optionsJSON = optionsJSON
         self.layers = layers; self.samples = samples; self.needsStats = needsStats; self.needsForward = needsForward
-        self.groupsPerLayer = groupsPerLayer; self.tensorsPerBlock = tensorsPerBlock; self.expectedWorkers = expectedWorkers
+        self.groupsPerLayer = groupsPerLayer; self.expectedWorkers = expectedWorkers
     }
 }
 
@@ -52,6 +51,9 @@ public enum CoordinatorPhase: String, Sendable {
 public enum Directive {
     case send(identity: [UInt8], Mbq_Envelope)
     case event(CoordinatorEvent)
+    /// A layer's shard streamed by a worker: write the bytes into the output's
+    /// temporary directory under `file`, as they came.
+    case storeShard(layer: Int, file: String, bytes: [UInt8])
     /// Finished results changed: write the journal.
     case journal
     case finished
@@ -80,7 +82,8 @@ public final class CoordinatorState {
     public private(set) var results: [Int: [Mbq_GroupResult]] = [:]
     /// Gradient statistics once complete (journaled).
     public private(set) var stats: GradientStatistics?
-    public private(set) var blocks: [Int: [String: Tensor<Float>]] = [:]
+    /// Layers whose shard a worker streamed here (the shell wrote them).
+    public private(set) var streamed: Set<Int> = []
     /// Blocks a worker wrote into the output directory itself (apply phase).
     public private(set) var written: [Int: Mbq_BlockWritten] = [:]
     var partialStats: [Int: Mbq_LayerStats] = [:]
@@ -198,18 +201,20 @@ public final class CoordinatorState {
                 if results.count == spec.layers { out += advance(now: now) }
             }
         case .tensor:
-            guard phase == .apply, let t = m.tensor, case let .tensor(h) = body else {
-                return [.event(.messageDropped(what: "a tensor", from: id, reason: "outside the apply phase"))]
+            guard phase == .apply, let bytes = m.bytes, case let .tensor(h) = body else {
+                return [.event(.messageDropped(what: "a tensor", from: id, reason: "not a shard in the apply phase"))]
             }
             guard h.epoch == epoch else { return [.event(.messageDropped(what: "tensor \(h.name)", from: id, reason: "stale (epoch \(h.epoch))"))] }
-            let parts = h.name.split(separator: "/")
-            guard parts.count == 3, parts[0] == "block", let l = Int(parts[1]), owns(id, l) else {
+            let parts = h.name.split(separator: "/", omittingEmptySubsequences: false)
+            guard parts.count == 3, parts[0] == "shard", let l = Int(parts[1]), owns(id, l), !parts[2].isEmpty else {
                 return [.event(.messageDropped(what: "tensor '\(h.name)'", from: id, reason: "unexpected"))]
             }
-            blocks[l, default: [:]][String(parts[2])] = t
-            if blocks[l]!.count == spec.tensorsPerBlock {
-                out.append(.event(.blockReceived(layer: l, worker: id, done: blocksDone, of: spec.layers)))
-            }
+            var b = Mbq_BlockWritten()
+            b.layer = UInt32(l); b.file = String(parts[2]); b.bytes = UInt64(bytes.count); b.epoch = epoch
+            written[l] = b
+            streamed.insert(l)
+            out.append(.storeShard(layer: l, file: b.file, bytes: bytes))
+            out.append(.event(.blockReceived(layer: l, worker: id, done: blocksDone, of: spec.layers)))
             out += finishIfComplete(now: now)
         case let .blockWritten(b):
             guard phase == .apply, b.epoch == epoch, owns(id, Int(b.layer)) else {
@@ -217,6 +222,7 @@ public final class CoordinatorState {
                                                reason: "stale, or a layer it does not hold"))]
             }
             written[Int(b.layer)] = b
+            streamed.remove(Int(b.layer))
             out.append(.event(.blockWritten(layer: Int(b.layer), worker: id, file: b.file, bytes: b.bytes, done: blocksDone, of: spec.layers)))
             out += finishIfComplete(now: now)
         case let .error(e):
@@ -236,9 +242,7 @@ public final class CoordinatorState {
     func owns(_ id: String, _ l: Int) -> Bool { workers[id]?.range?.contains(l) == true }
 
     /// Layers whose quantized block is in: streamed here or written by a worker.
-    var blocksDone: Int {
-        (0..<spec.layers).filter { written[$0] != nil || blocks[$0]?.count == spec.tensorsPerBlock }.count
-    }
+    var blocksDone: Int { written.count }
 
     /// Adds the running phase's time to its total (a re-plan runs some phases twice).
     func closePhase(now: Double) {
@@ -250,7 +254,7 @@ public final class CoordinatorState {
         closePhase(now: now)
         phase = .done
         let wall = firstPlan.map { now - $0 }
-        var out: [Directive] = [.event(.jobDone(layers: spec.layers, writtenByWorkers: written.count, streamed: spec.layers - written.count,
+        var out: [Directive] = [.event(.jobDone(layers: spec.layers, writtenByWorkers: written.count - streamed.count, streamed: streamed.count,
                                                 bytesMoved: bytesMoved, transferSeconds: transferSeconds, workers: max(plan.count, 1),
                                                 wallSeconds: wall))]
         out.append(.finished)
@@ -335,7 +339,7 @@ public final class CoordinatorState {
         for id in workers.keys { workers[id]!.range = nil }
         partialStats = [:]
         pendingGroups = [:]
-        blocks = [:]
+        streamed = []
         written = [:]
         phaseDone = []
         guard !alive.isEmpty else {

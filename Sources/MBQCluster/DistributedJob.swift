@@ -21,7 +21,7 @@ public enum DistributedJob {
                            samples: calib.count, needsStats: options.method != .rtn && options.effectiveReweight,
                            needsForward: options.method != .rtn,
                            groupsPerLayer: options.method == .smoothquant ? 2 : ScaleSearch.groups(for: cfg).count,
-                           tensorsPerBlock: cfg.tensorsPerBlock, expectedWorkers: workers)
+                           expectedWorkers: workers)
         let shape = CostModel.Shape(cfg)
         let tokens = calib.samples.map(\.length).max() ?? 0
         spec.memory = MemoryNeeds(shape: shape, inputRows: calib.samples.reduce(0) { $0 + $1.length }, tokens: tokens)
@@ -55,13 +55,9 @@ public enum DistributedJob {
         do {
             try AtomicFile.write(data: Data(spec.outputToken.utf8), to: tmp + "/" + OutputMarker.name)
             try coord.run(deadline: deadline)
+            // Every layer's shard, written by its worker or streamed and written here.
             for (l, b) in coord.state.written.sorted(by: { $0.key < $1.key }) {
                 try QuantizedCheckpointWriter.verifyLayer(ckpt, layer: l, in: tmp, bytes: b.bytes, options: options)
-            }
-            for (l, scaled) in coord.streamedBlocks(model: ckpt).sorted(by: { $0.key < $1.key }) {
-                var w = scaled
-                let codes = ApplyScales.quantizeLinears(&w, with: options.weightQuantizer, precision: options.scaleDType.scalePrecision)
-                try QuantizedCheckpointWriter.writeLayer(ckpt, layer: l, block: w, codes: codes, options: options, into: tmp)
             }
         } catch {
             try? FileManager.default.removeItem(atPath: tmp)

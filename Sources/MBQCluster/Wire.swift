@@ -26,14 +26,18 @@ public enum ProtocolError: Error, CustomStringConvertible, Equatable {
     }
 }
 
-/// A decoded message: the envelope and, when it carries a TensorHeader, the checked tensor.
+/// A decoded message: the envelope and, when it carries a TensorHeader, the checked
+/// payload: an fp32 tensor (dtype F32), or opaque bytes (dtype U8: a finished layer
+/// shard, written as it came).
 public struct WireMessage {
     public var envelope: Mbq_Envelope
     public var tensor: Tensor<Float>?
+    public var bytes: [UInt8]?
 
-    public init(envelope: Mbq_Envelope, tensor: Tensor<Float>?) {
+    public init(envelope: Mbq_Envelope, tensor: Tensor<Float>?, bytes: [UInt8]? = nil) {
         self.envelope = envelope
         self.tensor = tensor
+        self.bytes = bytes
     }
 }
 
@@ -64,6 +68,27 @@ public enum Wire {
         h.chunks = UInt32((t.count * 4 + tensorChunkBytes - 1) / tensorChunkBytes)
         if let secret { h.authTag = Data(tag(h, job: job, secret: secret)) }
         return try encode(envelope(job: job, .tensor(h)))[0]
+    }
+
+    /// Frames of a byte message (dtype U8, shape [count]): the envelope with its
+    /// TensorHeader, then the bytes cut into `tensorChunkBytes` frames.
+    public static func encode(job: String, name: String, bytes: [UInt8], epoch: UInt32, secret: String? = nil) throws -> [[UInt8]] {
+        var h = Mbq_TensorHeader()
+        h.name = name
+        h.dtype = "U8"
+        h.shape = [UInt64(bytes.count)]
+        h.byteCount = UInt64(bytes.count)
+        h.checksum = bytes.withUnsafeBytes { Checksum64.of($0) }
+        h.epoch = epoch
+        h.chunks = UInt32((bytes.count + tensorChunkBytes - 1) / tensorChunkBytes)
+        if let secret { h.authTag = Data(tag(h, job: job, secret: secret)) }
+        var frames = [try encode(envelope(job: job, .tensor(h)))[0]]
+        var i = 0
+        while i < bytes.count {
+            frames.append(Array(bytes[i..<min(bytes.count, i + tensorChunkBytes)]))
+            i += tensorChunkBytes
+        }
+        return frames
     }
 
     /// Frames of a tensor message: the envelope with its TensorHeader, then the raw fp32
@@ -137,7 +162,8 @@ public enum Wire {
             return WireMessage(envelope: e, tensor: nil)
         }
         let name = h.name
-        guard h.dtype == "F32" else { throw ProtocolError.tensor(name: name, reason: "dtype '\(h.dtype)' (only F32 travels)") }
+        guard h.dtype == "F32" || h.dtype == "U8" else { throw ProtocolError.tensor(name: name, reason: "dtype '\(h.dtype)' (F32 tensors and U8 bytes travel)") }
+        let width: UInt64 = h.dtype == "F32" ? 4 : 1
         guard Int(h.chunks) == frames.count - 1 else {
             throw ProtocolError.tensor(name: name, reason: "header announces \(h.chunks) chunks, \(frames.count - 1) arrived")
         }
@@ -150,8 +176,8 @@ public enum Wire {
             guard !o else { throw ProtocolError.tensor(name: name, reason: "shape \(h.shape) overflows") }
             elements = p
         }
-        guard elements * 4 == h.byteCount else {
-            throw ProtocolError.tensor(name: name, reason: "shape \(h.shape) needs \(elements * 4) bytes, header says \(h.byteCount)")
+        guard elements * width == h.byteCount else {
+            throw ProtocolError.tensor(name: name, reason: "shape \(h.shape) needs \(elements * width) bytes, header says \(h.byteCount)")
         }
         let total = frames.dropFirst().reduce(0) { $0 + $1.count }
         guard UInt64(total) == h.byteCount else {
@@ -160,6 +186,20 @@ public enum Wire {
         // One pass per frame: copy it into the tensor and fold it into the checksum while
         // it is still in cache.
         var sum = Checksum64(total: Int(h.byteCount))
+        if width == 1 {
+            let bytes = [UInt8](unsafeUninitializedCapacity: Int(elements)) { buf, n in
+                var off = 0
+                for f in frames.dropFirst() where f.count > 0 {
+                    let piece = UnsafeMutableRawBufferPointer(rebasing: UnsafeMutableRawBufferPointer(buf)[off..<(off + f.count)])
+                    piece.copyMemory(from: f)
+                    sum.update(UnsafeRawBufferPointer(piece))
+                    off += f.count
+                }
+                n = Int(elements)
+            }
+            guard sum.finalize() == h.checksum else { throw ProtocolError.tensor(name: name, reason: "checksum mismatch (corrupted in transit)") }
+            return WireMessage(envelope: e, tensor: nil, bytes: bytes)
+        }
         let data = [Float](unsafeUninitializedCapacity: Int(elements)) { buf, n in
             let dst = UnsafeMutableRawBufferPointer(buf)
             var off = 0

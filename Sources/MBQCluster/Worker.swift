@@ -309,7 +309,7 @@ public final class Worker: @unchecked Sendable {
         // What the memory budget leaves for cached block inputs once the weights, the
         // head and one sample's working set are in.
         let cfg = c.config
-        let weights = nb.values.reduce(0) { $0 + BlockTensors.roles($1).reduce(0) { $0 + $1.1.count * 4 } }
+        let weights = nb.values.reduce(0) { $0 + $1.parameterCount * MemoryLayout<Float>.size }
         let tokens = bundle!.samples.map(\.length).max() ?? 0
         let fixed = MemoryNeeds.fixed(hidden: cfg.hiddenSize, intermediate: cfg.intermediateSize, heads: cfg.numHeads,
                                       vocab: cfg.vocabSize, tokens: tokens)

@@ -214,23 +214,22 @@ extension Worker {
 
     // MARK: apply
 
-    /// Scales applied, weights quantized; each block written straight into the shared
-    /// output directory when this worker sees it, else its scaled block streamed to the
-    /// coordinator, which quantizes and writes it with the same functions.
+    /// Scales applied, weights quantized; each layer's shard written straight into the
+    /// shared output directory when this worker sees it, else the shard's bytes (exactly
+    /// what the writer would have put on disk) streamed to the coordinator, which writes
+    /// them as they came: one path to a byte-identical output.
     func apply() throws {
         let shared = try outputIsShared()
         for l in range {
+            let q = try quantizedBlock(l)
+            let shard = try QuantizedCheckpointWriter.layerShard(ckpt!, layer: l, block: q.block, codes: q.codes, options: quantOptions)
             if shared {
-                let q = try quantizedBlock(l)
-                let (file, bytes) = try QuantizedCheckpointWriter.writeLayer(ckpt!, layer: l, block: q.block, codes: q.codes,
-                                                                             options: quantOptions, into: assignment.outputDir)
+                try QuantizedCheckpointWriter.writeShard(shard.file, shard.bytes, into: assignment.outputDir)
                 var b = Mbq_BlockWritten()
-                b.layer = UInt32(l); b.file = file; b.bytes = bytes; b.epoch = assignment.epoch
+                b.layer = UInt32(l); b.file = shard.file; b.bytes = UInt64(shard.bytes.count); b.epoch = assignment.epoch
                 post(.blockWritten(b))
             } else {
-                for (role, t) in BlockTensors.roles(try scaledBlock(l)) {
-                    outbox.post(try Wire.encode(job: jobID, name: "block/\(l)/\(role)", tensor: t, epoch: assignment.epoch))
-                }
+                outbox.post(try Wire.encode(job: jobID, name: "shard/\(l)/\(shard.file)", bytes: shard.bytes, epoch: assignment.epoch))
             }
         }
     }

@@ -91,6 +91,17 @@ public struct SafetensorsWriter {
         return header
     }
 
+    /// The whole file as bytes (what `write` puts on disk).
+    public func serialized(metadata: [String: String] = [:]) throws -> [UInt8] {
+        let header = try headerBytes(metadata: metadata)
+        var out: [UInt8] = []
+        out.reserveCapacity(8 + header.count + pending.reduce(0) { $0 + $1.bytes.count })
+        withUnsafeBytes(of: UInt64(header.count).littleEndian) { out += $0 }
+        out += header
+        for p in pending { out += p.bytes }
+        return out
+    }
+
     /// Writes the file atomically (temp file + fsync + rename).
     public func write(to path: String, metadata: [String: String] = [:]) throws {
         let header = try headerBytes(metadata: metadata)

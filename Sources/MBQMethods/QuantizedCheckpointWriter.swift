@@ -50,23 +50,20 @@ public enum QuantizedCheckpointWriter {
         return names.sorted()
     }
 
-    /// Writes layer `l`'s shard into `dir` (atomically): norms and biases in the source
-    /// dtypes, linears in the output format (from their codes; the fake format stores the
-    /// dequantized weights of `block`). -> the file name and its size in bytes.
-    @discardableResult
-    public static func writeLayer(_ ckpt: Checkpoint, layer l: Int, block b: DecoderBlockWeights<Float>,
-                                  codes: [String: QuantizedWeight], options: QuantizeOptions,
-                                  into dir: String) throws -> (file: String, bytes: UInt64) {
+    /// Layer `l`'s shard: norms and biases in the source dtypes, linears in the output
+    /// format (from their codes; the fake format stores the dequantized weights of
+    /// `block`). -> its file name in the output and the file's bytes. Whoever computes a
+    /// layer (this process, a worker) makes the same bytes.
+    public static func layerShard(_ ckpt: Checkpoint, layer l: Int, block b: DecoderBlockWeights<Float>,
+                                  codes: [String: QuantizedWeight], options: QuantizeOptions) throws -> (file: String, bytes: [UInt8]) {
         let file = layout(ckpt).layerFiles[l]
-        let path = dir + "/" + file
-        let cfg = ckpt.config
         let n = ckpt.blockNames(l)
         var w = SafetensorsWriter()
         func add(_ name: String?, _ t: Tensor<Float>?) throws {
             guard let name, let t else { return }
             let e = try ckpt.entry(name).entry
             guard t.shape == e.shape else {
-                throw MethodsError.output(path: path, reason: "tensor '\(name)' would change shape \(e.shape) -> \(t.shape)")
+                throw MethodsError.output(path: file, reason: "tensor '\(name)' would change shape \(e.shape) -> \(t.shape)")
             }
             w.add(name, t, as: e.dtype)
         }
@@ -79,13 +76,31 @@ public enum QuantizedCheckpointWriter {
                 continue
             }
             guard let q = codes[role], [q.rows, q.cols] == (try ckpt.entry(name).entry.shape) else {
-                throw MethodsError.output(path: path, reason: "no codes of the source's shape for '\(name)'")
+                throw MethodsError.output(path: file, reason: "no codes of the source's shape for '\(name)'")
             }
             PackedLinear.add(q, module: String(name.dropLast(".weight".count)), format: format, scaleDType: options.scaleDType, to: &w)
         }
         w.sortByName()
-        try w.write(to: path, metadata: ["format": "pt"])
-        return (file, fileSize(path))
+        return (file, try w.serialized(metadata: ["format": "pt"]))
+    }
+
+    /// Writes layer `l`'s shard into `dir` (atomically). -> the file name and its size.
+    @discardableResult
+    public static func writeLayer(_ ckpt: Checkpoint, layer l: Int, block: DecoderBlockWeights<Float>,
+                                  codes: [String: QuantizedWeight], options: QuantizeOptions,
+                                  into dir: String) throws -> (file: String, bytes: UInt64) {
+        let shard = try layerShard(ckpt, layer: l, block: block, codes: codes, options: options)
+        try writeShard(shard.file, shard.bytes, into: dir)
+        return (shard.file, UInt64(shard.bytes.count))
+    }
+
+    /// Writes a shard's bytes into `dir` atomically, refusing a name that is not one of
+    /// the output's shard names (a streamed shard's name comes from the network).
+    public static func writeShard(_ file: String, _ bytes: [UInt8], into dir: String) throws {
+        guard file.range(of: #"^model-\d{5}-of-\d{5}\.safetensors$"#, options: .regularExpression) != nil else {
+            throw MethodsError.output(path: dir, reason: "'\(file)' is not a shard name of the output")
+        }
+        try AtomicFile.write(data: Data(bytes), to: dir + "/" + file)
     }
 
     static func fileSize(_ path: String) -> UInt64 {

@@ -31,6 +31,11 @@ public struct DecoderBlockWeights<T: BLASScalar>: Sendable {
     }
 
     public var hiddenSize: Int { inputNorm.count }
+    /// Every parameter of the block (norms, linears, biases).
+    public var parameterCount: Int {
+        [inputNorm, postAttentionNorm, q, k, v, o, gate, up, down].reduce(0) { $0 + $1.count }
+            + [qBias, kBias, vBias, oBias].reduce(0) { $0 + ($1?.count ?? 0) }
+    }
     public var intermediateSize: Int { gate.shape[0] }
 
     public func converted<U: BLASScalar>(to _: U.Type) -> DecoderBlockWeights<U> {

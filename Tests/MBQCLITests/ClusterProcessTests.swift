@@ -160,7 +160,7 @@ final class ClusterProcessTests: XCTestCase {
         // block input (8 KiB of 24): the other two inputs spill.
         let ckpt = try Checkpoint(directory: Self.model)
         let cfg = ckpt.config
-        let weights = BlockTensors.roles(try DecoderBlockWeights<Float>.load(from: ckpt, layer: 0)).reduce(0) { $0 + $1.1.count * 4 }
+        let weights = try DecoderBlockWeights<Float>.load(from: ckpt, layer: 0).parameterCount * MemoryLayout<Float>.size
         let fixed = MemoryNeeds.fixed(hidden: cfg.hiddenSize, intermediate: cfg.intermediateSize, heads: cfg.numHeads,
                                       vocab: cfg.vocabSize, tokens: 16)
         let budget = "\(weights + Int(fixed) + 12_000)"

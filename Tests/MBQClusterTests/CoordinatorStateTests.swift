@@ -8,7 +8,7 @@ import XCTest
 final class CoordinatorStateTests: XCTestCase {
     static func spec(workers: Int, layers: Int = 4) -> JobSpec {
         JobSpec(jobID: "job", modelDir: "/m", calibPath: "/c", optionsJSON: "{}", layers: layers, samples: 2,
-                needsStats: true, needsForward: true, groupsPerLayer: 3, tensorsPerBlock: 9, expectedWorkers: workers)
+                needsStats: true, needsForward: true, groupsPerLayer: 3, expectedWorkers: workers)
     }
 
     static func register(_ id: String, gflops: Double = 100, token: [UInt8] = []) -> Mbq_Envelope {

@@ -88,6 +88,21 @@ final class WireTests: XCTestCase {
         }
     }
 
+    /// A shard travels as bytes (dtype U8) in 1 MiB frames, checked like a tensor.
+    func testShardBytesRoundTrip() throws {
+        let bytes = (0..<(2 * tensorChunkBytes + 5)).map { UInt8(truncatingIfNeeded: $0 &* 31) }
+        var frames = try Wire.encode(job: "j", name: "shard/2/model-00003-of-00004.safetensors", bytes: bytes, epoch: 4)
+        XCTAssertEqual(frames.count, 4, "header and three chunks")
+        let m = try Wire.decode(frames)
+        XCTAssertEqual(m.bytes, bytes)
+        XCTAssertNil(m.tensor)
+        guard case let .tensor(h) = m.envelope.body else { return XCTFail("a tensor header") }
+        XCTAssertEqual(h.dtype, "U8"); XCTAssertEqual(h.shape, [UInt64(bytes.count)]); XCTAssertEqual(h.epoch, 4)
+        frames[2][7] ^= 1
+        XCTAssertThrowsError(try Wire.decode(frames)) { XCTAssertTrue("\($0)".contains("checksum"), "\($0)") }
+        XCTAssertThrowsError(try Wire.decode(Array(frames.dropLast()))) { XCTAssertTrue("\($0)".contains("chunks"), "\($0)") }
+    }
+
     func testChecksumAndSHA256() {
         XCTAssertEqual(Auth.sha256(Array("abc".utf8)).map { String(format: "%02x", $0) }.joined(),
                        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")

@@ -358,10 +358,10 @@ public nonisolated struct Mbq_TensorHeader: Sendable {
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
-  /// "act/S", "grad/S", "dist/S" (sample S), "block/L/ROLE" (layer L's scaled block)
+  /// "act/S", "grad/S", "dist/S" (sample S), "shard/L/FILE" (layer L's finished shard)
   public var name: String = String()
 
-  /// "F32"
+  /// "F32" (tensors) or "U8" (a shard's bytes)
   public var dtype: String = String()
 
   public var shape: [UInt64] = []

@@ -55,7 +55,4 @@ extension LanguageModelConfig {
         let c = hiddenSize, i = intermediateSize, q = numHeads * headDim, kv = numKVHeads * headDim
         return [("q", [q, c]), ("k", [kv, c]), ("v", [kv, c]), ("o", [c, q]), ("gate", [i, c]), ("up", [i, c]), ("down", [c, i])]
     }
-
-    /// Tensors of one block: two norms, seven linears, the biases.
-    public var tensorsPerBlock: Int { 9 + (qkvBias ? 3 : 0) + (oBias ? 1 : 0) }
 }
