@@ -37,11 +37,11 @@ public final class ClusterCoordinator {
             let j = try Journal.read(jobDir: jobDir)
             epochBase = j.epoch + 1000
             guard j.jobID == spec.jobID else {
-                throw FormatsError.invalidConfig(path: Journal.path(jobDir), reason: "journal is for job '\(j.jobID)', not '\(spec.jobID)'")
+                throw ClusterError.journal(path: Journal.path(jobDir), reason: "journal is for job '\(j.jobID)', not '\(spec.jobID)'")
             }
             resumed = (j.stats, j.results)
         } else if FileManager.default.fileExists(atPath: Journal.path(jobDir)) {
-            throw FormatsError.invalidConfig(path: Journal.path(jobDir), reason: "the job directory holds a journal: pass --resume to continue it, or use a new --job-dir")
+            throw ClusterError.journal(path: Journal.path(jobDir), reason: "the job directory holds a journal: pass --resume to continue it, or use a new --job-dir")
         }
         state = CoordinatorState(spec: spec, resumed: resumed.map { (stats: $0.0, results: $0.1) }, epochBase: epochBase,
                                  secret: secret)
@@ -133,7 +133,7 @@ public final class ClusterCoordinator {
                                 "layers": st.spec.layers, "samples": st.spec.samples, "finished_layers": st.finishedLayers,
                                 "gradient_statistics": st.stats != nil, "elapsed_s": Date().timeIntervalSince(started),
                                 "workers": workers, "model": st.spec.modelDir, "calib": st.spec.calibPath,
-                                "options": st.spec.optionsJSON, "pid": Int(getpid())]
+                                "options": st.spec.options.canonicalText, "pid": Int(getpid())]
         if let eta { o["search_eta_s"] = eta }
         if let p = predicted {
             o["predicted_s"] = Dictionary(uniqueKeysWithValues: p.seconds.map { ($0.phase, $0.seconds) })
@@ -149,7 +149,7 @@ public final class ClusterCoordinator {
     public func run(deadline: Double = .infinity) throws {
         let t0 = Self.now()
         while true {
-            if Self.now() - t0 > deadline { throw MethodsError.invalidOptions("job did not finish within \(Int(deadline)) s") }
+            if Self.now() - t0 > deadline { throw ClusterError.deadline(seconds: deadline) }
             for line in zapLines() { log(.curveAuth(line: line)) }
             var directives = state.tick(now: Self.now())
             if let frames = try router.receive(timeoutMs: 20, maxFrameBytes: maxFrameBytes) {
@@ -182,7 +182,7 @@ public final class ClusterCoordinator {
                     return
                 case let .failed(why):
                     shutdownWorkers("job failed")
-                    throw MethodsError.invalidOptions(why)
+                    throw ClusterError.jobFailed(why)
                 }
             }
         }
@@ -200,17 +200,13 @@ public final class ClusterCoordinator {
 
     /// The finished job as a QuantizeResult (same ordering as the single-process run).
     /// `blocks` is empty: the layers' shards are in the output's temporary directory.
-    public func result(options: QuantizeOptions, seconds: [String: Double]) -> QuantizeResult {
+    public func result(options: QuantizeOptions, seconds: [String: Double]) throws -> QuantizeResult {
         var groups: [GroupResult] = []
         // SmoothQuant's scales travel as results but, as in one process, are not reported.
         for l in 0..<state.spec.layers where options.method != .smoothquant {
             let order = SearchGroup.allCases
-            for g in (state.results[l] ?? []).sorted(by: { a, b in
-                order.firstIndex(of: SearchGroup(rawValue: a.group)!)! < order.firstIndex(of: SearchGroup(rawValue: b.group)!)!
-            }) {
-                groups.append(GroupResult(layer: l, group: SearchGroup(rawValue: g.group)!, bestIndex: Int(g.bestIdx), alpha: g.alpha,
-                                          losses: g.loss, ratio: g.ratio, scales: g.scales))
-            }
+            groups += try (state.results[l] ?? []).map { try $0.groupResult() }
+                .sorted { order.firstIndex(of: $0.group)! < order.firstIndex(of: $1.group)! }
         }
         return QuantizeResult(options: options, gradStats: state.stats, groups: groups, blocks: [], seconds: seconds)
     }

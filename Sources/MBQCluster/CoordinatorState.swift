@@ -7,7 +7,7 @@ public struct JobSpec: Sendable {
     public var jobID: String
     public var modelDir: String
     public var calibPath: String
-    public var optionsJSON: String
+    public var options: Mbq_JobOptions
     public var layers: Int
     public var samples: Int
     /// mbq (and awq with --reweight) need the backward pass's gradient statistics.
@@ -35,9 +35,9 @@ public struct JobSpec: Sendable {
     public var workload: CostModel.Workload?
     public var bandwidthBytesPerSecond = 1.25e9
 
-    public init(jobID: String, modelDir: String, calibPath: String, optionsJSON: String, layers: Int, samples: Int,
+    public init(jobID: String, modelDir: String, calibPath: String, options: Mbq_JobOptions, layers: Int, samples: Int,
                 needsStats: Bool, needsForward: Bool, groupsPerLayer: Int, expectedWorkers: Int) {
-        self.jobID = jobID; self.modelDir = modelDir; self.calibPath = calibPath; self.optionsJSON = optionsJSON
+        self.jobID = jobID; self.modelDir = modelDir; self.calibPath = calibPath; self.options = options
         self.layers = layers; self.samples = samples; self.needsStats = needsStats; self.needsForward = needsForward
         self.groupsPerLayer = groupsPerLayer; self.expectedWorkers = expectedWorkers
     }
@@ -382,7 +382,7 @@ public final class CoordinatorState {
             a.outputToken = spec.outputToken
             a.outputVia = spec.outputVia
             a.holdsHead = i == plan.count - 1
-            a.optionsJson = spec.optionsJSON
+            a.options = spec.options
             a.samples = UInt32(spec.samples)
             a.epoch = epoch
             out.append(.send(identity: workers[p.worker]!.identity, env(.assignment(a))))
@@ -437,9 +437,7 @@ public final class CoordinatorState {
                     phase = .failed
                     return [.failed("backward finished without statistics for layer \(l)")]
                 }
-                var x = GradientStatistics.Layer()
-                x.attnVis = s.attnVis; x.attnCap = s.attnCap; x.mlpVis = s.mlpVis; x.mlpCap = s.mlpCap
-                sums.append(x)
+                sums.append(s.sums)
                 used = Int(s.samples)
                 skipped = s.skipped
             }

@@ -10,14 +10,15 @@ public enum DistributedJob {
     public static func spec(ckpt: Checkpoint, calib: CalibrationBundle, options: QuantizeOptions, workers: Int,
                             out: String, outputVia: String = "auto") throws -> JobSpec {
         guard ["auto", "shared", "coordinator"].contains(outputVia) else {
-            throw MethodsError.invalidOptions("--output-via \(outputVia): use auto, shared or coordinator")
+            throw ClusterError.invalidOption("--output-via \(outputVia): use auto, shared or coordinator")
         }
         let cfg = ckpt.config
-        let json = QuantizeOptionsCodec.encode(options)
+        let opts = Mbq_JobOptions(options)
+        let json = opts.canonicalText
         let modelDir = (ckpt.directory as NSString).standardizingPath
         let calibPath = (calib.path as NSString).standardizingPath
         let id = Auth.sha256(Array("\(modelDir)|\(calibPath)|\(json)".utf8)).prefix(6).map { String(format: "%02x", $0) }.joined()
-        var spec = JobSpec(jobID: "mbq-" + id, modelDir: modelDir, calibPath: calibPath, optionsJSON: json, layers: cfg.numLayers,
+        var spec = JobSpec(jobID: "mbq-" + id, modelDir: modelDir, calibPath: calibPath, options: opts, layers: cfg.numLayers,
                            samples: calib.count, needsStats: options.method != .rtn && options.effectiveReweight,
                            needsForward: options.method != .rtn,
                            groupsPerLayer: options.method == .smoothquant ? 2 : ScaleSearch.groups(for: cfg).count,
@@ -63,7 +64,7 @@ public enum DistributedJob {
             try? FileManager.default.removeItem(atPath: tmp)
             throw error
         }
-        let result = coord.result(options: options, seconds: ["distributed_job": Date().timeIntervalSince(t0)])
+        let result = try coord.result(options: options, seconds: ["distributed_job": Date().timeIntervalSince(t0)])
         try QuantizedCheckpointWriter.finish(source: ckpt, tmp: tmp, out: out, overwrite: overwrite,
                                              options: options) { dir in try ResultsFile.writeAll(result, into: dir) }
         coord.log(.wrote(path: out, seconds: Date().timeIntervalSince(t0)))

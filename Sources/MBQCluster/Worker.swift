@@ -305,7 +305,7 @@ public final class Worker: @unchecked Sendable {
         head = a.holdsHead ? (try c.tensor(c.names.finalNorm, shape: [c.config.hiddenSize]),
                               try c.tensor(c.names.outputProjection, shape: [c.config.vocabSize, c.config.hiddenSize]),
                               Float(c.config.rmsNormEps)) : nil
-        quantOptions = try QuantizeOptionsCodec.decode(a.optionsJson)
+        quantOptions = try a.options.quantizeOptions()
         // What the memory budget leaves for cached block inputs once the weights, the
         // head and one sample's working set are in.
         let cfg = c.config

@@ -124,13 +124,7 @@ extension Worker {
             }
         }
         for l in range {
-            var st = Mbq_LayerStats()
-            st.layer = UInt32(l)
-            st.attnVis = sums[l]!.attnVis; st.attnCap = sums[l]!.attnCap; st.mlpVis = sums[l]!.mlpVis; st.mlpCap = sums[l]!.mlpCap
-            st.samples = UInt32(used)
-            st.skipped = skipped
-            st.epoch = assignment.epoch
-            post(.layerStats(st))
+            post(.layerStats(Mbq_LayerStats(layer: l, sums: sums[l]!, samples: used, skipped: skipped, epoch: assignment.epoch)))
         }
         return (moved, transfer)
     }
@@ -173,10 +167,7 @@ extension Worker {
             let found = LayerStep.scales(layer: l, weights: blocks[l]!, samples: captured.samples, attnRatio: ratios?.attn[l] ?? 1,
                                          mlpRatio: ratios?.mlp[l] ?? 1, options: quantOptions, backend: backend)
             for g in found {
-                var m = Mbq_GroupResult()
-                m.layer = UInt32(g.layer); m.group = g.group.rawValue; m.bestIdx = UInt32(g.bestIndex)
-                m.alpha = g.alpha; m.loss = g.losses; m.ratio = g.ratio; m.scales = g.scales
-                m.epoch = assignment.epoch
+                let m = Mbq_GroupResult(g, epoch: assignment.epoch)
                 results[l, default: [:]][m.group] = m
                 post(.groupResult(m))
             }

@@ -7,7 +7,7 @@ import XCTest
 /// The coordinator's state machine without sockets: messages and clock in, directives out.
 final class CoordinatorStateTests: XCTestCase {
     static func spec(workers: Int, layers: Int = 4) -> JobSpec {
-        JobSpec(jobID: "job", modelDir: "/m", calibPath: "/c", optionsJSON: "{}", layers: layers, samples: 2,
+        JobSpec(jobID: "job", modelDir: "/m", calibPath: "/c", options: Mbq_JobOptions(), layers: layers, samples: 2,
                 needsStats: true, needsForward: true, groupsPerLayer: 3, expectedWorkers: workers)
     }
 

@@ -34,138 +34,129 @@ fileprivate nonisolated struct _GeneratedWithProtocGenSwiftVersion: SwiftProtobu
   typealias Version = _2
 }
 
-public nonisolated struct Mbq_Envelope: @unchecked Sendable {
+public nonisolated struct Mbq_Envelope: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
   /// PROTOCOL_VERSION; a mismatch is refused
-  public var version: UInt32 {
-    get {_storage._version}
-    set {_uniqueStorage()._version = newValue}
-  }
+  public var version: UInt32 = 0
 
   /// empty in a worker's messages until it has heard from the coordinator
-  public var jobID: String {
-    get {_storage._jobID}
-    set {_uniqueStorage()._jobID = newValue}
-  }
+  public var jobID: String = String()
 
-  public var body: OneOf_Body? {
-    get {return _storage._body}
-    set {_uniqueStorage()._body = newValue}
-  }
+  public var body: Mbq_Envelope.OneOf_Body? = nil
 
   public var register: Mbq_Register {
     get {
-      if case .register(let v)? = _storage._body {return v}
+      if case .register(let v)? = body {return v}
       return Mbq_Register()
     }
-    set {_uniqueStorage()._body = .register(newValue)}
+    set {body = .register(newValue)}
   }
 
   public var heartbeat: Mbq_Heartbeat {
     get {
-      if case .heartbeat(let v)? = _storage._body {return v}
+      if case .heartbeat(let v)? = body {return v}
       return Mbq_Heartbeat()
     }
-    set {_uniqueStorage()._body = .heartbeat(newValue)}
+    set {body = .heartbeat(newValue)}
   }
 
   public var assignment: Mbq_Assignment {
     get {
-      if case .assignment(let v)? = _storage._body {return v}
+      if case .assignment(let v)? = body {return v}
       return Mbq_Assignment()
     }
-    set {_uniqueStorage()._body = .assignment(newValue)}
+    set {body = .assignment(newValue)}
   }
 
   public var runPhase: Mbq_RunPhase {
     get {
-      if case .runPhase(let v)? = _storage._body {return v}
+      if case .runPhase(let v)? = body {return v}
       return Mbq_RunPhase()
     }
-    set {_uniqueStorage()._body = .runPhase(newValue)}
+    set {body = .runPhase(newValue)}
   }
 
   public var tensor: Mbq_TensorHeader {
     get {
-      if case .tensor(let v)? = _storage._body {return v}
+      if case .tensor(let v)? = body {return v}
       return Mbq_TensorHeader()
     }
-    set {_uniqueStorage()._body = .tensor(newValue)}
+    set {body = .tensor(newValue)}
   }
 
   public var layerStats: Mbq_LayerStats {
     get {
-      if case .layerStats(let v)? = _storage._body {return v}
+      if case .layerStats(let v)? = body {return v}
       return Mbq_LayerStats()
     }
-    set {_uniqueStorage()._body = .layerStats(newValue)}
+    set {body = .layerStats(newValue)}
   }
 
   public var groupResult: Mbq_GroupResult {
     get {
-      if case .groupResult(let v)? = _storage._body {return v}
+      if case .groupResult(let v)? = body {return v}
       return Mbq_GroupResult()
     }
-    set {_uniqueStorage()._body = .groupResult(newValue)}
+    set {body = .groupResult(newValue)}
   }
 
   public var phaseDone: Mbq_PhaseDone {
     get {
-      if case .phaseDone(let v)? = _storage._body {return v}
+      if case .phaseDone(let v)? = body {return v}
       return Mbq_PhaseDone()
     }
-    set {_uniqueStorage()._body = .phaseDone(newValue)}
+    set {body = .phaseDone(newValue)}
   }
 
   public var error: Mbq_ErrorReport {
     get {
-      if case .error(let v)? = _storage._body {return v}
+      if case .error(let v)? = body {return v}
       return Mbq_ErrorReport()
     }
-    set {_uniqueStorage()._body = .error(newValue)}
+    set {body = .error(newValue)}
   }
 
   public var shutdown: Mbq_Shutdown {
     get {
-      if case .shutdown(let v)? = _storage._body {return v}
+      if case .shutdown(let v)? = body {return v}
       return Mbq_Shutdown()
     }
-    set {_uniqueStorage()._body = .shutdown(newValue)}
+    set {body = .shutdown(newValue)}
   }
 
   public var ratios: Mbq_Ratios {
     get {
-      if case .ratios(let v)? = _storage._body {return v}
+      if case .ratios(let v)? = body {return v}
       return Mbq_Ratios()
     }
-    set {_uniqueStorage()._body = .ratios(newValue)}
+    set {body = .ratios(newValue)}
   }
 
   public var refused: Mbq_Refused {
     get {
-      if case .refused(let v)? = _storage._body {return v}
+      if case .refused(let v)? = body {return v}
       return Mbq_Refused()
     }
-    set {_uniqueStorage()._body = .refused(newValue)}
+    set {body = .refused(newValue)}
   }
 
   public var blockWritten: Mbq_BlockWritten {
     get {
-      if case .blockWritten(let v)? = _storage._body {return v}
+      if case .blockWritten(let v)? = body {return v}
       return Mbq_BlockWritten()
     }
-    set {_uniqueStorage()._body = .blockWritten(newValue)}
+    set {body = .blockWritten(newValue)}
   }
 
   public var challenge: Mbq_Challenge {
     get {
-      if case .challenge(let v)? = _storage._body {return v}
+      if case .challenge(let v)? = body {return v}
       return Mbq_Challenge()
     }
-    set {_uniqueStorage()._body = .challenge(newValue)}
+    set {body = .challenge(newValue)}
   }
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
@@ -189,8 +180,6 @@ public nonisolated struct Mbq_Envelope: @unchecked Sendable {
   }
 
   public init() {}
-
-  fileprivate var _storage = _StorageClass.defaultInstance
 }
 
 /// Worker -> coordinator on every (re)connect.
@@ -270,55 +259,151 @@ public nonisolated struct Mbq_Heartbeat: Sendable {
 }
 
 /// Coordinator -> worker: what to hold and how to run.
-public nonisolated struct Mbq_Assignment: Sendable {
+public nonisolated struct Mbq_Assignment: @unchecked Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
-  public var firstLayer: UInt32 = 0
+  public var firstLayer: UInt32 {
+    get {_storage._firstLayer}
+    set {_uniqueStorage()._firstLayer = newValue}
+  }
 
   /// exclusive
-  public var endLayer: UInt32 = 0
+  public var endLayer: UInt32 {
+    get {_storage._endLayer}
+    set {_uniqueStorage()._endLayer = newValue}
+  }
 
-  public var modelDir: String = String()
+  public var modelDir: String {
+    get {_storage._modelDir}
+    set {_uniqueStorage()._modelDir = newValue}
+  }
 
-  public var calibPath: String = String()
+  public var calibPath: String {
+    get {_storage._calibPath}
+    set {_uniqueStorage()._calibPath = newValue}
+  }
 
   /// empty for the first stage
-  public var upstreamEndpoint: String = String()
+  public var upstreamEndpoint: String {
+    get {_storage._upstreamEndpoint}
+    set {_uniqueStorage()._upstreamEndpoint = newValue}
+  }
 
   /// empty for the last stage
-  public var downstreamEndpoint: String = String()
+  public var downstreamEndpoint: String {
+    get {_storage._downstreamEndpoint}
+    set {_uniqueStorage()._downstreamEndpoint = newValue}
+  }
 
   /// final norm + lm_head (last stage)
-  public var holdsHead: Bool = false
+  public var holdsHead: Bool {
+    get {_storage._holdsHead}
+    set {_uniqueStorage()._holdsHead = newValue}
+  }
 
-  /// QuantizeOptions
-  public var optionsJson: String = String()
-
-  public var samples: UInt32 = 0
+  public var samples: UInt32 {
+    get {_storage._samples}
+    set {_uniqueStorage()._samples = newValue}
+  }
 
   /// bumps on every re-plan; stale traffic is dropped
-  public var epoch: UInt32 = 0
+  public var epoch: UInt32 {
+    get {_storage._epoch}
+    set {_uniqueStorage()._epoch = newValue}
+  }
 
   /// the neighbours' data-socket CURVE keys: this worker
-  public var upstreamCurveKey: String = String()
+  public var upstreamCurveKey: String {
+    get {_storage._upstreamCurveKey}
+    set {_uniqueStorage()._upstreamCurveKey = newValue}
+  }
 
   /// connects to them as server keys and admits only them
-  public var downstreamCurveKey: String = String()
+  public var downstreamCurveKey: String {
+    get {_storage._downstreamCurveKey}
+    set {_uniqueStorage()._downstreamCurveKey = newValue}
+  }
 
   /// the output's temporary directory (on the coordinator)
-  public var outputDir: String = String()
+  public var outputDir: String {
+    get {_storage._outputDir}
+    set {_uniqueStorage()._outputDir = newValue}
+  }
 
   /// content of OUTPUT_DIR/.mbq-output: seen = shared filesystem
-  public var outputToken: String = String()
+  public var outputToken: String {
+    get {_storage._outputToken}
+    set {_uniqueStorage()._outputToken = newValue}
+  }
 
   /// "auto" (shared when seen), "shared", "coordinator"
-  public var outputVia: String = String()
+  public var outputVia: String {
+    get {_storage._outputVia}
+    set {_uniqueStorage()._outputVia = newValue}
+  }
+
+  /// what to compute (MBQMethods.QuantizeOptions)
+  public var options: Mbq_JobOptions {
+    get {_storage._options ?? Mbq_JobOptions()}
+    set {_uniqueStorage()._options = newValue}
+  }
+  /// Returns true if `options` has been explicitly set.
+  public var hasOptions: Bool {_storage._options != nil}
+  /// Clears the value of `options`. Subsequent reads from it will return its default value.
+  public mutating func clearOptions() {_uniqueStorage()._options = nil}
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
+
+  fileprivate var _storage = _StorageClass.defaultInstance
+}
+
+/// The job's QuantizeOptions (conversions: Sources/MBQCluster/ProtoConversions.swift).
+public nonisolated struct Mbq_JobOptions: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// "rtn", "awq", "mbq", "smoothquant"
+  public var method: String = String()
+
+  public var wBit: UInt32 = 0
+
+  /// -1: one group per row
+  public var group: Int32 = 0
+
+  /// 0: weight-only
+  public var aBit: UInt32 = 0
+
+  /// "mae", "mse"
+  public var loss: String = String()
+
+  /// unset: on for mbq, off otherwise
+  public var reweight: Bool {
+    get {_reweight ?? false}
+    set {_reweight = newValue}
+  }
+  /// Returns true if `reweight` has been explicitly set.
+  public var hasReweight: Bool {self._reweight != nil}
+  /// Clears the value of `reweight`. Subsequent reads from it will return its default value.
+  public mutating func clearReweight() {self._reweight = nil}
+
+  public var distort: Bool = false
+
+  /// the resolved output format ("compressed-tensors", ...)
+  public var format: String = String()
+
+  /// the source's decoder dtype ("BF16", ...)
+  public var weightDtype: String = String()
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+
+  fileprivate var _reweight: Bool? = nil
 }
 
 public nonisolated struct Mbq_RunPhase: Sendable {
@@ -526,318 +611,278 @@ nonisolated extension Mbq_Envelope: SwiftProtobuf.Message, SwiftProtobuf._Messag
   public static let protoMessageName: String = _protobuf_package + ".Envelope"
   public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}version\0\u{3}job_id\0\u{2}\u{8}register\0\u{1}heartbeat\0\u{1}assignment\0\u{3}run_phase\0\u{1}tensor\0\u{3}layer_stats\0\u{3}group_result\0\u{3}phase_done\0\u{1}error\0\u{1}shutdown\0\u{1}ratios\0\u{1}refused\0\u{3}block_written\0\u{1}challenge\0\u{c}\u{3}\u{1}")
 
-  fileprivate class _StorageClass {
-    var _version: UInt32 = 0
-    var _jobID: String = String()
-    var _body: Mbq_Envelope.OneOf_Body?
-
-      // This property is used as the initial default value for new instances of the type.
-      // The type itself is protecting the reference to its storage via CoW semantics.
-      // This will force a copy to be made of this reference when the first mutation occurs;
-      // hence, it is safe to mark this as `nonisolated(unsafe)`.
-      static nonisolated(unsafe) let defaultInstance = _StorageClass()
-
-    private init() {}
-
-    init(copying source: _StorageClass) {
-      _version = source._version
-      _jobID = source._jobID
-      _body = source._body
-    }
-  }
-
-  fileprivate mutating func _uniqueStorage() -> _StorageClass {
-    if !isKnownUniquelyReferenced(&_storage) {
-      _storage = _StorageClass(copying: _storage)
-    }
-    return _storage
-  }
-
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
-    _ = _uniqueStorage()
-    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
-      while let fieldNumber = try decoder.nextFieldNumber() {
-        // The use of inline closures is to circumvent an issue where the compiler
-        // allocates stack space for every case branch when no optimizations are
-        // enabled. https://github.com/apple/swift-protobuf/issues/1034
-        switch fieldNumber {
-        case 1: try { try decoder.decodeSingularUInt32Field(value: &_storage._version) }()
-        case 2: try { try decoder.decodeSingularStringField(value: &_storage._jobID) }()
-        case 10: try {
-          var v: Mbq_Register?
-          var hadOneofValue = false
-          if let current = _storage._body {
-            hadOneofValue = true
-            if case .register(let m) = current {v = m}
-          }
-          try decoder.decodeSingularMessageField(value: &v)
-          if let v = v {
-            if hadOneofValue {try decoder.handleConflictingOneOf()}
-            _storage._body = .register(v)
-          }
-        }()
-        case 11: try {
-          var v: Mbq_Heartbeat?
-          var hadOneofValue = false
-          if let current = _storage._body {
-            hadOneofValue = true
-            if case .heartbeat(let m) = current {v = m}
-          }
-          try decoder.decodeSingularMessageField(value: &v)
-          if let v = v {
-            if hadOneofValue {try decoder.handleConflictingOneOf()}
-            _storage._body = .heartbeat(v)
-          }
-        }()
-        case 12: try {
-          var v: Mbq_Assignment?
-          var hadOneofValue = false
-          if let current = _storage._body {
-            hadOneofValue = true
-            if case .assignment(let m) = current {v = m}
-          }
-          try decoder.decodeSingularMessageField(value: &v)
-          if let v = v {
-            if hadOneofValue {try decoder.handleConflictingOneOf()}
-            _storage._body = .assignment(v)
-          }
-        }()
-        case 13: try {
-          var v: Mbq_RunPhase?
-          var hadOneofValue = false
-          if let current = _storage._body {
-            hadOneofValue = true
-            if case .runPhase(let m) = current {v = m}
-          }
-          try decoder.decodeSingularMessageField(value: &v)
-          if let v = v {
-            if hadOneofValue {try decoder.handleConflictingOneOf()}
-            _storage._body = .runPhase(v)
-          }
-        }()
-        case 14: try {
-          var v: Mbq_TensorHeader?
-          var hadOneofValue = false
-          if let current = _storage._body {
-            hadOneofValue = true
-            if case .tensor(let m) = current {v = m}
-          }
-          try decoder.decodeSingularMessageField(value: &v)
-          if let v = v {
-            if hadOneofValue {try decoder.handleConflictingOneOf()}
-            _storage._body = .tensor(v)
-          }
-        }()
-        case 15: try {
-          var v: Mbq_LayerStats?
-          var hadOneofValue = false
-          if let current = _storage._body {
-            hadOneofValue = true
-            if case .layerStats(let m) = current {v = m}
-          }
-          try decoder.decodeSingularMessageField(value: &v)
-          if let v = v {
-            if hadOneofValue {try decoder.handleConflictingOneOf()}
-            _storage._body = .layerStats(v)
-          }
-        }()
-        case 16: try {
-          var v: Mbq_GroupResult?
-          var hadOneofValue = false
-          if let current = _storage._body {
-            hadOneofValue = true
-            if case .groupResult(let m) = current {v = m}
-          }
-          try decoder.decodeSingularMessageField(value: &v)
-          if let v = v {
-            if hadOneofValue {try decoder.handleConflictingOneOf()}
-            _storage._body = .groupResult(v)
-          }
-        }()
-        case 17: try {
-          var v: Mbq_PhaseDone?
-          var hadOneofValue = false
-          if let current = _storage._body {
-            hadOneofValue = true
-            if case .phaseDone(let m) = current {v = m}
-          }
-          try decoder.decodeSingularMessageField(value: &v)
-          if let v = v {
-            if hadOneofValue {try decoder.handleConflictingOneOf()}
-            _storage._body = .phaseDone(v)
-          }
-        }()
-        case 18: try {
-          var v: Mbq_ErrorReport?
-          var hadOneofValue = false
-          if let current = _storage._body {
-            hadOneofValue = true
-            if case .error(let m) = current {v = m}
-          }
-          try decoder.decodeSingularMessageField(value: &v)
-          if let v = v {
-            if hadOneofValue {try decoder.handleConflictingOneOf()}
-            _storage._body = .error(v)
-          }
-        }()
-        case 19: try {
-          var v: Mbq_Shutdown?
-          var hadOneofValue = false
-          if let current = _storage._body {
-            hadOneofValue = true
-            if case .shutdown(let m) = current {v = m}
-          }
-          try decoder.decodeSingularMessageField(value: &v)
-          if let v = v {
-            if hadOneofValue {try decoder.handleConflictingOneOf()}
-            _storage._body = .shutdown(v)
-          }
-        }()
-        case 20: try {
-          var v: Mbq_Ratios?
-          var hadOneofValue = false
-          if let current = _storage._body {
-            hadOneofValue = true
-            if case .ratios(let m) = current {v = m}
-          }
-          try decoder.decodeSingularMessageField(value: &v)
-          if let v = v {
-            if hadOneofValue {try decoder.handleConflictingOneOf()}
-            _storage._body = .ratios(v)
-          }
-        }()
-        case 21: try {
-          var v: Mbq_Refused?
-          var hadOneofValue = false
-          if let current = _storage._body {
-            hadOneofValue = true
-            if case .refused(let m) = current {v = m}
-          }
-          try decoder.decodeSingularMessageField(value: &v)
-          if let v = v {
-            if hadOneofValue {try decoder.handleConflictingOneOf()}
-            _storage._body = .refused(v)
-          }
-        }()
-        case 22: try {
-          var v: Mbq_BlockWritten?
-          var hadOneofValue = false
-          if let current = _storage._body {
-            hadOneofValue = true
-            if case .blockWritten(let m) = current {v = m}
-          }
-          try decoder.decodeSingularMessageField(value: &v)
-          if let v = v {
-            if hadOneofValue {try decoder.handleConflictingOneOf()}
-            _storage._body = .blockWritten(v)
-          }
-        }()
-        case 23: try {
-          var v: Mbq_Challenge?
-          var hadOneofValue = false
-          if let current = _storage._body {
-            hadOneofValue = true
-            if case .challenge(let m) = current {v = m}
-          }
-          try decoder.decodeSingularMessageField(value: &v)
-          if let v = v {
-            if hadOneofValue {try decoder.handleConflictingOneOf()}
-            _storage._body = .challenge(v)
-          }
-        }()
-        default: break
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularUInt32Field(value: &self.version) }()
+      case 2: try { try decoder.decodeSingularStringField(value: &self.jobID) }()
+      case 10: try {
+        var v: Mbq_Register?
+        var hadOneofValue = false
+        if let current = self.body {
+          hadOneofValue = true
+          if case .register(let m) = current {v = m}
         }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.body = .register(v)
+        }
+      }()
+      case 11: try {
+        var v: Mbq_Heartbeat?
+        var hadOneofValue = false
+        if let current = self.body {
+          hadOneofValue = true
+          if case .heartbeat(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.body = .heartbeat(v)
+        }
+      }()
+      case 12: try {
+        var v: Mbq_Assignment?
+        var hadOneofValue = false
+        if let current = self.body {
+          hadOneofValue = true
+          if case .assignment(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.body = .assignment(v)
+        }
+      }()
+      case 13: try {
+        var v: Mbq_RunPhase?
+        var hadOneofValue = false
+        if let current = self.body {
+          hadOneofValue = true
+          if case .runPhase(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.body = .runPhase(v)
+        }
+      }()
+      case 14: try {
+        var v: Mbq_TensorHeader?
+        var hadOneofValue = false
+        if let current = self.body {
+          hadOneofValue = true
+          if case .tensor(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.body = .tensor(v)
+        }
+      }()
+      case 15: try {
+        var v: Mbq_LayerStats?
+        var hadOneofValue = false
+        if let current = self.body {
+          hadOneofValue = true
+          if case .layerStats(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.body = .layerStats(v)
+        }
+      }()
+      case 16: try {
+        var v: Mbq_GroupResult?
+        var hadOneofValue = false
+        if let current = self.body {
+          hadOneofValue = true
+          if case .groupResult(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.body = .groupResult(v)
+        }
+      }()
+      case 17: try {
+        var v: Mbq_PhaseDone?
+        var hadOneofValue = false
+        if let current = self.body {
+          hadOneofValue = true
+          if case .phaseDone(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.body = .phaseDone(v)
+        }
+      }()
+      case 18: try {
+        var v: Mbq_ErrorReport?
+        var hadOneofValue = false
+        if let current = self.body {
+          hadOneofValue = true
+          if case .error(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.body = .error(v)
+        }
+      }()
+      case 19: try {
+        var v: Mbq_Shutdown?
+        var hadOneofValue = false
+        if let current = self.body {
+          hadOneofValue = true
+          if case .shutdown(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.body = .shutdown(v)
+        }
+      }()
+      case 20: try {
+        var v: Mbq_Ratios?
+        var hadOneofValue = false
+        if let current = self.body {
+          hadOneofValue = true
+          if case .ratios(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.body = .ratios(v)
+        }
+      }()
+      case 21: try {
+        var v: Mbq_Refused?
+        var hadOneofValue = false
+        if let current = self.body {
+          hadOneofValue = true
+          if case .refused(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.body = .refused(v)
+        }
+      }()
+      case 22: try {
+        var v: Mbq_BlockWritten?
+        var hadOneofValue = false
+        if let current = self.body {
+          hadOneofValue = true
+          if case .blockWritten(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.body = .blockWritten(v)
+        }
+      }()
+      case 23: try {
+        var v: Mbq_Challenge?
+        var hadOneofValue = false
+        if let current = self.body {
+          hadOneofValue = true
+          if case .challenge(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.body = .challenge(v)
+        }
+      }()
+      default: break
       }
     }
   }
 
   public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
-    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
-      // The use of inline closures is to circumvent an issue where the compiler
-      // allocates stack space for every if/case branch local when no optimizations
-      // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
-      // https://github.com/apple/swift-protobuf/issues/1182
-      if _storage._version != 0 {
-        try visitor.visitSingularUInt32Field(value: _storage._version, fieldNumber: 1)
-      }
-      if !_storage._jobID.isEmpty {
-        try visitor.visitSingularStringField(value: _storage._jobID, fieldNumber: 2)
-      }
-      switch _storage._body {
-      case .register?: try {
-        guard case .register(let v)? = _storage._body else { preconditionFailure() }
-        try visitor.visitSingularMessageField(value: v, fieldNumber: 10)
-      }()
-      case .heartbeat?: try {
-        guard case .heartbeat(let v)? = _storage._body else { preconditionFailure() }
-        try visitor.visitSingularMessageField(value: v, fieldNumber: 11)
-      }()
-      case .assignment?: try {
-        guard case .assignment(let v)? = _storage._body else { preconditionFailure() }
-        try visitor.visitSingularMessageField(value: v, fieldNumber: 12)
-      }()
-      case .runPhase?: try {
-        guard case .runPhase(let v)? = _storage._body else { preconditionFailure() }
-        try visitor.visitSingularMessageField(value: v, fieldNumber: 13)
-      }()
-      case .tensor?: try {
-        guard case .tensor(let v)? = _storage._body else { preconditionFailure() }
-        try visitor.visitSingularMessageField(value: v, fieldNumber: 14)
-      }()
-      case .layerStats?: try {
-        guard case .layerStats(let v)? = _storage._body else { preconditionFailure() }
-        try visitor.visitSingularMessageField(value: v, fieldNumber: 15)
-      }()
-      case .groupResult?: try {
-        guard case .groupResult(let v)? = _storage._body else { preconditionFailure() }
-        try visitor.visitSingularMessageField(value: v, fieldNumber: 16)
-      }()
-      case .phaseDone?: try {
-        guard case .phaseDone(let v)? = _storage._body else { preconditionFailure() }
-        try visitor.visitSingularMessageField(value: v, fieldNumber: 17)
-      }()
-      case .error?: try {
-        guard case .error(let v)? = _storage._body else { preconditionFailure() }
-        try visitor.visitSingularMessageField(value: v, fieldNumber: 18)
-      }()
-      case .shutdown?: try {
-        guard case .shutdown(let v)? = _storage._body else { preconditionFailure() }
-        try visitor.visitSingularMessageField(value: v, fieldNumber: 19)
-      }()
-      case .ratios?: try {
-        guard case .ratios(let v)? = _storage._body else { preconditionFailure() }
-        try visitor.visitSingularMessageField(value: v, fieldNumber: 20)
-      }()
-      case .refused?: try {
-        guard case .refused(let v)? = _storage._body else { preconditionFailure() }
-        try visitor.visitSingularMessageField(value: v, fieldNumber: 21)
-      }()
-      case .blockWritten?: try {
-        guard case .blockWritten(let v)? = _storage._body else { preconditionFailure() }
-        try visitor.visitSingularMessageField(value: v, fieldNumber: 22)
-      }()
-      case .challenge?: try {
-        guard case .challenge(let v)? = _storage._body else { preconditionFailure() }
-        try visitor.visitSingularMessageField(value: v, fieldNumber: 23)
-      }()
-      case nil: break
-      }
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
+    if self.version != 0 {
+      try visitor.visitSingularUInt32Field(value: self.version, fieldNumber: 1)
+    }
+    if !self.jobID.isEmpty {
+      try visitor.visitSingularStringField(value: self.jobID, fieldNumber: 2)
+    }
+    switch self.body {
+    case .register?: try {
+      guard case .register(let v)? = self.body else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 10)
+    }()
+    case .heartbeat?: try {
+      guard case .heartbeat(let v)? = self.body else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 11)
+    }()
+    case .assignment?: try {
+      guard case .assignment(let v)? = self.body else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 12)
+    }()
+    case .runPhase?: try {
+      guard case .runPhase(let v)? = self.body else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 13)
+    }()
+    case .tensor?: try {
+      guard case .tensor(let v)? = self.body else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 14)
+    }()
+    case .layerStats?: try {
+      guard case .layerStats(let v)? = self.body else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 15)
+    }()
+    case .groupResult?: try {
+      guard case .groupResult(let v)? = self.body else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 16)
+    }()
+    case .phaseDone?: try {
+      guard case .phaseDone(let v)? = self.body else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 17)
+    }()
+    case .error?: try {
+      guard case .error(let v)? = self.body else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 18)
+    }()
+    case .shutdown?: try {
+      guard case .shutdown(let v)? = self.body else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 19)
+    }()
+    case .ratios?: try {
+      guard case .ratios(let v)? = self.body else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 20)
+    }()
+    case .refused?: try {
+      guard case .refused(let v)? = self.body else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 21)
+    }()
+    case .blockWritten?: try {
+      guard case .blockWritten(let v)? = self.body else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 22)
+    }()
+    case .challenge?: try {
+      guard case .challenge(let v)? = self.body else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 23)
+    }()
+    case nil: break
     }
     try unknownFields.traverse(visitor: &visitor)
   }
 
   public static func ==(lhs: Mbq_Envelope, rhs: Mbq_Envelope) -> Bool {
-    if lhs._storage !== rhs._storage {
-      let storagesAreEqual: Bool = withExtendedLifetime((lhs._storage, rhs._storage)) { (_args: (_StorageClass, _StorageClass)) in
-        let _storage = _args.0
-        let rhs_storage = _args.1
-        if _storage._version != rhs_storage._version {return false}
-        if _storage._jobID != rhs_storage._jobID {return false}
-        if _storage._body != rhs_storage._body {return false}
-        return true
-      }
-      if !storagesAreEqual {return false}
-    }
+    if lhs.version != rhs.version {return false}
+    if lhs.jobID != rhs.jobID {return false}
+    if lhs.body != rhs.body {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -1000,7 +1045,175 @@ nonisolated extension Mbq_Heartbeat: SwiftProtobuf.Message, SwiftProtobuf._Messa
 
 nonisolated extension Mbq_Assignment: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Assignment"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}first_layer\0\u{3}end_layer\0\u{3}model_dir\0\u{3}calib_path\0\u{3}upstream_endpoint\0\u{3}downstream_endpoint\0\u{3}holds_head\0\u{3}options_json\0\u{1}samples\0\u{1}epoch\0\u{3}upstream_curve_key\0\u{3}downstream_curve_key\0\u{3}output_dir\0\u{3}output_token\0\u{3}output_via\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}first_layer\0\u{3}end_layer\0\u{3}model_dir\0\u{3}calib_path\0\u{3}upstream_endpoint\0\u{3}downstream_endpoint\0\u{3}holds_head\0\u{2}\u{2}samples\0\u{1}epoch\0\u{3}upstream_curve_key\0\u{3}downstream_curve_key\0\u{3}output_dir\0\u{3}output_token\0\u{3}output_via\0\u{1}options\0\u{c}\u{8}\u{1}")
+
+  fileprivate class _StorageClass {
+    var _firstLayer: UInt32 = 0
+    var _endLayer: UInt32 = 0
+    var _modelDir: String = String()
+    var _calibPath: String = String()
+    var _upstreamEndpoint: String = String()
+    var _downstreamEndpoint: String = String()
+    var _holdsHead: Bool = false
+    var _samples: UInt32 = 0
+    var _epoch: UInt32 = 0
+    var _upstreamCurveKey: String = String()
+    var _downstreamCurveKey: String = String()
+    var _outputDir: String = String()
+    var _outputToken: String = String()
+    var _outputVia: String = String()
+    var _options: Mbq_JobOptions? = nil
+
+      // This property is used as the initial default value for new instances of the type.
+      // The type itself is protecting the reference to its storage via CoW semantics.
+      // This will force a copy to be made of this reference when the first mutation occurs;
+      // hence, it is safe to mark this as `nonisolated(unsafe)`.
+      static nonisolated(unsafe) let defaultInstance = _StorageClass()
+
+    private init() {}
+
+    init(copying source: _StorageClass) {
+      _firstLayer = source._firstLayer
+      _endLayer = source._endLayer
+      _modelDir = source._modelDir
+      _calibPath = source._calibPath
+      _upstreamEndpoint = source._upstreamEndpoint
+      _downstreamEndpoint = source._downstreamEndpoint
+      _holdsHead = source._holdsHead
+      _samples = source._samples
+      _epoch = source._epoch
+      _upstreamCurveKey = source._upstreamCurveKey
+      _downstreamCurveKey = source._downstreamCurveKey
+      _outputDir = source._outputDir
+      _outputToken = source._outputToken
+      _outputVia = source._outputVia
+      _options = source._options
+    }
+  }
+
+  fileprivate mutating func _uniqueStorage() -> _StorageClass {
+    if !isKnownUniquelyReferenced(&_storage) {
+      _storage = _StorageClass(copying: _storage)
+    }
+    return _storage
+  }
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    _ = _uniqueStorage()
+    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
+      while let fieldNumber = try decoder.nextFieldNumber() {
+        // The use of inline closures is to circumvent an issue where the compiler
+        // allocates stack space for every case branch when no optimizations are
+        // enabled. https://github.com/apple/swift-protobuf/issues/1034
+        switch fieldNumber {
+        case 1: try { try decoder.decodeSingularUInt32Field(value: &_storage._firstLayer) }()
+        case 2: try { try decoder.decodeSingularUInt32Field(value: &_storage._endLayer) }()
+        case 3: try { try decoder.decodeSingularStringField(value: &_storage._modelDir) }()
+        case 4: try { try decoder.decodeSingularStringField(value: &_storage._calibPath) }()
+        case 5: try { try decoder.decodeSingularStringField(value: &_storage._upstreamEndpoint) }()
+        case 6: try { try decoder.decodeSingularStringField(value: &_storage._downstreamEndpoint) }()
+        case 7: try { try decoder.decodeSingularBoolField(value: &_storage._holdsHead) }()
+        case 9: try { try decoder.decodeSingularUInt32Field(value: &_storage._samples) }()
+        case 10: try { try decoder.decodeSingularUInt32Field(value: &_storage._epoch) }()
+        case 11: try { try decoder.decodeSingularStringField(value: &_storage._upstreamCurveKey) }()
+        case 12: try { try decoder.decodeSingularStringField(value: &_storage._downstreamCurveKey) }()
+        case 13: try { try decoder.decodeSingularStringField(value: &_storage._outputDir) }()
+        case 14: try { try decoder.decodeSingularStringField(value: &_storage._outputToken) }()
+        case 15: try { try decoder.decodeSingularStringField(value: &_storage._outputVia) }()
+        case 16: try { try decoder.decodeSingularMessageField(value: &_storage._options) }()
+        default: break
+        }
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every if/case branch local when no optimizations
+      // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+      // https://github.com/apple/swift-protobuf/issues/1182
+      if _storage._firstLayer != 0 {
+        try visitor.visitSingularUInt32Field(value: _storage._firstLayer, fieldNumber: 1)
+      }
+      if _storage._endLayer != 0 {
+        try visitor.visitSingularUInt32Field(value: _storage._endLayer, fieldNumber: 2)
+      }
+      if !_storage._modelDir.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._modelDir, fieldNumber: 3)
+      }
+      if !_storage._calibPath.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._calibPath, fieldNumber: 4)
+      }
+      if !_storage._upstreamEndpoint.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._upstreamEndpoint, fieldNumber: 5)
+      }
+      if !_storage._downstreamEndpoint.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._downstreamEndpoint, fieldNumber: 6)
+      }
+      if _storage._holdsHead != false {
+        try visitor.visitSingularBoolField(value: _storage._holdsHead, fieldNumber: 7)
+      }
+      if _storage._samples != 0 {
+        try visitor.visitSingularUInt32Field(value: _storage._samples, fieldNumber: 9)
+      }
+      if _storage._epoch != 0 {
+        try visitor.visitSingularUInt32Field(value: _storage._epoch, fieldNumber: 10)
+      }
+      if !_storage._upstreamCurveKey.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._upstreamCurveKey, fieldNumber: 11)
+      }
+      if !_storage._downstreamCurveKey.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._downstreamCurveKey, fieldNumber: 12)
+      }
+      if !_storage._outputDir.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._outputDir, fieldNumber: 13)
+      }
+      if !_storage._outputToken.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._outputToken, fieldNumber: 14)
+      }
+      if !_storage._outputVia.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._outputVia, fieldNumber: 15)
+      }
+      try { if let v = _storage._options {
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 16)
+      } }()
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Mbq_Assignment, rhs: Mbq_Assignment) -> Bool {
+    if lhs._storage !== rhs._storage {
+      let storagesAreEqual: Bool = withExtendedLifetime((lhs._storage, rhs._storage)) { (_args: (_StorageClass, _StorageClass)) in
+        let _storage = _args.0
+        let rhs_storage = _args.1
+        if _storage._firstLayer != rhs_storage._firstLayer {return false}
+        if _storage._endLayer != rhs_storage._endLayer {return false}
+        if _storage._modelDir != rhs_storage._modelDir {return false}
+        if _storage._calibPath != rhs_storage._calibPath {return false}
+        if _storage._upstreamEndpoint != rhs_storage._upstreamEndpoint {return false}
+        if _storage._downstreamEndpoint != rhs_storage._downstreamEndpoint {return false}
+        if _storage._holdsHead != rhs_storage._holdsHead {return false}
+        if _storage._samples != rhs_storage._samples {return false}
+        if _storage._epoch != rhs_storage._epoch {return false}
+        if _storage._upstreamCurveKey != rhs_storage._upstreamCurveKey {return false}
+        if _storage._downstreamCurveKey != rhs_storage._downstreamCurveKey {return false}
+        if _storage._outputDir != rhs_storage._outputDir {return false}
+        if _storage._outputToken != rhs_storage._outputToken {return false}
+        if _storage._outputVia != rhs_storage._outputVia {return false}
+        if _storage._options != rhs_storage._options {return false}
+        return true
+      }
+      if !storagesAreEqual {return false}
+    }
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Mbq_JobOptions: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".JobOptions"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}method\0\u{3}w_bit\0\u{1}group\0\u{3}a_bit\0\u{1}loss\0\u{1}reweight\0\u{1}distort\0\u{1}format\0\u{3}weight_dtype\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -1008,91 +1221,65 @@ nonisolated extension Mbq_Assignment: SwiftProtobuf.Message, SwiftProtobuf._Mess
       // allocates stack space for every case branch when no optimizations are
       // enabled. https://github.com/apple/swift-protobuf/issues/1034
       switch fieldNumber {
-      case 1: try { try decoder.decodeSingularUInt32Field(value: &self.firstLayer) }()
-      case 2: try { try decoder.decodeSingularUInt32Field(value: &self.endLayer) }()
-      case 3: try { try decoder.decodeSingularStringField(value: &self.modelDir) }()
-      case 4: try { try decoder.decodeSingularStringField(value: &self.calibPath) }()
-      case 5: try { try decoder.decodeSingularStringField(value: &self.upstreamEndpoint) }()
-      case 6: try { try decoder.decodeSingularStringField(value: &self.downstreamEndpoint) }()
-      case 7: try { try decoder.decodeSingularBoolField(value: &self.holdsHead) }()
-      case 8: try { try decoder.decodeSingularStringField(value: &self.optionsJson) }()
-      case 9: try { try decoder.decodeSingularUInt32Field(value: &self.samples) }()
-      case 10: try { try decoder.decodeSingularUInt32Field(value: &self.epoch) }()
-      case 11: try { try decoder.decodeSingularStringField(value: &self.upstreamCurveKey) }()
-      case 12: try { try decoder.decodeSingularStringField(value: &self.downstreamCurveKey) }()
-      case 13: try { try decoder.decodeSingularStringField(value: &self.outputDir) }()
-      case 14: try { try decoder.decodeSingularStringField(value: &self.outputToken) }()
-      case 15: try { try decoder.decodeSingularStringField(value: &self.outputVia) }()
+      case 1: try { try decoder.decodeSingularStringField(value: &self.method) }()
+      case 2: try { try decoder.decodeSingularUInt32Field(value: &self.wBit) }()
+      case 3: try { try decoder.decodeSingularInt32Field(value: &self.group) }()
+      case 4: try { try decoder.decodeSingularUInt32Field(value: &self.aBit) }()
+      case 5: try { try decoder.decodeSingularStringField(value: &self.loss) }()
+      case 6: try { try decoder.decodeSingularBoolField(value: &self._reweight) }()
+      case 7: try { try decoder.decodeSingularBoolField(value: &self.distort) }()
+      case 8: try { try decoder.decodeSingularStringField(value: &self.format) }()
+      case 9: try { try decoder.decodeSingularStringField(value: &self.weightDtype) }()
       default: break
       }
     }
   }
 
   public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
-    if self.firstLayer != 0 {
-      try visitor.visitSingularUInt32Field(value: self.firstLayer, fieldNumber: 1)
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
+    if !self.method.isEmpty {
+      try visitor.visitSingularStringField(value: self.method, fieldNumber: 1)
     }
-    if self.endLayer != 0 {
-      try visitor.visitSingularUInt32Field(value: self.endLayer, fieldNumber: 2)
+    if self.wBit != 0 {
+      try visitor.visitSingularUInt32Field(value: self.wBit, fieldNumber: 2)
     }
-    if !self.modelDir.isEmpty {
-      try visitor.visitSingularStringField(value: self.modelDir, fieldNumber: 3)
+    if self.group != 0 {
+      try visitor.visitSingularInt32Field(value: self.group, fieldNumber: 3)
     }
-    if !self.calibPath.isEmpty {
-      try visitor.visitSingularStringField(value: self.calibPath, fieldNumber: 4)
+    if self.aBit != 0 {
+      try visitor.visitSingularUInt32Field(value: self.aBit, fieldNumber: 4)
     }
-    if !self.upstreamEndpoint.isEmpty {
-      try visitor.visitSingularStringField(value: self.upstreamEndpoint, fieldNumber: 5)
+    if !self.loss.isEmpty {
+      try visitor.visitSingularStringField(value: self.loss, fieldNumber: 5)
     }
-    if !self.downstreamEndpoint.isEmpty {
-      try visitor.visitSingularStringField(value: self.downstreamEndpoint, fieldNumber: 6)
+    try { if let v = self._reweight {
+      try visitor.visitSingularBoolField(value: v, fieldNumber: 6)
+    } }()
+    if self.distort != false {
+      try visitor.visitSingularBoolField(value: self.distort, fieldNumber: 7)
     }
-    if self.holdsHead != false {
-      try visitor.visitSingularBoolField(value: self.holdsHead, fieldNumber: 7)
+    if !self.format.isEmpty {
+      try visitor.visitSingularStringField(value: self.format, fieldNumber: 8)
     }
-    if !self.optionsJson.isEmpty {
-      try visitor.visitSingularStringField(value: self.optionsJson, fieldNumber: 8)
-    }
-    if self.samples != 0 {
-      try visitor.visitSingularUInt32Field(value: self.samples, fieldNumber: 9)
-    }
-    if self.epoch != 0 {
-      try visitor.visitSingularUInt32Field(value: self.epoch, fieldNumber: 10)
-    }
-    if !self.upstreamCurveKey.isEmpty {
-      try visitor.visitSingularStringField(value: self.upstreamCurveKey, fieldNumber: 11)
-    }
-    if !self.downstreamCurveKey.isEmpty {
-      try visitor.visitSingularStringField(value: self.downstreamCurveKey, fieldNumber: 12)
-    }
-    if !self.outputDir.isEmpty {
-      try visitor.visitSingularStringField(value: self.outputDir, fieldNumber: 13)
-    }
-    if !self.outputToken.isEmpty {
-      try visitor.visitSingularStringField(value: self.outputToken, fieldNumber: 14)
-    }
-    if !self.outputVia.isEmpty {
-      try visitor.visitSingularStringField(value: self.outputVia, fieldNumber: 15)
+    if !self.weightDtype.isEmpty {
+      try visitor.visitSingularStringField(value: self.weightDtype, fieldNumber: 9)
     }
     try unknownFields.traverse(visitor: &visitor)
   }
 
-  public static func ==(lhs: Mbq_Assignment, rhs: Mbq_Assignment) -> Bool {
-    if lhs.firstLayer != rhs.firstLayer {return false}
-    if lhs.endLayer != rhs.endLayer {return false}
-    if lhs.modelDir != rhs.modelDir {return false}
-    if lhs.calibPath != rhs.calibPath {return false}
-    if lhs.upstreamEndpoint != rhs.upstreamEndpoint {return false}
-    if lhs.downstreamEndpoint != rhs.downstreamEndpoint {return false}
-    if lhs.holdsHead != rhs.holdsHead {return false}
-    if lhs.optionsJson != rhs.optionsJson {return false}
-    if lhs.samples != rhs.samples {return false}
-    if lhs.epoch != rhs.epoch {return false}
-    if lhs.upstreamCurveKey != rhs.upstreamCurveKey {return false}
-    if lhs.downstreamCurveKey != rhs.downstreamCurveKey {return false}
-    if lhs.outputDir != rhs.outputDir {return false}
-    if lhs.outputToken != rhs.outputToken {return false}
-    if lhs.outputVia != rhs.outputVia {return false}
+  public static func ==(lhs: Mbq_JobOptions, rhs: Mbq_JobOptions) -> Bool {
+    if lhs.method != rhs.method {return false}
+    if lhs.wBit != rhs.wBit {return false}
+    if lhs.group != rhs.group {return false}
+    if lhs.aBit != rhs.aBit {return false}
+    if lhs.loss != rhs.loss {return false}
+    if lhs._reweight != rhs._reweight {return false}
+    if lhs.distort != rhs.distort {return false}
+    if lhs.format != rhs.format {return false}
+    if lhs.weightDtype != rhs.weightDtype {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
