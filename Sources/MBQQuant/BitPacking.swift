@@ -47,56 +47,52 @@ public enum BitPacking {
         }
     }
 
-    /// codes: [rows, cols] -> [rows, words(cols)]: one stream along each row.
-    public static func packRows(_ codes: [UInt8], rows: Int, cols: Int, bits: Int) -> [Int32] {
-        let wpr = words(cols, bits: bits)
-        var out = [UInt32](repeating: 0, count: rows * wpr)
+    /// Each row's stream of `codes` [rows, cols], word k of row r at out[base(r) + k * stride].
+    static func packEachRow(_ codes: [UInt8], rows: Int, cols: Int, bits: Int, stride: Int, base: (Int) -> Int) -> [Int32] {
+        var out = [UInt32](repeating: 0, count: words(cols, bits: bits) * rows)
         out.withUnsafeMutableBufferPointer { po in
             codes.withUnsafeBufferPointer { pc in
-                for r in 0..<rows { packLine(cols, bits: bits, into: po.baseAddress!, base: r * wpr, stride: 1) { pc[r * cols + $0] } }
+                for r in 0..<rows { packLine(cols, bits: bits, into: po.baseAddress!, base: base(r), stride: stride) { pc[r * cols + $0] } }
             }
         }
         return out.map { Int32(bitPattern: $0) }
     }
 
-    /// [rows, words(cols)] -> codes [rows, cols].
-    public static func unpackRows(_ packed: [Int32], rows: Int, cols: Int, bits: Int) -> [UInt8] {
-        let wpr = words(cols, bits: bits)
-        precondition(packed.count == rows * wpr, "packed \(packed.count) words for [\(rows), \(wpr)]")
+    /// The inverse of `packEachRow`.
+    static func unpackEachRow(_ packed: [Int32], rows: Int, cols: Int, bits: Int, stride: Int, base: (Int) -> Int) -> [UInt8] {
+        precondition(packed.count == words(cols, bits: bits) * rows, "packed \(packed.count) words for \(rows) rows of \(words(cols, bits: bits))")
         let w = packed.map { UInt32(bitPattern: $0) }
         var out = [UInt8](repeating: 0, count: rows * cols)
         w.withUnsafeBufferPointer { pw in
             out.withUnsafeMutableBufferPointer { po in
-                for r in 0..<rows { unpackLine(cols, bits: bits, from: pw.baseAddress!, base: r * wpr, stride: 1) { po[r * cols + $0] = $1 } }
+                for r in 0..<rows { unpackLine(cols, bits: bits, from: pw.baseAddress!, base: base(r), stride: stride) { po[r * cols + $0] = $1 } }
             }
         }
         return out
+    }
+
+    /// codes: [rows, cols] -> [rows, words(cols)]: one stream along each row.
+    public static func packRows(_ codes: [UInt8], rows: Int, cols: Int, bits: Int) -> [Int32] {
+        let wpr = words(cols, bits: bits)
+        return packEachRow(codes, rows: rows, cols: cols, bits: bits, stride: 1) { $0 * wpr }
+    }
+
+    /// [rows, words(cols)] -> codes [rows, cols].
+    public static func unpackRows(_ packed: [Int32], rows: Int, cols: Int, bits: Int) -> [UInt8] {
+        let wpr = words(cols, bits: bits)
+        return unpackEachRow(packed, rows: rows, cols: cols, bits: bits, stride: 1) { $0 * wpr }
     }
 
     /// codes: [rows, cols] -> [words(cols), rows]: each row's stream written down a column
     /// of the output (GPTQ's `qweight` from [out, in] codes; `packColumns` of the
     /// transpose, without transposing).
     public static func packRowsTransposed(_ codes: [UInt8], rows: Int, cols: Int, bits: Int) -> [Int32] {
-        var out = [UInt32](repeating: 0, count: words(cols, bits: bits) * rows)
-        out.withUnsafeMutableBufferPointer { po in
-            codes.withUnsafeBufferPointer { pc in
-                for r in 0..<rows { packLine(cols, bits: bits, into: po.baseAddress!, base: r, stride: rows) { pc[r * cols + $0] } }
-            }
-        }
-        return out.map { Int32(bitPattern: $0) }
+        packEachRow(codes, rows: rows, cols: cols, bits: bits, stride: rows) { $0 }
     }
 
     /// [words(cols), rows] -> codes [rows, cols].
     public static func unpackRowsTransposed(_ packed: [Int32], rows: Int, cols: Int, bits: Int) -> [UInt8] {
-        precondition(packed.count == words(cols, bits: bits) * rows, "packed \(packed.count) words for [\(words(cols, bits: bits)), \(rows)]")
-        let w = packed.map { UInt32(bitPattern: $0) }
-        var out = [UInt8](repeating: 0, count: rows * cols)
-        w.withUnsafeBufferPointer { pw in
-            out.withUnsafeMutableBufferPointer { po in
-                for r in 0..<rows { unpackLine(cols, bits: bits, from: pw.baseAddress!, base: r, stride: rows) { po[r * cols + $0] = $1 } }
-            }
-        }
-        return out
+        unpackEachRow(packed, rows: rows, cols: cols, bits: bits, stride: rows) { $0 }
     }
 
     /// codes: [rows, cols] -> [words(rows), cols]: one stream down each column.
