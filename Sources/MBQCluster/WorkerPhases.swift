@@ -109,8 +109,7 @@ extension Worker {
                 transfer += dt
             }
             let r = rope(sample)
-            let vis = zip(sample.vision, sample.attention).map { $0 && $1 }
-            let cap = zip(sample.caption, sample.attention).map { $0 && $1 }
+            let vis = sample.attendedVision, cap = sample.attendedCaption
             for l in range.reversed() {
                 let f = backend.blockForward(try inputs.get(layer: l, sample: s), blocks[l]!, rope: r, mask: sample.attention,
                                              save: true, capture: false, actBits: nil)

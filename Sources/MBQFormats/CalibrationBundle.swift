@@ -22,6 +22,9 @@ public struct CalibrationSample: Sendable {
     public var length: Int { attention.count }
     /// caption_mask = labels != -100 (docs/DESIGN.md §2).
     public var caption: [Bool] { labels.map { $0 != -100 } }
+    /// Vision and caption positions that are not padding (what statistics and losses read).
+    public var attendedVision: [Bool] { zip(vision, attention).map { $0 && $1 } }
+    public var attendedCaption: [Bool] { zip(caption, attention).map { $0 && $1 } }
 }
 
 /// The `mbq-calib` v1 bundle (docs/DESIGN.md §4): one safetensors file with inputs_embeds

@@ -72,8 +72,8 @@ public struct GradientStatistics: Sendable, Equatable {
     /// attended vision and caption positions and at least one predicted caption token.
     /// The one rule for the one-process job, the workers and `mbq forward`.
     public static func skipReason(_ s: CalibrationSample) -> String? {
-        if !zip(s.vision, s.attention).contains(where: { $0 && $1 }) { return "no vision positions" }
-        if !zip(s.caption, s.attention).contains(where: { $0 && $1 }) { return "no caption positions" }
+        if !s.attendedVision.contains(true) { return "no vision positions" }
+        if !s.attendedCaption.contains(true) { return "no caption positions" }
         if !(0..<Swift.max(0, s.length - 1)).contains(where: { s.labels[$0 + 1] != -100 }) { return "no caption token is predicted" }
         return nil
     }
@@ -88,8 +88,7 @@ public struct GradientStatistics: Sendable, Equatable {
         for (i, s) in samples.enumerated() {
             defer { progress?(i + 1, samples.count) }
             if let why = skipReason(s) { skipped.append("sample \(i): \(why)"); continue }
-            let vis = zip(s.vision, s.attention).map { $0 && $1 }
-            let cap = zip(s.caption, s.attention).map { $0 && $1 }
+            let vis = s.attendedVision, cap = s.attendedCaption
             let g = try model.lossAndGradients(SequenceInput(s))
             used += 1
             for l in 0..<nl {

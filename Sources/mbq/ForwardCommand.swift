@@ -93,7 +93,7 @@ struct ModelRun {
                     if let why = GradientStatistics.skipReason(s) {
                         r.skipped.append("sample \(i): \(why)")
                     } else {
-                        let vis = zip(s.vision, s.attention).map { $0 && $1 }, cap = zip(s.caption, s.attention).map { $0 && $1 }
+                        let vis = s.attendedVision, cap = s.attendedCaption
                         statSamples += 1
                         for l in 0..<lm.config.numLayers {
                             sums[l].accumulate(attentionGrad: g.attentionOutput[l], mlpGrad: g.mlpOutput[l], vision: vis, caption: cap)
