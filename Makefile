@@ -56,7 +56,7 @@ check-formats: release
 	.venv/bin/pip install -q compressed-tensors frozendict
 	$(PYTHON) Scripts/reference/check_formats.py --mbq $(MBQ)
 
-## Regenerates Sources/MBQCluster/Generated from Proto/mbq.proto: Debian's protoc and
+## Regenerates Sources/MBQWire/Generated from Proto/mbq.proto: Debian's protoc and
 ## protoc-gen-swift built from the swift-protobuf package copy SwiftPM resolved (1.39.0).
 proto: deps
 	command -v protoc >/dev/null || (apt-get update -qq && apt-get install -y -qq protobuf-compiler >/dev/null)
@@ -64,7 +64,7 @@ proto: deps
 	  cp -r .build/checkouts/swift-protobuf .build-protoc-src && cd .build-protoc-src && \
 	  $(SWIFT) build -c release --product protoc-gen-swift --scratch-path ../.build-protoc)
 	protoc --plugin=protoc-gen-swift=.build-protoc/release/protoc-gen-swift --swift_opt=Visibility=Public \
-	  --swift_out=Sources/MBQCluster/Generated -I Proto Proto/mbq.proto
+	  --swift_out=Sources/MBQWire/Generated -I Proto Proto/mbq.proto
 
 clean:
 	rm -rf .build demo-out

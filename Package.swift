@@ -2,7 +2,9 @@
 // SwiftMBQ — modality-balanced quantization of the language model inside VLMs.
 // Modules, one concern each: CBLAS / CZMQ (system libraries), MBQTensor (tensors,
 // GEMM, kernels), MBQFormats (safetensors, HF configs, checkpoints, calibration
-// bundles, packed checkpoint formats), MBQQuant (quantizers, integer codes, bit packing), MBQModel (decoder blocks, forward and backward), mbq (the CLI).
+// bundles, packed checkpoint formats, decoder families), MBQQuant (quantizers, integer codes, bit packing),
+// MBQModel (decoder blocks, forward and backward), MBQMethods (backend seam, layer step, methods, writer),
+// MBQWire / MBQCoordinator / MBQWorker / MBQCluster (distribution), mbq (the CLI).
 import PackageDescription
 
 let package = Package(
@@ -34,13 +36,27 @@ let package = Package(
         .target(name: "MBQMethods", dependencies: [
             "MBQTensor", "MBQFormats", "MBQQuant", "MBQModel", .product(name: "Logging", package: "swift-log"),
         ]),
-        .target(name: "MBQCluster", dependencies: [
-            "MBQTensor", "MBQFormats", "MBQQuant", "MBQModel", "MBQMethods", "CZMQ",
+        // The protocol, its framing, sockets, CURVE, shared-secret auth, checksums.
+        .target(name: "MBQWire", dependencies: [
+            "MBQTensor", "MBQFormats", "MBQMethods", "CZMQ",
             .product(name: "SwiftProtobuf", package: "swift-protobuf"),
             .product(name: "Logging", package: "swift-log"),
         ]),
+        // The coordinator's policy: state machine, events, planner, cost model, journal.
+        // No ZeroMQ here: it is tested without sockets.
+        .target(name: "MBQCoordinator", dependencies: ["MBQWire", "MBQMethods", "MBQFormats", "MBQTensor"]),
+        // A worker: its link to the coordinator, the phases on its layers, cached inputs.
+        .target(name: "MBQWorker", dependencies: [
+            "MBQWire", "MBQCoordinator", "MBQMethods", "MBQModel", "MBQFormats", "MBQQuant", "MBQTensor", "CZMQ",
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        // The coordinator's shell (owns its socket) and the distributed job end to end.
+        .target(name: "MBQCluster", dependencies: [
+            "MBQWire", "MBQCoordinator", "MBQWorker", "MBQTensor", "MBQFormats", "MBQModel", "MBQMethods", "CZMQ",
+            .product(name: "Logging", package: "swift-log"),
+        ]),
         .executableTarget(name: "mbq", dependencies: [
-            "MBQCluster",
+            "MBQCluster", "MBQWire", "MBQCoordinator", "MBQWorker",
             "MBQTensor", "MBQFormats", "MBQModel", "MBQQuant", "MBQMethods", "CBLAS", "CZMQ",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
@@ -51,8 +67,10 @@ let package = Package(
         // Reads its fixtures (and MBQModelTests') by path: Tests/MBQMethodsTests/Fixtures.
         .testTarget(name: "MBQMethodsTests", dependencies: ["MBQMethods", "MBQModel", "MBQFormats", "MBQQuant", "MBQTensor"],
                     exclude: ["Fixtures"]),
-        .testTarget(name: "MBQClusterTests", dependencies: ["MBQCluster", "MBQMethods", "MBQModel", "MBQFormats", "MBQTensor"]),
-        .testTarget(name: "MBQCLITests", dependencies: ["mbq", "MBQCluster", "MBQFormats", "MBQModel", "MBQTensor"]),
+        .testTarget(name: "MBQClusterTests", dependencies: ["MBQCluster", "MBQWire", "MBQCoordinator", "MBQWorker", "MBQMethods",
+                                                            "MBQModel", "MBQFormats", "MBQTensor"]),
+        .testTarget(name: "MBQCLITests", dependencies: ["mbq", "MBQCluster", "MBQWire", "MBQCoordinator", "MBQWorker", "MBQFormats",
+                                                        "MBQModel", "MBQTensor"]),
         .testTarget(name: "MBQModelTests", dependencies: ["MBQModel", "MBQFormats", "MBQTensor"],
                     resources: [.copy("Fixtures")]),
     ],

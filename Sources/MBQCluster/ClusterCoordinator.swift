@@ -1,10 +1,13 @@
 import CZMQ
 import Foundation
 import Logging
+import MBQCoordinator
 import MBQFormats
 import MBQMethods
 import MBQModel
 import MBQTensor
+import MBQWire
+import MBQWorker
 
 /// The socket-owning shell around CoordinatorState: one ROUTER socket, a poll loop with
 /// a finite timeout, directives carried out, the journal written, one log line per event.
@@ -37,11 +40,11 @@ public final class ClusterCoordinator {
             let j = try Journal.read(jobDir: jobDir)
             epochBase = j.epoch + 1000
             guard j.jobID == spec.jobID else {
-                throw ClusterError.journal(path: Journal.path(jobDir), reason: "journal is for job '\(j.jobID)', not '\(spec.jobID)'")
+                throw CoordinatorError.journal(path: Journal.path(jobDir), reason: "journal is for job '\(j.jobID)', not '\(spec.jobID)'")
             }
             resumed = (j.stats, j.results)
         } else if FileManager.default.fileExists(atPath: Journal.path(jobDir)) {
-            throw ClusterError.journal(path: Journal.path(jobDir), reason: "the job directory holds a journal: pass --resume to continue it, or use a new --job-dir")
+            throw CoordinatorError.journal(path: Journal.path(jobDir), reason: "the job directory holds a journal: pass --resume to continue it, or use a new --job-dir")
         }
         state = CoordinatorState(spec: spec, resumed: resumed.map { (stats: $0.0, results: $0.1) }, epochBase: epochBase,
                                  secret: secret)

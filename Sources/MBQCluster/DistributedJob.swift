@@ -1,8 +1,11 @@
 import Foundation
 import Logging
+import MBQCoordinator
 import MBQFormats
 import MBQMethods
 import MBQModel
+import MBQWire
+import MBQWorker
 
 /// Builds a job from a checkpoint, bundle and options; runs the coordinator; writes the
 /// output exactly as the single-process `mbq quantize` does.

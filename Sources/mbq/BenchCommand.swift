@@ -2,11 +2,14 @@ import ArgumentParser
 import CBLAS
 import Foundation
 import MBQCluster
+import MBQCoordinator
 import MBQFormats
 import MBQMethods
 import MBQModel
 import MBQQuant
 import MBQTensor
+import MBQWire
+import MBQWorker
 
 /// `mbq bench`: GEMM through the wrapper vs raw cblas_sgemm, and one Llama-7B-shaped
 /// decoder block forward and forward+backward, optionally next to PyTorch's time for

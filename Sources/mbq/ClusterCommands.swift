@@ -2,9 +2,12 @@ import ArgumentParser
 import Foundation
 import Logging
 import MBQCluster
+import MBQCoordinator
 import MBQFormats
 import MBQMethods
 import MBQTensor
+import MBQWire
+import MBQWorker
 
 extension ClusterCoordinator.LogFormat: ExpressibleByArgument {}
 

@@ -1,11 +1,14 @@
 import ArgumentParser
 import Foundation
 import Logging
+import MBQCluster
+import MBQCoordinator
 import MBQFormats
 import MBQMethods
 import MBQModel
-import MBQCluster
 import MBQTensor
+import MBQWire
+import MBQWorker
 
 extension QuantMethod: ExpressibleByArgument {}
 extension SearchLoss: ExpressibleByArgument {}

@@ -1,7 +1,10 @@
 import Foundation
 import MBQCluster
+import MBQCoordinator
 import MBQFormats
 import MBQModel
+import MBQWire
+import MBQWorker
 import XCTest
 
 /// The distributed job as real processes over ZeroMQ: same output as one process with

@@ -1,7 +1,10 @@
 import Foundation
 import MBQCluster
+import MBQCoordinator
 import MBQMethods
 import MBQTensor
+import MBQWire
+import MBQWorker
 import XCTest
 
 /// The coordinator's state machine without sockets: messages and clock in, directives out.

@@ -1,6 +1,9 @@
 import Foundation
 import MBQCluster
+import MBQCoordinator
 import MBQTensor
+import MBQWire
+import MBQWorker
 import XCTest
 
 final class WireTests: XCTestCase {

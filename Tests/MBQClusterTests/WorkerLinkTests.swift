@@ -1,4 +1,7 @@
 import MBQCluster
+import MBQCoordinator
+import MBQWire
+import MBQWorker
 import XCTest
 
 /// The worker's control link without sockets: an injected clock, actions out.

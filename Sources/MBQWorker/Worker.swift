@@ -1,11 +1,13 @@
 import CZMQ
 import Foundation
 import Logging
+import MBQCoordinator
 import MBQFormats
 import MBQMethods
 import MBQModel
 import MBQQuant
 import MBQTensor
+import MBQWire
 
 public struct WorkerOptions: Sendable {
     public var connect: String

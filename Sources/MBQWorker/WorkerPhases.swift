@@ -1,9 +1,11 @@
 import Foundation
+import MBQCoordinator
 import MBQFormats
 import MBQMethods
 import MBQModel
 import MBQQuant
 import MBQTensor
+import MBQWire
 
 /// The four phases as a worker runs them on its blocks (docs/DESIGN.md §3), in the same
 /// order of operations as the one-process QuantizeJob so that the output is identical.
@@ -95,7 +97,7 @@ extension Worker {
         for l in range { sums[l] = GradientStatistics.Layer() }
         var used = 0
         var skipped: [String] = []
-        if head != nil && finalHidden.count != samples.count { throw ClusterError.missingInput(layer: range.upperBound, sample: finalHidden.count) }
+        if head != nil && finalHidden.count != samples.count { throw WorkerError.missingInput(layer: range.upperBound, sample: finalHidden.count) }
         for (s, sample) in samples.enumerated() {
             if let why = GradientStatistics.skipReason(sample) { skipped.append("sample \(s): \(why)"); continue }
             used += 1
@@ -231,14 +233,9 @@ extension Worker {
         let marker = a.outputDir + "/" + OutputMarker.name
         let seen = (try? String(contentsOfFile: marker, encoding: .utf8)) == a.outputToken
         if !seen && a.outputVia == "shared" {
-            throw ClusterError.output(path: a.outputDir, reason: "--output-via shared, but this worker does not see the coordinator's output directory (no \(OutputMarker.name) with this job's token)")
+            throw WorkerError.output(path: a.outputDir, reason: "--output-via shared, but this worker does not see the coordinator's output directory (no \(OutputMarker.name) with this job's token)")
         }
         if !seen { logger.info("output directory \(a.outputDir) not visible here: streaming blocks to the coordinator") }
         return seen
     }
-}
-
-/// The file by which workers recognise the coordinator's output directory.
-public enum OutputMarker {
-    public static let name = ".mbq-output"
 }

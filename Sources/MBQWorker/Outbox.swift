@@ -1,4 +1,6 @@
 import Foundation
+import MBQCoordinator
+import MBQWire
 
 /// Messages the compute thread hands to the thread that owns the control socket
 /// (ZeroMQ sockets must stay on one thread).

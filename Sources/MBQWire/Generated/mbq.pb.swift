@@ -12,9 +12,9 @@
 ///
 /// Every ZeroMQ message is one Envelope frame, optionally followed by raw tensor frames:
 /// a TensorHeader inside the envelope describes them (tensors never travel inside
-/// protobuf). Regenerate the Swift code (committed in Sources/MBQCluster/Generated):
+/// protobuf). Regenerate the Swift code (committed in Sources/MBQWire/Generated):
 ///   protoc --plugin=protoc-gen-swift=PATH/protoc-gen-swift --swift_opt=Visibility=Public \
-///     --swift_out=Sources/MBQCluster/Generated -I Proto Proto/mbq.proto
+///     --swift_out=Sources/MBQWire/Generated -I Proto Proto/mbq.proto
 /// (`make proto` does it; protoc-gen-swift is built from swift-protobuf 1.39.0.)
 
 #if canImport(FoundationEssentials)
@@ -361,7 +361,7 @@ public nonisolated struct Mbq_Assignment: @unchecked Sendable {
   fileprivate var _storage = _StorageClass.defaultInstance
 }
 
-/// The job's QuantizeOptions (conversions: Sources/MBQCluster/ProtoConversions.swift).
+/// The job's QuantizeOptions (conversions: Sources/MBQWire/ProtoConversions.swift).
 public nonisolated struct Mbq_JobOptions: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for

@@ -1,5 +1,6 @@
 import Foundation
 import MBQFormats
+import MBQWire
 
 /// What happened in a distributed job, as typed values: the coordinator's state machine
 /// and its shell return these, one log writer renders them (`CoordinatorEventLog`: the

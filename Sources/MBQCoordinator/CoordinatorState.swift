@@ -1,6 +1,7 @@
 import Foundation
 import MBQMethods
 import MBQTensor
+import MBQWire
 
 /// What a job is: fixed for its lifetime, recorded in the job directory.
 public struct JobSpec: Sendable {

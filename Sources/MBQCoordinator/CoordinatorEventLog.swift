@@ -1,5 +1,6 @@
 import Foundation
 import MBQFormats
+import MBQWire
 
 /// Renders coordinator events: the human text log, or one JSON object per line
 /// (`--log-format json`; schema in docs/DESIGN.md §3.4: `t` seconds since start, `event`

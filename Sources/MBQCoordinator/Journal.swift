@@ -1,6 +1,7 @@
 import Foundation
 import MBQFormats
 import MBQMethods
+import MBQWire
 
 /// The job directory's record of finished work: gradient statistics and every finished
 /// layer's search results. Written atomically after each change, with a SHA-256 of its
@@ -55,18 +56,18 @@ public enum Journal {
     public static func read(jobDir: String) throws -> Contents {
         let p = path(jobDir)
         guard let data = FileManager.default.contents(atPath: p) else {
-            throw ClusterError.journal(path: p, reason: "no journal in the job directory (nothing to resume)")
+            throw CoordinatorError.journal(path: p, reason: "no journal in the job directory (nothing to resume)")
         }
         guard let doc = (try? JSONSerialization.jsonObject(with: data)) as? [String: Any],
               doc["format"] as? String == "mbq-journal", let bodyText = doc["body"] as? String, let sum = doc["sha256"] as? String else {
-            throw ClusterError.journal(path: p, reason: "not an mbq journal (torn write?)")
+            throw CoordinatorError.journal(path: p, reason: "not an mbq journal (torn write?)")
         }
         let bodyData = Data(bodyText.utf8)
         guard digest(bodyData) == sum else {
-            throw ClusterError.journal(path: p, reason: "journal checksum mismatch: the file is torn or was edited")
+            throw CoordinatorError.journal(path: p, reason: "journal checksum mismatch: the file is torn or was edited")
         }
         guard let b = (try? JSONSerialization.jsonObject(with: bodyData)) as? [String: Any], let job = b["job_id"] as? String else {
-            throw ClusterError.journal(path: p, reason: "journal body unreadable")
+            throw CoordinatorError.journal(path: p, reason: "journal body unreadable")
         }
         var stats: GradientStatistics? = nil
         func doubles(_ v: Any?) -> [Double]? { (v as? [Any])?.compactMap(unhex) }

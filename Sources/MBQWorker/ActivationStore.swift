@@ -43,14 +43,14 @@ public final class ActivationStore {
         try FileManager.default.createDirectory(atPath: directory!, withIntermediateDirectories: true)
         let p = path(k)
         let fd = open(p, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
-        guard fd >= 0 else { throw ClusterError.scratch(path: p, reason: String(cString: strerror(errno))) }
+        guard fd >= 0 else { throw WorkerError.scratch(path: p, reason: String(cString: strerror(errno))) }
         defer { close(fd) }
         try t.data.withUnsafeBytes { buf in
             var done = 0
             while done < buf.count {
                 let n = write(fd, buf.baseAddress! + done, buf.count - done)
                 if n < 0 && errno == EINTR { continue }
-                guard n > 0 else { throw ClusterError.scratch(path: p, reason: "write: \(String(cString: strerror(errno)))") }
+                guard n > 0 else { throw WorkerError.scratch(path: p, reason: "write: \(String(cString: strerror(errno)))") }
                 done += n
             }
         }
@@ -61,14 +61,14 @@ public final class ActivationStore {
         let k = Key(layer: layer, sample: sample)
         if let t = memory[k] { return t }
         guard let shape = spilled[k] else {
-            throw ClusterError.missingInput(layer: layer, sample: sample)
+            throw WorkerError.missingInput(layer: layer, sample: sample)
         }
         let t0 = DispatchTime.now().uptimeNanoseconds
         defer { spillSeconds += Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9 }
         let p = path(k)
         let n = shape.reduce(1, *)
         let fd = open(p, O_RDONLY)
-        guard fd >= 0 else { throw ClusterError.scratch(path: p, reason: String(cString: strerror(errno))) }
+        guard fd >= 0 else { throw WorkerError.scratch(path: p, reason: String(cString: strerror(errno))) }
         defer { close(fd) }
         var failure: String?
         let data = [Float](unsafeUninitializedCapacity: n) { buf, count in
@@ -83,7 +83,7 @@ public final class ActivationStore {
             if failure != nil { raw.initializeMemory(as: UInt8.self, repeating: 0) }
             count = n
         }
-        if let failure { throw ClusterError.scratch(path: p, reason: failure) }
+        if let failure { throw WorkerError.scratch(path: p, reason: failure) }
         return Tensor(shape: shape, data: data)
     }
 

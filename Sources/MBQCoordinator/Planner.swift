@@ -1,4 +1,5 @@
 import Foundation
+import MBQWire
 
 /// What a worker's memory must hold, per the plan (docs/DESIGN.md §3): the fp32 weights of
 /// its blocks, their cached inputs unless it can spill them to --scratch, and a fixed

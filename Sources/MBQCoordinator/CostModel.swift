@@ -1,5 +1,6 @@
 import Foundation
 import MBQFormats
+import MBQWire
 
 /// Predicts a distributed job's time per phase (memory: MemoryNeeds) from the model's
 /// shape, the calibration set and the workers' measured speeds.
