@@ -46,13 +46,6 @@ public struct QuantizedWeight: Sendable, Equatable {
     public var groupsPerRow: Int { cols / group }
     public var maxCode: Int { (1 << bits) - 1 }
 
-    /// The same integers with every scale rounded to `precision` (what the output stores).
-    public func scalesRounded(to precision: ScalePrecision) -> QuantizedWeight {
-        var r = self
-        if precision != .f32 { r.scales = scales.map(precision.round) }
-        return r
-    }
-
     /// (q - z) * scale, each product rounded to `precision` as the engines compute it in
     /// the scale's dtype. With fp32 scales this is exactly the fake quantization the
     /// search evaluates. -> [rows, cols]
