@@ -1,13 +1,17 @@
 import MBQFormats
 import MBQModel
+import MBQQuant
 import MBQTensor
 
 /// Runs a compute backend against the CPU reference (`CPUBackend`, itself proven
 /// against transformers by the parity tests) on a model and calibration samples, through
-/// every entry of `ComputeBackend` a job uses: each layer's forward with captures on the
-/// reference's inputs, the backward on the saved forward, the quantized forward with
-/// activation bits (`--distort`), and the search of every layer (the same grid point in
-/// every group; loss curves close). A new backend (CUDA) passes this before it runs jobs.
+/// every entry of `ComputeBackend` a job uses: loading a block and reading it back, each
+/// layer's forward with captures, the backward on the saved forward, the gradient means,
+/// the loss head's gradient, the quantized forward with activation bits (`--distort`),
+/// the search of every layer (the same grid point in every group; loss curves close),
+/// SmoothQuant's scales, applying scales and quantizing (the same codes). Each layer
+/// runs on the reference's inputs, so that a deviation is reported where it arises. A
+/// new backend (CUDA) passes this before it runs jobs.
 public enum BackendConformance {
     public struct Check: Sendable, CustomStringConvertible {
         public var name: String
@@ -21,73 +25,130 @@ public enum BackendConformance {
         }
     }
 
-    /// `tolerance`: relative to each tensor's scale; the grid points must be identical.
-    public static func run(_ backend: ComputeBackend, reference: ComputeBackend = CPUBackend(), model: LanguageModel<Float>,
-                           samples: [CalibrationSample], tolerance: Double = 1e-5) -> [Check] {
-        var diffs: [String: (maxAbs: Double, scale: Double)] = [:]
-        func compare(_ name: String, _ got: Tensor<Float>, _ want: Tensor<Float>) {
-            var d = diffs[name] ?? (0, 0)
-            if got.shape != want.shape {
+    /// Accumulates the largest difference per named quantity.
+    struct Diffs {
+        var byName: [String: (maxAbs: Double, scale: Double)] = [:]
+        /// Counts of things that must be equal exactly (grid points, codes): name -> (mismatches, total).
+        var exact: [String: (bad: Int, total: Int)] = [:]
+
+        mutating func compare(_ name: String, _ got: [Float], _ want: [Float]) {
+            var d = byName[name] ?? (0, 0)
+            if got.count != want.count {
                 d.maxAbs = .infinity
             } else {
-                for (a, b) in zip(got.data, want.data) {
+                for (a, b) in zip(got, want) {
                     d.maxAbs = max(d.maxAbs, Double(abs(a - b)))
                     d.scale = max(d.scale, Double(abs(b)))
                 }
             }
-            diffs[name] = d
+            byName[name] = d
         }
+        mutating func compare(_ name: String, _ got: Tensor<Float>, _ want: Tensor<Float>) {
+            compare(name, got.shape == want.shape ? got.data : [], want.data)
+        }
+        mutating func compare(_ name: String, _ got: Double, _ want: Double) {
+            compare(name, [Float(got)], [Float(want)])
+        }
+        mutating func count(_ name: String, equal: Bool) {
+            var e = exact[name] ?? (0, 0)
+            e.total += 1
+            if !equal { e.bad += 1 }
+            exact[name] = e
+        }
+        mutating func compare(_ name: String, _ got: DecoderBlockWeights<Float>, _ want: DecoderBlockWeights<Float>) {
+            for (_, path) in ApplyScales.linears { compare(name, got[keyPath: path], want[keyPath: path]) }
+            compare(name, got.inputNorm, want.inputNorm)
+            compare(name, got.postAttentionNorm, want.postAttentionNorm)
+            compare(name, got.vBias?.data ?? [], want.vBias?.data ?? [])
+        }
+    }
+
+    /// `tolerance`: relative to each tensor's scale; grid points and codes must be identical.
+    public static func run(_ backend: ComputeBackend, reference: ComputeBackend = CPUBackend(), model: LanguageModel<Float>,
+                           samples: [CalibrationSample], tolerance: Double = 1e-5) throws -> [Check] {
+        var d = Diffs()
         var rng = SeededRandom(seed: 17)
-        var gridMismatches = 0, groups = 0, lossDiff = (maxAbs: 0.0, scale: 0.0)
+        let search = SearchOptions(weights: .groupAsymmetric(bits: 4, group: 128), reweight: true)
+        let quantizer = WeightQuantizer.groupAsymmetric(bits: 4, group: 128)
         var xs = samples.map(\.embeds)
         for (l, w) in model.blocks.enumerated() {
-            var layerSamples: [LayerSample] = []
+            let rb = try reference.loadBlock(w), bb = try backend.loadBlock(w)
+            d.compare("block loaded and read back", try backend.downloadBlock(bb), w)
+            var refSamples: [BackendLayerSample] = [], gotSamples: [BackendLayerSample] = []
             for (s, x) in zip(samples, xs) {
                 let rope = model.ropeTable(s.positions)
-                let want = reference.blockForward(x, w, rope: rope, mask: s.attention, save: true, capture: true, actBits: nil)
-                let got = backend.blockForward(x, w, rope: rope, mask: s.attention, save: true, capture: true, actBits: nil)
-                compare("block output", got.output, want.output)
-                if let g = got.captures, let c = want.captures {
-                    compare("captured q/k/v input", g.qkvInput, c.qkvInput); compare("captured o input", g.oInput, c.oInput)
-                    compare("captured gate/up input", g.gateUpInput, c.gateUpInput); compare("captured down input", g.downInput, c.downInput)
-                    compare("captured attention output", g.attentionOutput, c.attentionOutput)
-                    compare("captured MLP output", g.mlpOutput, c.mlpOutput)
-                } else {
-                    compare("captures", Tensor(shape: [1], data: [0]), Tensor(shape: [2], data: [0, 0]))
+                let rx = try reference.upload(x), bx = try backend.upload(x)
+                d.compare("upload and download", try backend.download(bx), x)
+                let want = try reference.blockForward(rx, rb, rope: rope, mask: s.attention, save: true, capture: true, actBits: nil)
+                let got = try backend.blockForward(bx, bb, rope: rope, mask: s.attention, save: true, capture: true, actBits: nil)
+                d.compare("block output", try backend.download(got.output), try reference.download(want.output))
+                guard let g = got.captures, let c = want.captures, let gs = got.saved, let ws = want.saved else {
+                    d.count("forward returns captures and saved state", equal: false)
+                    continue
                 }
-                let dy: Tensor<Float> = rng.normalTensor(want.output.shape)
-                let gw = reference.blockBackward(dy, want.saved!, w, rope: rope, mask: s.attention)
-                let gg = backend.blockBackward(dy, got.saved ?? want.saved!, w, rope: rope, mask: s.attention)
-                compare("backward dL/dx", gg.input, gw.input)
-                compare("backward dL/d(o_proj out)", gg.attentionOutput, gw.attentionOutput)
-                compare("backward dL/d(down_proj out)", gg.mlpOutput, gw.mlpOutput)
-                let q8 = reference.blockForward(x, w, rope: rope, mask: s.attention, save: false, capture: false, actBits: 8)
-                compare("forward with 8-bit activations", backend.blockForward(x, w, rope: rope, mask: s.attention, save: false,
-                                                                                capture: false, actBits: 8).output, q8.output)
-                layerSamples.append(LayerSample(captures: want.captures!, rope: rope, attention: s.attention, vision: s.vision, caption: s.caption))
+                for (name, a, b) in [("q/k/v input", g.qkvInput, c.qkvInput), ("o input", g.oInput, c.oInput),
+                                     ("gate/up input", g.gateUpInput, c.gateUpInput), ("down input", g.downInput, c.downInput),
+                                     ("attention output", g.attentionOutput, c.attentionOutput), ("MLP output", g.mlpOutput, c.mlpOutput)] {
+                    d.compare("captured \(name)", try backend.download(a), try reference.download(b))
+                }
+                let dy: Tensor<Float> = rng.normalTensor(x.shape)
+                let gw = try reference.blockBackward(try reference.upload(dy), ws, rb, rope: rope, mask: s.attention)
+                let gg = try backend.blockBackward(try backend.upload(dy), gs, bb, rope: rope, mask: s.attention)
+                d.compare("backward dL/dx", try backend.download(gg.input), try reference.download(gw.input))
+                d.compare("backward dL/d(o_proj out)", try backend.download(gg.attentionOutput), try reference.download(gw.attentionOutput))
+                d.compare("backward dL/d(down_proj out)", try backend.download(gg.mlpOutput), try reference.download(gw.mlpOutput))
+                for rows in [s.attendedVision, s.attendedCaption] where rows.contains(true) {
+                    d.compare("gradient means", try backend.meanAbs(gg.mlpOutput, rows: rows), try reference.meanAbs(gw.mlpOutput, rows: rows))
+                }
+                let q8 = try reference.blockForward(rx, rb, rope: rope, mask: s.attention, save: false, capture: false, actBits: 8)
+                let g8 = try backend.blockForward(bx, bb, rope: rope, mask: s.attention, save: false, capture: false, actBits: 8)
+                d.compare("forward with 8-bit activations", try backend.download(g8.output), try reference.download(q8.output))
+                refSamples.append(BackendLayerSample(captures: c, rope: rope, attention: s.attention, vision: s.vision, caption: s.caption))
+                gotSamples.append(BackendLayerSample(captures: g, rope: rope, attention: s.attention, vision: s.vision, caption: s.caption))
+                if l == model.blocks.count - 1 {
+                    let head = (try reference.loadHead(norm: model.finalNorm, lmHead: model.lmHead, eps: Float(model.config.rmsNormEps)),
+                                try backend.loadHead(norm: model.finalNorm, lmHead: model.lmHead, eps: Float(model.config.rmsNormEps)))
+                    let lw = try reference.lossGradient(want.output, head.0, labels: s.labels)
+                    let lg = try backend.lossGradient(got.output, head.1, labels: s.labels)
+                    d.compare("caption loss", Double(lg.loss), Double(lw.loss))
+                    d.compare("caption loss gradient", try backend.download(lg.grad), try reference.download(lw.grad))
+                }
             }
-            let options = SearchOptions(weights: .groupAsymmetric(bits: 4, group: 128), reweight: true)
-            let want = reference.searchLayer(l, w, samples: layerSamples, attnRatio: 0.5, mlpRatio: 0.5, options: options)
-            let got = backend.searchLayer(l, w, samples: layerSamples, attnRatio: 0.5, mlpRatio: 0.5, options: options)
+            guard refSamples.count == samples.count else { continue }
+            let want = try reference.searchLayer(l, rb, samples: refSamples, attnRatio: 0.5, mlpRatio: 0.5, options: search)
+            let got = try backend.searchLayer(l, bb, samples: gotSamples, attnRatio: 0.5, mlpRatio: 0.5, options: search)
             for (g, r) in zip(got, want) {
-                groups += 1
-                if g.group != r.group || g.bestIndex != r.bestIndex { gridMismatches += 1 }
-                for (a, b) in zip(g.losses, r.losses) {
-                    lossDiff.maxAbs = max(lossDiff.maxAbs, abs(a - b)); lossDiff.scale = max(lossDiff.scale, abs(b))
-                }
+                d.count("search grid points", equal: g.group == r.group && g.bestIndex == r.bestIndex)
+                d.compare("search loss curves (w4 g128, reweighted)", g.losses.map(Float.init), r.losses.map(Float.init))
             }
-            if got.count != want.count { gridMismatches += abs(got.count - want.count) }
-            xs = zip(samples, xs).map { s, x in
-                reference.blockForward(x, w, rope: model.ropeTable(s.positions), mask: s.attention, save: false, capture: false, actBits: nil).output
+            for _ in 0..<abs(got.count - want.count) { d.count("search grid points", equal: false) }
+            let sw = try reference.smoothQuantScales(rb, samples: refSamples), sg = try backend.smoothQuantScales(bb, samples: gotSamples)
+            d.compare("SmoothQuant scales", sg.qkv + sg.gateUp, sw.qkv + sw.gateUp)
+            // Apply and quantize with the reference's scales, so that both start equal.
+            let scales = SearchGroup.allCases.compactMap { g in want.first { $0.group == g }.map { (group: g, scales: $0.scales) } }
+            let aw = try reference.applyScales(scales, to: rb), ag = try backend.applyScales(scales, to: bb)
+            d.compare("scales applied", try backend.downloadBlock(ag), try reference.downloadBlock(aw))
+            let qw = try reference.quantize(aw, with: quantizer, precision: .f16), qg = try backend.quantize(ag, with: quantizer, precision: .f16)
+            d.compare("quantized weights (w4 g128, fp16 scales)", try backend.downloadBlock(qg.block), try reference.downloadBlock(qw.block))
+            for (role, _) in ApplyScales.linears { d.count("quantized codes", equal: qg.codes[role] == qw.codes[role]) }
+            xs = try zip(samples, xs).map { s, x in
+                try reference.download(try reference.blockForward(try reference.upload(x), rb, rope: model.ropeTable(s.positions),
+                                                                  mask: s.attention, save: false, capture: false, actBits: nil).output)
             }
         }
-        var checks = diffs.sorted { $0.key < $1.key }.map { name, d in
-            Check(name: name, maxAbs: d.maxAbs, rel: d.maxAbs / max(d.scale, 1e-30), tolerance: tolerance)
+        var finite = xs[0]
+        let okFinite = try backend.allFinite(try backend.upload(finite))
+        finite.data[finite.count / 2] = .nan
+        let okNaN = try backend.allFinite(try backend.upload(finite))
+        d.count("allFinite", equal: okFinite && !okNaN)
+
+        var checks = d.byName.sorted { $0.key < $1.key }.map { name, v in
+            Check(name: name, maxAbs: v.maxAbs, rel: v.maxAbs / max(v.scale, 1e-30), tolerance: tolerance)
         }
-        checks.append(Check(name: "search loss curves (w4 g128, reweighted)", maxAbs: lossDiff.maxAbs,
-                            rel: lossDiff.maxAbs / max(lossDiff.scale, 1e-30), tolerance: tolerance))
-        checks.append(Check(name: "search grid points: \(groups - gridMismatches) of \(groups) identical", maxAbs: Double(gridMismatches),
-                            rel: Double(gridMismatches), tolerance: 0))
+        for (name, e) in d.exact.sorted(by: { $0.key < $1.key }) {
+            checks.append(Check(name: "\(name): \(e.total - e.bad) of \(e.total) identical", maxAbs: Double(e.bad), rel: Double(e.bad),
+                                tolerance: 0))
+        }
         return checks
     }
 }

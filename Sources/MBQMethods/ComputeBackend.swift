@@ -1,63 +1,133 @@
 import Foundation
 import MBQModel
+import MBQQuant
 import MBQTensor
 
-/// The arithmetic of a job, behind a small interface so that another backend (CUDA) can
-/// be added without touching the layer step, the protocol or the coordinator. The
-/// one-process job and the workers both run through it (`LayerStep`).
+// The arithmetic of a job behind one interface (docs/DESIGN.md "Compute backends"), so
+// that a GPU backend can be added without touching the layer step, the protocol or the
+// coordinator. The backend owns its memory: a layer's weights are loaded into it once
+// and referred to by a handle; activations cross the boundary only through `upload` and
+// `download`. A GPU backend keeps weights and activations on the device; a bf16 backend
+// keeps weights in bf16. `CPUBackend` is the reference every backend is held to
+// (`BackendConformance`).
+
+/// A tensor the backend holds (an activation, a gradient, a captured input), in host
+/// memory on the CPU, in device memory on a GPU, freed when its last reference goes.
+/// Only the backend that made it may read it.
+public protocol BackendTensor: AnyObject, Sendable {
+    var shape: [Int] { get }
+}
+
+/// A decoder block's weights loaded into a backend.
+public protocol BackendBlock: AnyObject, Sendable {
+    /// Parameters, for memory accounting.
+    var parameterCount: Int { get }
+}
+
+/// The final norm and output projection loaded into a backend (the stage holding the
+/// last layer computes the caption loss's gradient with it).
+public protocol BackendHead: AnyObject, Sendable {}
+
+/// What a forward with `save` keeps for its backward.
+public protocol BackendSaved: AnyObject, Sendable {}
+
+/// The searched modules' inputs and outputs of one forward (`BlockCaptures`, held by
+/// the backend).
+public struct BackendCaptures: Sendable {
+    public var qkvInput: BackendTensor         // [T, C]
+    public var oInput: BackendTensor           // [T, heads*D]
+    public var gateUpInput: BackendTensor      // [T, C]
+    public var downInput: BackendTensor        // [T, I]
+    public var attentionOutput: BackendTensor  // [T, C]
+    public var mlpOutput: BackendTensor        // [T, C]
+
+    public init(qkvInput: BackendTensor, oInput: BackendTensor, gateUpInput: BackendTensor, downInput: BackendTensor,
+                attentionOutput: BackendTensor, mlpOutput: BackendTensor) {
+        self.qkvInput = qkvInput; self.oInput = oInput; self.gateUpInput = gateUpInput; self.downInput = downInput
+        self.attentionOutput = attentionOutput; self.mlpOutput = mlpOutput
+    }
+}
+
+public struct BackendForward: Sendable {
+    public var output: BackendTensor  // [T, C]
+    public var saved: BackendSaved?
+    public var captures: BackendCaptures?
+    public init(output: BackendTensor, saved: BackendSaved?, captures: BackendCaptures?) {
+        self.output = output; self.saved = saved; self.captures = captures
+    }
+}
+
+public struct BackendGradients: Sendable {
+    public var input: BackendTensor            // dL/dx [T, C]
+    public var attentionOutput: BackendTensor  // dL/d(o_proj out) [T, C]
+    public var mlpOutput: BackendTensor        // dL/d(down_proj out) [T, C]
+    public init(input: BackendTensor, attentionOutput: BackendTensor, mlpOutput: BackendTensor) {
+        self.input = input; self.attentionOutput = attentionOutput; self.mlpOutput = mlpOutput
+    }
+}
+
+/// One calibration sample as the search sees one layer: the backend's captures and the
+/// sample's rows (vision and caption restricted to attended positions).
+public struct BackendLayerSample: Sendable {
+    public var captures: BackendCaptures
+    public var rope: RoPETable<Float>
+    public var attention: [Bool]
+    public var vision: [Bool]
+    public var caption: [Bool]
+
+    public init(captures: BackendCaptures, rope: RoPETable<Float>, attention: [Bool], vision: [Bool], caption: [Bool]) {
+        self.captures = captures; self.rope = rope; self.attention = attention
+        self.vision = zip(vision, attention).map { $0 && $1 }
+        self.caption = zip(caption, attention).map { $0 && $1 }
+    }
+}
+
 public protocol ComputeBackend: Sendable {
     var name: String { get }
-    /// `actBits`: per-token activation quantization of every linear's input (the
-    /// `--distort` forward of W-A schemes).
-    func blockForward(_ x: Tensor<Float>, _ w: DecoderBlockWeights<Float>, rope: RoPETable<Float>, mask: [Bool],
-                      save: Bool, capture: Bool, actBits: Int?) -> DecoderBlockForward<Float>
-    func blockBackward(_ dy: Tensor<Float>, _ saved: DecoderBlockSaved<Float>, _ w: DecoderBlockWeights<Float>,
-                       rope: RoPETable<Float>, mask: [Bool]) -> DecoderBlockGradients<Float>
-    func searchLayer(_ l: Int, _ w: DecoderBlockWeights<Float>, samples: [LayerSample], attnRatio: Double, mlpRatio: Double,
-                     options: SearchOptions) -> [GroupResult]
+
+    // MARK: memory
+
+    func loadBlock(_ w: DecoderBlockWeights<Float>) throws -> BackendBlock
+    func loadHead(norm: Tensor<Float>, lmHead: Tensor<Float>, eps: Float) throws -> BackendHead
+    func upload(_ x: Tensor<Float>) throws -> BackendTensor
+    func download(_ x: BackendTensor) throws -> Tensor<Float>
+    /// The block's weights on the host (what the output writer stores).
+    func downloadBlock(_ b: BackendBlock) throws -> DecoderBlockWeights<Float>
+
+    // MARK: the model
+
+    /// x: [T, C]. `actBits`: per-token activation quantization of every linear's input
+    /// (the `--distort` forward of W-A schemes).
+    func blockForward(_ x: BackendTensor, _ b: BackendBlock, rope: RoPETable<Float>, mask: [Bool],
+                      save: Bool, capture: Bool, actBits: Int?) throws -> BackendForward
+    /// dy: [T, C], the gradient of the block's output.
+    func blockBackward(_ dy: BackendTensor, _ saved: BackendSaved, _ b: BackendBlock,
+                       rope: RoPETable<Float>, mask: [Bool]) throws -> BackendGradients
+    /// The mean caption cross-entropy of the final hidden states h ([T, C]) and its
+    /// gradient w.r.t. h ([T, C]).
+    func lossGradient(_ h: BackendTensor, _ head: BackendHead, labels: [Int]) throws -> (loss: Float, count: Int, grad: BackendTensor)
+    /// Mean |x| over the rows where `rows` is true, all columns (x: [T, C]); sums in
+    /// a fixed order so that it is deterministic.
+    func meanAbs(_ x: BackendTensor, rows: [Bool]) throws -> Double
+    func allFinite(_ x: BackendTensor) throws -> Bool
+
+    // MARK: the method
+
+    /// Every searched group of layer `l` (../shared/DESIGN.md §2): losses of the 20 grid
+    /// points, the best, its scales.
+    func searchLayer(_ l: Int, _ b: BackendBlock, samples: [BackendLayerSample], attnRatio: Double, mlpRatio: Double,
+                     options: SearchOptions) throws -> [GroupResult]
+    /// SmoothQuant's migration scales (alpha 0.5) for norm -> q/k/v and norm -> gate/up.
+    func smoothQuantScales(_ b: BackendBlock, samples: [BackendLayerSample]) throws -> (qkv: [Float], gateUp: [Float])
+    /// A new block: `b` with each group's scales folded in, in the order given.
+    func applyScales(_ scales: [(group: SearchGroup, scales: [Float])], to b: BackendBlock) throws -> BackendBlock
+    /// A new block: `b`'s linears quantized and dequantized with scales in `precision`;
+    /// and every linear's codes by role, on the host.
+    func quantize(_ b: BackendBlock, with q: WeightQuantizer, precision: ScalePrecision) throws
+        -> (block: BackendBlock, codes: [String: QuantizedWeight])
+
     /// GEMM rate (GFLOP/s) on n x n x n products for each n of `sizes`, with the threads
     /// this worker computes with: the cost model reads the efficiency of small GEMMs
     /// from it, the plan the speed of large ones.
     func measureGEMMRates(sizes: [Int]) -> [Double]
-}
-
-public struct CPUBackend: ComputeBackend {
-    public init() {}
-    public var name: String { "cpu" }
-    public func blockForward(_ x: Tensor<Float>, _ w: DecoderBlockWeights<Float>, rope: RoPETable<Float>, mask: [Bool],
-                             save: Bool, capture: Bool, actBits: Int?) -> DecoderBlockForward<Float> {
-        decoderBlockForward(x, weights: w, rope: rope, mask: mask, save: save, capture: capture, actBits: actBits)
-    }
-    public func blockBackward(_ dy: Tensor<Float>, _ saved: DecoderBlockSaved<Float>, _ w: DecoderBlockWeights<Float>,
-                              rope: RoPETable<Float>, mask: [Bool]) -> DecoderBlockGradients<Float> {
-        decoderBlockBackward(dy, saved: saved, weights: w, rope: rope, mask: mask)
-    }
-    public func searchLayer(_ l: Int, _ w: DecoderBlockWeights<Float>, samples: [LayerSample], attnRatio: Double, mlpRatio: Double,
-                            options: SearchOptions) -> [GroupResult] {
-        ScaleSearch.searchLayer(l, weights: w, samples: samples, attnRatio: attnRatio, mlpRatio: mlpRatio, options: options)
-    }
-    public func measureGEMMRates(sizes: [Int]) -> [Double] {
-        let operands = sizes.map { n -> (Tensor<Float>, Tensor<Float>) in
-            var rng = SeededRandom(seed: UInt64(n))
-            return (rng.normalTensor([n, n]), rng.normalTensor([n, n]))
-        }
-        var best = [Double](repeating: 0, count: sizes.count)
-        // Two passes over the sizes, best of repeated runs for about 25 ms each: workers
-        // starting together on one host measure at the same time, and the best run is
-        // the one least disturbed (the cost model accounts for shared cores itself).
-        for _ in 0..<2 {
-            for (i, n) in sizes.enumerated() {
-                let (a, b) = operands[i]
-                _ = matmul(a, b)  // warm-up: threads, caches, page faults
-                let end = DispatchTime.now().uptimeNanoseconds + 25_000_000
-                repeat {
-                    let t0 = DispatchTime.now().uptimeNanoseconds
-                    _ = matmul(a, b)
-                    let dt = Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9
-                    best[i] = max(best[i], 2 * Double(n * n * n) / dt / 1e9)
-                } while DispatchTime.now().uptimeNanoseconds < end
-            }
-        }
-        return best
-    }
 }

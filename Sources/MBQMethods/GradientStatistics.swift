@@ -30,10 +30,16 @@ public struct GradientStatistics: Sendable, Equatable {
                 let m = GradientStatistics.meanAbs(x, rows: rows)
                 return m.sum / Double(m.count)
             }
-            attnVis += mean(attentionGrad, vision)
-            attnCap += mean(attentionGrad, caption)
-            mlpVis += mean(mlpGrad, vision)
-            mlpCap += mean(mlpGrad, caption)
+            add(attnVis: mean(attentionGrad, vision), attnCap: mean(attentionGrad, caption),
+                mlpVis: mean(mlpGrad, vision), mlpCap: mean(mlpGrad, caption))
+        }
+
+        /// Adds one sample's means.
+        public mutating func add(attnVis av: Double, attnCap ac: Double, mlpVis mv: Double, mlpCap mc: Double) {
+            attnVis += av
+            attnCap += ac
+            mlpVis += mv
+            mlpCap += mc
         }
     }
 
@@ -78,22 +84,28 @@ public struct GradientStatistics: Sendable, Equatable {
         return nil
     }
 
-    /// Runs forward and backward on every usable sample of `samples`.
-    public static func compute(model: LanguageModel<Float>, samples: [CalibrationSample],
+    /// Runs forward and backward on every usable sample of `samples` through `backend`
+    /// (`GradientPass`, the workers' arithmetic with the whole model as one stage).
+    public static func compute(model: LanguageModel<Float>, samples: [CalibrationSample], backend: ComputeBackend = CPUBackend(),
                                progress: ((Int, Int) -> Void)? = nil) throws -> GradientStatistics {
         let nl = model.config.numLayers
         var sums = [Layer](repeating: Layer(), count: nl)
         var used = 0
         var skipped: [String] = []
+        let blocks = try model.blocks.map { try backend.loadBlock($0) }
+        let head = try backend.loadHead(norm: model.finalNorm, lmHead: model.lmHead, eps: Float(model.config.rmsNormEps))
         for (i, s) in samples.enumerated() {
             defer { progress?(i + 1, samples.count) }
             if let why = skipReason(s) { skipped.append("sample \(i): \(why)"); continue }
-            let vis = s.attendedVision, cap = s.attendedCaption
-            let g = try model.lossAndGradients(SequenceInput(s))
+            try model.check(SequenceInput(s))
+            let rope = model.ropeTable(s.positions)
+            var inputs: [BackendTensor] = []
+            let h = try GradientPass.forward(try backend.upload(s.embeds), layers: 0..<nl, blocks: { blocks[$0] }, rope: rope,
+                                             mask: s.attention, backend: backend) { _, x in inputs.append(x) }
+            let dy = try backend.lossGradient(h, head, labels: s.labels).grad
+            _ = try GradientPass.backward(dy, layers: 0..<nl, blocks: { blocks[$0] }, input: { inputs[$0] }, sample: s, rope: rope,
+                                          backend: backend, sums: &sums)
             used += 1
-            for l in 0..<nl {
-                sums[l].accumulate(attentionGrad: g.attentionOutput[l], mlpGrad: g.mlpOutput[l], vision: vis, caption: cap)
-            }
         }
         guard used > 0 else {
             throw MethodsError.noUsableSamples("every sample lacks vision or caption positions (\(skipped.prefix(3).joined(separator: "; ")))")

@@ -46,8 +46,8 @@ public enum QuantizeJob {
         if options.method == .rtn {
             var blocks: [DecoderBlockWeights<Float>] = [], codes: [[String: QuantizedWeight]] = []
             for b in model.blocks {
-                let q = LayerStep.quantized(b, options: options)
-                blocks.append(q.block); codes.append(q.codes)
+                let q = try LayerStep.quantized(try backend.loadBlock(b), options: options, backend: backend)
+                blocks.append(try backend.downloadBlock(q.block)); codes.append(q.codes)
             }
             seconds["quantize"] = Date().timeIntervalSince(start)
             logger.info("[quantize] rtn \(options.weightQuantizer): \(nl) layers in \(elapsed())")
@@ -57,7 +57,7 @@ public enum QuantizeJob {
         var stats: GradientStatistics? = nil
         if options.method == .mbq || (options.method == .awq && options.effectiveReweight) {
             let t0 = Date()
-            stats = try GradientStatistics.compute(model: model, samples: samples) { done, total in
+            stats = try GradientStatistics.compute(model: model, samples: samples, backend: backend) { done, total in
                 let dt = Date().timeIntervalSince(t0)
                 let eta = dt / Double(done) * Double(total - done)
                 logger.info("[grad-stats] sample \(done)/\(total), elapsed \(elapsed()), ETA \(String(format: "%.1fs", eta))")
@@ -68,26 +68,26 @@ public enum QuantizeJob {
         let ratios = stats ?? GradientStatistics.uniform(layers: nl)
 
         let t0 = Date()
-        var xs = samples.map(\.embeds)
+        var xs = try samples.map { try backend.upload($0.embeds) }
         var groups: [GroupResult] = []
         var blocks: [DecoderBlockWeights<Float>] = []
         var codes: [[String: QuantizedWeight]] = []
         for l in 0..<nl {
-            let fp = model.blocks[l]
-            let captured = LayerStep.capture(fp, inputs: xs, samples: samples, rope: { model.ropeTable($0.positions) }, backend: backend)
-            let found = LayerStep.scales(layer: l, weights: fp, samples: captured.samples, attnRatio: ratios.layers[l].attnRatio,
-                                         mlpRatio: ratios.layers[l].mlpRatio, options: options, backend: backend)
+            let fp = try backend.loadBlock(model.blocks[l])
+            let captured = try LayerStep.capture(fp, inputs: xs, samples: samples, rope: { model.ropeTable($0.positions) }, backend: backend)
+            let found = try LayerStep.scales(layer: l, block: fp, samples: captured.samples, attnRatio: ratios.layers[l].attnRatio,
+                                             mlpRatio: ratios.layers[l].mlpRatio, options: options, backend: backend)
             if options.method != .smoothquant {
                 // SmoothQuant's scales are not reported (alpha is fixed), as in the distributed job.
                 groups += found
                 let picks = found.map { "\($0.group.rawValue)=\(String(format: "%.2f", $0.alpha))" }.joined(separator: " ")
                 logger.info("[search] layer \(l + 1)/\(nl): \(picks)")
             }
-            let q = LayerStep.quantized(LayerStep.applied(fp, results: found), options: options)
-            blocks.append(q.block)
+            let q = try LayerStep.quantized(try LayerStep.applied(fp, results: found, backend: backend), options: options, backend: backend)
+            blocks.append(try backend.downloadBlock(q.block))
             codes.append(q.codes)
-            xs = options.distort ? LayerStep.distorted(q.block, inputs: xs, samples: samples, rope: { model.ropeTable($0.positions) },
-                                                       options: options, backend: backend)
+            xs = options.distort ? try LayerStep.distorted(q.block, inputs: xs, samples: samples, rope: { model.ropeTable($0.positions) },
+                                                           options: options, backend: backend)
                                  : captured.outputs
             let dt = Date().timeIntervalSince(t0)
             logger.info("[search] layer \(l + 1)/\(nl) done, elapsed \(elapsed()), ETA \(String(format: "%.1fs", dt / Double(l + 1) * Double(nl - l - 1)))")

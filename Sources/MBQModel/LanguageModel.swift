@@ -51,7 +51,8 @@ public final class LanguageModel<T: BLASScalar>: @unchecked Sendable {
                   mropeSection: config.mropeSection)
     }
 
-    func check(_ input: SequenceInput<T>) throws {
+    /// Shapes and finiteness of one sequence's inputs against the model.
+    public func check(_ input: SequenceInput<T>) throws {
         let t = input.mask.count
         guard input.embeds.shape == [t, config.hiddenSize] else {
             throw ModelError.inputShape(what: "inputs_embeds", expected: [t, config.hiddenSize], found: input.embeds.shape)

@@ -52,10 +52,12 @@ public final class Worker: @unchecked Sendable {
     var assignment = Mbq_Assignment()
     var ckpt: Checkpoint?
     var bundle: CalibrationBundle?
-    var blocks: [Int: DecoderBlockWeights<Float>] = [:]
-    var head: (norm: Tensor<Float>, lm: Tensor<Float>, eps: Float)?
+    /// The owned layers' weights, loaded into the backend once per assignment.
+    var blocks: [Int: BackendBlock] = [:]
+    var head: BackendHead?
     var inputs: ActivationStore
-    var finalHidden: [Tensor<Float>] = []
+    /// The last stage's final hidden states per sample, kept in the backend for the loss.
+    var finalHidden: [BackendTensor] = []
     var ratios: (attn: [Double], mlp: [Double])?
     /// Scales per layer and group (searched here, or sent by the coordinator).
     var results: [Int: [String: Mbq_GroupResult]] = [:]
@@ -301,12 +303,12 @@ public final class Worker: @unchecked Sendable {
         }
         let range = Int(a.firstLayer)..<Int(a.endLayer)
         // Keep blocks already loaded; load the new ones; drop the rest.
-        var nb: [Int: DecoderBlockWeights<Float>] = [:]
-        for l in range { nb[l] = try blocks[l] ?? DecoderBlockWeights<Float>.load(from: c, layer: l) }
+        var nb: [Int: BackendBlock] = [:]
+        for l in range { nb[l] = try blocks[l] ?? backend.loadBlock(DecoderBlockWeights<Float>.load(from: c, layer: l)) }
         blocks = nb
-        head = a.holdsHead ? (try c.tensor(c.names.finalNorm, shape: [c.config.hiddenSize]),
-                              try c.tensor(c.names.outputProjection, shape: [c.config.vocabSize, c.config.hiddenSize]),
-                              Float(c.config.rmsNormEps)) : nil
+        head = a.holdsHead ? try backend.loadHead(norm: try c.tensor(c.names.finalNorm, shape: [c.config.hiddenSize]),
+                                                  lmHead: try c.tensor(c.names.outputProjection, shape: [c.config.vocabSize, c.config.hiddenSize]),
+                                                  eps: Float(c.config.rmsNormEps)) : nil
         quantOptions = try a.options.quantizeOptions()
         // What the memory budget leaves for cached block inputs once the weights, the
         // head and one sample's working set are in.

@@ -69,17 +69,17 @@ extension Worker {
                 x = t
                 transfer += dt
             }
-            let r = rope(sample)
-            for l in range {
-                try inputs.put(layer: l, sample: s, x)
-                x = backend.blockForward(x, blocks[l]!, rope: r, mask: sample.attention, save: false, capture: false, actBits: nil).output
-                guard allFinite(x) else { throw ModelError.nonFinite(what: "block output", layer: l) }
+            // Block inputs are cached on the host (spilling past the budget): the
+            // backward recomputes each layer's forward from them.
+            let y = try GradientPass.forward(try backend.upload(x), layers: range, blocks: { self.blocks[$0]! }, rope: rope(sample),
+                                             mask: sample.attention, backend: backend) { l, input in
+                try self.inputs.put(layer: l, sample: s, try self.backend.download(input))
             }
             if let down {
-                let (b, dt) = try send(down, "act/\(s)", x)
+                let (b, dt) = try send(down, "act/\(s)", try backend.download(y))
                 moved += b; transfer += dt
             } else {
-                finalHidden.append(x)
+                finalHidden.append(y)
             }
         }
         if inputs.spilledBytes > 0 {
@@ -93,39 +93,31 @@ extension Worker {
     func backward() throws -> (UInt64, Double) {
         let samples = self.samples
         var moved: UInt64 = 0, transfer = 0.0
-        var sums = [Int: GradientStatistics.Layer]()
-        for l in range { sums[l] = GradientStatistics.Layer() }
+        var sums = [GradientStatistics.Layer](repeating: GradientStatistics.Layer(), count: range.count)
         var used = 0
         var skipped: [String] = []
         if head != nil && finalHidden.count != samples.count { throw WorkerError.missingInput(layer: range.upperBound, sample: finalHidden.count) }
         for (s, sample) in samples.enumerated() {
             if let why = GradientStatistics.skipReason(sample) { skipped.append("sample \(s): \(why)"); continue }
             used += 1
-            var dy: Tensor<Float>
+            var dy: BackendTensor
             if let h = head {
-                let f = lossHeadForward(finalHidden[s], norm: h.norm, lmHead: h.lm, labels: sample.labels, eps: h.eps)
-                dy = lossHeadBackward(saved: f.saved, norm: h.norm, lmHead: h.lm)
+                dy = try backend.lossGradient(finalHidden[s], h, labels: sample.labels).grad
             } else {
                 let (t, dt) = try receive("grad/\(s)", what: "backward")
-                dy = t
+                dy = try backend.upload(t)
                 transfer += dt
             }
-            let r = rope(sample)
-            let vis = sample.attendedVision, cap = sample.attendedCaption
-            for l in range.reversed() {
-                let f = backend.blockForward(try inputs.get(layer: l, sample: s), blocks[l]!, rope: r, mask: sample.attention,
-                                             save: true, capture: false, actBits: nil)
-                let g = backend.blockBackward(dy, f.saved!, blocks[l]!, rope: r, mask: sample.attention)
-                sums[l]!.accumulate(attentionGrad: g.attentionOutput, mlpGrad: g.mlpOutput, vision: vis, caption: cap)
-                dy = g.input
-            }
+            dy = try GradientPass.backward(dy, layers: range, blocks: { self.blocks[$0]! },
+                                           input: { try self.backend.upload(try self.inputs.get(layer: $0, sample: s)) },
+                                           sample: sample, rope: rope(sample), backend: backend, sums: &sums)
             if let up {
-                let (b, dt) = try send(up, "grad/\(s)", dy)
+                let (b, dt) = try send(up, "grad/\(s)", try backend.download(dy))
                 moved += b; transfer += dt
             }
         }
         for l in range {
-            post(.layerStats(Mbq_LayerStats(layer: l, sums: sums[l]!, samples: used, skipped: skipped, epoch: assignment.epoch)))
+            post(.layerStats(Mbq_LayerStats(layer: l, sums: sums[l - range.lowerBound], samples: used, skipped: skipped, epoch: assignment.epoch)))
         }
         return (moved, transfer)
     }
@@ -141,14 +133,14 @@ extension Worker {
         let samples = self.samples
         let distort = quantOptions.distort
         var moved: UInt64 = 0, transfer = 0.0
-        var xs: [Tensor<Float>] = []
+        var xs: [BackendTensor] = []
         if distort {
             for (s, sample) in samples.enumerated() {
                 if range.lowerBound == 0 {
-                    xs.append(sample.embeds)
+                    xs.append(try backend.upload(sample.embeds))
                 } else {
                     let (t, dt) = try receive("dist/\(s)", what: "search")
-                    xs.append(t)
+                    xs.append(try backend.upload(t))
                     transfer += dt
                 }
             }
@@ -163,10 +155,10 @@ extension Worker {
             }
             try testDelay("search")
             logger.info("searching layer \(l)")
-            let inputs = distort ? xs : try samples.indices.map { try self.inputs.get(layer: l, sample: $0) }
-            let captured = LayerStep.capture(blocks[l]!, inputs: inputs, samples: samples, rope: rope, backend: backend)
-            let found = LayerStep.scales(layer: l, weights: blocks[l]!, samples: captured.samples, attnRatio: ratios?.attn[l] ?? 1,
-                                         mlpRatio: ratios?.mlp[l] ?? 1, options: quantOptions, backend: backend)
+            let inputs = distort ? xs : try samples.indices.map { try backend.upload(try self.inputs.get(layer: l, sample: $0)) }
+            let captured = try LayerStep.capture(blocks[l]!, inputs: inputs, samples: samples, rope: rope, backend: backend)
+            let found = try LayerStep.scales(layer: l, block: blocks[l]!, samples: captured.samples, attnRatio: ratios?.attn[l] ?? 1,
+                                             mlpRatio: ratios?.mlp[l] ?? 1, options: quantOptions, backend: backend)
             for g in found {
                 let m = Mbq_GroupResult(g, epoch: assignment.epoch)
                 results[l, default: [:]][m.group] = m
@@ -176,7 +168,7 @@ extension Worker {
         }
         if distort, let down {
             for (s, x) in xs.enumerated() {
-                let (b, dt) = try send(down, "dist/\(s)", x)
+                let (b, dt) = try send(down, "dist/\(s)", try backend.download(x))
                 moved += b; transfer += dt
             }
         }
@@ -184,24 +176,24 @@ extension Worker {
     }
 
     /// Block `l` with its scales applied, before quantization (`LayerStep.applied`).
-    func scaledBlock(_ l: Int) throws -> DecoderBlockWeights<Float> {
+    func scaledBlock(_ l: Int) throws -> BackendBlock {
         var scales: [SearchGroup: [Float]] = [:]
         for (name, r) in results[l] ?? [:] {
             guard let g = SearchGroup(rawValue: name) else { throw ProtocolError.malformed("unknown group '\(name)'") }
             scales[g] = r.scales
         }
-        return LayerStep.applied(blocks[l]!, scales: scales)
+        return try LayerStep.applied(blocks[l]!, scales: scales, backend: backend)
     }
 
     /// Block `l` with its scales applied and quantized (the apply phase's arithmetic):
     /// the weights the output holds and every linear's codes.
-    func quantizedBlock(_ l: Int) throws -> (block: DecoderBlockWeights<Float>, codes: [String: QuantizedWeight]) {
-        LayerStep.quantized(try scaledBlock(l), options: quantOptions)
+    func quantizedBlock(_ l: Int) throws -> (block: BackendBlock, codes: [String: QuantizedWeight]) {
+        try LayerStep.quantized(try scaledBlock(l), options: quantOptions, backend: backend)
     }
 
     /// --distort: the quantized block's output on `xs`.
-    func distortedOutputs(_ l: Int, _ xs: [Tensor<Float>]) throws -> [Tensor<Float>] {
-        LayerStep.distorted(try quantizedBlock(l).block, inputs: xs, samples: samples, rope: rope, options: quantOptions, backend: backend)
+    func distortedOutputs(_ l: Int, _ xs: [BackendTensor]) throws -> [BackendTensor] {
+        try LayerStep.distorted(try quantizedBlock(l).block, inputs: xs, samples: samples, rope: rope, options: quantOptions, backend: backend)
     }
 
     // MARK: apply
@@ -214,7 +206,8 @@ extension Worker {
         let shared = try outputIsShared()
         for l in range {
             let q = try quantizedBlock(l)
-            let shard = try QuantizedCheckpointWriter.layerShard(ckpt!, layer: l, block: q.block, codes: q.codes, options: quantOptions)
+            let shard = try QuantizedCheckpointWriter.layerShard(ckpt!, layer: l, block: try backend.downloadBlock(q.block), codes: q.codes,
+                                                                 options: quantOptions)
             if shared {
                 try QuantizedCheckpointWriter.writeShard(shard.file, shard.bytes, into: assignment.outputDir)
                 var b = Mbq_BlockWritten()

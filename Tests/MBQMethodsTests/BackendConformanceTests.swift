@@ -2,6 +2,7 @@ import Foundation
 import MBQFormats
 import MBQMethods
 import MBQModel
+import MBQQuant
 import MBQTensor
 import XCTest
 
@@ -14,23 +15,58 @@ final class BackendConformanceTests: XCTestCase {
         let cpu = CPUBackend()
         let where_: String
         var name: String { "perturbed-\(where_)" }
-        func blockForward(_ x: Tensor<Float>, _ w: DecoderBlockWeights<Float>, rope: RoPETable<Float>, mask: [Bool],
-                          save: Bool, capture: Bool, actBits: Int?) -> DecoderBlockForward<Float> {
-            var f = cpu.blockForward(x, w, rope: rope, mask: mask, save: save, capture: capture, actBits: actBits)
-            if where_ == "forward" && actBits == nil { f.output.data[3] += 1e-3 * max(1, abs(f.output.data[3])) }
-            if where_ == "distort" && actBits != nil { f.output.data[0] *= 1.01 }
+        func nudged(_ x: BackendTensor, _ change: (inout Tensor<Float>) -> Void) -> BackendTensor {
+            var t = cpu.download(x)
+            change(&t)
+            return cpu.upload(t)
+        }
+        func loadBlock(_ w: DecoderBlockWeights<Float>) -> BackendBlock {
+            var w = w
+            if where_ == "load" { w.down.data[5] += 1e-3 }
+            return cpu.loadBlock(w)
+        }
+        func loadHead(norm: Tensor<Float>, lmHead: Tensor<Float>, eps: Float) -> BackendHead { cpu.loadHead(norm: norm, lmHead: lmHead, eps: eps) }
+        func upload(_ x: Tensor<Float>) -> BackendTensor { cpu.upload(x) }
+        func download(_ x: BackendTensor) -> Tensor<Float> { cpu.download(x) }
+        func downloadBlock(_ b: BackendBlock) -> DecoderBlockWeights<Float> { cpu.downloadBlock(b) }
+        func blockForward(_ x: BackendTensor, _ b: BackendBlock, rope: RoPETable<Float>, mask: [Bool],
+                          save: Bool, capture: Bool, actBits: Int?) -> BackendForward {
+            var f = cpu.blockForward(x, b, rope: rope, mask: mask, save: save, capture: capture, actBits: actBits)
+            if where_ == "forward" && actBits == nil { f.output = nudged(f.output) { $0.data[3] += 1e-3 * max(1, abs($0.data[3])) } }
+            if where_ == "distort" && actBits != nil { f.output = nudged(f.output) { $0.data[0] *= 1.01 } }
+            if where_ == "capture", var c = f.captures { c.downInput = nudged(c.downInput) { $0.data[2] += 0.25 }; f.captures = c }
             return f
         }
-        func blockBackward(_ dy: Tensor<Float>, _ saved: DecoderBlockSaved<Float>, _ w: DecoderBlockWeights<Float>,
-                           rope: RoPETable<Float>, mask: [Bool]) -> DecoderBlockGradients<Float> {
-            var g = cpu.blockBackward(dy, saved, w, rope: rope, mask: mask)
-            if where_ == "backward" { g.input.data[1] += 0.5 }
+        func blockBackward(_ dy: BackendTensor, _ saved: BackendSaved, _ b: BackendBlock, rope: RoPETable<Float>, mask: [Bool]) -> BackendGradients {
+            var g = cpu.blockBackward(dy, saved, b, rope: rope, mask: mask)
+            if where_ == "backward" { g.input = nudged(g.input) { $0.data[1] += 0.5 } }
             return g
         }
-        func searchLayer(_ l: Int, _ w: DecoderBlockWeights<Float>, samples: [LayerSample], attnRatio: Double, mlpRatio: Double,
+        func lossGradient(_ h: BackendTensor, _ head: BackendHead, labels: [Int]) -> (loss: Float, count: Int, grad: BackendTensor) {
+            var r = cpu.lossGradient(h, head, labels: labels)
+            if where_ == "head" { r.grad = nudged(r.grad) { for i in $0.data.indices { $0.data[i] *= 1.001 } } }
+            return r
+        }
+        func meanAbs(_ x: BackendTensor, rows: [Bool]) -> Double { cpu.meanAbs(x, rows: rows) * (where_ == "means" ? 1.01 : 1) }
+        func allFinite(_ x: BackendTensor) -> Bool { where_ == "finite" ? true : cpu.allFinite(x) }
+        func searchLayer(_ l: Int, _ b: BackendBlock, samples: [BackendLayerSample], attnRatio: Double, mlpRatio: Double,
                          options: SearchOptions) -> [GroupResult] {
-            var r = cpu.searchLayer(l, w, samples: samples, attnRatio: attnRatio, mlpRatio: mlpRatio, options: options)
+            var r = cpu.searchLayer(l, b, samples: samples, attnRatio: attnRatio, mlpRatio: mlpRatio, options: options)
             if where_ == "search" { r[0].bestIndex = (r[0].bestIndex + 1) % 20 }
+            return r
+        }
+        func smoothQuantScales(_ b: BackendBlock, samples: [BackendLayerSample]) -> (qkv: [Float], gateUp: [Float]) {
+            var s = cpu.smoothQuantScales(b, samples: samples)
+            if where_ == "smoothquant" { s.gateUp[0] *= 1.1 }
+            return s
+        }
+        func applyScales(_ scales: [(group: SearchGroup, scales: [Float])], to b: BackendBlock) -> BackendBlock {
+            // Deviating: the last group's scales left out.
+            cpu.applyScales(where_ == "apply" ? Array(scales.dropLast()) : scales, to: b)
+        }
+        func quantize(_ b: BackendBlock, with q: WeightQuantizer, precision: ScalePrecision) -> (block: BackendBlock, codes: [String: QuantizedWeight]) {
+            var r = cpu.quantize(b, with: q, precision: precision)
+            if where_ == "codes" { r.codes["up"]!.codes[7] ^= 1 }
             return r
         }
         func measureGEMMRates(sizes: [Int]) -> [Double] { cpu.measureGEMMRates(sizes: sizes) }
@@ -44,7 +80,7 @@ final class BackendConformanceTests: XCTestCase {
     func testCPUBackendConforms() throws {
         for arch in ["llava15", "onevision_mha", "qwen2vl"] {
             let (model, bundle) = try fixture(arch)
-            let checks = BackendConformance.run(CPUBackend(), model: model, samples: Array(bundle.samples.prefix(2)), tolerance: 0)
+            let checks = try BackendConformance.run(CPUBackend(), model: model, samples: Array(bundle.samples.prefix(2)), tolerance: 0)
             for c in checks { print("conformance cpu \(arch): \(c)") }
             XCTAssertTrue(checks.allSatisfy(\.passed), "\(arch): \(checks.filter { !$0.passed })")
             XCTAssertGreaterThan(checks.count, 10)
@@ -54,9 +90,11 @@ final class BackendConformanceTests: XCTestCase {
     func testADeviatingBackendFailsNamingWhere() throws {
         let (model, bundle) = try fixture("onevision_mha")
         let samples = Array(bundle.samples.prefix(1))
-        for (where_, needle) in [("forward", "block output"), ("backward", "backward dL/dx"), ("distort", "8-bit activations"),
-                                 ("search", "grid points")] {
-            let failed = BackendConformance.run(Perturbed(where_: where_), model: model, samples: samples).filter { !$0.passed }
+        for (where_, needle) in [("load", "block loaded"), ("forward", "block output"), ("capture", "captured down input"),
+                                 ("backward", "backward dL/dx"), ("head", "caption loss gradient"), ("means", "gradient means"),
+                                 ("finite", "allFinite"), ("distort", "8-bit activations"), ("search", "grid points"),
+                                 ("smoothquant", "SmoothQuant"), ("apply", "scales applied"), ("codes", "quantized codes")] {
+            let failed = try BackendConformance.run(Perturbed(where_: where_), model: model, samples: samples).filter { !$0.passed }
             XCTAssertTrue(failed.contains { $0.name.contains(needle) }, "\(where_): \(failed)")
         }
     }

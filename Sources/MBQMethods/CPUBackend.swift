@@ -1,0 +1,144 @@
+import Foundation
+import MBQModel
+import MBQQuant
+import MBQTensor
+
+/// The reference backend: host fp32 tensors, OpenBLAS GEMMs, the model's own forward
+/// and backward (proven against transformers by the parity tests). Its handles wrap
+/// host values, so uploads and downloads cost nothing.
+public struct CPUBackend: ComputeBackend {
+    public init() {}
+    public var name: String { "cpu" }
+
+    final class HostTensor: BackendTensor {
+        let value: Tensor<Float>
+        init(_ value: Tensor<Float>) { self.value = value }
+        var shape: [Int] { value.shape }
+    }
+
+    final class HostBlock: BackendBlock {
+        let weights: DecoderBlockWeights<Float>
+        init(_ weights: DecoderBlockWeights<Float>) { self.weights = weights }
+        var parameterCount: Int { weights.parameterCount }
+    }
+
+    final class HostHead: BackendHead {
+        let norm: Tensor<Float>, lmHead: Tensor<Float>, eps: Float
+        init(norm: Tensor<Float>, lmHead: Tensor<Float>, eps: Float) { self.norm = norm; self.lmHead = lmHead; self.eps = eps }
+    }
+
+    final class HostSaved: BackendSaved {
+        let value: DecoderBlockSaved<Float>
+        init(_ value: DecoderBlockSaved<Float>) { self.value = value }
+    }
+
+    // A handle from another backend is a programmer's mistake, not bad input.
+    func host(_ x: BackendTensor) -> Tensor<Float> {
+        guard let h = x as? HostTensor else { preconditionFailure("a \(type(of: x)) handed to the CPU backend") }
+        return h.value
+    }
+    func host(_ b: BackendBlock) -> DecoderBlockWeights<Float> {
+        guard let h = b as? HostBlock else { preconditionFailure("a \(type(of: b)) handed to the CPU backend") }
+        return h.weights
+    }
+    func host(_ s: BackendLayerSample) -> LayerSample {
+        let c = s.captures
+        return LayerSample(captures: BlockCaptures(qkvInput: host(c.qkvInput), oInput: host(c.oInput), gateUpInput: host(c.gateUpInput),
+                                                   downInput: host(c.downInput), attentionOutput: host(c.attentionOutput),
+                                                   mlpOutput: host(c.mlpOutput)),
+                           rope: s.rope, attention: s.attention, vision: s.vision, caption: s.caption)
+    }
+
+    // MARK: memory
+
+    public func loadBlock(_ w: DecoderBlockWeights<Float>) -> BackendBlock { HostBlock(w) }
+    public func loadHead(norm: Tensor<Float>, lmHead: Tensor<Float>, eps: Float) -> BackendHead {
+        HostHead(norm: norm, lmHead: lmHead, eps: eps)
+    }
+    public func upload(_ x: Tensor<Float>) -> BackendTensor { HostTensor(x) }
+    public func download(_ x: BackendTensor) -> Tensor<Float> { host(x) }
+    public func downloadBlock(_ b: BackendBlock) -> DecoderBlockWeights<Float> { host(b) }
+
+    // MARK: the model
+
+    public func blockForward(_ x: BackendTensor, _ b: BackendBlock, rope: RoPETable<Float>, mask: [Bool],
+                             save: Bool, capture: Bool, actBits: Int?) -> BackendForward {
+        let f = decoderBlockForward(host(x), weights: host(b), rope: rope, mask: mask, save: save, capture: capture, actBits: actBits)
+        return BackendForward(output: HostTensor(f.output), saved: f.saved.map(HostSaved.init),
+                              captures: f.captures.map { c in
+                                  BackendCaptures(qkvInput: HostTensor(c.qkvInput), oInput: HostTensor(c.oInput),
+                                                  gateUpInput: HostTensor(c.gateUpInput), downInput: HostTensor(c.downInput),
+                                                  attentionOutput: HostTensor(c.attentionOutput), mlpOutput: HostTensor(c.mlpOutput))
+                              })
+    }
+
+    public func blockBackward(_ dy: BackendTensor, _ saved: BackendSaved, _ b: BackendBlock,
+                              rope: RoPETable<Float>, mask: [Bool]) -> BackendGradients {
+        guard let s = saved as? HostSaved else { preconditionFailure("a \(type(of: saved)) handed to the CPU backend") }
+        let g = decoderBlockBackward(host(dy), saved: s.value, weights: host(b), rope: rope, mask: mask)
+        return BackendGradients(input: HostTensor(g.input), attentionOutput: HostTensor(g.attentionOutput),
+                                mlpOutput: HostTensor(g.mlpOutput))
+    }
+
+    public func lossGradient(_ h: BackendTensor, _ head: BackendHead, labels: [Int]) -> (loss: Float, count: Int, grad: BackendTensor) {
+        guard let hd = head as? HostHead else { preconditionFailure("a \(type(of: head)) handed to the CPU backend") }
+        let f = lossHeadForward(host(h), norm: hd.norm, lmHead: hd.lmHead, labels: labels, eps: hd.eps)
+        return (f.loss, f.count, HostTensor(lossHeadBackward(saved: f.saved, norm: hd.norm, lmHead: hd.lmHead)))
+    }
+
+    public func meanAbs(_ x: BackendTensor, rows: [Bool]) -> Double {
+        let m = GradientStatistics.meanAbs(host(x), rows: rows)
+        return m.sum / Double(m.count)
+    }
+
+    public func allFinite(_ x: BackendTensor) -> Bool { MBQTensor.allFinite(host(x)) }
+
+    // MARK: the method
+
+    public func searchLayer(_ l: Int, _ b: BackendBlock, samples: [BackendLayerSample], attnRatio: Double, mlpRatio: Double,
+                            options: SearchOptions) -> [GroupResult] {
+        ScaleSearch.searchLayer(l, weights: host(b), samples: samples.map(host), attnRatio: attnRatio, mlpRatio: mlpRatio,
+                                options: options)
+    }
+
+    public func smoothQuantScales(_ b: BackendBlock, samples: [BackendLayerSample]) -> (qkv: [Float], gateUp: [Float]) {
+        ApplyScales.smoothQuantLayer(host(b), samples: samples.map(host))
+    }
+
+    public func applyScales(_ scales: [(group: SearchGroup, scales: [Float])], to b: BackendBlock) -> BackendBlock {
+        var w = host(b)
+        for (g, s) in scales { ApplyScales.apply(g, scales: s, to: &w) }
+        return HostBlock(w)
+    }
+
+    public func quantize(_ b: BackendBlock, with q: WeightQuantizer, precision: ScalePrecision) -> (block: BackendBlock, codes: [String: QuantizedWeight]) {
+        var w = host(b)
+        let codes = ApplyScales.quantizeLinears(&w, with: q, precision: precision)
+        return (HostBlock(w), codes)
+    }
+
+    public func measureGEMMRates(sizes: [Int]) -> [Double] {
+        let operands = sizes.map { n -> (Tensor<Float>, Tensor<Float>) in
+            var rng = SeededRandom(seed: UInt64(n))
+            return (rng.normalTensor([n, n]), rng.normalTensor([n, n]))
+        }
+        var best = [Double](repeating: 0, count: sizes.count)
+        // Two passes over the sizes, best of repeated runs for about 25 ms each: workers
+        // starting together on one host measure at the same time, and the best run is
+        // the one least disturbed (the cost model accounts for shared cores itself).
+        for _ in 0..<2 {
+            for (i, n) in sizes.enumerated() {
+                let (a, b) = operands[i]
+                _ = matmul(a, b)  // warm-up: threads, caches, page faults
+                let end = DispatchTime.now().uptimeNanoseconds + 25_000_000
+                repeat {
+                    let t0 = DispatchTime.now().uptimeNanoseconds
+                    _ = matmul(a, b)
+                    let dt = Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9
+                    best[i] = max(best[i], 2 * Double(n * n * n) / dt / 1e9)
+                } while DispatchTime.now().uptimeNanoseconds < end
+            }
+        }
+        return best
+    }
+}

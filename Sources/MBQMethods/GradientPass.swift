@@ -1,0 +1,46 @@
+import MBQFormats
+import MBQModel
+import MBQTensor
+
+/// MBQ's gradient pass over a run of consecutive layers (docs/DESIGN.md §2 "Gradient
+/// statistics"), the same arithmetic for the one-process job (all layers, one stage) and
+/// for each pipeline stage of a distributed job. The forward keeps only each layer's
+/// input; the backward recomputes the layer's forward from it with `save` and runs its
+/// backward, so that memory holds one layer's saved forward at a time, not all of them.
+public enum GradientPass {
+    /// x: [T, C], the input of `layers.lowerBound`. Each layer's input is handed to `keep`
+    /// before the layer runs. -> the output of the last layer.
+    public static func forward(_ x: BackendTensor, layers: Range<Int>, blocks: (Int) -> BackendBlock, rope: RoPETable<Float>,
+                               mask: [Bool], backend: ComputeBackend,
+                               keep: (Int, BackendTensor) throws -> Void) throws -> BackendTensor {
+        var x = x
+        for l in layers {
+            try keep(l, x)
+            x = try backend.blockForward(x, blocks(l), rope: rope, mask: mask, save: false, capture: false, actBits: nil).output
+            guard try backend.allFinite(x) else { throw ModelError.nonFinite(what: "block output", layer: l) }
+        }
+        return x
+    }
+
+    /// dy: [T, C], the loss's gradient w.r.t. the last layer's output; `input(l)` gives
+    /// back what `forward` kept. Adds the sample's vision and caption means of
+    /// |dL/d(o_proj out)| and |dL/d(down_proj out)| to `sums[l - layers.lowerBound]`.
+    /// -> dL/d(input of layers.lowerBound) [T, C]
+    public static func backward(_ dy: BackendTensor, layers: Range<Int>, blocks: (Int) -> BackendBlock,
+                                input: (Int) throws -> BackendTensor, sample s: CalibrationSample, rope: RoPETable<Float>,
+                                backend: ComputeBackend, sums: inout [GradientStatistics.Layer]) throws -> BackendTensor {
+        precondition(sums.count == layers.count, "\(sums.count) sums for layers \(layers)")
+        let vis = s.attendedVision, cap = s.attendedCaption
+        var dy = dy
+        for l in layers.reversed() {
+            let f = try backend.blockForward(try input(l), blocks(l), rope: rope, mask: s.attention, save: true, capture: false, actBits: nil)
+            let g = try backend.blockBackward(dy, f.saved!, blocks(l), rope: rope, mask: s.attention)
+            sums[l - layers.lowerBound].add(attnVis: try backend.meanAbs(g.attentionOutput, rows: vis),
+                                            attnCap: try backend.meanAbs(g.attentionOutput, rows: cap),
+                                            mlpVis: try backend.meanAbs(g.mlpOutput, rows: vis),
+                                            mlpCap: try backend.meanAbs(g.mlpOutput, rows: cap))
+            dy = g.input
+        }
+        return dy
+    }
+}
