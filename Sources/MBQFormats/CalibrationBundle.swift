@@ -46,8 +46,15 @@ public struct CalibrationBundle: Sendable {
 
     /// Reads and validates a bundle. `hiddenSize`/`vocabSize`/`positionRows`, when given,
     /// are checked against the model that will consume it.
+    /// Loads a bundle for a model with this config: hidden size, vocabulary, position
+    /// rows (3 for M-RoPE) and, under dynamic RoPE scaling, the sequence length.
+    public static func load(path: String, for config: LanguageModelConfig) throws -> CalibrationBundle {
+        try load(path: path, hiddenSize: config.hiddenSize, vocabSize: config.vocabSize,
+                 positionRows: config.mropeSection == nil ? 1 : 3, maxTokens: config.unscaledRoPETokens)
+    }
+
     public static func load(path: String, hiddenSize: Int? = nil, vocabSize: Int? = nil,
-                            positionRows: Int? = nil) throws -> CalibrationBundle {
+                            positionRows: Int? = nil, maxTokens: Int? = nil) throws -> CalibrationBundle {
         let f = try SafetensorsFile(path: path)
         func fail(_ why: String) -> FormatsError { .invalidBundle(path: path, reason: why) }
         guard f.metadata["format"] == format else {
@@ -63,6 +70,10 @@ public struct CalibrationBundle: Sendable {
         guard emb.rank == 3 else { throw fail("inputs_embeds has shape \(emb.shape), expected [N, T, H]") }
         let (n, t, h) = (emb.shape[0], emb.shape[1], emb.shape[2])
         guard n > 0, t > 0, h > 0 else { throw fail("inputs_embeds has an empty dimension: \(emb.shape)") }
+        if let maxTokens, t > maxTokens {
+            // InternLM2's dynamic NTK scaling rescales RoPE for sequences longer than this.
+            throw fail("samples of \(t) tokens are longer than max_position_embeddings \(maxTokens), past which the model's dynamic RoPE scaling changes the frequencies (not implemented)")
+        }
         if let hiddenSize, hiddenSize != h {
             throw FormatsError.shapeMismatch(path: path, tensor: "inputs_embeds", expected: [n, t, hiddenSize], found: emb.shape)
         }

@@ -70,7 +70,8 @@ public final class Checkpoint: @unchecked Sendable {
         }
         self.files = files
         self.location = location
-        names = try LanguageModelTensorNames.detect(in: Set(location.keys), tied: config.tieWordEmbeddings, place: directory)
+        names = try LanguageModelTensorNames.detect(in: Set(location.keys), tied: config.tieWordEmbeddings, place: directory,
+                                                    naming: config.architecture.naming)
         logger.debug("opened \(directory): \(files.count) file(s), \(location.count) tensors, decoder prefix '\(names.base)'")
     }
 
@@ -116,9 +117,8 @@ public final class Checkpoint: @unchecked Sendable {
     /// The storage dtype of the decoder's weights (what the output keeps); for a packed
     /// checkpoint, that of its scales.
     public var weightDType: DType {
-        let q = blockNames(0).q
-        let module = String(q.dropLast(".weight".count))
-        for name in [q, module + ".weight_scale", module + ".scales"] {
+        let first = blockNames(0).linears[0]
+        for name in [first.name, first.module + ".weight_scale", first.module + ".scales"] {
             if let e = try? entry(name).entry { return e.dtype }
         }
         return .f32

@@ -34,6 +34,9 @@ public struct HFTextConfig: Codable, Sendable {
     public var attentionBias: Bool?
     public var mlpBias: Bool?
     public var hiddenAct: String?
+    /// InternLM2: one switch for every projection's bias.
+    public var bias: Bool?
+    public var maxPositionEmbeddings: Int?
 
     enum CodingKeys: String, CodingKey {
         case modelType = "model_type", hiddenSize = "hidden_size"
@@ -43,6 +46,7 @@ public struct HFTextConfig: Codable, Sendable {
         case ropeScaling = "rope_scaling", ropeParameters = "rope_parameters"
         case vocabSize = "vocab_size", tieWordEmbeddings = "tie_word_embeddings"
         case attentionBias = "attention_bias", mlpBias = "mlp_bias", hiddenAct = "hidden_act"
+        case bias, maxPositionEmbeddings = "max_position_embeddings"
     }
 }
 
@@ -50,20 +54,23 @@ public struct HFTextConfig: Codable, Sendable {
 public struct HFModelConfig: Codable, Sendable {
     public var modelType: String
     public var textConfig: HFTextConfig?
+    /// InternVL2 as released (`internvl_chat`) puts the language model here.
+    public var llmConfig: HFTextConfig?
     public var tieWordEmbeddings: Bool?
 
     enum CodingKeys: String, CodingKey {
-        case modelType = "model_type", textConfig = "text_config"
+        case modelType = "model_type", textConfig = "text_config", llmConfig = "llm_config"
         case tieWordEmbeddings = "tie_word_embeddings"
     }
 }
 
 /// Decoder-block families the engine runs.
 public enum ModelFamily: String, Sendable {
-    case llama, qwen2, qwen2VL = "qwen2_vl"
+    case llama, qwen2, qwen2VL = "qwen2_vl", internLM2 = "internlm2"
 
     /// Top-level `model_type`s the tool accepts.
-    public static let supportedTypes = ["llava", "llava_onevision", "llava_next", "qwen2_vl", "llama", "qwen2"]
+    public static let supportedTypes = ["llava", "llava_onevision", "llava_next", "qwen2_vl", "qwen2_5_vl", "internvl_chat", "internvl",
+                                        "llama", "qwen2"]
 }
 
 /// The language model's shape and numerics, resolved from whatever config layout the
@@ -86,17 +93,20 @@ public struct LanguageModelConfig: Sendable, Equatable {
     public var tieWordEmbeddings: Bool
     public var qkvBias: Bool
     public var oBias: Bool
+    /// Dynamic NTK RoPE scaling (InternLM2) changes the frequencies of sequences longer
+    /// than this; shorter ones compute as unscaled RoPE. nil: no such limit.
+    public var unscaledRoPETokens: Int?
 
     public init(family: ModelFamily, modelType: String, hiddenSize: Int, intermediateSize: Int,
                 numLayers: Int, numHeads: Int, numKVHeads: Int, headDim: Int, rmsNormEps: Double,
                 ropeTheta: Double, mropeSection: [Int]?, vocabSize: Int, tieWordEmbeddings: Bool,
-                qkvBias: Bool, oBias: Bool) {
+                qkvBias: Bool, oBias: Bool, unscaledRoPETokens: Int? = nil) {
         self.family = family; self.modelType = modelType; self.hiddenSize = hiddenSize
         self.intermediateSize = intermediateSize; self.numLayers = numLayers
         self.numHeads = numHeads; self.numKVHeads = numKVHeads; self.headDim = headDim
         self.rmsNormEps = rmsNormEps; self.ropeTheta = ropeTheta; self.mropeSection = mropeSection
         self.vocabSize = vocabSize; self.tieWordEmbeddings = tieWordEmbeddings
-        self.qkvBias = qkvBias; self.oBias = oBias
+        self.qkvBias = qkvBias; self.oBias = oBias; self.unscaledRoPETokens = unscaledRoPETokens
     }
 
     /// Reads `config.json` and resolves the language model's settings.
@@ -118,9 +128,9 @@ public struct LanguageModelConfig: Sendable, Equatable {
             throw FormatsError.unsupportedModelType(path: path, modelType: top.modelType)
         }
         let text: HFTextConfig
-        if let t = top.textConfig {
+        if let t = top.textConfig ?? top.llmConfig {
             text = t
-        } else if top.modelType == "qwen2_vl" || top.modelType == "llama" || top.modelType == "qwen2" {
+        } else if ["qwen2_vl", "qwen2_5_vl", "llama", "qwen2"].contains(top.modelType) {
             do {
                 text = try JSONDecoder().decode(HFTextConfig.self, from: data)
             } catch {
@@ -158,14 +168,14 @@ public struct LanguageModelConfig: Sendable, Equatable {
         let rope = text.ropeParameters ?? text.ropeScaling
         let theta = text.ropeParameters?.ropeTheta ?? text.ropeTheta ?? rope?.ropeTheta ?? 10000
         let eps = text.rmsNormEps ?? 1e-6
-        let (qkvBias, oBias) = arch.biases(text)
+        let (qkvBias, oBias) = try arch.biases(text, path: path)
         return LanguageModelConfig(
             family: arch.family, modelType: top.modelType, hiddenSize: text.hiddenSize,
             intermediateSize: text.intermediateSize, numLayers: text.numHiddenLayers,
             numHeads: heads, numKVHeads: kv, headDim: headDim, rmsNormEps: eps, ropeTheta: theta,
             mropeSection: mrope, vocabSize: text.vocabSize,
             tieWordEmbeddings: text.tieWordEmbeddings ?? top.tieWordEmbeddings ?? false,
-            qkvBias: qkvBias, oBias: oBias)
+            qkvBias: qkvBias, oBias: oBias, unscaledRoPETokens: try arch.unscaledRoPETokens(text, path: path))
     }
 
     static func describe(_ error: Error) -> String {

@@ -44,9 +44,9 @@ public enum ApplyScales {
     }
 
     /// The block's linears by role, in the order the output formats list them.
-    public static let linears: [(role: String, path: WritableKeyPath<DecoderBlockWeights<Float>, Tensor<Float>>)] = [
-        ("q", \.q), ("k", \.k), ("v", \.v), ("o", \.o), ("gate", \.gate), ("up", \.up), ("down", \.down),
-    ]
+    public static var linears: [(role: String, path: WritableKeyPath<DecoderBlockWeights<Float>, Tensor<Float>>)] {
+        DecoderBlockWeights<Float>.linears
+    }
 
     /// Quantizes every linear of the block: its integer codes (what packed formats
     /// store, by role), and in `w` their dequantization with scales in `precision`, the

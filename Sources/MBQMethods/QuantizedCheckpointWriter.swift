@@ -43,9 +43,8 @@ public enum QuantizedCheckpointWriter {
         let n = ckpt.blockNames(l)
         let linear = Set(n.linears.map(\.name))
         var names = n.all.filter { !linear.contains($0) }
-        for (_, name) in n.linears {
-            names += PackedLinear.tensorNames(module: String(name.dropLast(".weight".count)), format: options.resolvedFormat,
-                                              bits: options.wBit, symmetric: options.aBit != nil)
+        for s in n.linears {
+            names += PackedLinear.tensorNames(module: s.module, format: options.resolvedFormat, bits: options.wBit, symmetric: options.aBit != nil)
         }
         return names.sorted()
     }
@@ -70,18 +69,45 @@ public enum QuantizedCheckpointWriter {
         try add(n.inputNorm, b.inputNorm); try add(n.postAttentionNorm, b.postAttentionNorm)
         try add(n.qBias, b.qBias); try add(n.kBias, b.kBias); try add(n.vBias, b.vBias); try add(n.oBias, b.oBias)
         let format = options.resolvedFormat
-        for ((role, name), (_, keyPath)) in zip(n.linears, ApplyScales.linears) {
+        let paths = Dictionary(uniqueKeysWithValues: ApplyScales.linears.map { ($0.role, $0.path) })
+        for s in n.linears {
+            // Fused families store several linears' rows in one tensor, in the order
+            // they were read (`StoredLinear`); packed formats pack the fused codes.
             if format == .fake {
-                try add(name, b[keyPath: keyPath])
+                try add(s.name, fused(s, s.roles.map { b[keyPath: paths[$0]!] }))
                 continue
             }
-            guard let q = codes[role], [q.rows, q.cols] == (try ckpt.entry(name).entry.shape) else {
-                throw MethodsError.output(path: file, reason: "no codes of the source's shape for '\(name)'")
+            guard let q = fused(s, s.roles.map { codes[$0] }), [q.rows, q.cols] == (try ckpt.entry(s.name).entry.shape) else {
+                throw MethodsError.output(path: file, reason: "no codes of the source's shape for '\(s.name)'")
             }
-            PackedLinear.add(q, module: String(name.dropLast(".weight".count)), format: format, scaleDType: options.scaleDType, to: &w)
+            PackedLinear.add(q, module: s.module, format: format, scaleDType: options.scaleDType, to: &w)
         }
         w.sortByName()
         return (file, try w.serialized(metadata: ["format": "pt"]))
+    }
+
+    /// The stored tensor from its roles' weights ([out, in] each, in `s.roles` order).
+    static func fused(_ s: StoredLinear, _ parts: [Tensor<Float>]) -> Tensor<Float> {
+        if parts.count == 1 && parts[0].rows == s.rows { return parts[0] }
+        let cols = parts[0].cols
+        return Tensor(shape: [s.rows, cols], data: s.fuse(Dictionary(uniqueKeysWithValues: zip(s.roles, parts.map(\.data))), cols: cols))
+    }
+
+    /// The stored tensor's codes from its roles' codes (nil when one is missing or they
+    /// were quantized differently).
+    static func fused(_ s: StoredLinear, _ parts: [QuantizedWeight?]) -> QuantizedWeight? {
+        let parts = parts.compactMap { $0 }
+        guard parts.count == s.roles.count, let p = parts.first else { return nil }
+        if parts.count == 1 && p.rows == s.rows { return p }
+        guard parts.allSatisfy({ $0.cols == p.cols && $0.bits == p.bits && $0.group == p.group && $0.symmetric == p.symmetric }) else {
+            return nil
+        }
+        func rows<E>(_ values: (QuantizedWeight) -> [E], cols: Int) -> [E] {
+            s.fuse(Dictionary(uniqueKeysWithValues: zip(s.roles, parts.map(values))), cols: cols)
+        }
+        return QuantizedWeight(rows: s.rows, cols: p.cols, bits: p.bits, group: p.group, symmetric: p.symmetric,
+                               codes: rows(\.codes, cols: p.cols), scales: rows(\.scales, cols: p.groupsPerRow),
+                               zeros: rows(\.zeros, cols: p.groupsPerRow))
     }
 
     /// Writes layer `l`'s shard into `dir` (atomically). -> the file name and its size.

@@ -38,6 +38,12 @@ public struct DecoderBlockWeights<T: BLASScalar>: Sendable {
     }
     public var intermediateSize: Int { gate.shape[0] }
 
+    /// The block's linears by role (the roles `LanguageModelConfig.linearShapes` and the
+    /// families' `StoredLinear`s name), in the order the output formats list them.
+    public static var linears: [(role: String, path: WritableKeyPath<DecoderBlockWeights<T>, Tensor<T>>)] {
+        [("q", \.q), ("k", \.k), ("v", \.v), ("o", \.o), ("gate", \.gate), ("up", \.up), ("down", \.down)]
+    }
+
     public func converted<U: BLASScalar>(to _: U.Type) -> DecoderBlockWeights<U> {
         func c(_ t: Tensor<T>) -> Tensor<U> { t.converted(to: U.self) }
         return DecoderBlockWeights<U>(
@@ -56,21 +62,36 @@ extension DecoderBlockWeights where T == Float {
             throw ModelError.layerOutOfRange(layer: layer, layers: cfg.numLayers)
         }
         let n = ckpt.blockNames(layer)
-        let c = cfg.hiddenSize, i = cfg.intermediateSize
+        let c = cfg.hiddenSize
         let qd = cfg.numHeads * cfg.headDim, kvd = cfg.numKVHeads * cfg.headDim
         func opt(_ name: String?, _ shape: [Int]) throws -> Tensor<Float>? {
             guard let name else { return nil }
             return try ckpt.tensor(name, shape: shape)
         }
+        // Each stored linear read whole, then split into the roles it holds (fused
+        // families); a tensor holding one whole role is taken as it is.
+        let shapes = Dictionary(uniqueKeysWithValues: cfg.linearShapes.map { ($0.role, $0.shape) })
+        var linear: [String: Tensor<Float>] = [:]
+        for s in n.linears {
+            let cols = shapes[s.roles[0]]![1]
+            precondition(s.roles.allSatisfy { shapes[$0]![1] == cols }, "\(s.name) fuses linears of different input sizes")
+            let t = try ckpt.linearWeight(s.name, shape: [s.rows, cols])
+            if s.pieces.count == 1 && s.rows == shapes[s.pieces[0].role]![0] {
+                linear[s.pieces[0].role] = t
+            } else {
+                for (role, data) in s.split(t.data, cols: cols, roleRows: shapes.mapValues { $0[0] }, zero: 0) {
+                    linear[role] = Tensor(shape: shapes[role]!, data: data)
+                }
+            }
+        }
+        precondition(Set(linear.keys) == Set(shapes.keys), "layer \(layer)'s stored linears cover \(linear.keys.sorted())")
         return DecoderBlockWeights<Float>(
             inputNorm: try ckpt.tensor(n.inputNorm, shape: [c]),
             postAttentionNorm: try ckpt.tensor(n.postAttentionNorm, shape: [c]),
-            q: try ckpt.linearWeight(n.q, shape: [qd, c]), k: try ckpt.linearWeight(n.k, shape: [kvd, c]),
-            v: try ckpt.linearWeight(n.v, shape: [kvd, c]), o: try ckpt.linearWeight(n.o, shape: [c, qd]),
+            q: linear["q"]!, k: linear["k"]!, v: linear["v"]!, o: linear["o"]!,
             qBias: try opt(n.qBias, [qd]), kBias: try opt(n.kBias, [kvd]), vBias: try opt(n.vBias, [kvd]),
             oBias: try opt(n.oBias, [c]),
-            gate: try ckpt.linearWeight(n.gate, shape: [i, c]), up: try ckpt.linearWeight(n.up, shape: [i, c]),
-            down: try ckpt.linearWeight(n.down, shape: [c, i]),
+            gate: linear["gate"]!, up: linear["up"]!, down: linear["down"]!,
             shape: AttentionShape(heads: cfg.numHeads, kvHeads: cfg.numKVHeads, headDim: cfg.headDim),
             rmsNormEps: cfg.rmsNormEps)
     }

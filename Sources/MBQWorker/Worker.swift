@@ -295,8 +295,7 @@ public final class Worker: @unchecked Sendable {
         if ckpt == nil || ckpt!.directory != a.modelDir { ckpt = try Checkpoint(directory: a.modelDir) }
         let c = ckpt!
         if bundle == nil || bundle!.path != a.calibPath {
-            bundle = try CalibrationBundle.load(path: a.calibPath, hiddenSize: c.config.hiddenSize, vocabSize: c.config.vocabSize,
-                                                positionRows: c.config.mropeSection == nil ? 1 : 3)
+            bundle = try CalibrationBundle.load(path: a.calibPath, for: c.config)
         }
         guard a.firstLayer < a.endLayer, Int(a.endLayer) <= c.config.numLayers, Int(a.samples) <= bundle!.count, a.samples > 0 else {
             throw ProtocolError.malformed("assignment of layers \(a.firstLayer)..<\(a.endLayer) over \(a.samples) samples does not fit the model (\(c.config.numLayers) layers) and bundle (\(bundle!.count) samples)")

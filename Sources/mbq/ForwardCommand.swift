@@ -69,9 +69,7 @@ struct ModelRun {
         r.gradients = gradients
         let ((lm, bundle), loadT) = try timed { () throws -> (LanguageModel<Float>, CalibrationBundle) in
             let ckpt = try Checkpoint(directory: modelDir)
-            let b = try CalibrationBundle.load(path: calibPath, hiddenSize: ckpt.config.hiddenSize,
-                                               vocabSize: ckpt.config.vocabSize,
-                                               positionRows: ckpt.config.mropeSection == nil ? 1 : 3)
+            let b = try CalibrationBundle.load(path: calibPath, for: ckpt.config)
             return (try LanguageModel<Float>.load(ckpt), b)
         }
         r.loadSeconds = loadT

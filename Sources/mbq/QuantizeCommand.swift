@@ -51,9 +51,7 @@ struct QuantizeArguments: ParsableArguments {
         if FileManager.default.fileExists(atPath: out) && !overwrite {
             throw MethodsError.output(path: out, reason: "already exists (pass --overwrite to replace it)")
         }
-        let bundle = try CalibrationBundle.load(path: calib, hiddenSize: ckpt.config.hiddenSize,
-                                                vocabSize: ckpt.config.vocabSize,
-                                                positionRows: ckpt.config.mropeSection == nil ? 1 : 3)
+        let bundle = try CalibrationBundle.load(path: calib, for: ckpt.config)
         let chosen = Array(bundle.samples.prefix(samples ?? bundle.count))
         return (ckpt, CalibrationBundle(path: bundle.path, samples: chosen))
     }
@@ -140,8 +138,7 @@ struct EvalCommand: ParsableCommand {
         common.apply()
         try runReportingErrors {
             let ckpt = try Checkpoint(directory: model)
-            let bundle = try CalibrationBundle.load(path: calib, hiddenSize: ckpt.config.hiddenSize, vocabSize: ckpt.config.vocabSize,
-                                                    positionRows: ckpt.config.mropeSection == nil ? 1 : 3)
+            let bundle = try CalibrationBundle.load(path: calib, for: ckpt.config)
             let lm = try LanguageModel<Float>.load(ckpt)
             var ref: LanguageModel<Float>? = nil
             var refBits: Int? = nil

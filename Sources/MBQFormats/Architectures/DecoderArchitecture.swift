@@ -6,11 +6,17 @@ public protocol DecoderArchitecture: Sendable {
     static var family: ModelFamily { get }
     /// The text `model_type`s this family decodes.
     static var textModelTypes: [String] { get }
-    /// Which projections carry a bias, from the text config.
-    static func biases(_ text: HFTextConfig) -> (qkv: Bool, o: Bool)
+    /// Which projections carry a bias, from the text config; throws for biases the
+    /// family's block does not take.
+    static func biases(_ text: HFTextConfig, path: String) throws -> (qkv: Bool, o: Bool)
+    /// See `LanguageModelConfig.unscaledRoPETokens`.
+    static func unscaledRoPETokens(_ text: HFTextConfig, path: String) throws -> Int?
     /// The M-RoPE sections (nil: 1-D RoPE). Throws for a rope type the family does not run.
     static func mropeSection(_ text: HFTextConfig, headDim: Int, path: String) throws -> [Int]?
-    /// The checkpoint names of decoder block `layer` (`names` holds the decoder's prefix).
+    /// How the tensors around the blocks are named (embeddings, final norm, output).
+    static var naming: DecoderNaming { get }
+    /// The checkpoint names of decoder block `layer` (`names` holds the decoder's prefix),
+    /// with how its linears are stored (one tensor each, or fused).
     static func blockNames(_ names: LanguageModelTensorNames, layer: Int, config: LanguageModelConfig) -> BlockTensorNames
 }
 
@@ -18,8 +24,12 @@ extension DecoderArchitecture {
     /// The Hugging Face Llama layout (`self_attn.q_proj`, `mlp.gate_proj`, ...), which
     /// Llama, Qwen2 and Qwen2-VL share.
     public static func blockNames(_ names: LanguageModelTensorNames, layer: Int, config: LanguageModelConfig) -> BlockTensorNames {
-        names.block(layer, qkvBias: config.qkvBias, oBias: config.oBias)
+        names.block(layer, config: config)
     }
+
+    public static var naming: DecoderNaming { .huggingFace }
+
+    public static func unscaledRoPETokens(_ text: HFTextConfig, path: String) throws -> Int? { nil }
 
     /// 1-D RoPE: only the default rope type.
     public static func defaultRoPE(_ text: HFTextConfig, path: String) throws -> [Int]? {
@@ -34,7 +44,8 @@ extension DecoderArchitecture {
 
 /// Every family the engine runs.
 public enum DecoderArchitectures {
-    public static let all: [any DecoderArchitecture.Type] = [LlamaArchitecture.self, Qwen2Architecture.self, Qwen2VLArchitecture.self]
+    public static let all: [any DecoderArchitecture.Type] = [LlamaArchitecture.self, Qwen2Architecture.self, Qwen2VLArchitecture.self,
+                                                             InternLM2Architecture.self]
 
     public static func forTextType(_ type: String) -> (any DecoderArchitecture.Type)? {
         all.first { $0.textModelTypes.contains(type) }

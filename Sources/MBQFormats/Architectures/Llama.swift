@@ -4,7 +4,7 @@ public enum LlamaArchitecture: DecoderArchitecture {
     public static let family = ModelFamily.llama
     public static let textModelTypes = ["llama"]
 
-    public static func biases(_ text: HFTextConfig) -> (qkv: Bool, o: Bool) {
+    public static func biases(_ text: HFTextConfig, path: String) -> (qkv: Bool, o: Bool) {
         (text.attentionBias ?? false, text.attentionBias ?? false)
     }
 

@@ -3,7 +3,7 @@ public enum Qwen2Architecture: DecoderArchitecture {
     public static let family = ModelFamily.qwen2
     public static let textModelTypes = ["qwen2"]
 
-    public static func biases(_ text: HFTextConfig) -> (qkv: Bool, o: Bool) { (true, false) }
+    public static func biases(_ text: HFTextConfig, path: String) -> (qkv: Bool, o: Bool) { (true, false) }
 
     public static func mropeSection(_ text: HFTextConfig, headDim: Int, path: String) throws -> [Int]? {
         try defaultRoPE(text, path: path)
