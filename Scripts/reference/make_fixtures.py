@@ -19,6 +19,11 @@ statistics are. Architectures:
   onevision    LLaVA-OneVision: Qwen2 text with q/k/v bias, GQA, SigLIP tower, fp32
   onevision_mha  the same without GQA (4 kv heads), so the v_proj -> o_proj group is searched
   qwen2vl      Qwen2-VL: M-RoPE (3-row positions), q/k/v bias, weights stored bf16
+  qwen2_5_vl   Qwen2.5-VL: its language model (Qwen2 with M-RoPE), stored bf16
+  internvl     InternVL as transformers ships it (`internvl`, -hf checkpoints): Qwen2 text,
+               embeddings tied to the output (the config's default)
+  internvl2    InternVL2 as released (`internvl_chat`): InternLM2 text, GQA, wqkv fused per
+               KV head, dynamic RoPE scaling; computed by internlm2_port.py (remote code port)
 
 Usage (from the repository root; nothing here is needed in CI):
   python3 -m venv .venv && .venv/bin/pip install torch==2.13.0 transformers safetensors numpy
@@ -30,14 +35,62 @@ import copy
 import json
 import os
 import shutil
+import sys
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # internlm2_port
+
 HIDDEN, INTER, HEADS, KV_HEADS, LAYERS, VOCAB = 128, 256, 4, 2, 3, 256
 N, T = 3, 16
-ALL_ARCHS = ["llava15", "onevision", "qwen2vl", "onevision_mha"]
+ALL_ARCHS = ["llava15", "onevision", "qwen2vl", "onevision_mha", "qwen2_5_vl", "internvl", "internvl2"]
+M_ROPE = ("qwen2vl", "qwen2_5_vl")
+
+
+class InternVL2Tiny(torch.nn.Module):
+    """InternVL2's checkpoint layout around the ported InternLM2: language_model.*,
+    a vision_model and the mlp1 projector (never run here; they only fill the layout)."""
+
+    def __init__(self, llm_config):
+        super().__init__()
+        from internlm2_port import InternLM2ForCausalLM
+        self.llm_config = llm_config
+        self.language_model = InternLM2ForCausalLM(llm_config)
+        self.vision_model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.LayerNorm(32))
+        self.mlp1 = torch.nn.Sequential(torch.nn.LayerNorm(128), torch.nn.Linear(128, HIDDEN), torch.nn.GELU(),
+                                        torch.nn.Linear(HIDDEN, HIDDEN))
+
+    @property
+    def lm_head(self):
+        return self.language_model.output
+
+    def decoder(self):
+        return self.language_model.model
+
+    def save(self, d):
+        os.makedirs(d)
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, os.path.join(d, "model.safetensors"),
+                  metadata={"format": "pt"})
+        config = {"architectures": ["InternVLChatModel"], "model_type": "internvl_chat", "downsample_ratio": 0.5,
+                  "template": "internlm2-chat", "torch_dtype": "float32",
+                  "llm_config": dict(self.llm_config, architectures=["InternLM2ForCausalLM"], model_type="internlm2",
+                                     hidden_act="silu"),
+                  "vision_config": {"model_type": "intern_vit_6b", "hidden_size": 32}}
+        with open(os.path.join(d, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+
+
+def decoder(model):
+    return model.decoder() if isinstance(model, InternVL2Tiny) else model.model.language_model
+
+
+def modules(layer):
+    """A block's modules whose inputs and outputs the fixtures record."""
+    if hasattr(layer, "attention"):       # InternLM2
+        return dict(qkv=layer.attention.wqkv, o=layer.attention.wo, gate_up=layer.feed_forward.w1, down=layer.feed_forward.w2)
+    return dict(qkv=layer.self_attn.q_proj, o=layer.self_attn.o_proj, gate_up=layer.mlp.gate_proj, down=layer.mlp.down_proj)
 
 
 def text_kwargs(**extra):
@@ -77,6 +130,31 @@ def build(arch):
             image_token_id=VOCAB - 1, video_token_id=VOCAB - 2, vision_start_token_id=VOCAB - 3,
             vision_end_token_id=VOCAB - 4)
         model = Qwen2VLForConditionalGeneration(cfg)
+    elif arch == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+        cfg = Qwen2_5_VLConfig(
+            text_config=dict(model_type="qwen2_5_vl_text", rope_theta=1000000.0,
+                             rope_scaling={"type": "mrope", "mrope_section": [4, 6, 6]}, **text_kwargs()),
+            vision_config=dict(depth=1, hidden_size=32, out_hidden_size=HIDDEN, intermediate_size=64, num_heads=2,
+                               patch_size=14, spatial_merge_size=2, temporal_patch_size=2, fullatt_block_indexes=[0],
+                               window_size=56),
+            image_token_id=VOCAB - 1, video_token_id=VOCAB - 2, vision_start_token_id=VOCAB - 3,
+            vision_end_token_id=VOCAB - 4)
+        model = Qwen2_5_VLForConditionalGeneration(cfg)
+    elif arch == "internvl":
+        from transformers import InternVLConfig, InternVLForConditionalGeneration
+        cfg = InternVLConfig(
+            text_config=dict(model_type="qwen2", rope_theta=1000000.0, **text_kwargs()),
+            vision_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                               image_size=[28, 28], patch_size=[14, 14]),
+            image_token_id=VOCAB - 1)
+        model = InternVLForConditionalGeneration(cfg)
+    elif arch == "internvl2":
+        llm = dict(hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                   num_key_value_heads=KV_HEADS, vocab_size=VOCAB, max_position_embeddings=256, rms_norm_eps=1e-6,
+                   rope_theta=1000000.0, rope_scaling={"type": "dynamic", "factor": 2.0}, bias=False,
+                   tie_word_embeddings=False)
+        return InternVL2Tiny(llm).eval()
     else:
         raise SystemExit(f"unknown arch {arch}")
     model.config._attn_implementation = "eager"
@@ -89,10 +167,10 @@ def build(arch):
 def randomize(model, gen):
     """Realistic-ish weights: 1/sqrt(fan_in) linears, norms near 1 with a few outlier
     channels (the activation outliers that AWQ/MBQ scaling exists for), small biases."""
-    lm = model.model.language_model
+    lm = decoder(model)
     with torch.no_grad():
         for name, p in lm.named_parameters():
-            if name.endswith("proj.weight"):
+            if name.endswith("proj.weight") or name.split(".")[-2] in ("wqkv", "wo", "w1", "w2", "w3"):
                 p.copy_(torch.randn(p.shape, generator=gen) / p.shape[1] ** 0.5)
             elif name.endswith("proj.bias"):
                 p.copy_(0.1 * torch.randn(p.shape, generator=gen))
@@ -101,7 +179,7 @@ def randomize(model, gen):
                 if "layers." in name:
                     p[[3, 77]] *= 8.0
                     p[5] *= -4.0
-            elif "embed_tokens" in name:
+            elif "embed_tokens" in name or "tok_embeddings" in name:
                 p.copy_(torch.randn(p.shape, generator=gen))
         model.lm_head.weight.copy_(torch.randn(model.lm_head.weight.shape, generator=gen) / HIDDEN ** 0.5)
 
@@ -116,7 +194,7 @@ def make_inputs(arch, gen):
     mask[2, T - 3:] = 0
     vision = torch.zeros(N, T, dtype=torch.int64)
     labels = torch.full((N, T), -100, dtype=torch.int64)
-    rows = 3 if arch == "qwen2vl" else 1
+    rows = 3 if arch in M_ROPE else 1
     pos = torch.zeros(rows, N, T, dtype=torch.int64)
     for s in range(N):
         real = mask[s].nonzero().flatten().tolist()
@@ -149,7 +227,7 @@ def make_inputs(arch, gen):
 
 
 def reference(model, arch, emb, mask, vision, labels, pos):
-    lm = model.model.language_model
+    lm = decoder(model)
     head = model.lm_head
     out = {}
     per = {k: [] for k in ["output", "in_qkv", "in_o", "in_gate_up", "in_down", "attn_out", "mlp_out",
@@ -171,12 +249,13 @@ def reference(model, arch, emb, mask, vision, labels, pos):
                     if keep:
                         t.retain_grad()
                 return f
-            hooks.append(layer.self_attn.q_proj.register_forward_pre_hook(pre("in_qkv")))
-            hooks.append(layer.self_attn.o_proj.register_forward_pre_hook(pre("in_o")))
-            hooks.append(layer.mlp.gate_proj.register_forward_pre_hook(pre("in_gate_up")))
-            hooks.append(layer.mlp.down_proj.register_forward_pre_hook(pre("in_down")))
-            hooks.append(layer.self_attn.o_proj.register_forward_hook(post("attn_out", keep=True)))
-            hooks.append(layer.mlp.down_proj.register_forward_hook(post("mlp_out", keep=True)))
+            m = modules(layer)
+            hooks.append(m["qkv"].register_forward_pre_hook(pre("in_qkv")))
+            hooks.append(m["o"].register_forward_pre_hook(pre("in_o")))
+            hooks.append(m["gate_up"].register_forward_pre_hook(pre("in_gate_up")))
+            hooks.append(m["down"].register_forward_pre_hook(pre("in_down")))
+            hooks.append(m["o"].register_forward_hook(post("attn_out", keep=True)))
+            hooks.append(m["down"].register_forward_hook(post("mlp_out", keep=True)))
             hooks.append(layer.register_forward_hook(post("output")))
         e = emb[s:s + 1].clone().requires_grad_(True)
         p = pos[:, s:s + 1] if pos.shape[0] == 3 else pos[0, s:s + 1]
@@ -222,7 +301,9 @@ def main():
         d = os.path.join(args.out, arch)
         shutil.rmtree(d, ignore_errors=True)
         os.makedirs(d)
-        if arch == "qwen2vl":
+        if isinstance(model, InternVL2Tiny):
+            model.save(os.path.join(d, "model"))
+        elif arch in M_ROPE:
             # Stored bf16 (the usual checkpoint dtype); the reference runs in fp32 on the
             # bf16-rounded weights, which is what the Swift loader computes with. Only
             # parameters are rounded: model.to(bf16) would also round the RoPE inv_freq

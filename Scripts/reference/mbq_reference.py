@@ -19,7 +19,9 @@ M-RoPE positions. Modules are transformers' own (LlamaAttention, Qwen2MLP, ...).
   .venv/bin/python Scripts/reference/mbq_reference.py --bench   # one Llama-7B block, timed
 """
 import argparse
+import json
 import os
+import sys
 import time
 
 import torch
@@ -52,16 +54,84 @@ def q_row_sym(x, bits):
 
 
 # ---- model plumbing ------------------------------------------------------------------
+class InternVL2:
+    """An `internvl_chat` checkpoint's language model on the InternLM2 port
+    (internlm2_port.py; transformers has no class), shaped as the code below reads a
+    transformers VLM: .model.language_model (the decoder) and .lm_head."""
+
+    def __init__(self, model_dir):
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from internlm2_port import InternLM2ForCausalLM
+        with open(os.path.join(model_dir, "config.json")) as f:
+            cfg = json.load(f)["llm_config"]
+        lm = InternLM2ForCausalLM(cfg)
+        state = load_file(os.path.join(model_dir, "model.safetensors"))
+        prefix = "language_model."
+        lm.load_state_dict({k[len(prefix):]: v.float() for k, v in state.items() if k.startswith(prefix)})
+        self.model = type("VLM", (), {"language_model": lm.model})()
+        self.lm_head = lm.output
+        self.lm = lm
+
+    def eval(self):
+        self.lm.eval()
+        return self
+
+    def zero_grad(self, set_to_none=True):
+        self.lm.zero_grad(set_to_none=set_to_none)
+
+
 def load(model_dir, calib_path):
     from transformers import AutoConfig
     import transformers
+    with open(os.path.join(model_dir, "config.json")) as f:
+        model_type = json.load(f)["model_type"]
+    if model_type == "internvl_chat":
+        return InternVL2(model_dir).eval(), load_file(calib_path)
     cfg = AutoConfig.from_pretrained(model_dir)
     cls = {"llava": transformers.LlavaForConditionalGeneration,
            "llava_onevision": transformers.LlavaOnevisionForConditionalGeneration,
-           "qwen2_vl": transformers.Qwen2VLForConditionalGeneration}[cfg.model_type]
+           "qwen2_vl": transformers.Qwen2VLForConditionalGeneration,
+           "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration,
+           "internvl": transformers.InternVLForConditionalGeneration}[cfg.model_type]
     model = cls.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
     calib = load_file(calib_path)
     return model, calib
+
+
+def parts(layer):
+    """A decoder layer's modules by their role in the search, for transformers' Llama /
+    Qwen2 layers and the InternLM2 port (one fused wqkv: scaling its input columns scales
+    q, k and v alike; InternVL2's models are all GQA, so v -> o is never searched)."""
+    if hasattr(layer, "attention"):
+        a, f = layer.attention, layer.feed_forward
+        return dict(norm1=layer.attention_norm, norm2=layer.ffn_norm, attn=a, mlp=f, qkv=[a.wqkv], o=a.wo, v=None,
+                    gate_up=[f.w1, f.w3], up=f.w3, down=f.w2, linears=[a.wqkv, a.wo, f.w1, f.w3, f.w2],
+                    attn_call=lambda x, amask, pe: a(x, amask, *pe),
+                    layer_call=lambda x, amask, pe, pos: layer(x, amask, *pe))
+    a, m = layer.self_attn, layer.mlp
+    return dict(norm1=layer.input_layernorm, norm2=layer.post_attention_layernorm, attn=a, mlp=m,
+                qkv=[a.q_proj, a.k_proj, a.v_proj], o=a.o_proj, v=a.v_proj, gate_up=[m.gate_proj, m.up_proj],
+                up=m.up_proj, down=m.down_proj, linears=[a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj],
+                attn_call=lambda x, amask, pe: a(hidden_states=x, attention_mask=amask, position_embeddings=pe)[0],
+                layer_call=lambda x, amask, pe, pos: layer(x, attention_mask=amask, position_embeddings=pe, position_ids=pos))
+
+
+def rotary(lm, x, pos):
+    return lm.rotary(pos) if hasattr(lm, "rotary") else lm.rotary_emb(x, pos)
+
+
+def hf_weights(layer):
+    """The layer's parameters under the Hugging Face Llama names (InternLM2's wqkv split
+    per KV head: [kv_heads, groups + 2, head_dim, hidden])."""
+    if not hasattr(layer, "attention"):
+        return dict(layer.named_parameters())
+    a, f = layer.attention, layer.feed_forward
+    w = a.wqkv.weight.detach().view(a.kv_heads, a.groups + 2, a.head_dim, -1)
+    c = w.shape[-1]
+    return {"self_attn.q_proj.weight": w[:, :a.groups].reshape(-1, c), "self_attn.k_proj.weight": w[:, -2].reshape(-1, c),
+            "self_attn.v_proj.weight": w[:, -1].reshape(-1, c), "self_attn.o_proj.weight": a.wo.weight,
+            "mlp.gate_proj.weight": f.w1.weight, "mlp.up_proj.weight": f.w3.weight, "mlp.down_proj.weight": f.w2.weight,
+            "input_layernorm.weight": layer.attention_norm.weight, "post_attention_layernorm.weight": layer.ffn_norm.weight}
 
 
 def sample_inputs(calib, s):
@@ -98,8 +168,8 @@ def grad_stats(model, calib):
                     o.retain_grad()
                     outs[(name, l)] = o
                 return f
-            hooks.append(layer.self_attn.o_proj.register_forward_hook(keep("attn")))
-            hooks.append(layer.mlp.down_proj.register_forward_hook(keep("mlp")))
+            hooks.append(parts(layer)["o"].register_forward_hook(keep("attn")))
+            hooks.append(parts(layer)["down"].register_forward_hook(keep("mlp")))
         hs = lm(inputs_embeds=emb, attention_mask=mask[None], position_ids=pos, use_cache=False).last_hidden_state
         logits = head(hs).float()
         loss = torch.nn.functional.cross_entropy(logits[0, :-1], calib["labels"][s, 1:], ignore_index=-100)
@@ -132,17 +202,18 @@ def layer_captures(lm, layer, xs, calib):
     for s, x in enumerate(xs):
         _, mask, pos, vis, cap = sample_inputs(calib, s)
         c = {}
+        p = parts(layer)
         hooks = [
-            layer.self_attn.q_proj.register_forward_pre_hook(lambda m, a: c.__setitem__("qkv", a[0].detach().clone())),
-            layer.self_attn.o_proj.register_forward_pre_hook(lambda m, a: c.__setitem__("o", a[0].detach().clone())),
-            layer.mlp.gate_proj.register_forward_pre_hook(lambda m, a: c.__setitem__("gate_up", a[0].detach().clone())),
-            layer.mlp.down_proj.register_forward_pre_hook(lambda m, a: c.__setitem__("down", a[0].detach().clone())),
-            layer.self_attn.o_proj.register_forward_hook(lambda m, a, o: c.__setitem__("attn_out", o.detach().clone())),
-            layer.mlp.down_proj.register_forward_hook(lambda m, a, o: c.__setitem__("mlp_out", o.detach().clone())),
+            p["qkv"][0].register_forward_pre_hook(lambda m, a: c.__setitem__("qkv", a[0].detach().clone())),
+            p["o"].register_forward_pre_hook(lambda m, a: c.__setitem__("o", a[0].detach().clone())),
+            p["gate_up"][0].register_forward_pre_hook(lambda m, a: c.__setitem__("gate_up", a[0].detach().clone())),
+            p["down"].register_forward_pre_hook(lambda m, a: c.__setitem__("down", a[0].detach().clone())),
+            p["o"].register_forward_hook(lambda m, a, o: c.__setitem__("attn_out", o.detach().clone())),
+            p["down"].register_forward_hook(lambda m, a, o: c.__setitem__("mlp_out", o.detach().clone())),
         ]
-        pe = lm.rotary_emb(x, pos)
+        pe = rotary(lm, x, pos)
         with torch.no_grad():
-            out = layer(x, attention_mask=eager_mask(mask), position_embeddings=pe, position_ids=pos)
+            out = p["layer_call"](x, eager_mask(mask), pe, pos)
         out = out[0] if isinstance(out, tuple) else out
         for h in hooks:
             h.remove()
@@ -154,9 +225,9 @@ def layer_captures(lm, layer, xs, calib):
 
 @torch.no_grad()
 def search_group(layer, group, caps, ratio, bits, gsize, abits, loss_kind, reweight):
-    attn, mlp = layer.self_attn, layer.mlp
-    lin = {"qkv": [attn.q_proj, attn.k_proj, attn.v_proj], "o": [attn.o_proj],
-           "gate_up": [mlp.gate_proj, mlp.up_proj], "down": [mlp.down_proj]}[group]
+    p = parts(layer)
+    mlp = p["mlp"]
+    lin = {"qkv": p["qkv"], "o": [p["o"]], "gate_up": p["gate_up"], "down": [p["down"]]}[group]
     xcat = torch.cat([c[group][0][c["mask"]] for c in caps])
     x_max = xcat.abs().view(-1, xcat.shape[-1]).mean(0)
     wq = (lambda w: q_row_sym(w, bits)) if abits else (lambda w: q_group_asym(w, bits, gsize))
@@ -177,14 +248,13 @@ def search_group(layer, group, caps, ratio, bits, gsize, abits, loss_kind, rewei
                 x = q_row_sym(x / s.view(1, -1), abits)
             with torch.no_grad():
                 if group == "qkv":
-                    out = attn(hidden_states=x, attention_mask=c["amask"], position_embeddings=c["pe"])[0]
-                    ref = c["attn_out"]
+                    out, ref = p["attn_call"](x, c["amask"], c["pe"]), c["attn_out"]
                 elif group == "o":
-                    out, ref = attn.o_proj(x), c["attn_out"]
+                    out, ref = p["o"](x), c["attn_out"]
                 elif group == "gate_up":
                     out, ref = mlp(x), c["mlp_out"]
                 else:
-                    out, ref = mlp.down_proj(x), c["mlp_out"]
+                    out, ref = p["down"](x), c["mlp_out"]
             d = (out - ref)[0].float()
             d = d.pow(2) if loss_kind == "mse" else d.abs()
             per_row = d.sum(-1).double()
@@ -207,24 +277,24 @@ def search_group(layer, group, caps, ratio, bits, gsize, abits, loss_kind, rewei
 
 
 def apply_scales(layer, group, s):
-    attn, mlp = layer.self_attn, layer.mlp
+    p = parts(layer)
     with torch.no_grad():
         if group == "qkv":
-            layer.input_layernorm.weight.div_(s)
-            for fc in (attn.q_proj, attn.k_proj, attn.v_proj):
+            p["norm1"].weight.div_(s)
+            for fc in p["qkv"]:
                 fc.weight.mul_(s.view(1, -1))
         elif group == "o":
-            attn.v_proj.weight.div_(s.view(-1, 1))
-            if attn.v_proj.bias is not None:
-                attn.v_proj.bias.div_(s)
-            attn.o_proj.weight.mul_(s.view(1, -1))
+            p["v"].weight.div_(s.view(-1, 1))
+            if p["v"].bias is not None:
+                p["v"].bias.div_(s)
+            p["o"].weight.mul_(s.view(1, -1))
         elif group == "gate_up":
-            layer.post_attention_layernorm.weight.div_(s)
-            for fc in (mlp.gate_proj, mlp.up_proj):
+            p["norm2"].weight.div_(s)
+            for fc in p["gate_up"]:
                 fc.weight.mul_(s.view(1, -1))
         else:
-            mlp.up_proj.weight.div_(s.view(-1, 1))
-            mlp.down_proj.weight.mul_(s.view(1, -1))
+            p["up"].weight.div_(s.view(-1, 1))
+            p["down"].weight.mul_(s.view(1, -1))
 
 
 def run_config(model_dir, calib_path, method, bits, gsize, abits, keep_weights):
@@ -241,7 +311,8 @@ def run_config(model_dir, calib_path, method, bits, gsize, abits, keep_weights):
     for l, layer in enumerate(lm.layers):
         caps, outs = layer_captures(lm, layer, xs, calib)
         groups = ["qkv", "gate_up", "down"]
-        if layer.self_attn.v_proj.weight.shape == layer.self_attn.o_proj.weight.shape:
+        p = parts(layer)
+        if p["v"] is not None and p["v"].weight.shape == p["o"].weight.shape:
             groups.insert(1, "o")
         found = []
         for g in groups:
@@ -253,12 +324,11 @@ def run_config(model_dir, calib_path, method, bits, gsize, abits, keep_weights):
         for g, s in found:
             apply_scales(layer, g, s)
         with torch.no_grad():
-            for fc in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
-                       layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+            for fc in p["linears"]:
                 fc.weight.data = q_row_sym(fc.weight.data, bits) if abits else q_group_asym(fc.weight.data, bits, gsize)
         if keep_weights:
-            for name, p in layer.named_parameters():
-                out[f"layers.{l}.{name}"] = p.detach().clone().contiguous()
+            for name, w in hf_weights(layer).items():
+                out[f"layers.{l}.{name}"] = w.detach().clone().contiguous()
         xs = outs
     return out
 
@@ -304,7 +374,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fixtures", default="Tests/MBQModelTests/Fixtures")
     ap.add_argument("--out", default="Tests/MBQMethodsTests/Fixtures")
-    ap.add_argument("--arch", nargs="*", default=["llava15", "onevision", "onevision_mha", "qwen2vl"])
+    ap.add_argument("--arch", nargs="*", default=["llava15", "onevision", "onevision_mha", "qwen2vl", "qwen2_5_vl", "internvl",
+                                                  "internvl2"])
     ap.add_argument("--bench", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=2048)

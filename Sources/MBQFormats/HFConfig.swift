@@ -174,7 +174,9 @@ public struct LanguageModelConfig: Sendable, Equatable {
             intermediateSize: text.intermediateSize, numLayers: text.numHiddenLayers,
             numHeads: heads, numKVHeads: kv, headDim: headDim, rmsNormEps: eps, ropeTheta: theta,
             mropeSection: mrope, vocabSize: text.vocabSize,
-            tieWordEmbeddings: text.tieWordEmbeddings ?? top.tieWordEmbeddings ?? false,
+            // Either level may tie the output to the embeddings: transformers' InternVL
+            // ties from the top-level flag (true by default) while its text_config says false.
+            tieWordEmbeddings: (text.tieWordEmbeddings ?? false) || (top.tieWordEmbeddings ?? false),
             qkvBias: qkvBias, oBias: oBias, unscaledRoPETokens: try arch.unscaledRoPETokens(text, path: path))
     }
 

@@ -12,7 +12,7 @@ import XCTest
 /// loss curves close, fake-quantized weights equal.
 final class AuthorsParityTests: XCTestCase {
     static let testsDir = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
-    static let archs = ["llava15", "onevision", "onevision_mha", "qwen2vl"]
+    static let archs = ["llava15", "onevision", "onevision_mha", "qwen2vl", "qwen2_5_vl", "internvl", "internvl2"]
     static let configs: [(String, Int, Int, Int?)] = [("w3g128", 3, 128, nil), ("w4g128", 4, 128, nil), ("w4a8", 4, -1, 8)]
 
     func load(_ arch: String) throws -> (Checkpoint, LanguageModel<Float>, CalibrationBundle) {

@@ -12,7 +12,7 @@ struct Fixture {
     let bundle: CalibrationBundle
     let expected: SafetensorsFile
 
-    static let architectures = ["llava15", "onevision", "qwen2vl", "onevision_mha"]
+    static let architectures = ["llava15", "onevision", "qwen2vl", "onevision_mha", "qwen2_5_vl", "internvl", "internvl2"]
 
     static var root: String {
         Bundle.module.resourcePath! + "/Fixtures"

@@ -29,6 +29,22 @@ final class ParityTests: XCTestCase {
         XCTAssertEqual(qv.weightDType, .bf16)
         XCTAssertEqual(try Fixture("llava15").checkpoint.names.base, "language_model.model.")
         XCTAssertEqual(try Fixture("llava15").checkpoint.names.lmHead, "language_model.lm_head.weight")
+        let q25 = try Fixture("qwen2_5_vl").checkpoint
+        XCTAssertEqual(q25.config.family, .qwen2VL)
+        XCTAssertEqual(q25.config.modelType, "qwen2_5_vl")
+        XCTAssertEqual(q25.config.mropeSection, [4, 6, 6])
+        XCTAssertEqual(q25.weightDType, .bf16)
+        let ivl = try Fixture("internvl").checkpoint
+        XCTAssertEqual(ivl.config.family, .qwen2)
+        XCTAssertTrue(ivl.config.tieWordEmbeddings)
+        XCTAssertNil(ivl.names.lmHead)
+        XCTAssertEqual(ivl.names.outputProjection, ivl.names.embedTokens)
+        let ivl2 = try Fixture("internvl2").checkpoint
+        XCTAssertEqual(ivl2.config.family, .internLM2)
+        XCTAssertEqual(ivl2.config.modelType, "internvl_chat")
+        XCTAssertEqual(ivl2.config.numKVHeads, 2)
+        XCTAssertEqual(ivl2.config.unscaledRoPETokens, 256)
+        XCTAssertEqual(ivl2.blockNames(0).linears.map(\.name).first, "language_model.model.layers.0.attention.wqkv.weight")
     }
 
     /// Each block fed the reference input of that block: isolates per-module error.
