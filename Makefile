@@ -47,6 +47,8 @@ fixtures:
 	test -x $(PYTHON) || (python3 -m venv .venv && .venv/bin/pip install -q torch==2.13.0 && \
 	  .venv/bin/pip install -q transformers safetensors numpy)
 	$(PYTHON) Scripts/reference/make_fixtures.py
+	$(PYTHON) Scripts/reference/mbq_reference.py
+	$(PYTHON) Scripts/reference/test_make_calibration.py
 
 ## Decodes every packed format with transformers / compressed-tensors / an independent
 ## GPTQ decoder and compares with our weights and `mbq eval` (needs PyPI; not used by CI).

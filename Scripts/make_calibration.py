@@ -14,7 +14,13 @@ Caption file: a JSON list of {"image": "relative/path.jpg", "conversations": [
 Samples are shuffled deterministically (--seed), rendered in the model's chat template
 (user turn: image + question; assistant turn: the caption), and labelled so that only
 the assistant's tokens count (labels = -100 elsewhere). Padding follows the tokenizer's
-padding_side. Qwen2-VL gets its real M-RoPE position ids ([3, N, T]).
+padding_side. Qwen2-VL and Qwen2.5-VL get their real M-RoPE position ids ([3, N, T]).
+
+Families: llava (LLaVA-1.5), llava_onevision, qwen2_vl, qwen2_5_vl, internvl (the
+transformers-native InternVL, -hf checkpoints). Calibration needs images only: a model
+directory without a video processor config, or a Python without torchvision (which
+transformers' video processors need), gets the family's processor built from its image
+processor and tokenizer alone.
 """
 import argparse
 import json
@@ -26,11 +32,39 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 
+M_ROPE = ("qwen2_vl", "qwen2_5_vl")
+VISUAL = ("qwen2_vl", "qwen2_5_vl")   # families whose vision tower and merger are one `visual` module
+
+
 def model_class(model_type):
     import transformers
-    return {"llava": transformers.LlavaForConditionalGeneration,
-            "llava_onevision": transformers.LlavaOnevisionForConditionalGeneration,
-            "qwen2_vl": transformers.Qwen2VLForConditionalGeneration}[model_type]
+    classes = {"llava": transformers.LlavaForConditionalGeneration,
+               "llava_onevision": transformers.LlavaOnevisionForConditionalGeneration,
+               "qwen2_vl": transformers.Qwen2VLForConditionalGeneration,
+               "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration,
+               "internvl": transformers.InternVLForConditionalGeneration}
+    if model_type not in classes:
+        raise SystemExit(f"model_type '{model_type}' is not supported ({', '.join(classes)})"
+                         + ("; InternVL2 as released (internvl_chat) is not supported by this exporter yet" if model_type == "internvl_chat" else ""))
+    return classes[model_type]
+
+
+def processor_class(model_type):
+    import transformers
+    return {"llava": transformers.LlavaProcessor, "llava_onevision": transformers.LlavaOnevisionProcessor,
+            "qwen2_vl": transformers.Qwen2VLProcessor, "qwen2_5_vl": transformers.Qwen2_5_VLProcessor,
+            "internvl": transformers.InternVLProcessor}[model_type]
+
+
+def images_only(cls):
+    """The family's processor class, accepting no video processor."""
+    class ImagesOnly(cls):
+        def check_argument_for_proper_class(self, argument_name, argument):
+            if argument_name == "video_processor" and argument is None:
+                return None
+            return super().check_argument_for_proper_class(argument_name, argument)
+    ImagesOnly.__name__ = cls.__name__
+    return ImagesOnly
 
 
 def checkpoint_keys(model_dir):
@@ -89,7 +123,7 @@ def load_parts(model_dir):
         model = model_class(cfg.model_type)(cfg)
     keys = checkpoint_keys(model_dir)
     inner = model.model
-    if cfg.model_type == "qwen2_vl":
+    if cfg.model_type in VISUAL:
         materialize(inner, "visual", "model.visual", keys, cfg.vision_config)
     else:
         materialize(inner, "vision_tower", "model.vision_tower", keys, cfg.vision_config)
@@ -102,13 +136,36 @@ def load_parts(model_dir):
     return cfg, model
 
 
-def load_processor(model_dir):
-    from transformers import AutoProcessor
+def load_processor(model_dir, model_type):
+    """The model's processor; failing that (no video processor config, or no
+    torchvision for the video processor), the family's processor from the image
+    processor, the tokenizer, processor_config.json and the chat template alone."""
+    import inspect
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
     try:
         return AutoProcessor.from_pretrained(model_dir)
-    except Exception:
-        # OneVision / Qwen2-VL processors build a video processor that needs torchvision.
-        return AutoProcessor.from_pretrained(model_dir, video_processor=None)
+    except Exception as e:
+        first = e
+    cls = images_only(processor_class(model_type))
+    kwargs = {}
+    path = os.path.join(model_dir, "processor_config.json")
+    if os.path.exists(path):
+        params = inspect.signature(processor_class(model_type).__init__).parameters
+        kwargs = {k: v for k, v in json.load(open(path)).items() if k in params and k not in ("image_processor", "tokenizer", "video_processor")}
+    template = None
+    for name in ("chat_template.jinja", "chat_template.json"):
+        p = os.path.join(model_dir, name)
+        if os.path.exists(p):
+            text = open(p).read()
+            template = json.loads(text)["chat_template"] if name.endswith(".json") else text
+            break
+    try:
+        proc = cls(image_processor=AutoImageProcessor.from_pretrained(model_dir), tokenizer=AutoTokenizer.from_pretrained(model_dir),
+                   video_processor=None, chat_template=template, **kwargs)
+    except Exception as e:
+        raise SystemExit(f"cannot build the processor of {model_dir}: {first}; without a video processor: {e}")
+    print(f"processor: {type(proc).__name__} without a video processor ({str(first).splitlines()[0][:120]})")
+    return proc
 
 
 @torch.no_grad()
@@ -124,7 +181,7 @@ def encode(cfg, model, processor, image, question, caption):
     emb = inner.language_model.embed_tokens(ids[None])[0].clone()
     image_token = cfg.image_token_id if hasattr(cfg, "image_token_id") else cfg.image_token_index
     vision = ids == image_token
-    kwargs = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "pixel_values")}
+    kwargs = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "pixel_values", "mm_token_type_ids")}
     feats = model.get_image_features(pixel_values=batch["pixel_values"], **kwargs)
     if isinstance(feats, (list, tuple)):
         feats = torch.cat([f.reshape(-1, emb.shape[-1]) for f in feats])
@@ -142,8 +199,13 @@ def encode(cfg, model, processor, image, question, caption):
         start += 1
     labels = torch.full_like(ids, -100)
     labels[start:] = ids[start:]
-    if cfg.model_type == "qwen2_vl":
-        pos, _ = inner.get_rope_index(ids[None], batch.get("image_grid_thw"), None, attention_mask=torch.ones_like(ids)[None])
+    if cfg.model_type in M_ROPE:
+        import inspect
+        extra = {}
+        if "mm_token_type_ids" in inspect.signature(inner.get_rope_index).parameters:   # transformers >= 5
+            extra["mm_token_type_ids"] = batch["mm_token_type_ids"]
+        pos, _ = inner.get_rope_index(ids[None], image_grid_thw=batch.get("image_grid_thw"), attention_mask=torch.ones_like(ids)[None],
+                                      **extra)
         pos = pos[:, 0]
     else:
         pos = torch.arange(ids.shape[0])[None]
@@ -165,7 +227,7 @@ def main():
     records = json.load(open(a.captions))
     random.Random(a.seed).shuffle(records)
     cfg, model = load_parts(a.model)
-    processor = load_processor(a.model)
+    processor = load_processor(a.model, cfg.model_type)
     side = getattr(processor.tokenizer, "padding_side", "right")
     rows = []
     for r in records:
