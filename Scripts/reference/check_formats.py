@@ -44,7 +44,7 @@ from safetensors import safe_open
 from safetensors.numpy import load_file
 
 FIXTURES = "Tests/MBQModelTests/Fixtures"
-ARCHS = ["llava15", "onevision", "onevision_mha", "qwen2vl"]
+ARCHS = ["llava15", "onevision", "onevision_mha", "qwen2vl", "qwen2_5_vl", "internvl"]
 # (label, mbq flags, format)
 CASES = [
     ("w4g128", ["--w-bit", "4", "--group", "128"], "compressed-tensors"),

@@ -26,12 +26,41 @@ public struct SyntheticModelSpec: Sendable {
     public var vocabSize = 512
     public var dtype: DType = .bf16
     public var shards = 1
+    /// When set, shards are cut at this many bytes (hub-style) instead of `shards`.
+    public var shardBytes: Int? = nil
     public var seed: UInt64 = 2024
     /// Input channels whose norm gain is multiplied by `outlierGain`.
     public var outlierChannels = [7, 100, 201]
     public var outlierGain = 12.0
 
     public init() {}
+
+    /// Real shapes, for rehearsing and benchmarking a real-size job without downloading a
+    /// model (`mbq synth`): random bf16 weights with the outlier channels above.
+    public enum Preset: String, Sendable, CaseIterable {
+        case llama7b = "llama-7b"    // LLaVA-1.5-7B's language model
+        case qwen27b = "qwen2-7b"    // LLaVA-OneVision-7B's / Qwen2-VL-7B's shape (as Qwen2 text)
+        case qwen272b = "qwen2-72b"  // LLaVA-OneVision-72B's
+
+        public var spec: SyntheticModelSpec {
+            var s = SyntheticModelSpec()
+            s.dtype = .bf16
+            s.shardBytes = 2 << 30
+            switch self {
+            case .llama7b:
+                s.layout = .llava; s.hiddenSize = 4096; s.intermediateSize = 11008; s.layers = 32; s.heads = 32; s.kvHeads = 32
+                s.vocabSize = 32000
+            case .qwen27b:
+                s.layout = .onevision; s.hiddenSize = 3584; s.intermediateSize = 18944; s.layers = 28; s.heads = 28; s.kvHeads = 4
+                s.vocabSize = 152064
+            case .qwen272b:
+                s.layout = .onevision; s.hiddenSize = 8192; s.intermediateSize = 29568; s.layers = 80; s.heads = 64; s.kvHeads = 8
+                s.vocabSize = 152064
+            }
+            s.outlierChannels = [7, 100, 201, s.hiddenSize / 2 + 3]
+            return s
+        }
+    }
 
     public var headDim: Int { hiddenSize / heads }
 
@@ -74,88 +103,146 @@ public struct SyntheticModelSpec: Sendable {
                 "image_token_index": vocabSize - 1, "mbq_synthetic": ["seed": seed]]
     }
 
-    /// Writes config.json and the safetensors file(s) into `directory` (created).
-    public func write(to directory: String) throws {
-        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
-        var rng = SeededRandom(seed: seed)
-        var tensors: [(String, Tensor<Float>)] = []
+    /// One tensor of the checkpoint: its values drawn in order, element by element, when
+    /// its shard is written (a real-size model is never whole in memory).
+    struct PlannedTensor {
+        var name: String
+        var shape: [Int]
+        var draw: (Int) -> Float   // element index -> value; called in index order
+        var bytes: Int { shape.reduce(1, *) }
+    }
+
+    /// Every tensor in file order, drawing from one generator seeded with `seed` (the
+    /// order fixes the values: embeddings, then each layer, then the head).
+    func plan() -> [PlannedTensor] {
+        final class Generator { var rng: SeededRandom; init(_ seed: UInt64) { rng = SeededRandom(seed: seed) } }
+        let g = Generator(seed)
         let c = hiddenSize, i = intermediateSize, qd = heads * headDim, kvd = kvHeads * headDim
-        func linear(_ out: Int, _ inp: Int) -> Tensor<Float> { rng.normalTensor([out, inp], std: 1 / Double(inp).squareRoot()) }
-        func norm(_ n: Int, outliers: Bool) -> Tensor<Float> {
-            var t: Tensor<Float> = rng.normalTensor([n], std: 0.1)
-            for j in 0..<n { t.data[j] += 1 }
-            if outliers { for ch in outlierChannels where ch < n { t.data[ch] *= Float(outlierGain) } }
-            return t
+        func linear(_ name: String, _ out: Int, _ inp: Int) -> PlannedTensor {
+            let std = 1 / Double(inp).squareRoot()
+            return PlannedTensor(name: name, shape: [out, inp]) { _ in Float(g.rng.normal() * std) }
         }
-        tensors.append((prefix + "embed_tokens.weight", rng.normalTensor([vocabSize, c], std: 1)))
+        func normal(_ name: String, _ shape: [Int], std: Double) -> PlannedTensor {
+            PlannedTensor(name: name, shape: shape) { _ in Float(g.rng.normal() * std) }
+        }
+        func norm(_ name: String, _ n: Int, outliers: Bool) -> PlannedTensor {
+            let gain = Float(outlierGain), chans = Set(outliers ? outlierChannels : [])
+            return PlannedTensor(name: name, shape: [n]) { j in
+                var v = Float(g.rng.normal() * 0.1)
+                v += 1
+                return chans.contains(j) ? v * gain : v
+            }
+        }
+        var tensors = [normal(prefix + "embed_tokens.weight", [vocabSize, c], std: 1)]
         for l in 0..<layers {
             let p = prefix + "layers.\(l)."
-            tensors.append((p + "input_layernorm.weight", norm(c, outliers: true)))
-            tensors.append((p + "post_attention_layernorm.weight", norm(c, outliers: true)))
-            tensors.append((p + "self_attn.q_proj.weight", linear(qd, c)))
-            tensors.append((p + "self_attn.k_proj.weight", linear(kvd, c)))
-            tensors.append((p + "self_attn.v_proj.weight", linear(kvd, c)))
-            tensors.append((p + "self_attn.o_proj.weight", linear(c, qd)))
+            tensors.append(norm(p + "input_layernorm.weight", c, outliers: true))
+            tensors.append(norm(p + "post_attention_layernorm.weight", c, outliers: true))
+            tensors.append(linear(p + "self_attn.q_proj.weight", qd, c))
+            tensors.append(linear(p + "self_attn.k_proj.weight", kvd, c))
+            tensors.append(linear(p + "self_attn.v_proj.weight", kvd, c))
+            tensors.append(linear(p + "self_attn.o_proj.weight", c, qd))
             if layout != .llava {
-                tensors.append((p + "self_attn.q_proj.bias", rng.normalTensor([qd], std: 0.1)))
-                tensors.append((p + "self_attn.k_proj.bias", rng.normalTensor([kvd], std: 0.1)))
-                tensors.append((p + "self_attn.v_proj.bias", rng.normalTensor([kvd], std: 0.1)))
+                tensors.append(normal(p + "self_attn.q_proj.bias", [qd], std: 0.1))
+                tensors.append(normal(p + "self_attn.k_proj.bias", [kvd], std: 0.1))
+                tensors.append(normal(p + "self_attn.v_proj.bias", [kvd], std: 0.1))
             }
-            tensors.append((p + "mlp.gate_proj.weight", linear(i, c)))
-            tensors.append((p + "mlp.up_proj.weight", linear(i, c)))
-            tensors.append((p + "mlp.down_proj.weight", linear(c, i)))
+            tensors.append(linear(p + "mlp.gate_proj.weight", i, c))
+            tensors.append(linear(p + "mlp.up_proj.weight", i, c))
+            tensors.append(linear(p + "mlp.down_proj.weight", c, i))
         }
-        tensors.append((prefix + "norm.weight", norm(c, outliers: false)))
-        tensors.append((lmHeadName, linear(vocabSize, c)))
+        tensors.append(norm(prefix + "norm.weight", c, outliers: false))
+        tensors.append(linear(lmHeadName, vocabSize, c))
         // A token vision tower and projector: present as in real checkpoints, never read.
         let vision = layout == .qwen2vl ? "visual." : "vision_tower.vision_model."
-        tensors.append((vision + "encoder.layers.0.self_attn.q_proj.weight", linear(32, 32)))
-        tensors.append((vision + "encoder.layers.0.layer_norm1.weight", norm(32, outliers: false)))
+        tensors.append(linear(vision + "encoder.layers.0.self_attn.q_proj.weight", 32, 32))
+        tensors.append(norm(vision + "encoder.layers.0.layer_norm1.weight", 32, outliers: false))
         if layout != .qwen2vl {
-            tensors.append(("multi_modal_projector.linear_1.weight", linear(c, 32)))
+            tensors.append(linear("multi_modal_projector.linear_1.weight", c, 32))
         }
-        try writeShards(tensors, to: directory)
+        return tensors
+    }
+
+    /// Writes config.json and the safetensors file(s) into `directory` (created): `shards`
+    /// files of about equal tensor counts, or with `shardBytes` files of at most that many
+    /// bytes as hub checkpoints are cut (each file written as its tensors are drawn).
+    public func write(to directory: String) throws {
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        let tensors = plan()
+        var groups: [[PlannedTensor]] = []
+        if let limit = shardBytes {
+            for t in tensors {
+                let size = t.bytes * dtype.byteSize
+                if groups.isEmpty || groups[groups.count - 1].reduce(0, { $0 + $1.bytes * dtype.byteSize }) + size > limit {
+                    groups.append([])
+                }
+                groups[groups.count - 1].append(t)
+            }
+        } else {
+            let n = max(1, shards), per = (tensors.count + n - 1) / n
+            groups = (0..<n).map { Array(tensors[($0 * per)..<min(tensors.count, ($0 + 1) * per)]) }
+        }
+        var map: [String: String] = [:]
+        var total = 0
+        for (s, group) in groups.enumerated() {
+            let file = groups.count == 1 ? "model.safetensors" : String(format: "model-%05d-of-%05d.safetensors", s + 1, groups.count)
+            var w = SafetensorsWriter()
+            for t in group {
+                w.add(t.name, dtype: dtype, shape: t.shape, bytes: Self.encode(count: t.bytes, dtype: dtype, t.draw))
+                map[t.name] = file
+                total += t.bytes * dtype.byteSize
+            }
+            try w.write(to: directory + "/" + file, metadata: ["format": "pt"])
+        }
+        if groups.count > 1 {
+            let index: [String: Any] = ["metadata": ["total_size": total], "weight_map": map]
+            try AtomicFile.write(data: try JSONSerialization.data(withJSONObject: index, options: [.sortedKeys]),
+                                 to: directory + "/model.safetensors.index.json")
+        }
         let config = try JSONSerialization.data(withJSONObject: configJSON(), options: [.prettyPrinted, .sortedKeys])
         try AtomicFile.write(data: config, to: directory + "/config.json")
     }
 
-    private func writeShards(_ tensors: [(String, Tensor<Float>)], to directory: String) throws {
-        let n = max(1, shards)
-        if n == 1 {
-            var w = SafetensorsWriter()
-            for (name, t) in tensors { w.add(name, t, as: dtype) }
-            try w.write(to: directory + "/model.safetensors", metadata: ["format": "pt"])
-            return
-        }
-        var map: [String: String] = [:]
-        let per = (tensors.count + n - 1) / n
-        for s in 0..<n {
-            let file = String(format: "model-%05d-of-%05d.safetensors", s + 1, n)
-            var w = SafetensorsWriter()
-            for (name, t) in tensors[(s * per)..<min(tensors.count, (s + 1) * per)] {
-                w.add(name, t, as: dtype)
-                map[name] = file
+    /// `count` values stored as `dtype` (bf16/f16 rounded to nearest even, as
+    /// `SafetensorsWriter` stores floats).
+    static func encode(count: Int, dtype: DType, _ draw: (Int) -> Float) -> [UInt8] {
+        var out = [UInt8](repeating: 0, count: count * dtype.byteSize)
+        out.withUnsafeMutableBytes { raw in
+            switch dtype {
+            case .bf16:
+                let p = raw.bindMemory(to: UInt16.self)
+                for i in 0..<count { p[i] = HalfPrecision.floatToBF16(draw(i)).littleEndian }
+            case .f16:
+                let p = raw.bindMemory(to: UInt16.self)
+                for i in 0..<count { p[i] = HalfPrecision.floatToFP16(draw(i)).littleEndian }
+            case .f32:
+                let p = raw.bindMemory(to: UInt32.self)
+                for i in 0..<count { p[i] = draw(i).bitPattern.littleEndian }
+            default:
+                preconditionFailure("synthetic weights cannot be stored as \(dtype.rawValue)")
             }
-            try w.write(to: directory + "/" + file, metadata: ["format": "pt"])
         }
-        let index: [String: Any] = ["metadata": ["total_size": 0], "weight_map": map]
-        try AtomicFile.write(data: try JSONSerialization.data(withJSONObject: index, options: [.sortedKeys]),
-                             to: directory + "/model.safetensors.index.json")
+        return out
     }
 
     /// Calibration samples for this model: each has a short prompt, `imageTokens` image
     /// tokens (embeddings with a larger scale and an offset, as projected vision features
     /// differ from text embeddings), more prompt, and a caption of `captionTokens`
     /// labelled tokens; `padding` left- or right-pads every other sample.
+    /// With `textFromTable`, text embeddings are rows of the model's embedding table (it
+    /// is regenerated, so only for small vocabularies); otherwise N(0, 1), its distribution.
     public func calibrationSamples(count: Int, length: Int, imageTokens: Int, captionTokens: Int,
-                                   leftPadding: Bool, seed: UInt64) -> [CalibrationSample] {
+                                   leftPadding: Bool, seed: UInt64, textFromTable: Bool = true) -> [CalibrationSample] {
         precondition(imageTokens + captionTokens + 4 <= length, "sequence too short for its parts")
         var rng = SeededRandom(seed: seed)
         // Token embeddings come from the model's table so text inputs look like the real thing.
         // (write(to:) draws embed_tokens first from the same seed.)
-        var tableRng = SeededRandom(seed: self.seed)
-        var table: Tensor<Float> = tableRng.normalTensor([vocabSize, hiddenSize], std: 1)
-        if dtype != .f32 { table.data = table.data.map { HalfPrecision.bf16ToFloat(HalfPrecision.floatToBF16($0)) } }
+        var table = Tensor<Float>(zeros: [0, hiddenSize])
+        if textFromTable {
+            var tableRng = SeededRandom(seed: self.seed)
+            table = tableRng.normalTensor([vocabSize, hiddenSize], std: 1)
+            if dtype != .f32 { table.data = table.data.map { HalfPrecision.bf16ToFloat(HalfPrecision.floatToBF16($0)) } }
+        }
         var samples: [CalibrationSample] = []
         for s in 0..<count {
             let pad = s % 2 == 1 ? Int(rng.uniform() * Double(length / 8)) + 1 : 0
@@ -174,7 +261,11 @@ public struct SyntheticModelSpec: Sendable {
                     for j in 0..<hiddenSize { emb.data[p * hiddenSize + j] = Float(2.5 * rng.normal() + 0.3) }
                 } else {
                     let tok = Int(rng.uniform() * Double(vocabSize - 2))
-                    for j in 0..<hiddenSize { emb.data[p * hiddenSize + j] = table.data[tok * hiddenSize + j] }
+                    if textFromTable {
+                        for j in 0..<hiddenSize { emb.data[p * hiddenSize + j] = table.data[tok * hiddenSize + j] }
+                    } else {
+                        for j in 0..<hiddenSize { emb.data[p * hiddenSize + j] = Float(rng.normal()) }
+                    }
                     if p >= captionStart { labels[p] = tok }
                 }
             }
