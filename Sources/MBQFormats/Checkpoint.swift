@@ -124,6 +124,13 @@ public final class Checkpoint: @unchecked Sendable {
         return .f32
     }
 
+    /// Releases the file pages of decoder block `i`'s tensors (`SafetensorsFile.releasePages`).
+    public func releasePages(layer i: Int) {
+        for name in blockNames(i).all {
+            if let at = location[name] { files[at].releasePages(name) }
+        }
+    }
+
     /// Bytes of decoder block `i`'s tensors as stored (for planning, no data read).
     public func blockBytes(_ i: Int) -> Int {
         let prefix = names.layer(i)

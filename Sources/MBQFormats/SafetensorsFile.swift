@@ -63,6 +63,18 @@ public final class SafetensorsFile: @unchecked Sendable {
         if let base { munmap(UnsafeMutableRawPointer(mutating: base), mappedLength) }
     }
 
+    /// Drops the file pages under tensor `name` from this process's resident memory (they
+    /// stay in the page cache; a later read faults them back in). Pages shared with a
+    /// neighbouring tensor are kept. Reading one layer at a time and releasing it keeps
+    /// the resident set at one layer's bytes however large the model.
+    public func releasePages(_ name: String) {
+        guard let base, let e = entries[name], !e.byteRange.isEmpty else { return }
+        let page = Int(sysconf(Int32(_SC_PAGESIZE)))
+        let lo = (e.byteRange.lowerBound + page - 1) / page * page, hi = e.byteRange.upperBound / page * page
+        guard hi > lo else { return }
+        _ = madvise(UnsafeMutableRawPointer(mutating: base + lo), hi - lo, MADV_DONTNEED)
+    }
+
     static func parseHeader(_ raw: UnsafeRawPointer, fileSize: Int, path: String) throws
         -> ([String: String], [String: TensorEntry]) {
         let n64 = UInt64(littleEndian: raw.loadUnaligned(as: UInt64.self))

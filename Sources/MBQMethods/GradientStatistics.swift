@@ -85,32 +85,68 @@ public struct GradientStatistics: Sendable, Equatable {
     }
 
     /// Runs forward and backward on every usable sample of `samples` through `backend`
-    /// (`GradientPass`, the workers' arithmetic with the whole model as one stage).
-    public static func compute(model: LanguageModel<Float>, samples: [CalibrationSample], backend: ComputeBackend = CPUBackend(),
-                               progress: ((Int, Int) -> Void)? = nil) throws -> GradientStatistics {
-        let nl = model.config.numLayers
-        var sums = [Layer](repeating: Layer(), count: nl)
-        var used = 0
+    /// (`GradientPass`, the workers' arithmetic), layer by layer so that one block is in
+    /// memory at a time: the forward runs every sample through layer l and keeps each
+    /// layer's input in `inputs` (in memory up to its budget, then on scratch); the head
+    /// turns the last outputs into gradients; the backward runs every sample back through
+    /// layer l, recomputing its forward from the kept input. Per sample the arithmetic is
+    /// the one-stage pipeline's, in the same order, so the statistics are identical.
+    public static func compute(source: ModelSource, samples: [CalibrationSample], backend: ComputeBackend = CPUBackend(),
+                               inputs: ActivationStore = ActivationStore(budgetBytes: .max, scratch: nil, owner: "grad"),
+                               progress: ((String, Int, Int) -> Void)? = nil) throws -> GradientStatistics {
+        let nl = source.config.numLayers
         var skipped: [String] = []
-        let blocks = try model.blocks.map { try backend.loadBlock($0) }
-        let head = try backend.loadHead(norm: model.finalNorm, lmHead: model.lmHead, eps: Float(model.config.rmsNormEps))
+        var used: [(index: Int, sample: CalibrationSample)] = []
         for (i, s) in samples.enumerated() {
-            defer { progress?(i + 1, samples.count) }
-            if let why = skipReason(s) { skipped.append("sample \(i): \(why)"); continue }
-            try model.check(SequenceInput(s))
-            let rope = model.ropeTable(s.positions)
-            var inputs: [BackendTensor] = []
-            let h = try GradientPass.forward(try backend.upload(s.embeds), layers: 0..<nl, blocks: { blocks[$0] }, rope: rope,
-                                             mask: s.attention, backend: backend) { _, x in inputs.append(x) }
-            let dy = try backend.lossGradient(h, head, labels: s.labels).grad
-            _ = try GradientPass.backward(dy, layers: 0..<nl, blocks: { blocks[$0] }, input: { inputs[$0] }, sample: s, rope: rope,
-                                          backend: backend, sums: &sums)
-            used += 1
+            if let why = skipReason(s) { skipped.append("sample \(i): \(why)") } else { used.append((i, s)) }
         }
-        guard used > 0 else {
+        guard !used.isEmpty else {
             throw MethodsError.noUsableSamples("every sample lacks vision or caption positions (\(skipped.prefix(3).joined(separator: "; ")))")
         }
-        return finalize(sums: sums, used: used, skipped: skipped)
+        // Left filled at the end (the caller reads what spilled, then resets it).
+        inputs.reset()
+        let ropes = used.map { source.ropeTable($0.sample.positions) }
+        var xs = used.map(\.sample.embeds)
+        for l in 0..<nl {
+            let b = try source.block(l, into: backend)
+            for (k, u) in used.enumerated() {
+                let y = try GradientPass.forward(try backend.upload(xs[k]), layers: l..<(l + 1), blocks: { _ in b }, rope: ropes[k],
+                                                 mask: u.sample.attention, backend: backend) { _, x in
+                    try inputs.put(layer: l, sample: k, try backend.download(x))
+                }
+                xs[k] = try backend.download(y)
+            }
+            progress?("forward", l + 1, nl)
+        }
+        var dys: [Tensor<Float>] = []
+        do {
+            let head = try source.head(into: backend)
+            for (k, u) in used.enumerated() {
+                dys.append(try backend.download(try backend.lossGradient(try backend.upload(xs[k]), head, labels: u.sample.labels).grad))
+            }
+        }
+        xs = []
+        var sums = [Layer](repeating: Layer(), count: nl)
+        for l in stride(from: nl - 1, through: 0, by: -1) {
+            let b = try source.block(l, into: backend)
+            var layerSums = [sums[l]]
+            for (k, u) in used.enumerated() {
+                let dx = try GradientPass.backward(try backend.upload(dys[k]), layers: l..<(l + 1), blocks: { _ in b },
+                                                   input: { try backend.upload(try inputs.get(layer: $0, sample: k)) },
+                                                   sample: u.sample, rope: ropes[k], backend: backend, sums: &layerSums)
+                dys[k] = try backend.download(dx)
+            }
+            sums[l] = layerSums[0]
+            progress?("backward", nl - l, nl)
+        }
+        return finalize(sums: sums, used: used.count, skipped: skipped)
+    }
+
+    /// The same on a model in memory.
+    public static func compute(model: LanguageModel<Float>, samples: [CalibrationSample], backend: ComputeBackend = CPUBackend(),
+                               progress: ((String, Int, Int) -> Void)? = nil) throws -> GradientStatistics {
+        for s in samples where skipReason(s) == nil { try model.check(SequenceInput(s)) }
+        return try compute(source: .model(model), samples: samples, backend: backend, progress: progress)
     }
 
     /// Averages, divides and clamps. `sums` hold per-sample means summed over samples.

@@ -28,26 +28,48 @@ public struct QuantizeResult: Sendable {
     public var seconds: [String: Double]
 }
 
-/// MBQ / AWQ / SmoothQuant / RTN on one process holding the whole model
-/// (docs/DESIGN.md §2). Layer by layer, `LayerStep` as the workers run it: the fp block on the
-/// calibration inputs, its groups searched against the fp outputs, scales applied,
-/// quantized; the next layer's inputs are the fp block's outputs (all searches
-/// independent) or, with `distort`, the quantized block's.
+/// Receives each layer's quantized weights and codes as soon as they exist (the
+/// one-process CLI writes the layer's shard and lets them go).
+public typealias QuantizedLayerSink = (_ layer: Int, _ block: DecoderBlockWeights<Float>, _ codes: [String: QuantizedWeight]) throws -> Void
+
+/// MBQ / AWQ / SmoothQuant / RTN in one process (docs/DESIGN.md §2), streaming the model
+/// layer by layer from `source`: the gradient pass (`GradientStatistics.compute`), then
+/// for each layer `LayerStep` as the workers run it: the fp block on the calibration
+/// inputs, its groups searched against the fp outputs, scales applied, quantized; the
+/// next layer's inputs are the fp block's outputs (all searches independent) or, with
+/// `distort`, the quantized block's. With a `sink`, each quantized layer goes to it and is
+/// not kept (`QuantizeResult.blocks` stays empty); without one, the result holds them all.
 public enum QuantizeJob {
     public static func run(model: LanguageModel<Float>, samples: [CalibrationSample], options: QuantizeOptions,
                            backend: ComputeBackend = CPUBackend(),
                            logger: Logger = Logger(label: "mbq.quantize")) throws -> QuantizeResult {
-        try options.validate(for: model.config)
+        for s in samples { try model.check(SequenceInput(s)) }
+        return try run(source: .model(model), samples: samples, options: options, backend: backend, logger: logger)
+    }
+
+    public static func run(source: ModelSource, samples: [CalibrationSample], options: QuantizeOptions,
+                           backend: ComputeBackend = CPUBackend(),
+                           inputs: ActivationStore = ActivationStore(budgetBytes: .max, scratch: nil, owner: "grad"),
+                           logger: Logger = Logger(label: "mbq.quantize"),
+                           sink: QuantizedLayerSink? = nil) throws -> QuantizeResult {
+        try options.validate(for: source.config)
         var seconds: [String: Double] = [:]
         let start = Date()
         func elapsed() -> String { String(format: "%.1fs", Date().timeIntervalSince(start)) }
-        let nl = model.config.numLayers
+        let nl = source.config.numLayers
+        var blocks: [DecoderBlockWeights<Float>] = [], codes: [[String: QuantizedWeight]] = []
+        func emit(_ l: Int, _ q: (block: BackendBlock, codes: [String: QuantizedWeight])) throws {
+            let b = try backend.downloadBlock(q.block)
+            if let sink {
+                try sink(l, b, q.codes)
+            } else {
+                blocks.append(b); codes.append(q.codes)
+            }
+        }
 
         if options.method == .rtn {
-            var blocks: [DecoderBlockWeights<Float>] = [], codes: [[String: QuantizedWeight]] = []
-            for b in model.blocks {
-                let q = try LayerStep.quantized(try backend.loadBlock(b), options: options, backend: backend)
-                blocks.append(try backend.downloadBlock(q.block)); codes.append(q.codes)
+            for l in 0..<nl {
+                try emit(l, try LayerStep.quantized(try source.block(l, into: backend), options: options, backend: backend))
             }
             seconds["quantize"] = Date().timeIntervalSince(start)
             logger.info("[quantize] rtn \(options.weightQuantizer): \(nl) layers in \(elapsed())")
@@ -57,38 +79,44 @@ public enum QuantizeJob {
         var stats: GradientStatistics? = nil
         if options.method == .mbq || (options.method == .awq && options.effectiveReweight) {
             let t0 = Date()
-            stats = try GradientStatistics.compute(model: model, samples: samples, backend: backend) { done, total in
+            stats = try GradientStatistics.compute(source: source, samples: samples, backend: backend, inputs: inputs) { pass, done, total in
                 let dt = Date().timeIntervalSince(t0)
-                let eta = dt / Double(done) * Double(total - done)
-                logger.info("[grad-stats] sample \(done)/\(total), elapsed \(elapsed()), ETA \(String(format: "%.1fs", eta))")
+                let eta = pass == "forward" ? dt / Double(done) * Double(2 * total - done) : dt / Double(total + done) * Double(total - done)
+                logger.info("[grad-stats] \(pass) layer \(done)/\(total), elapsed \(elapsed()), ETA \(String(format: "%.1fs", eta))")
             }
             seconds["grad_stats"] = Date().timeIntervalSince(t0)
             for s in stats!.skipped { logger.warning("[grad-stats] skipped \(s)") }
+            if inputs.spilledBytes > 0 {
+                logger.info("[grad-stats] \(String(format: "%.1f", Double(inputs.spilledBytes) / 1048576)) MiB of block inputs went to scratch (\(String(format: "%.1f", inputs.spillSeconds)) s)")
+            }
+            inputs.reset()
         }
         let ratios = stats ?? GradientStatistics.uniform(layers: nl)
 
         let t0 = Date()
         var xs = try samples.map { try backend.upload($0.embeds) }
         var groups: [GroupResult] = []
-        var blocks: [DecoderBlockWeights<Float>] = []
-        var codes: [[String: QuantizedWeight]] = []
         for l in 0..<nl {
-            let fp = try backend.loadBlock(model.blocks[l])
-            let captured = try LayerStep.capture(fp, inputs: xs, samples: samples, rope: { model.ropeTable($0.positions) }, backend: backend)
-            let found = try LayerStep.scales(layer: l, block: fp, samples: captured.samples, attnRatio: ratios.layers[l].attnRatio,
+            var fp: BackendBlock? = try source.block(l, into: backend)
+            var captured = try LayerStep.capture(fp!, inputs: xs, samples: samples, rope: { source.ropeTable($0.positions) }, backend: backend)
+            let found = try LayerStep.scales(layer: l, block: fp!, samples: captured.samples, attnRatio: ratios.layers[l].attnRatio,
                                              mlpRatio: ratios.layers[l].mlpRatio, options: options, backend: backend)
+            captured.samples = []  // the captures are done with; their memory goes now
             if options.method != .smoothquant {
                 // SmoothQuant's scales are not reported (alpha is fixed), as in the distributed job.
                 groups += found
                 let picks = found.map { "\($0.group.rawValue)=\(String(format: "%.2f", $0.alpha))" }.joined(separator: " ")
                 logger.info("[search] layer \(l + 1)/\(nl): \(picks)")
             }
-            let q = try LayerStep.quantized(try LayerStep.applied(fp, results: found, backend: backend), options: options, backend: backend)
-            blocks.append(try backend.downloadBlock(q.block))
-            codes.append(q.codes)
-            xs = options.distort ? try LayerStep.distorted(q.block, inputs: xs, samples: samples, rope: { model.ropeTable($0.positions) },
+            // Only one layer's weights at a time, and at most two copies of them: the fp
+            // block goes once the scaled one exists.
+            let scaled = try LayerStep.applied(fp!, results: found, backend: backend)
+            fp = nil
+            let q = try LayerStep.quantized(scaled, options: options, backend: backend)
+            xs = options.distort ? try LayerStep.distorted(q.block, inputs: xs, samples: samples, rope: { source.ropeTable($0.positions) },
                                                            options: options, backend: backend)
                                  : captured.outputs
+            try emit(l, q)
             let dt = Date().timeIntervalSince(t0)
             logger.info("[search] layer \(l + 1)/\(nl) done, elapsed \(elapsed()), ETA \(String(format: "%.1fs", dt / Double(l + 1) * Double(nl - l - 1)))")
         }

@@ -231,6 +231,33 @@ public enum QuantizedCheckpointWriter {
         }
     }
 
+    /// The one-process streaming path: `run` gets a sink that writes each quantized
+    /// layer's shard into the temporary directory as soon as it exists (so the job
+    /// never holds more than one quantized layer); then the rest, and `extras` with the
+    /// run's result, before the rename.
+    @discardableResult
+    public static func write(source ckpt: Checkpoint, options: QuantizeOptions, to out: String, overwrite: Bool,
+                             run: (@escaping QuantizedLayerSink) throws -> QuantizeResult,
+                             extras: (String, QuantizeResult) throws -> Void) throws -> QuantizeResult {
+        let tmp = out + ".partial-\(getpid())"
+        try begin(out: out, overwrite: overwrite, tmp: tmp)
+        do {
+            var written = Set<Int>()
+            let result = try run { l, block, codes in
+                try writeLayer(ckpt, layer: l, block: block, codes: codes, options: options, into: tmp)
+                written.insert(l)
+            }
+            guard written.count == ckpt.config.numLayers else {
+                throw MethodsError.output(path: out, reason: "\(written.count) quantized layers written for a model of \(ckpt.config.numLayers) layers")
+            }
+            try finish(source: ckpt, tmp: tmp, out: out, overwrite: overwrite, options: options) { try extras($0, result) }
+            return result
+        } catch {
+            try? FileManager.default.removeItem(atPath: tmp)
+            throw error
+        }
+    }
+
     /// The one-process path: every layer, then the rest.
     public static func write(source ckpt: Checkpoint, result r: QuantizeResult, to out: String, overwrite: Bool,
                              extras: (String) throws -> Void) throws {

@@ -96,7 +96,7 @@ extension Worker {
         var sums = [GradientStatistics.Layer](repeating: GradientStatistics.Layer(), count: range.count)
         var used = 0
         var skipped: [String] = []
-        if head != nil && finalHidden.count != samples.count { throw WorkerError.missingInput(layer: range.upperBound, sample: finalHidden.count) }
+        if head != nil && finalHidden.count != samples.count { throw MethodsError.missingInput(layer: range.upperBound, sample: finalHidden.count) }
         for (s, sample) in samples.enumerated() {
             if let why = GradientStatistics.skipReason(sample) { skipped.append("sample \(s): \(why)"); continue }
             used += 1

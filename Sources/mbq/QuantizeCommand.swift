@@ -66,6 +66,10 @@ struct QuantizeCommand: ParsableCommand {
     @Option(help: "Start N local worker processes and run distributed (0: in this process).") var workers = 0
     @Option(help: "With --workers: each local worker's memory budget (block inputs past it spill to JOB-DIR/scratch).")
     var workerMaxMemory = "20GiB"
+    @Option(help: "In this process: the memory budget (default: 3/4 of physical memory); block inputs kept for the gradient pass past what it leaves go to --scratch.")
+    var maxMemory: String?
+    @Option(help: "In this process: where block inputs past --max-memory go (default: OUT.scratch, removed at the end).")
+    var scratch: String?
     @OptionGroup var cluster: ClusterOptions
     @OptionGroup var common: CommonOptions
 
@@ -78,17 +82,38 @@ struct QuantizeCommand: ParsableCommand {
                 try runLocalCluster(ckpt: ckpt, bundle: bundle)
                 return
             }
-            let (lm, loadT) = try timed { try LanguageModel<Float>.load(ckpt) }
-            logger.info("[load] \(ckpt.config.modelType): \(ckpt.config.numLayers) layers in \(String(format: "%.1fs", loadT)); \(bundle.count) calibration samples")
             let options = job.options(ckpt)
-            logger.info("[format] \(options.resolvedFormat.rawValue), scales in \(options.scaleDType.rawValue)")
-            let result = try QuantizeJob.run(model: lm, samples: bundle.samples, options: options, logger: logger)
-            let (_, writeT) = try timed {
-                try QuantizedCheckpointWriter.write(source: ckpt, result: result, to: job.out, overwrite: job.overwrite) { dir in
-                    try ResultsFile.writeAll(result, into: dir)
-                }
+            let cfg = ckpt.config
+            let budget: UInt64
+            if let maxMemory {
+                guard let b = parseBytes(maxMemory) else { throw MethodsError.invalidOptions("--max-memory \(maxMemory): use e.g. 24GiB, 512MiB") }
+                budget = b
+            } else {
+                budget = ProcessInfo.processInfo.physicalMemory / 4 * 3
             }
-            logger.info("[write] \(job.out) in \(String(format: "%.1fs", writeT))")
+            // What the budget leaves for cached block inputs: one layer's fp32 weights three
+            // times over (fp, scaled, quantized), the head, one sample's working set.
+            let tokens = bundle.samples.map(\.length).max() ?? 0
+            let layerBytes = Double(cfg.linearShapes.reduce(0) { $0 + $1.shape[0] * $1.shape[1] } * 4)
+            let fixed = MemoryNeeds.fixed(hidden: cfg.hiddenSize, intermediate: cfg.intermediateSize, heads: cfg.numHeads,
+                                          vocab: cfg.vocabSize, tokens: tokens)
+            let inputBudget = max(0, Int(Double(budget) - 3 * layerBytes - fixed))
+            let scratchDir = scratch ?? job.out + ".scratch"
+            let inputs = ActivationStore(budgetBytes: inputBudget, scratch: scratchDir, owner: "quantize")
+            defer {
+                inputs.removeFiles()
+                if scratch == nil { try? FileManager.default.removeItem(atPath: scratchDir) }
+            }
+            logger.info("[load] \(cfg.modelType): \(cfg.numLayers) layers, read one at a time; \(bundle.count) calibration samples; block inputs past \(String(format: "%.1f", Double(inputBudget) / 1073741824)) GiB go to \(scratchDir)")
+            logger.info("[format] \(options.resolvedFormat.rawValue), scales in \(options.scaleDType.rawValue)")
+            let t0 = Date()
+            try QuantizedCheckpointWriter.write(source: ckpt, options: options, to: job.out, overwrite: job.overwrite) { sink in
+                try QuantizeJob.run(source: .checkpoint(ckpt), samples: bundle.samples, options: options, inputs: inputs,
+                                    logger: logger, sink: sink)
+            } extras: { dir, result in
+                try ResultsFile.writeAll(result, into: dir)
+            }
+            logger.info("[write] \(job.out): done \(String(format: "%.1fs", Date().timeIntervalSince(t0))) after loading")
         }
     }
 

@@ -93,6 +93,38 @@ final class MethodsTests: XCTestCase {
         }
     }
 
+    /// The one-process job as `mbq quantize` runs it: blocks read one at a time from the
+    /// checkpoint, block inputs of the gradient pass spilled to scratch (a zero budget),
+    /// each quantized layer handed to the sink as it is done. The same numbers as the job
+    /// on a model in memory.
+    func testStreamedJobWithSpilledInputsMatchesTheInMemoryJob() throws {
+        let (ckpt, model, bundle) = try fixture("qwen2vl")
+        var o = QuantizeOptions()
+        o.method = .mbq; o.wBit = 3; o.distort = true
+        let want = try QuantizeJob.run(model: model, samples: bundle.samples, options: o)
+        let scratch = NSTemporaryDirectory() + "mbq-spill-" + UUID().uuidString
+        defer { try? FileManager.default.removeItem(atPath: scratch) }
+        let inputs = ActivationStore(budgetBytes: 0, scratch: scratch, owner: "test")
+        var streamed: [Int: (DecoderBlockWeights<Float>, [String: QuantizedWeight])] = [:]
+        let got = try QuantizeJob.run(source: .checkpoint(ckpt), samples: bundle.samples, options: o, inputs: inputs) { l, b, c in
+            XCTAssertNil(streamed[l], "layer \(l) emitted twice")
+            XCTAssertEqual(streamed.count, l, "layers arrive in order")
+            streamed[l] = (b, c)
+        }
+        XCTAssertEqual(inputs.lifetimeSpilledBytes, bundle.samples.count * model.config.numLayers * bundle.samples[0].length * model.config.hiddenSize * 4,
+                       "every block input went to scratch")
+        XCTAssertTrue(got.blocks.isEmpty, "a streamed job keeps no blocks")
+        XCTAssertEqual(got.gradStats, want.gradStats)
+        XCTAssertEqual(got.groups.map(\.bestIndex), want.groups.map(\.bestIndex))
+        XCTAssertEqual(got.groups.map(\.scales), want.groups.map(\.scales))
+        for l in 0..<model.config.numLayers {
+            for (role, path) in ApplyScales.linears {
+                XCTAssertEqual(streamed[l]!.0[keyPath: path].data, want.blocks[l][keyPath: path].data, "layer \(l) \(role)")
+                XCTAssertEqual(streamed[l]!.1[role], want.codes[l][role], "layer \(l) \(role) codes")
+            }
+        }
+    }
+
     func testRTNIsTheGridPointZeroOfTheSearch() throws {
         let (_, model, bundle) = try fixture("onevision")
         var o = QuantizeOptions()

@@ -4,10 +4,11 @@ import MBQTensor
 import Glibc
 #endif
 
-/// The block inputs a worker keeps from the forward phase for backward and search
-/// (docs/DESIGN.md §3.1). Tensors stay in memory while they fit `budgetBytes`; past it they go to
-/// raw fp32 files under the scratch directory and are read back on use. Without a
-/// scratch directory nothing spills (the plan then counted the inputs as memory).
+/// The block inputs kept from the forward pass for the backward pass and the search: by
+/// a worker for its layers (docs/DESIGN.md §3.1), by the one-process job for every layer.
+/// Tensors stay in memory while they fit `budgetBytes`; past it they go to raw fp32 files
+/// under the scratch directory and are read back on use. Without a scratch directory
+/// nothing spills (the plan then counted the inputs as memory).
 public final class ActivationStore {
     struct Key: Hashable { let layer: Int, sample: Int }
 
@@ -18,8 +19,10 @@ public final class ActivationStore {
     public private(set) var residentBytes = 0
     public private(set) var spilledBytes = 0
     public private(set) var spillSeconds = 0.0
+    /// Bytes ever written to scratch, across resets.
+    public private(set) var lifetimeSpilledBytes = 0
 
-    /// `scratch`: the worker's --scratch; a private subdirectory is made in it lazily
+    /// `scratch`: --scratch; a private subdirectory is made in it lazily
     /// and removed with the store.
     public init(budgetBytes: Int, scratch: String?, owner: String) {
         self.budgetBytes = budgetBytes
@@ -43,32 +46,33 @@ public final class ActivationStore {
         try FileManager.default.createDirectory(atPath: directory!, withIntermediateDirectories: true)
         let p = path(k)
         let fd = open(p, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
-        guard fd >= 0 else { throw WorkerError.scratch(path: p, reason: String(cString: strerror(errno))) }
+        guard fd >= 0 else { throw MethodsError.scratch(path: p, reason: String(cString: strerror(errno))) }
         defer { close(fd) }
         try t.data.withUnsafeBytes { buf in
             var done = 0
             while done < buf.count {
                 let n = write(fd, buf.baseAddress! + done, buf.count - done)
                 if n < 0 && errno == EINTR { continue }
-                guard n > 0 else { throw WorkerError.scratch(path: p, reason: "write: \(String(cString: strerror(errno)))") }
+                guard n > 0 else { throw MethodsError.scratch(path: p, reason: "write: \(String(cString: strerror(errno)))") }
                 done += n
             }
         }
         if spilled.updateValue(t.shape, forKey: k) == nil { spilledBytes += bytes }
+        lifetimeSpilledBytes += bytes
     }
 
     public func get(layer: Int, sample: Int) throws -> Tensor<Float> {
         let k = Key(layer: layer, sample: sample)
         if let t = memory[k] { return t }
         guard let shape = spilled[k] else {
-            throw WorkerError.missingInput(layer: layer, sample: sample)
+            throw MethodsError.missingInput(layer: layer, sample: sample)
         }
         let t0 = DispatchTime.now().uptimeNanoseconds
         defer { spillSeconds += Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9 }
         let p = path(k)
         let n = shape.reduce(1, *)
         let fd = open(p, O_RDONLY)
-        guard fd >= 0 else { throw WorkerError.scratch(path: p, reason: String(cString: strerror(errno))) }
+        guard fd >= 0 else { throw MethodsError.scratch(path: p, reason: String(cString: strerror(errno))) }
         defer { close(fd) }
         var failure: String?
         let data = [Float](unsafeUninitializedCapacity: n) { buf, count in
@@ -83,7 +87,7 @@ public final class ActivationStore {
             if failure != nil { raw.initializeMemory(as: UInt8.self, repeating: 0) }
             count = n
         }
-        if let failure { throw WorkerError.scratch(path: p, reason: failure) }
+        if let failure { throw MethodsError.scratch(path: p, reason: failure) }
         return Tensor(shape: shape, data: data)
     }
 
@@ -96,7 +100,7 @@ public final class ActivationStore {
         removeFiles()
     }
 
-    func removeFiles() {
+    public func removeFiles() {
         if let d = directory { try? FileManager.default.removeItem(atPath: d) }
     }
 }
