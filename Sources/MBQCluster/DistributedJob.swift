@@ -28,7 +28,8 @@ public enum DistributedJob {
                            expectedWorkers: workers)
         let shape = CostModel.Shape(cfg)
         let tokens = calib.samples.map(\.length).max() ?? 0
-        spec.memory = MemoryNeeds(shape: shape, inputRows: calib.samples.reduce(0) { $0 + $1.length }, tokens: tokens)
+        spec.memory = MemoryNeeds(shape: shape, inputRows: calib.samples.reduce(0) { $0 + $1.length }, tokens: tokens,
+                                  weightBytes: [.bf16, .f16].contains(ckpt.weightDType) ? 2 : 4)
         let absOut = (out as NSString).standardizingPath
         spec.outputDir = absOut + ".partial-" + spec.jobID
         spec.outputToken = Auth.sha256(Array("\(spec.jobID)|\(UUID().uuidString)".utf8)).prefix(12).map { String(format: "%02x", $0) }.joined()

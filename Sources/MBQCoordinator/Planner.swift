@@ -16,13 +16,20 @@ public struct MemoryNeeds: Sendable, Equatable {
         self.fixedBytes = fixedBytes
     }
 
-    /// For a model: fp32 block weights and norms per layer, `inputRows` cached rows (every
-    /// sample's tokens) per layer, the fixed part at `tokens` per sample.
-    public init(shape s: CostModel.Shape, inputRows: Int, tokens: Int) {
-        self.init(layerWeightBytes: s.paramsPerLayer * 4 + Double(2 * s.hidden * 4),
+    /// For a model: block weights held as stored (`weightBytes` per parameter: 2 for a
+    /// bf16 checkpoint, whose layers workers keep in bf16; 4 for fp32) and fp32 norms per
+    /// layer, `inputRows` cached rows (every sample's tokens) per layer, and the fixed part
+    /// at `tokens` per sample plus one layer's fp32 working copies (`layerWorkingBytes`).
+    public init(shape s: CostModel.Shape, inputRows: Int, tokens: Int, weightBytes: Int = 4) {
+        self.init(layerWeightBytes: s.paramsPerLayer * Double(weightBytes) + Double(2 * s.hidden * 4),
                   layerActivationBytes: Double(inputRows * s.hidden * 4),
-                  fixedBytes: Self.fixed(hidden: s.hidden, intermediate: s.intermediate, heads: s.heads, vocab: s.vocab, tokens: tokens))
+                  fixedBytes: Self.fixed(hidden: s.hidden, intermediate: s.intermediate, heads: s.heads, vocab: s.vocab, tokens: tokens)
+                      + Self.layerWorkingBytes(params: s.paramsPerLayer))
     }
+
+    /// The fp32 copies of the layer being worked on: widened from storage, scaled,
+    /// quantized (the apply step holds all three at once).
+    public static func layerWorkingBytes(params: Double) -> Double { 3 * params * 4 }
 
     /// What a worker holding `layers` layers needs in memory.
     public func bytes(layers: Int, spills: Bool) -> Double {

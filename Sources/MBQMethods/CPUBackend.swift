@@ -6,8 +6,14 @@ import MBQTensor
 /// The reference backend: host fp32 tensors, OpenBLAS GEMMs, the model's own forward
 /// and backward (proven against transformers by the parity tests). Its handles wrap
 /// host values, so uploads and downloads cost nothing.
+///
+/// With `keepStoredPrecision` (the workers, which hold their layers for the whole job), a
+/// loaded block whose linear weights are all bf16 values (a bf16 checkpoint's, widened
+/// exactly) is kept as bf16 and widened to fp32 for each use: half the memory, the same
+/// numbers. Scaled and quantized blocks are fp32 and stay so.
 public struct CPUBackend: ComputeBackend {
-    public init() {}
+    public let keepStoredPrecision: Bool
+    public init(keepStoredPrecision: Bool = false) { self.keepStoredPrecision = keepStoredPrecision }
     public var name: String { "cpu" }
 
     final class HostTensor: BackendTensor {
@@ -20,6 +26,59 @@ public struct CPUBackend: ComputeBackend {
         let weights: DecoderBlockWeights<Float>
         init(_ weights: DecoderBlockWeights<Float>) { self.weights = weights }
         var parameterCount: Int { weights.parameterCount }
+        var residentBytes: Int { weights.parameterCount * 4 }
+    }
+
+    /// A block whose seven linears are held as bf16 bits (norms and biases stay fp32).
+    final class BF16Block: BackendBlock {
+        let template: DecoderBlockWeights<Float>   // norms, biases; linears emptied
+        let linears: [[UInt16]]                    // in DecoderBlockWeights.linears order
+        let shapes: [[Int]]
+        let parameterCount: Int
+
+        /// nil when some linear weight is not a bf16 value.
+        init?(_ w: DecoderBlockWeights<Float>) {
+            var bits: [[UInt16]] = []
+            for (_, path) in DecoderBlockWeights<Float>.linears {
+                let t = w[keyPath: path]
+                var h = [UInt16](repeating: 0, count: t.count)
+                var exact = true
+                t.data.withUnsafeBufferPointer { p in
+                    h.withUnsafeMutableBufferPointer { q in
+                        for i in 0..<p.count {
+                            let b = p[i].bitPattern
+                            if b & 0xFFFF != 0 { exact = false; break }
+                            q[i] = UInt16(truncatingIfNeeded: b >> 16)
+                        }
+                    }
+                }
+                guard exact else { return nil }
+                bits.append(h)
+            }
+            var t = w
+            for (_, path) in DecoderBlockWeights<Float>.linears { t[keyPath: path] = Tensor(shape: [0], data: []) }
+            template = t
+            linears = bits
+            shapes = DecoderBlockWeights<Float>.linears.map { w[keyPath: $0.path].shape }
+            parameterCount = w.parameterCount
+        }
+
+        var residentBytes: Int { parameterCount * 4 - linears.reduce(0) { $0 + $1.count } * 2 }
+
+        /// The fp32 block (exact).
+        var widened: DecoderBlockWeights<Float> {
+            var w = template
+            for (((_, path), h), shape) in zip(zip(DecoderBlockWeights<Float>.linears, linears), shapes) {
+                let data = [Float](unsafeUninitializedCapacity: h.count) { buf, n in
+                    h.withUnsafeBufferPointer { p in
+                        for i in 0..<p.count { buf[i] = Float(bitPattern: UInt32(p[i]) << 16) }
+                    }
+                    n = h.count
+                }
+                w[keyPath: path] = Tensor(shape: shape, data: data)
+            }
+            return w
+        }
     }
 
     final class HostHead: BackendHead {
@@ -38,8 +97,9 @@ public struct CPUBackend: ComputeBackend {
         return h.value
     }
     func host(_ b: BackendBlock) -> DecoderBlockWeights<Float> {
-        guard let h = b as? HostBlock else { preconditionFailure("a \(type(of: b)) handed to the CPU backend") }
-        return h.weights
+        if let h = b as? HostBlock { return h.weights }
+        if let h = b as? BF16Block { return h.widened }
+        preconditionFailure("a \(type(of: b)) handed to the CPU backend")
     }
     func host(_ s: BackendLayerSample) -> LayerSample {
         let c = s.captures
@@ -51,7 +111,10 @@ public struct CPUBackend: ComputeBackend {
 
     // MARK: memory
 
-    public func loadBlock(_ w: DecoderBlockWeights<Float>) -> BackendBlock { HostBlock(w) }
+    public func loadBlock(_ w: DecoderBlockWeights<Float>) -> BackendBlock {
+        if keepStoredPrecision, let b = BF16Block(w) { return b }
+        return HostBlock(w)
+    }
     public func loadHead(norm: Tensor<Float>, lmHead: Tensor<Float>, eps: Float) -> BackendHead {
         HostHead(norm: norm, lmHead: lmHead, eps: eps)
     }

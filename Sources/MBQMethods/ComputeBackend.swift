@@ -20,8 +20,10 @@ public protocol BackendTensor: AnyObject, Sendable {
 
 /// A decoder block's weights loaded into a backend.
 public protocol BackendBlock: AnyObject, Sendable {
-    /// Parameters, for memory accounting.
+    /// Parameters.
     var parameterCount: Int { get }
+    /// Bytes the block holds while loaded (for memory accounting).
+    var residentBytes: Int { get }
 }
 
 /// The final norm and output projection loaded into a backend (the stage holding the

@@ -71,7 +71,8 @@ public final class Worker: @unchecked Sendable {
     let dataKeys: (public: String, secret: String)?
     let dataAuthenticator: CurveAuthenticator?
 
-    public init(options: WorkerOptions, backend: ComputeBackend = CPUBackend()) throws {
+    /// The default backend keeps a bf16 checkpoint's layers in bf16 (`CPUBackend`).
+    public init(options: WorkerOptions, backend: ComputeBackend = CPUBackend(keepStoredPrecision: true)) throws {
         self.options = options
         self.backend = backend
         let logger = Logger(label: "mbq.worker.\(options.workerID)")
@@ -312,10 +313,11 @@ public final class Worker: @unchecked Sendable {
         // What the memory budget leaves for cached block inputs once the weights, the
         // head and one sample's working set are in.
         let cfg = c.config
-        let weights = nb.values.reduce(0) { $0 + $1.parameterCount * MemoryLayout<Float>.size }
+        let weights = nb.values.reduce(0) { $0 + $1.residentBytes }
         let tokens = bundle!.samples.map(\.length).max() ?? 0
         let fixed = MemoryNeeds.fixed(hidden: cfg.hiddenSize, intermediate: cfg.intermediateSize, heads: cfg.numHeads,
                                       vocab: cfg.vocabSize, tokens: tokens)
+            + MemoryNeeds.layerWorkingBytes(params: CostModel.Shape(cfg).paramsPerLayer)
         let budget = max(0, Int(Double(options.maxMemoryBytes) - Double(weights) - fixed))
         inputs = ActivationStore(budgetBytes: budget, scratch: options.scratch, owner: options.workerID)
         finalHidden = []

@@ -220,7 +220,8 @@ struct PlanCommand: ParsableCommand {
             load.needsStats = !noStats
             load.lossRowFraction = lossRows
             load.labelRows = Double(tokens) * 0.1
-            let needs = MemoryNeeds(shape: shape, inputRows: samples * tokens, tokens: tokens)
+            // The presets are bf16 checkpoints: workers hold their layers in bf16.
+            let needs = MemoryNeeds(shape: shape, inputRows: samples * tokens, tokens: tokens, weightBytes: 2)
             let candidates = ws.enumerated().map { i, w in
                 ("\(i)", w.gflops, needs.capacity(memory: UInt64(w.memoryBytes), spills: scratch, layers: shape.layers))
             }

@@ -163,10 +163,9 @@ final class ClusterProcessTests: XCTestCase {
         // block input (8 KiB of 24): the other two inputs spill.
         let ckpt = try Checkpoint(directory: Self.model)
         let cfg = ckpt.config
-        let weights = try DecoderBlockWeights<Float>.load(from: ckpt, layer: 0).parameterCount * MemoryLayout<Float>.size
-        let fixed = MemoryNeeds.fixed(hidden: cfg.hiddenSize, intermediate: cfg.intermediateSize, heads: cfg.numHeads,
-                                      vocab: cfg.vocabSize, tokens: 16)
-        let budget = "\(weights + Int(fixed) + 12_000)"
+        // (Workers hold a bf16 checkpoint's layers as bf16, an fp32 one's as fp32.)
+        let needs = MemoryNeeds(shape: CostModel.Shape(cfg), inputRows: 0, tokens: 16, weightBytes: ckpt.weightDType == .bf16 ? 2 : 4)
+        let budget = "\(Int(needs.layerWeightBytes + needs.fixedBytes) + 12_000)"
         let p = port()
         let out = tmp + "/out", clog = tmp + "/coord.log"
         let coord = try spawn(["coordinator", "--model", Self.model, "--calib", Self.calib, "--w-bit", "3", "--out", out,

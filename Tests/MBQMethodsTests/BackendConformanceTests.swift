@@ -87,6 +87,21 @@ final class BackendConformanceTests: XCTestCase {
         }
     }
 
+    /// The workers' CPU backend keeps a bf16 checkpoint's blocks in bf16 (half the
+    /// bytes) and computes exactly what the fp32 one does; an fp32 checkpoint's blocks
+    /// stay fp32.
+    func testStoredPrecisionBlocksConformExactly() throws {
+        let kept = CPUBackend(keepStoredPrecision: true)
+        let (qwen, bundle) = try fixture("qwen2vl")   // stored bf16
+        let b = try kept.loadBlock(qwen.blocks[0])
+        let linears = ApplyScales.linears.reduce(0) { $0 + qwen.blocks[0][keyPath: $1.path].count }
+        XCTAssertEqual(b.residentBytes, qwen.blocks[0].parameterCount * 4 - linears * 2)
+        let checks = try BackendConformance.run(kept, model: qwen, samples: Array(bundle.samples.prefix(2)), tolerance: 0)
+        XCTAssertTrue(checks.allSatisfy(\.passed), "\(checks.filter { !$0.passed })")
+        let (llava, _) = try fixture("llava15")      // stored fp32
+        XCTAssertEqual(try kept.loadBlock(llava.blocks[0]).residentBytes, llava.blocks[0].parameterCount * 4)
+    }
+
     func testADeviatingBackendFailsNamingWhere() throws {
         let (model, bundle) = try fixture("onevision_mha")
         let samples = Array(bundle.samples.prefix(1))
