@@ -126,7 +126,11 @@ public final class Checkpoint: @unchecked Sendable {
 
     /// Releases the file pages of decoder block `i`'s tensors (`SafetensorsFile.releasePages`).
     public func releasePages(layer i: Int) {
-        for name in blockNames(i).all {
+        releasePages(blockNames(i).all)
+    }
+
+    public func releasePages(_ names: [String]) {
+        for name in names {
             if let at = location[name] { files[at].releasePages(name) }
         }
     }

@@ -21,8 +21,11 @@ public struct ModelSource: @unchecked Sendable {
     public static func checkpoint(_ ckpt: Checkpoint) -> ModelSource {
         let cfg = ckpt.config
         return ModelSource(config: cfg, block: { try DecoderBlockWeights<Float>.load(from: ckpt, layer: $0) },
-                           head: { (try ckpt.tensor(ckpt.names.finalNorm, shape: [cfg.hiddenSize]),
-                                    try ckpt.tensor(ckpt.names.outputProjection, shape: [cfg.vocabSize, cfg.hiddenSize])) },
+                           head: {
+                               defer { ckpt.releasePages([ckpt.names.finalNorm, ckpt.names.outputProjection]) }
+                               return (try ckpt.tensor(ckpt.names.finalNorm, shape: [cfg.hiddenSize]),
+                                       try ckpt.tensor(ckpt.names.outputProjection, shape: [cfg.vocabSize, cfg.hiddenSize]))
+                           },
                            release: { ckpt.releasePages(layer: $0) })
     }
 

@@ -304,11 +304,16 @@ public final class Worker: @unchecked Sendable {
         let range = Int(a.firstLayer)..<Int(a.endLayer)
         // Keep blocks already loaded; load the new ones; drop the rest.
         var nb: [Int: BackendBlock] = [:]
-        for l in range { nb[l] = try blocks[l] ?? backend.loadBlock(DecoderBlockWeights<Float>.load(from: c, layer: l)) }
+        for l in range where nb[l] == nil {
+            if let b = blocks[l] { nb[l] = b; continue }
+            nb[l] = try backend.loadBlock(DecoderBlockWeights<Float>.load(from: c, layer: l))
+            c.releasePages(layer: l)   // the backend holds it now; the file's pages need not stay resident
+        }
         blocks = nb
         head = a.holdsHead ? try backend.loadHead(norm: try c.tensor(c.names.finalNorm, shape: [c.config.hiddenSize]),
                                                   lmHead: try c.tensor(c.names.outputProjection, shape: [c.config.vocabSize, c.config.hiddenSize]),
                                                   eps: Float(c.config.rmsNormEps)) : nil
+        c.releasePages([c.names.finalNorm, c.names.outputProjection])
         quantOptions = try a.options.quantizeOptions()
         // What the memory budget leaves for cached block inputs once the weights, the
         // head and one sample's working set are in.
