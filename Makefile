@@ -45,7 +45,7 @@ bench: release
 ## Regenerates the PyTorch reference fixtures (needs network for PyPI; not used by CI).
 fixtures:
 	test -x $(PYTHON) || (python3 -m venv .venv && .venv/bin/pip install -q torch==2.13.0 && \
-	  .venv/bin/pip install -q transformers safetensors numpy)
+	  .venv/bin/pip install -q transformers safetensors numpy pillow)
 	$(PYTHON) Scripts/reference/make_fixtures.py
 	$(PYTHON) Scripts/reference/mbq_reference.py
 	$(PYTHON) Scripts/reference/test_make_calibration.py
