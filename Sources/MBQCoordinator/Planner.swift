@@ -1,4 +1,5 @@
 import Foundation
+import MBQFormats
 import MBQWire
 
 /// What a worker's memory must hold, per the plan (docs/DESIGN.md §3): the fp32 weights of
@@ -30,6 +31,13 @@ public struct MemoryNeeds: Sendable, Equatable {
     /// The fp32 copies of the layer being worked on: widened from storage, scaled,
     /// quantized (the apply step holds all three at once).
     public static func layerWorkingBytes(params: Double) -> Double { 3 * params * 4 }
+
+    /// What one process needs besides its held weights and cached inputs: the head, one
+    /// sample's working set at `tokens`, one layer's fp32 working copies.
+    public static func working(_ cfg: LanguageModelConfig, tokens: Int) -> Double {
+        fixed(hidden: cfg.hiddenSize, intermediate: cfg.intermediateSize, heads: cfg.numHeads, vocab: cfg.vocabSize, tokens: tokens)
+            + layerWorkingBytes(params: CostModel.Shape(cfg).paramsPerLayer)
+    }
 
     /// What a worker holding `layers` layers needs in memory.
     public func bytes(layers: Int, spills: Bool) -> Double {

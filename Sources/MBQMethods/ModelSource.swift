@@ -46,6 +46,6 @@ public struct ModelSource: @unchecked Sendable {
     }
 
     public func ropeTable(_ positions: [[Int]]) -> RoPETable<Float> {
-        RoPETable(positions: positions, headDim: config.headDim, theta: config.ropeTheta, mropeSection: config.mropeSection)
+        RoPETable(positions: positions, config: config)
     }
 }

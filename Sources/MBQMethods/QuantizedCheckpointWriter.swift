@@ -39,7 +39,6 @@ public enum QuantizedCheckpointWriter {
     /// The names layer `l`'s shard holds in the output format: the source's block names,
     /// each linear's `.weight` replaced by the format's tensors.
     public static func outputNames(_ ckpt: Checkpoint, layer l: Int, options: QuantizeOptions) -> [String] {
-        let cfg = ckpt.config
         let n = ckpt.blockNames(l)
         let linear = Set(n.linears.map(\.name))
         var names = n.all.filter { !linear.contains($0) }

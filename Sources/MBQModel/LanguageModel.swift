@@ -47,8 +47,7 @@ public final class LanguageModel<T: BLASScalar>: @unchecked Sendable {
     }
 
     public func ropeTable(_ positions: [[Int]]) -> RoPETable<T> {
-        RoPETable(positions: positions, headDim: config.headDim, theta: config.ropeTheta,
-                  mropeSection: config.mropeSection)
+        RoPETable(positions: positions, config: config)
     }
 
     /// Shapes and finiteness of one sequence's inputs against the model.

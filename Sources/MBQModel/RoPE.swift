@@ -1,3 +1,4 @@
+import MBQFormats
 import MBQTensor
 
 /// Rotary position embedding tables for one sequence: cos and sin, [T, D] each
@@ -85,5 +86,12 @@ public func ropeBackward<T: BLASScalar>(_ dy: inout Tensor<T>, table: RoPETable<
                 }
             }
         }
+    }
+}
+
+extension RoPETable {
+    /// The table a model with this config uses for `positions` ([rows][T]).
+    public init(positions: [[Int]], config c: LanguageModelConfig) {
+        self.init(positions: positions, headDim: c.headDim, theta: c.ropeTheta, mropeSection: c.mropeSection)
     }
 }

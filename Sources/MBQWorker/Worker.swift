@@ -320,9 +320,7 @@ public final class Worker: @unchecked Sendable {
         let cfg = c.config
         let weights = nb.values.reduce(0) { $0 + $1.residentBytes }
         let tokens = bundle!.samples.map(\.length).max() ?? 0
-        let fixed = MemoryNeeds.fixed(hidden: cfg.hiddenSize, intermediate: cfg.intermediateSize, heads: cfg.numHeads,
-                                      vocab: cfg.vocabSize, tokens: tokens)
-            + MemoryNeeds.layerWorkingBytes(params: CostModel.Shape(cfg).paramsPerLayer)
+        let fixed = MemoryNeeds.working(cfg, tokens: tokens)
         let budget = max(0, Int(Double(options.maxMemoryBytes) - Double(weights) - fixed))
         inputs = ActivationStore(budgetBytes: budget, scratch: options.scratch, owner: options.workerID)
         finalHidden = []

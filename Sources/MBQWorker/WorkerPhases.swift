@@ -12,7 +12,7 @@ import MBQWire
 extension Worker {
     func rope(_ s: CalibrationSample) -> RoPETable<Float> {
         let cfg = ckpt!.config
-        return RoPETable(positions: s.positions, headDim: cfg.headDim, theta: cfg.ropeTheta, mropeSection: cfg.mropeSection)
+        return RoPETable(positions: s.positions, config: cfg)
     }
 
     /// The calibration samples of this job (the first `assignment.samples` of the bundle).

@@ -94,10 +94,7 @@ struct QuantizeCommand: ParsableCommand {
             // What the budget leaves for cached block inputs: one layer's fp32 weights three
             // times over (fp, scaled, quantized), the head, one sample's working set.
             let tokens = bundle.samples.map(\.length).max() ?? 0
-            let layerBytes = Double(cfg.linearShapes.reduce(0) { $0 + $1.shape[0] * $1.shape[1] } * 4)
-            let fixed = MemoryNeeds.fixed(hidden: cfg.hiddenSize, intermediate: cfg.intermediateSize, heads: cfg.numHeads,
-                                          vocab: cfg.vocabSize, tokens: tokens)
-            let inputBudget = max(0, Int(Double(budget) - 3 * layerBytes - fixed))
+            let inputBudget = max(0, Int(Double(budget) - MemoryNeeds.working(cfg, tokens: tokens)))
             let scratchDir = scratch ?? job.out + ".scratch"
             let inputs = ActivationStore(budgetBytes: inputBudget, scratch: scratchDir, owner: "quantize")
             defer {
