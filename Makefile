@@ -8,11 +8,12 @@ CPU_FLAGS  := $(shell grep -q ' avx2 ' /proc/cpuinfo 2>/dev/null && echo "-Xswif
 RELEASE    := -c release $(CPU_FLAGS)
 MBQ        := .build/release/mbq
 
-.PHONY: demo test deps build release bench fixtures check-formats proto clean
+.PHONY: demo test deps build release bench fixtures demo-model check-formats proto clean
 
-## Installs what is missing, builds in release, runs the built-in demo.
+## Installs what is missing, builds in release, quantizes the committed demo VLM (Demo/)
+## nine ways and compares held-out caption accuracy (docs/DEMO.md).
 demo: release
-	$(MBQ) demo --out demo-out
+	$(MBQ) demo --data Demo --out demo-out
 
 ## Installs what is missing, builds, runs every test.
 test: deps
@@ -49,6 +50,13 @@ fixtures:
 	$(PYTHON) Scripts/reference/make_fixtures.py
 	$(PYTHON) Scripts/reference/mbq_reference.py
 	$(PYTHON) Scripts/reference/test_make_calibration.py
+
+## Retrains the demo VLM and rewrites Demo/ (model, calibration and held-out bundles,
+## training.json): PyTorch CPU, ~15 min on 2 cores (needs PyPI; not used by CI).
+demo-model:
+	test -x $(PYTHON) || (python3 -m venv .venv && .venv/bin/pip install -q torch==2.13.0 && \
+	  .venv/bin/pip install -q transformers safetensors numpy pillow)
+	$(PYTHON) Scripts/train_demo_vlm.py --out Demo
 
 ## Decodes every packed format with transformers / compressed-tensors / an independent
 ## GPTQ decoder and compares with our weights and `mbq eval` (needs PyPI; not used by CI).

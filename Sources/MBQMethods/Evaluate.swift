@@ -3,20 +3,25 @@ import MBQFormats
 import MBQModel
 import MBQTensor
 
-/// Caption cross-entropy / perplexity of a model on a bundle and, given a reference
-/// model, the mean KL(reference || model) of the next-token distributions over every
-/// next-token position and over caption positions.
+/// Caption cross-entropy / perplexity of a model on a bundle, its teacher-forced greedy
+/// accuracy over caption tokens and, given a reference model, the mean KL(reference ||
+/// model) of the next-token distributions over every next-token position and over
+/// caption positions.
 public struct EvalResult: Sendable {
     public var captionCE: Double
     public var captionTokens: Int
+    /// Caption tokens whose label is the model's most likely next token given the true
+    /// prefix (teacher-forced greedy; a tie goes to the lowest token id, as torch.argmax).
+    public var captionCorrect: Int
     public var klAll: Double?
     public var klCaption: Double?
     public var positions: Int
     public var captionPPL: Double { exp(captionCE) }
+    public var captionAccuracy: Double { Double(captionCorrect) / Double(max(captionTokens, 1)) }
 
     public var json: [String: Any] {
         var o: [String: Any] = ["caption_ce": captionCE, "caption_ppl": captionPPL, "caption_tokens": captionTokens,
-                                "positions": positions]
+                                "caption_accuracy": captionAccuracy, "caption_correct": captionCorrect, "positions": positions]
         o["kl_all"] = klAll ?? NSNull()
         o["kl_caption"] = klCaption ?? NSNull()
         return o
@@ -27,7 +32,7 @@ public enum Evaluate {
     /// `actBits`/`referenceActBits`: per-token activation quantization of W-A checkpoints.
     public static func run(model: LanguageModel<Float>, actBits: Int?, samples: [CalibrationSample],
                            reference: LanguageModel<Float>? = nil, referenceActBits: Int? = nil) throws -> EvalResult {
-        var ce = 0.0, capTokens = 0, klAll = 0.0, klCap = 0.0, positions = 0
+        var ce = 0.0, capTokens = 0, correct = 0, klAll = 0.0, klCap = 0.0, positions = 0
         let eps = Float(model.config.rmsNormEps)
         for s in samples {
             let t = s.length
@@ -50,6 +55,7 @@ public enum Evaluate {
                 if isCaption {
                     ce -= Double(lp.data[r * vocab + label])
                     capTokens += 1
+                    if argmax(lp.data, row: r, cols: vocab) == label { correct += 1 }
                 }
                 if let refLP {
                     var kl = 0.0
@@ -64,8 +70,17 @@ public enum Evaluate {
             }
         }
         guard capTokens > 0 else { throw MethodsError.noUsableSamples("no caption token is predicted in the bundle") }
-        return EvalResult(captionCE: ce / Double(capTokens), captionTokens: capTokens,
+        return EvalResult(captionCE: ce / Double(capTokens), captionTokens: capTokens, captionCorrect: correct,
                           klAll: reference == nil ? nil : klAll / Double(max(positions, 1)),
                           klCaption: reference == nil ? nil : klCap / Double(capTokens), positions: positions)
+    }
+
+    /// The first index of the largest value in row `row` of a [rows, cols] buffer.
+    static func argmax(_ data: [Float], row: Int, cols: Int) -> Int {
+        var best = 0, bestValue = data[row * cols]
+        for j in 1..<cols where data[row * cols + j] > bestValue {
+            best = j; bestValue = data[row * cols + j]
+        }
+        return best
     }
 }

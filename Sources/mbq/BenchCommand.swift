@@ -86,7 +86,7 @@ struct BenchCommand: ParsableCommand {
         try streamingBench()
         let dir = NSTemporaryDirectory() + "mbq-bench-cluster-\(getpid())"
         defer { try? FileManager.default.removeItem(atPath: dir) }
-        let (_, model, calib) = try DemoCommand.writeData(to: dir)
+        let (_, model, calib) = try SyntheticDemoData.write(to: dir)
         let p = Process()
         p.executableURL = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath()
         p.arguments = ["quantize", "--model", model, "--calib", calib, "--w-bit", "3", "--workers", "3", "--out", dir + "/out",

@@ -5,42 +5,41 @@ import MBQFormats
 import MBQMethods
 import MBQModel
 
-/// `mbq demo`: writes a small VLM-shaped checkpoint and a calibration + held-out bundle
-/// from a seed (no downloads, no PyTorch), then quantizes it with rtn, awq and mbq at
-/// W3 g128 and W4A8 through the same code paths as `mbq quantize`, and prints held-out
-/// caption perplexity and KL to the fp model for each.
+/// `mbq demo`: quantizes the committed demo VLM (`Demo/`, trained by
+/// `Scripts/train_demo_vlm.py` to caption pictures of coloured shapes; docs/DEMO.md) with
+/// rtn, awq and mbq at W3 g128, W4 g128 and W4A8 through the same code paths as `mbq
+/// quantize`, reads each output back as a user would, and prints held-out caption-token
+/// accuracy, caption loss and KL to the fp model, and the vision/caption gradient ratios
+/// MBQ found.
 struct DemoCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "demo", abstract: "Generate a demo VLM and calibration data, quantize it six ways, compare on held-out data.")
+        commandName: "demo", abstract: "Quantize the demo VLM nine ways and compare caption accuracy on held-out pictures.")
 
-    @Option(help: "Directory for the demo model, bundles and quantized outputs.")
+    @Option(help: "The demo's model and bundles (Scripts/train_demo_vlm.py writes them).")
+    var data = "Demo"
+
+    @Option(help: "Directory for the quantized outputs.")
     var out = "demo-out"
 
-    @Option(help: "Calibration samples.")
-    var samples = 32
-
-    @Option(help: "Held-out samples.")
-    var heldOut = 16
-
-    @Option(help: "Tokens per sample.")
-    var tokens = 128
+    @Option(help: "Calibration bundles to run awq and mbq on, by seed (comma-separated, from 0 1 2); more than one prints the spread.")
+    var calibSeeds = "0"
 
     @OptionGroup var common: CommonOptions
 
+    var seeds: [Int] { calibSeeds.split(separator: ",").compactMap { Int($0.trimmingCharacters(in: .whitespaces)) } }
+
     func validate() throws {
-        if samples < 1 || heldOut < 1 { throw ValidationError("--samples and --held-out must be at least 1") }
-        if tokens < 64 { throw ValidationError("--tokens must be at least 64 (48 image tokens + 12 caption tokens + prompt)") }
+        let s = seeds
+        if s.isEmpty || s.count != calibSeeds.split(separator: ",").count || Set(s).count != s.count {
+            throw ValidationError("--calib-seeds takes distinct integers separated by commas, e.g. 0,1,2")
+        }
     }
 
-    /// The demo model and calibration bundle (also what `mbq bench --cluster` runs on).
-    static func writeData(to out: String, samples: Int = 32, tokens: Int = 128) throws -> (SyntheticModelSpec, String, String) {
-        var spec = SyntheticModelSpec()
-        spec.layout = .llava
-        let modelDir = out + "/model", calibPath = out + "/calib.safetensors"
-        try spec.write(to: modelDir)
-        try CalibrationBundle.write(spec.calibrationSamples(count: samples, length: tokens, imageTokens: 48, captionTokens: 12,
-                                                            leftPadding: false, seed: 7), to: calibPath)
-        return (spec, modelDir, calibPath)
+    /// One quantized output as evaluated.
+    struct Row {
+        var method: QuantMethod, scheme: String, format: String
+        var evals: [EvalResult]
+        var seconds: Double
     }
 
     func run() throws {
@@ -48,48 +47,96 @@ struct DemoCommand: ParsableCommand {
         try runReportingErrors {
             let logger = Logger(label: "mbq.demo")
             let start = Date()
-            let (spec, modelDir, calibPath) = try Self.writeData(to: out, samples: samples, tokens: tokens)
-            let heldPath = out + "/heldout.safetensors"
-            try CalibrationBundle.write(spec.calibrationSamples(count: heldOut, length: tokens, imageTokens: 48, captionTokens: 12,
-                                                                leftPadding: false, seed: 8), to: heldPath)
-            logger.info("[demo] wrote \(spec.layout.rawValue) model (\(spec.layers) layers, hidden \(spec.hiddenSize), \(spec.dtype.rawValue)), \(samples) calibration and \(heldOut) held-out samples of \(tokens) tokens to \(out)")
-
+            let modelDir = data + "/model", heldPath = data + "/heldout.safetensors"
+            guard FileManager.default.fileExists(atPath: modelDir + "/config.json") else {
+                throw ValidationError("the demo model \(modelDir) is not here: run mbq demo from the repository root, or pass --data DIR (Scripts/train_demo_vlm.py writes it)")
+            }
             let ckpt = try Checkpoint(directory: modelDir)
             let fp = try LanguageModel<Float>.load(ckpt)
-            let calib = try CalibrationBundle.load(path: calibPath, hiddenSize: ckpt.config.hiddenSize, vocabSize: ckpt.config.vocabSize)
-            let held = try CalibrationBundle.load(path: heldPath, hiddenSize: ckpt.config.hiddenSize, vocabSize: ckpt.config.vocabSize)
+            let held = try CalibrationBundle.load(path: heldPath, for: ckpt.config)
+            let calib = try seeds.map { try CalibrationBundle.load(path: data + "/calib-seed\($0).safetensors", for: ckpt.config) }
+            logger.info("[demo] \(ckpt.config.modelType) model from \(modelDir) (\(ckpt.config.numLayers) layers, hidden \(ckpt.config.hiddenSize), \(ckpt.weightDType.rawValue)); \(calib[0].count) calibration samples per seed, seeds \(seeds); \(held.count) held-out samples")
             let base = try Evaluate.run(model: fp, actBits: nil, samples: held.samples)
 
-            func row(_ cells: [String]) -> String {
-                let widths = [8, 9, 19, 12, 10, 11, 8]
-                return zip(cells, widths).enumerated().map { i, cw in
-                    let pad = String(repeating: " ", count: max(0, cw.1 - cw.0.count))
-                    return i < 3 ? cw.0 + pad : pad + cw.0
-                }.joined(separator: " ")
-            }
-            var rows = [row(["method", "scheme", "written as", "caption ppl", "KL all", "KL caption", "time"]),
-                        row(["fp", spec.dtype.rawValue.lowercased(), "-", String(format: "%.3f", base.captionPPL), "-", "-", "-"])]
-            for (scheme, wBit, aBit) in [("W3 g128", 3, nil as Int?), ("W4A8", 4, 8 as Int?)] {
+            var rows: [Row] = []
+            var mbqStats: GradientStatistics? = nil
+            for (scheme, wBit, aBit) in [("W3 g128", 3, nil as Int?), ("W4 g128", 4, nil), ("W4A8", 4, 8 as Int?)] {
                 for method in [QuantMethod.rtn, .awq, .mbq] {
                     var o = QuantizeOptions()
                     o.method = method; o.wBit = wBit; o.group = 128; o.aBit = aBit
                     o.weightDType = ckpt.weightDType
-                    let t0 = Date()
-                    let r = try QuantizeJob.run(model: fp, samples: calib.samples, options: o)
-                    let dir = out + "/\(method.rawValue)-\(scheme.replacingOccurrences(of: " ", with: "").lowercased())"
-                    try QuantizedCheckpointWriter.write(source: ckpt, result: r, to: dir, overwrite: true) { try ResultsFile.writeAll(r, into: $0) }
-                    let secs = Date().timeIntervalSince(t0)
-                    // Evaluate what was written (packed: as the engines dequantize it), as a user would.
-                    let q = try LanguageModel<Float>.load(try Checkpoint(directory: dir))
-                    let e = try Evaluate.run(model: q, actBits: aBit, samples: held.samples, reference: fp)
-                    rows.append(row([method.rawValue, scheme, o.resolvedFormat.rawValue, String(format: "%.3f", e.captionPPL), String(format: "%.5f", e.klAll!),
-                                     String(format: "%.5f", e.klCaption!), String(format: "%.1fs", secs)]))
+                    var row = Row(method: method, scheme: scheme, format: o.resolvedFormat.rawValue, evals: [], seconds: 0)
+                    // RTN reads no calibration data: one run stands for every seed.
+                    for (i, seed) in seeds.enumerated() where method != .rtn || i == 0 {
+                        let t0 = Date()
+                        let r = try QuantizeJob.run(model: fp, samples: calib[i].samples, options: o, logger: logger)
+                        if method == .mbq, mbqStats == nil { mbqStats = r.gradStats }
+                        let name = "\(method.rawValue)-\(scheme.replacingOccurrences(of: " ", with: "").lowercased())"
+                        let dir = out + "/" + name + (method == .rtn || seeds.count == 1 ? "" : "-seed\(seed)")
+                        try QuantizedCheckpointWriter.write(source: ckpt, result: r, to: dir, overwrite: true) { try ResultsFile.writeAll(r, into: $0) }
+                        row.seconds += Date().timeIntervalSince(t0)
+                        // Evaluate what was written (packed: as the engines dequantize it), as a user would.
+                        let q = try LanguageModel<Float>.load(try Checkpoint(directory: dir))
+                        row.evals.append(try Evaluate.run(model: q, actBits: aBit, samples: held.samples, reference: fp))
+                    }
+                    rows.append(row)
                 }
             }
-            print("\nHeld-out evaluation (\(heldOut) samples x \(tokens) tokens; KL = mean KL(fp || quantized) per next-token position)")
-            print(rows.joined(separator: "\n"))
+            print(table(base: base, rows: rows, dtype: ckpt.weightDType.rawValue.lowercased(), heldOut: held.count))
+            if let mbqStats { print(ratios(mbqStats)) }
             print(String(format: "\nTotal %.1f s.", Date().timeIntervalSince(start)) + " Outputs, mbq_results.json and report.md per run are under \(out)/.")
-            print("The demo model has random weights with outlier input channels: KL to fp is the measure that means something here;\nperplexities of a random model sit near its vocabulary size.")
         }
+    }
+
+    /// Accuracy as a percentage; over several seeds the mean and the range.
+    func accuracy(_ e: [EvalResult]) -> String {
+        let a = e.map { 100 * $0.captionAccuracy }
+        let mean = a.reduce(0, +) / Double(a.count)
+        return a.count == 1 ? String(format: "%.2f%%", mean) : String(format: "%.2f%% (%.2f-%.2f)", mean, a.min()!, a.max()!)
+    }
+
+    func table(base: EvalResult, rows: [Row], dtype: String, heldOut: Int) -> String {
+        let widths = [7, 8, 19, 23, 13, 10, 11, 7]
+        func line(_ cells: [String]) -> String {
+            zip(cells, widths).enumerated().map { i, cw in
+                let pad = String(repeating: " ", count: max(0, cw.1 - cw.0.count))
+                return i < 3 ? cw.0 + pad : pad + cw.0
+            }.joined(separator: " ")
+        }
+        func mean(_ e: [EvalResult], _ f: (EvalResult) -> Double) -> Double { e.map(f).reduce(0, +) / Double(e.count) }
+        var lines = ["", "Held-out pictures (\(heldOut) samples, \(base.captionTokens) caption tokens): caption-token accuracy (teacher-forced greedy)"
+                     + (seeds.count > 1 ? ", mean (range) over calibration seeds \(calibSeeds)" : "")
+                     + "; caption loss = mean CE per caption token; KL = mean KL(fp || quantized) per next-token position.",
+                     line(["method", "scheme", "written as", "caption accuracy", "caption loss", "KL all", "KL caption", "time"]),
+                     line(["fp", dtype, "-", accuracy([base]), String(format: "%.4f", base.captionCE), "-", "-", "-"])]
+        for r in rows {
+            lines.append(line([r.method.rawValue, r.scheme, r.format, accuracy(r.evals), String(format: "%.4f", mean(r.evals, \.captionCE)),
+                               String(format: "%.5f", mean(r.evals) { $0.klAll! }), String(format: "%.5f", mean(r.evals) { $0.klCaption! }),
+                               String(format: "%.1fs", r.seconds / Double(r.evals.count))]))
+        }
+        return lines.joined(separator: "\n")
+    }
+
+    /// The per-layer vision/caption gradient ratios MBQ weighted its search with (paper
+    /// Eq. 6; docs/DESIGN.md §2), raw and after clamping to the median.
+    func ratios(_ s: GradientStatistics) -> String {
+        func fmt(_ v: [Double]) -> String { v.map { String(format: "%.3f", $0) }.joined(separator: " ") }
+        return "\nMBQ's vision/caption gradient ratios per layer (calibration seed \(seeds[0]), \(s.samplesUsed) samples):\n"
+            + "  attention  raw \(fmt(s.layers.map(\.rawAttnRatio)))   used \(fmt(s.layers.map(\.attnRatio)))\n"
+            + "  mlp        raw \(fmt(s.layers.map(\.rawMlpRatio)))   used \(fmt(s.layers.map(\.mlpRatio)))"
+    }
+}
+
+/// The random-weight VLM-shaped checkpoint and calibration bundle `mbq bench --cluster`
+/// runs on (no downloads, no PyTorch).
+enum SyntheticDemoData {
+    static func write(to out: String, samples: Int = 32, tokens: Int = 128) throws -> (SyntheticModelSpec, String, String) {
+        var spec = SyntheticModelSpec()
+        spec.layout = .llava
+        let modelDir = out + "/model", calibPath = out + "/calib.safetensors"
+        try spec.write(to: modelDir)
+        try CalibrationBundle.write(spec.calibrationSamples(count: samples, length: tokens, imageTokens: 48, captionTokens: 12,
+                                                            leftPadding: false, seed: 7), to: calibPath)
+        return (spec, modelDir, calibPath)
     }
 }

@@ -148,7 +148,7 @@ struct QuantizeCommand: ParsableCommand {
 /// `mbq eval`: caption CE / perplexity and KL against a reference model.
 struct EvalCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "eval", abstract: "Caption cross-entropy and perplexity, and KL(reference || model) with --reference.")
+        commandName: "eval", abstract: "Caption-token accuracy (teacher-forced greedy), caption cross-entropy and perplexity, and KL(reference || model) with --reference.")
 
     @Option(help: "Model directory: any checkpoint, or a quantized one in any format mbq writes (read as the engines dequantize it).") var model: String
     @Option(help: "Calibration / evaluation bundle.") var calib: String
@@ -177,7 +177,8 @@ struct EvalCommand: ParsableCommand {
             if json {
                 print(String(decoding: try JSONSerialization.data(withJSONObject: r.json, options: [.sortedKeys]), as: UTF8.self))
             } else {
-                print(String(format: "caption CE %.5f, ppl %.4f over %d tokens", r.captionCE, r.captionPPL, r.captionTokens))
+                print(String(format: "caption accuracy %.2f%% (%d of %d tokens, teacher-forced greedy), caption CE %.5f, ppl %.4f",
+                             100 * r.captionAccuracy, r.captionCorrect, r.captionTokens, r.captionCE, r.captionPPL))
                 if let a = r.klAll, let c = r.klCaption {
                     print(String(format: "KL(reference || model): all positions %.6f, caption positions %.6f", a, c))
                 }

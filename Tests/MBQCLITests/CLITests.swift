@@ -93,6 +93,9 @@ final class CLITests: XCTestCase {
         // Bad option values are refused before any work.
         try assertFails(["forward", "--model", fx + "/llava15/model", "--calib", fx + "/llava15/calib.safetensors", "--samples", "0"],
                         mentioning: ["--samples"])
+        // The demo without its data, and with a repeated calibration seed.
+        try assertFails(["demo", "--data", tmp + "/nodemo", "--out", tmp + "/demo-out"], mentioning: ["nodemo/model", "train_demo_vlm.py"])
+        try assertFails(["demo", "--calib-seeds", "0,0", "--out", tmp + "/demo-out"], mentioning: ["--calib-seeds"])
     }
 
     func testQuantizeAndEvalEndToEnd() throws {
@@ -107,7 +110,7 @@ final class CLITests: XCTestCase {
         let e = try mbq(["eval", "--model", out, "--calib", fx + "/calib.safetensors", "--reference", fx + "/model", "--json"])
         XCTAssertEqual(e.status, 0, e.stderr)
         let obj = try JSONSerialization.jsonObject(with: Data(e.stdout.utf8)) as! [String: Any]
-        for key in ["caption_ce", "caption_ppl", "kl_all", "kl_caption"] { XCTAssertNotNil(obj[key] as? Double, key) }
+        for key in ["caption_ce", "caption_ppl", "caption_accuracy", "kl_all", "kl_caption"] { XCTAssertNotNil(obj[key] as? Double, key) }
         XCTAssertGreaterThan(obj["kl_all"] as! Double, 0)
         // The fp model against itself: KL 0.
         let same = try mbq(["eval", "--model", fx + "/model", "--calib", fx + "/calib.safetensors", "--reference", fx + "/model", "--json"])
