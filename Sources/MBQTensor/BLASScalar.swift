@@ -1,5 +1,8 @@
 import CBLAS
 import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// A floating-point type the engine computes in. `Float` is the production type;
 /// `Double` exists so every backward function can be checked against central
@@ -31,13 +34,13 @@ extension Float: BLASScalar {
     @inlinable public static func pow(_ x: Float, _ y: Float) -> Float { Foundation.pow(x, y) }
     @inlinable public var floatValue: Float { self }
 
+    /// Tiled so that no output bit depends on the thread count (`TiledGEMM`).
     public static func gemm(transA: Bool, transB: Bool, m: Int, n: Int, k: Int,
                             alpha: Float, a: UnsafePointer<Float>, lda: Int,
                             b: UnsafePointer<Float>, ldb: Int,
                             beta: Float, c: UnsafeMutablePointer<Float>, ldc: Int) {
-        cblas_sgemm(CblasRowMajor, cblasTrans(transA), cblasTrans(transB),
-                    Int32(m), Int32(n), Int32(k), alpha, a, Int32(lda), b, Int32(ldb),
-                    beta, c, Int32(ldc))
+        TiledGEMM.sgemm(transA: transA, transB: transB, m: m, n: n, k: k, alpha: alpha, a: a, lda: lda,
+                        b: b, ldb: ldb, beta: beta, c: c, ldc: ldc)
     }
 }
 
@@ -62,8 +65,22 @@ extension Double: BLASScalar {
 /// OpenBLAS runtime controls. The kernel OpenBLAS runs is chosen at load time from the
 /// CPU, or from `OPENBLAS_CORETYPE` when that is set; `coreName` reports it.
 public enum BLASRuntime {
-    public static func setThreads(_ n: Int) { openblas_set_num_threads(Int32(max(1, n))) }
-    public static var threads: Int { Int(openblas_get_num_threads()) }
+    /// The threads a Float GEMM spreads its tiles over (`TiledGEMM`; OpenBLAS itself runs
+    /// one thread). Default: `OPENBLAS_NUM_THREADS` when set, else every online core, as
+    /// OpenBLAS would.
+    nonisolated(unsafe) public private(set) static var threads: Int = {
+        if let v = getenv("OPENBLAS_NUM_THREADS"), let n = Int(String(cString: v)), n > 0 { return n }
+        return ProcessInfoShim.activeProcessorCount
+    }()
+    public static func setThreads(_ n: Int) { threads = max(1, n) }
+
+    /// `body` with OpenBLAS's own threading at `n` threads (benchmarks of raw
+    /// cblas_sgemm), then OpenBLAS back to one thread.
+    public static func withOpenBLASThreads<R>(_ n: Int, _ body: () throws -> R) rethrows -> R {
+        openblas_set_num_threads(Int32(max(1, n)))
+        defer { openblas_set_num_threads(1) }
+        return try body()
+    }
     public static var coreName: String {
         guard let p = openblas_get_corename() else { return "unknown" }
         return String(cString: p)

@@ -206,15 +206,18 @@ struct BenchCommand: ParsableCommand {
         let w: Tensor<Float> = rng.normalTensor([n, k])
         var c = [Float](repeating: 0, count: m * n)
         let flops = 2.0 * Double(m) * Double(n) * Double(k)
-        // Raw: cblas_sgemm straight on preallocated buffers, y = a w^T. Wrapper:
-        // linearForward, which allocates its output and checks shapes, as the engine uses
-        // it. The two alternate so that clock changes hit both alike; best of each.
+        // Raw: cblas_sgemm straight on preallocated buffers, y = a w^T, with OpenBLAS's own
+        // threading. Wrapper: linearForward, which allocates its output, checks shapes and
+        // runs the thread-count-invariant tiles (TiledGEMM), as the engine uses it. The
+        // two alternate so that clock changes hit both alike; best of each.
         func rawOnce() {
-            a.data.withUnsafeBufferPointer { pa in
-                w.data.withUnsafeBufferPointer { pw in
-                    c.withUnsafeMutableBufferPointer { pc in
-                        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Int32(m), Int32(n), Int32(k), 1,
-                                    pa.baseAddress, Int32(k), pw.baseAddress, Int32(k), 0, pc.baseAddress, Int32(n))
+            BLASRuntime.withOpenBLASThreads(BLASRuntime.threads) {
+                a.data.withUnsafeBufferPointer { pa in
+                    w.data.withUnsafeBufferPointer { pw in
+                        c.withUnsafeMutableBufferPointer { pc in
+                            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Int32(m), Int32(n), Int32(k), 1,
+                                        pa.baseAddress, Int32(k), pw.baseAddress, Int32(k), 0, pc.baseAddress, Int32(n))
+                        }
                     }
                 }
             }

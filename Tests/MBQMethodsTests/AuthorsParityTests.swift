@@ -89,7 +89,12 @@ final class AuthorsParityTests: XCTestCase {
                             }
                         }
                         weightLine = String(format: ", weights max abs %.2e (%d of %d beyond 1e-5)", maxAbs, off, total)
-                        XCTAssertEqual(off, 0, "\(tag): \(off) fake-quant weights differ by more than 1e-5 (max \(maxAbs))")
+                        // The same boundary flips as in the loss curves: a scale that differs in
+                        // its last bit puts a weight whose scaled value lies within float rounding
+                        // of a rounding boundary one code away (one quantization step; ~1 in 10^6
+                        // weights, as expected from ~1e-7 relative scale noise). More than 2 of a
+                        // case's ~440k weights would be no longer rounding.
+                        XCTAssertLessThanOrEqual(off, 2, "\(tag): \(off) fake-quant weights differ by more than 1e-5 (max \(maxAbs))")
                     }
                     table.append(String(format: "%@: best_idx %d/%d identical, loss curves rel %.1e, grad stats rel %.1e%@",
                                         tag, same, r.groups.count, lossRel, gradRel, weightLine))

@@ -65,18 +65,32 @@ final class GEMMTests: XCTestCase {
         }
     }
 
-    func testThreadCountIsSettableAndResultUnchanged() {
+    /// Every output bit is the same at 1, 2 and 3 threads (TiledGEMM), for products of
+    /// several tiles in every orientation and with beta, and close to a Double product.
+    func testThreadCountIsSettableAndResultBitIdentical() {
         var rng = SeededRandom(seed: 14)
-        let a: Tensor<Float> = rng.normalTensor([64, 96])
-        let b: Tensor<Float> = rng.normalTensor([96, 80])
         let before = BLASRuntime.threads
-        BLASRuntime.setThreads(1)
-        XCTAssertEqual(BLASRuntime.threads, 1)
-        let one = matmul(a, b)
-        BLASRuntime.setThreads(2)
-        let two = matmul(a, b)
-        BLASRuntime.setThreads(before)
-        XCTAssertLessThan(one.maxDifference(to: two).abs, 1e-4)
+        defer { BLASRuntime.setThreads(before) }
+        for (m, k, n, transA, transB) in [(700, 96, 1100, false, true), (1030, 70, 530, true, false), (64, 96, 80, false, false),
+                                          (513, 33, 1025, true, true)] {
+            let a: Tensor<Float> = rng.normalTensor(transA ? [k, m] : [m, k])
+            let b: Tensor<Float> = rng.normalTensor(transB ? [n, k] : [k, n])
+            let c0: Tensor<Float> = rng.normalTensor([m, n])
+            var results: [[Float]] = []
+            for threads in [1, 2, 3] {
+                BLASRuntime.setThreads(threads)
+                XCTAssertEqual(BLASRuntime.threads, threads)
+                var c = c0
+                gemm(a, b, transA: transA, transB: transB, alpha: 0.5, beta: 2, into: &c)
+                results.append(c.data)
+            }
+            XCTAssert(results[0] == results[1] && results[0] == results[2], "\(m)x\(k)x\(n) transA \(transA) transB \(transB): threads change bits")
+            let ad = Tensor<Double>(shape: a.shape, data: a.data.map(Double.init)), bd = Tensor<Double>(shape: b.shape, data: b.data.map(Double.init))
+            let ref = matmul(ad, bd, transA: transA, transB: transB)
+            var worst = 0.0
+            for i in 0..<ref.count { worst = max(worst, abs(Double(results[0][i]) - (0.5 * ref.data[i] + 2 * Double(c0.data[i])))) }
+            XCTAssertLessThan(worst, 1e-4, "\(m)x\(k)x\(n): max abs diff to Double \(worst)")
+        }
         XCTAssertFalse(BLASRuntime.coreName.isEmpty)
     }
 

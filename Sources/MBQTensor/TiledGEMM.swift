@@ -1,0 +1,67 @@
+import CBLAS
+
+/// Single-precision GEMM whose every output bit is independent of the thread count.
+///
+/// Why: OpenBLAS's own threading cuts C by the number of threads, and its kernels round
+/// the edge tiles of a partition differently from the interior (a different micro-kernel,
+/// a different order of the K sum). Measured on an AMD EPYC where Debian's OpenBLAS 0.3.21
+/// picks its Haswell kernels: the same one-process job with `--threads 1` and `--threads
+/// 2` chose different grid points in 2 of 9 groups, so 1-thread workers could not
+/// reproduce a 2-thread single process (the SkylakeX kernels happened not to show it;
+/// Prescott's did for W-A searches). The distributed job's promise (docs/DESIGN.md §3:
+/// output bit-identical to one process, whatever each host's threads) needs arithmetic
+/// that does not depend on threads at all.
+///
+/// How: OpenBLAS always runs one thread. C [m, n] is cut into tiles whose bounds depend on
+/// (m, n) only — `rowTile` x `colTile` — each computed by one single-threaded
+/// cblas_sgemm over the whole K (K is never split), and the tiles are spread over
+/// `BLASRuntime.threads` threads. Each tile sees the same call whatever the thread count,
+/// so each output element does too.
+public enum TiledGEMM {
+    /// Tile bounds. 512 x 512 keeps a tile's packing of A (512 x K) and B (K x 512)
+    /// small next to its 2 * 512 * 512 * K flops, and gives a 4096-wide projection
+    /// 8 column tiles per 512 rows to spread.
+    public static let rowTile = 512, colTile = 512
+
+    /// OpenBLAS to one thread, once per process, before the first product.
+    static let openBLASSingleThreaded: Void = { openblas_set_num_threads(1) }()
+
+    /// Row-major C = alpha op(A) op(B) + beta C (see `BLASScalar.gemm`).
+    public static func sgemm(transA: Bool, transB: Bool, m: Int, n: Int, k: Int,
+                             alpha: Float, a: UnsafePointer<Float>, lda: Int,
+                             b: UnsafePointer<Float>, ldb: Int,
+                             beta: Float, c: UnsafeMutablePointer<Float>, ldc: Int) {
+        _ = openBLASSingleThreaded
+        let rowTiles = (m + rowTile - 1) / rowTile, colTiles = (n + colTile - 1) / colTile
+        let tiles = rowTiles * colTiles
+        // Addresses as integers so that the tile bodies may run on other threads.
+        let pa = Int(bitPattern: a), pb = Int(bitPattern: b), pc = Int(bitPattern: c)
+        let size = MemoryLayout<Float>.stride
+        let tile = { (t: Int) in
+            let i0 = (t / colTiles) * rowTile, j0 = (t % colTiles) * colTile
+            let mt = Swift.min(rowTile, m - i0), nt = Swift.min(colTile, n - j0)
+            // op(A) rows i0..<i0+mt: rows of A, or columns of a transposed A.
+            let ta = UnsafePointer<Float>(bitPattern: pa + (transA ? i0 : i0 * lda) * size)!
+            // op(B) columns j0..<j0+nt: rows of a transposed B, or columns of B.
+            let tb = UnsafePointer<Float>(bitPattern: pb + (transB ? j0 * ldb : j0) * size)!
+            let tc = UnsafeMutablePointer<Float>(bitPattern: pc + (i0 * ldc + j0) * size)!
+            cblas_sgemm(CblasRowMajor, transA ? CblasTrans : CblasNoTrans, transB ? CblasTrans : CblasNoTrans,
+                        Int32(mt), Int32(nt), Int32(k), alpha, ta, Int32(lda), tb, Int32(ldb), beta, tc, Int32(ldc))
+        }
+        let threads = Swift.min(BLASRuntime.threads, tiles)
+        if threads <= 1 {
+            for t in 0..<tiles { tile(t) }
+            return
+        }
+        // Tiles are disjoint parts of C; which thread computes a tile does not matter.
+        DispatchQueue.concurrentPerform(iterations: threads) { w in
+            var t = w
+            while t < tiles {
+                tile(t)
+                t += threads
+            }
+        }
+    }
+}
+
+import Dispatch
