@@ -1,4 +1,5 @@
 import CBLAS
+import Dispatch
 
 /// Single-precision GEMM whose every output bit is independent of the thread count.
 ///
@@ -63,5 +64,3 @@ public enum TiledGEMM {
         }
     }
 }
-
-import Dispatch
