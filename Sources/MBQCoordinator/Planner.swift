@@ -39,6 +39,21 @@ public struct MemoryNeeds: Sendable, Equatable {
             + layerWorkingBytes(params: CostModel.Shape(cfg).paramsPerLayer)
     }
 
+    /// Bytes per token of a search chunk: the captured inputs of q/k/v, o, gate/up and
+    /// down and the attention and MLP outputs ((5 C + I) floats), plus one group's rows
+    /// gathered for its GEMMs and their output (C + I floats at most).
+    public static func searchBytesPerToken(hidden: Int, intermediate: Int) -> Double {
+        Double(6 * hidden + 2 * intermediate) * 4
+    }
+
+    /// The search's chunk (`LayerStep.search`) that `bytes` hold, in tokens, at least one
+    /// sample of `longest` tokens; and what that chunk takes.
+    public static func searchChunk(_ cfg: LanguageModelConfig, bytes: Double, longest: Int) -> (tokens: Int, bytes: Double) {
+        let per = searchBytesPerToken(hidden: cfg.hiddenSize, intermediate: cfg.intermediateSize)
+        let tokens = max(longest, Int(min(bytes / per, Double(Int32.max))))
+        return (tokens, Double(tokens) * per)
+    }
+
     /// What a worker holding `layers` layers needs in memory.
     public func bytes(layers: Int, spills: Bool) -> Double {
         fixedBytes + Double(layers) * (layerWeightBytes + (spills ? 0 : layerActivationBytes))

@@ -81,10 +81,18 @@ public enum ApplyScales {
 
     /// One layer's SmoothQuant scales from its captured inputs: norm -> q/k/v and
     /// norm -> gate/up, each over the non-padding positions of every sample.
-    public static func smoothQuantLayer(_ fp: DecoderBlockWeights<Float>, samples: [LayerSample]) -> (qkv: [Float], gateUp: [Float]) {
-        let masks = samples.map(\.attention)
-        return (smoothQuantScales(activationMax: maxAbsPerChannel(samples.map(\.captures.qkvInput), masks: masks), weights: [fp.q, fp.k, fp.v]),
-                smoothQuantScales(activationMax: maxAbsPerChannel(samples.map(\.captures.gateUpInput), masks: masks), weights: [fp.gate, fp.up]))
+    /// The samples are read chunk by chunk; a maximum does not depend on the order.
+    public static func smoothQuantLayer(_ fp: DecoderBlockWeights<Float>, samples: SampleChunks<LayerSample>) throws -> (qkv: [Float], gateUp: [Float]) {
+        var qkvMax: [Float] = [], gateUpMax: [Float] = []
+        func merge(_ a: inout [Float], _ b: [Float]) { a = a.isEmpty ? b : zip(a, b).map { Swift.max($0, $1) } }
+        for i in 0..<samples.count {
+            let chunk = try samples.read(i)
+            let masks = chunk.map(\.attention)
+            merge(&qkvMax, maxAbsPerChannel(chunk.map(\.captures.qkvInput), masks: masks))
+            merge(&gateUpMax, maxAbsPerChannel(chunk.map(\.captures.gateUpInput), masks: masks))
+        }
+        return (smoothQuantScales(activationMax: qkvMax, weights: [fp.q, fp.k, fp.v]),
+                smoothQuantScales(activationMax: gateUpMax, weights: [fp.gate, fp.up]))
     }
 
     /// Per input channel max |x| over non-padding positions. -> [C]

@@ -115,14 +115,14 @@ public enum BackendConformance {
                 }
             }
             guard refSamples.count == samples.count else { continue }
-            let want = try reference.searchLayer(l, rb, samples: refSamples, attnRatio: 0.5, mlpRatio: 0.5, options: search)
-            let got = try backend.searchLayer(l, bb, samples: gotSamples, attnRatio: 0.5, mlpRatio: 0.5, options: search)
+            let want = try reference.searchLayer(l, rb, samples: .captured(refSamples), attnRatio: 0.5, mlpRatio: 0.5, options: search)
+            let got = try backend.searchLayer(l, bb, samples: .captured(gotSamples), attnRatio: 0.5, mlpRatio: 0.5, options: search)
             for (g, r) in zip(got, want) {
                 d.count("search grid points", equal: g.group == r.group && g.bestIndex == r.bestIndex)
                 d.compare("search loss curves (w4 g128, reweighted)", g.losses.map(Float.init), r.losses.map(Float.init))
             }
             for _ in 0..<abs(got.count - want.count) { d.count("search grid points", equal: false) }
-            let sw = try reference.smoothQuantScales(rb, samples: refSamples), sg = try backend.smoothQuantScales(bb, samples: gotSamples)
+            let sw = try reference.smoothQuantScales(rb, samples: .captured(refSamples)), sg = try backend.smoothQuantScales(bb, samples: .captured(gotSamples))
             d.compare("SmoothQuant scales", sg.qkv + sg.gateUp, sw.qkv + sw.gateUp)
             // Apply and quantize with the reference's scales, so that both start equal.
             let scales = SearchGroup.allCases.compactMap { g in want.first { $0.group == g }.map { (group: g, scales: $0.scales) } }

@@ -158,14 +158,14 @@ public struct CPUBackend: ComputeBackend {
 
     // MARK: the method
 
-    public func searchLayer(_ l: Int, _ b: BackendBlock, samples: [BackendLayerSample], attnRatio: Double, mlpRatio: Double,
-                            options: SearchOptions) -> [GroupResult] {
-        ScaleSearch.searchLayer(l, weights: host(b), samples: samples.map(host), attnRatio: attnRatio, mlpRatio: mlpRatio,
-                                options: options)
+    public func searchLayer(_ l: Int, _ b: BackendBlock, samples: SampleChunks<BackendLayerSample>, attnRatio: Double, mlpRatio: Double,
+                            options: SearchOptions) throws -> [GroupResult] {
+        try ScaleSearch.searchLayer(l, weights: host(b), samples: samples.map(host), attnRatio: attnRatio, mlpRatio: mlpRatio,
+                                    options: options)
     }
 
-    public func smoothQuantScales(_ b: BackendBlock, samples: [BackendLayerSample]) -> (qkv: [Float], gateUp: [Float]) {
-        ApplyScales.smoothQuantLayer(host(b), samples: samples.map(host))
+    public func smoothQuantScales(_ b: BackendBlock, samples: SampleChunks<BackendLayerSample>) throws -> (qkv: [Float], gateUp: [Float]) {
+        try ApplyScales.smoothQuantLayer(host(b), samples: samples.map(host))
     }
 
     public func applyScales(_ scales: [(group: SearchGroup, scales: [Float])], to b: BackendBlock) -> BackendBlock {

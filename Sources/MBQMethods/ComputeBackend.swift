@@ -116,11 +116,12 @@ public protocol ComputeBackend: Sendable {
     // MARK: the method
 
     /// Every searched group of layer `l` (../shared/DESIGN.md §2): losses of the 20 grid
-    /// points, the best, its scales.
-    func searchLayer(_ l: Int, _ b: BackendBlock, samples: [BackendLayerSample], attnRatio: Double, mlpRatio: Double,
+    /// points, the best, its scales. The samples come in chunks (`SampleChunks`): the
+    /// result must not depend on how they are chunked.
+    func searchLayer(_ l: Int, _ b: BackendBlock, samples: SampleChunks<BackendLayerSample>, attnRatio: Double, mlpRatio: Double,
                      options: SearchOptions) throws -> [GroupResult]
     /// SmoothQuant's migration scales (alpha 0.5) for norm -> q/k/v and norm -> gate/up.
-    func smoothQuantScales(_ b: BackendBlock, samples: [BackendLayerSample]) throws -> (qkv: [Float], gateUp: [Float])
+    func smoothQuantScales(_ b: BackendBlock, samples: SampleChunks<BackendLayerSample>) throws -> (qkv: [Float], gateUp: [Float])
     /// A new block: `b` with each group's scales folded in, in the order given.
     func applyScales(_ scales: [(group: SearchGroup, scales: [Float])], to b: BackendBlock) throws -> BackendBlock
     /// A new block: `b`'s linears quantized and dequantized with scales in `precision`;

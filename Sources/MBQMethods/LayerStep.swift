@@ -10,38 +10,64 @@ import MBQTensor
 /// `--distort` run the quantized layer on the inputs for the next layer. Every piece of
 /// arithmetic goes through the backend, on the handles it holds.
 public enum LayerStep {
-    /// The fp layer on `inputs` (one [T, C] per sample), capturing every searched
-    /// module's input and output. -> the search's samples and the layer's fp outputs.
-    public static func capture(_ b: BackendBlock, inputs: [BackendTensor], samples: [CalibrationSample],
-                               rope: (CalibrationSample) -> RoPETable<Float>,
-                               backend: ComputeBackend) throws -> (samples: [BackendLayerSample], outputs: [BackendTensor]) {
-        precondition(inputs.count == samples.count, "\(inputs.count) inputs for \(samples.count) samples")
-        var layerSamples: [BackendLayerSample] = [], outputs: [BackendTensor] = []
-        for (x, s) in zip(inputs, samples) {
-            let r = rope(s)
-            let f = try backend.blockForward(x, b, rope: r, mask: s.attention, save: false, capture: true, actBits: nil)
-            layerSamples.append(BackendLayerSample(captures: f.captures!, rope: r, attention: s.attention, vision: s.vision, caption: s.caption))
-            outputs.append(f.output)
+    /// Whole samples in order, in chunks of at most `chunkTokens` tokens (a sample longer
+    /// than that is a chunk of its own); nil: one chunk.
+    public static func chunks(lengths: [Int], chunkTokens: Int?) -> [Range<Int>] {
+        guard let limit = chunkTokens, !lengths.isEmpty else { return lengths.isEmpty ? [] : [0..<lengths.count] }
+        var out: [Range<Int>] = [], start = 0, tokens = 0
+        for (i, n) in lengths.enumerated() {
+            if i > start && tokens + n > limit {
+                out.append(start..<i)
+                start = i; tokens = 0
+            }
+            tokens += n
         }
-        return (layerSamples, outputs)
+        out.append(start..<lengths.count)
+        return out
     }
 
-    /// The layer's scales: every group searched (awq, mbq), or SmoothQuant's migration
-    /// (alpha 0.5, reported as results with no loss curve). rtn has none.
-    public static func scales(layer l: Int, block b: BackendBlock, samples: [BackendLayerSample],
+    /// The fp layer's scales — every group searched (awq, mbq) or SmoothQuant's
+    /// migration (alpha 0.5, reported as results with no loss curve); none for rtn — and
+    /// its outputs on `inputs` (one [T, C] per sample). The search reads the samples in
+    /// chunks of at most `chunkTokens` tokens, capturing each chunk's module inputs and
+    /// outputs as it reads them, so one chunk's captures exist at a time (nil: one chunk,
+    /// read once). The chunking changes no result (`ScaleSearch.searchLayer`).
+    public static func search(layer l: Int, block b: BackendBlock, inputs: [BackendTensor], samples: [CalibrationSample],
+                              rope: @escaping (CalibrationSample) -> RoPETable<Float>, chunkTokens: Int?,
                               attnRatio: Double, mlpRatio: Double, options: QuantizeOptions,
-                              backend: ComputeBackend) throws -> [GroupResult] {
+                              backend: ComputeBackend) throws -> (results: [GroupResult], outputs: [BackendTensor]) {
+        precondition(inputs.count == samples.count, "\(inputs.count) inputs for \(samples.count) samples")
+        guard options.method != .rtn else {
+            return ([], try zip(inputs, samples).map { x, s in
+                try backend.blockForward(x, b, rope: rope(s), mask: s.attention, save: false, capture: false, actBits: nil).output
+            })
+        }
+        let ranges = chunks(lengths: samples.map(\.length), chunkTokens: chunkTokens)
+        // The outputs come with the first read of each chunk (every pass reads them all).
+        final class Outputs: @unchecked Sendable { var value: [BackendTensor?] = [] }
+        let outputs = Outputs()
+        outputs.value = [BackendTensor?](repeating: nil, count: samples.count)
+        let read = SampleChunks<BackendLayerSample>(count: ranges.count) { c in
+            try ranges[c].map { i in
+                let s = samples[i], r = rope(s)
+                let f = try backend.blockForward(inputs[i], b, rope: r, mask: s.attention, save: false, capture: true, actBits: nil)
+                if outputs.value[i] == nil { outputs.value[i] = f.output }
+                return BackendLayerSample(captures: f.captures!, rope: r, attention: s.attention, vision: s.vision, caption: s.caption)
+            }
+        }
+        let results: [GroupResult]
         switch options.method {
         case .rtn:
-            return []
+            results = []
         case .smoothquant:
-            let s = try backend.smoothQuantScales(b, samples: samples)
-            return [GroupResult(layer: l, group: .qkv, bestIndex: 0, alpha: 0.5, losses: [], ratio: 1, scales: s.qkv),
-                    GroupResult(layer: l, group: .gateUp, bestIndex: 0, alpha: 0.5, losses: [], ratio: 1, scales: s.gateUp)]
+            let s = try backend.smoothQuantScales(b, samples: read)
+            results = [GroupResult(layer: l, group: .qkv, bestIndex: 0, alpha: 0.5, losses: [], ratio: 1, scales: s.qkv),
+                       GroupResult(layer: l, group: .gateUp, bestIndex: 0, alpha: 0.5, losses: [], ratio: 1, scales: s.gateUp)]
         case .awq, .mbq:
-            return try backend.searchLayer(l, b, samples: samples, attnRatio: attnRatio, mlpRatio: mlpRatio,
-                                           options: options.searchOptions)
+            results = try backend.searchLayer(l, b, samples: read, attnRatio: attnRatio, mlpRatio: mlpRatio,
+                                              options: options.searchOptions)
         }
+        return (results, outputs.value.map { $0! })
     }
 
     /// `fp` with every group's scales folded in, always in `SearchGroup.allCases` order

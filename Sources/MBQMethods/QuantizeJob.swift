@@ -41,14 +41,18 @@ public typealias QuantizedLayerSink = (_ layer: Int, _ block: DecoderBlockWeight
 /// not kept (`QuantizeResult.blocks` stays empty); without one, the result holds them all.
 public enum QuantizeJob {
     public static func run(model: LanguageModel<Float>, samples: [CalibrationSample], options: QuantizeOptions,
-                           backend: ComputeBackend = CPUBackend(),
+                           backend: ComputeBackend = CPUBackend(), chunkTokens: Int? = nil,
                            logger: Logger = Logger(label: "mbq.quantize")) throws -> QuantizeResult {
         for s in samples { try model.check(SequenceInput(s)) }
-        return try run(source: .model(model), samples: samples, options: options, backend: backend, logger: logger)
+        return try run(source: .model(model), samples: samples, options: options, backend: backend, chunkTokens: chunkTokens,
+                       logger: logger)
     }
 
+    /// `chunkTokens`: the search reads the samples in chunks of at most this many tokens
+    /// (`LayerStep.search`; nil: all at once). It bounds the search's captures and changes
+    /// no result.
     public static func run(source: ModelSource, samples: [CalibrationSample], options: QuantizeOptions,
-                           backend: ComputeBackend = CPUBackend(),
+                           backend: ComputeBackend = CPUBackend(), chunkTokens: Int? = nil,
                            inputs: ActivationStore = ActivationStore(budgetBytes: .max, scratch: nil, owner: "grad"),
                            logger: Logger = Logger(label: "mbq.quantize"),
                            sink: QuantizedLayerSink? = nil) throws -> QuantizeResult {
@@ -98,10 +102,10 @@ public enum QuantizeJob {
         var groups: [GroupResult] = []
         for l in 0..<nl {
             var fp: BackendBlock? = try source.block(l, into: backend)
-            var captured = try LayerStep.capture(fp!, inputs: xs, samples: samples, rope: { source.ropeTable($0.positions) }, backend: backend)
-            let found = try LayerStep.scales(layer: l, block: fp!, samples: captured.samples, attnRatio: ratios.layers[l].attnRatio,
-                                             mlpRatio: ratios.layers[l].mlpRatio, options: options, backend: backend)
-            captured.samples = []  // the captures are done with; their memory goes now
+            let (found, outputs) = try LayerStep.search(layer: l, block: fp!, inputs: xs, samples: samples,
+                                                        rope: { source.ropeTable($0.positions) }, chunkTokens: chunkTokens,
+                                                        attnRatio: ratios.layers[l].attnRatio, mlpRatio: ratios.layers[l].mlpRatio,
+                                                        options: options, backend: backend)
             if options.method != .smoothquant {
                 // SmoothQuant's scales are not reported (alpha is fixed), as in the distributed job.
                 groups += found
@@ -115,7 +119,7 @@ public enum QuantizeJob {
             let q = try LayerStep.quantized(scaled, options: options, backend: backend)
             xs = options.distort ? try LayerStep.distorted(q.block, inputs: xs, samples: samples, rope: { source.ropeTable($0.positions) },
                                                            options: options, backend: backend)
-                                 : captured.outputs
+                                 : outputs
             try emit(l, q)
             let dt = Date().timeIntervalSince(t0)
             logger.info("[search] layer \(l + 1)/\(nl) done, elapsed \(elapsed()), ETA \(String(format: "%.1fs", dt / Double(l + 1) * Double(nl - l - 1)))")

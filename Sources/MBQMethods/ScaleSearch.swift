@@ -52,6 +52,30 @@ public struct LayerSample: Sendable {
     }
 }
 
+/// The calibration samples of one layer as the search reads them: `count` chunks of
+/// whole samples, chunk i captured by `read(i)` when it is read — once per pass, so at
+/// most one chunk's captures exist at a time (docs/DESIGN.md §2.2). One chunk of
+/// samples already captured is the in-memory search.
+public struct SampleChunks<Sample> {
+    public var count: Int
+    public var read: (Int) throws -> [Sample]
+
+    public init(count: Int, read: @escaping (Int) throws -> [Sample]) {
+        self.count = count; self.read = read
+    }
+
+    /// One chunk: these samples.
+    public static func captured(_ samples: [Sample]) -> SampleChunks {
+        SampleChunks(count: 1) { _ in samples }
+    }
+
+    /// The same chunks with each sample mapped (a backend's handles to host values).
+    public func map<T>(_ f: @escaping (Sample) throws -> T) -> SampleChunks<T> {
+        let read = self.read
+        return SampleChunks<T>(count: count) { try read($0).map(f) }
+    }
+}
+
 public struct GroupResult: Sendable {
     public init(layer: Int, group: SearchGroup, bestIndex: Int, alpha: Double, losses: [Double], ratio: Double, scales: [Float]) {
         self.layer = layer
@@ -134,16 +158,9 @@ public enum ScaleSearch {
 
     /// Per input channel mean |x| over non-padding positions of all samples. -> [C]
     public static func meanAbsPerChannel(_ inputs: [Tensor<Float>], masks: [[Bool]]) -> [Float] {
-        let c = inputs[0].cols
-        var sum = [Double](repeating: 0, count: c)
-        var n = 0
-        for (x, m) in zip(inputs, masks) {
-            for r in 0..<x.rows where m[r] {
-                for j in 0..<c { sum[j] += Double(Swift.abs(x.data[r * c + j])) }
-                n += 1
-            }
-        }
-        return sum.map { Float($0 / Double(Swift.max(n, 1))) }
+        var m = ChannelMeanAbs()
+        m.add(inputs, masks: masks)
+        return m.mean
     }
 
     /// s = clamp(xMean^a, 1e-4); s /= sqrt(max(s) min(s)).
@@ -173,42 +190,6 @@ public enum ScaleSearch {
             }
         }
         return o
-    }
-
-    /// For the token-wise groups (o, gate_up, down) only the rows that enter the loss
-    /// matter: caption and vision rows with reweighting, every non-padding row without.
-    /// They are gathered from all samples into one batch (one GEMM per linear instead of
-    /// one per sample, and none for rows the loss ignores). Attention (qkv) mixes rows, so
-    /// its samples stay whole.
-    static func compacted(_ g: SearchGroup, _ samples: [LayerSample], reweight: Bool) -> [LayerSample] {
-        guard g != .qkv else { return samples }
-        var keep: [(Int, Int)] = []
-        for (si, s) in samples.enumerated() {
-            for r in 0..<s.attention.count where reweight ? (s.caption[r] || s.vision[r]) : s.attention[r] {
-                keep.append((si, r))
-            }
-        }
-        func gather(_ pick: (BlockCaptures<Float>) -> Tensor<Float>) -> Tensor<Float> {
-            let c = pick(samples[0].captures).cols
-            var out = Tensor<Float>(uninitialized: [keep.count, c])
-            out.data.withUnsafeMutableBufferPointer { po in
-                for (k, (si, r)) in keep.enumerated() {
-                    pick(samples[si].captures).data.withUnsafeBufferPointer { pi in
-                        for j in 0..<c { po[k * c + j] = pi[r * c + j] }
-                    }
-                }
-            }
-            return out
-        }
-        let empty = Tensor<Float>(zeros: [keep.count, 0])
-        let x = gather { input(g, $0) }
-        let ref = gather { g.isAttention ? $0.attentionOutput : $0.mlpOutput }
-        let caps = BlockCaptures(qkvInput: empty, oInput: g == .o ? x : empty, gateUpInput: g == .gateUp ? x : empty,
-                                 downInput: g == .down ? x : empty,
-                                 attentionOutput: g.isAttention ? ref : empty, mlpOutput: g.isAttention ? empty : ref)
-        let one = RoPETable<Float>(positions: [[0]], headDim: 2, theta: 1)
-        return [LayerSample(captures: caps, rope: one, attention: [Bool](repeating: true, count: keep.count),
-                            vision: keep.map { samples[$0.0].vision[$0.1] }, caption: keep.map { samples[$0.0].caption[$0.1] })]
     }
 
     /// x / s per channel, then per-token quantization. x: [T, C]
@@ -267,43 +248,38 @@ public enum ScaleSearch {
         }
     }
 
-    /// Searches one group: `grid` points a = k / grid, lowest loss wins, first on ties.
+    /// Searches one group on samples held in memory (one chunk).
     public static func searchGroup(_ g: SearchGroup, layer: Int, weights w: DecoderBlockWeights<Float>,
-                                   samples allSamples: [LayerSample], ratio: Double, options o: SearchOptions) -> GroupResult {
-        let xMean = meanAbsPerChannel(allSamples.map { input(g, $0.captures) }, masks: allSamples.map(\.attention))
-        let samples = compacted(g, allSamples, reweight: o.reweight)
-        var losses: [Double] = []
-        var best = 0, bestLoss = Double.infinity
-        var bestScales: [Float] = []
-        for k in 0..<o.grid {
-            let alpha = Float(k) / Float(o.grid)
-            let s = scales(xMean, alpha: alpha)
-            var q: [String: Tensor<Float>] = [:]
-            for (name, t) in linears(g, w) { q[name] = searchWeight(t, s, o) }
-            var acc = LossAccumulator()
-            for sample in samples {
-                let out = runModule(g, w, s, sample: sample, o, quantized: q)
-                let ref = g.isAttention ? sample.captures.attentionOutput : sample.captures.mlpOutput
-                acc.add(out, ref, sample: sample, squared: o.loss == .mse)
-            }
-            let loss = acc.loss(o.loss, reweight: o.reweight, ratio: ratio)
-            losses.append(loss)
-            if loss < bestLoss {
-                bestLoss = loss
-                best = k
-                bestScales = s
-            }
-        }
-        if bestScales.isEmpty { bestScales = scales(xMean, alpha: 0) }  // every loss NaN: fall back to no scaling
-        return GroupResult(layer: layer, group: g, bestIndex: best, alpha: Double(best) / Double(o.grid),
-                           losses: losses, ratio: ratio, scales: bestScales)
+                                   samples: [LayerSample], ratio: Double, options o: SearchOptions) -> GroupResult {
+        var mean = ChannelMeanAbs()
+        mean.add(samples.map { input(g, $0.captures) }, masks: samples.map(\.attention))
+        var search = GroupSearch(g, xMean: mean.mean, options: o)
+        search.add(samples, weights: w, last: true)
+        return search.result(layer: layer, ratio: ratio)
     }
 
-    /// Searches every group of a layer against the unscaled fp block.
-    public static func searchLayer(_ layer: Int, weights w: DecoderBlockWeights<Float>, samples: [LayerSample],
-                                   attnRatio: Double, mlpRatio: Double, options o: SearchOptions) -> [GroupResult] {
-        groups(for: w).map { g in
-            searchGroup(g, layer: layer, weights: w, samples: samples, ratio: g.isAttention ? attnRatio : mlpRatio, options: o)
+    /// Searches every group of a layer against the unscaled fp block, reading the samples
+    /// chunk by chunk: a first pass sums each group's mean |x| (in sample order), a
+    /// second runs every grid point of every group on each chunk and adds to that grid
+    /// point's loss. With one chunk the samples are read once. Any chunking gives the
+    /// same bits as one chunk: every sum runs in the same order, attention sees whole
+    /// samples, and the token-wise groups' rows go through their GEMMs in blocks aligned
+    /// to the GEMM's fixed row tiles (`GroupSearch`).
+    public static func searchLayer(_ layer: Int, weights w: DecoderBlockWeights<Float>, samples: SampleChunks<LayerSample>,
+                                   attnRatio: Double, mlpRatio: Double, options o: SearchOptions) throws -> [GroupResult] {
+        let gs = groups(for: w)
+        var means = gs.map { _ in ChannelMeanAbs() }
+        var held: [LayerSample]? = nil
+        for i in 0..<samples.count {
+            let chunk = try samples.read(i)
+            for (k, g) in gs.enumerated() { means[k].add(chunk.map { input(g, $0.captures) }, masks: chunk.map(\.attention)) }
+            if samples.count == 1 { held = chunk }
         }
+        var searches = gs.enumerated().map { k, g in GroupSearch(g, xMean: means[k].mean, options: o) }
+        for i in 0..<samples.count {
+            let chunk = try held ?? samples.read(i)
+            for k in searches.indices { searches[k].add(chunk, weights: w, last: i == samples.count - 1) }
+        }
+        return searches.map { $0.result(layer: layer, ratio: $0.group.isAttention ? attnRatio : mlpRatio) }
     }
 }

@@ -17,6 +17,9 @@ public struct WorkerOptions: Sendable {
     /// Where block inputs go past the memory budget (nil: they stay in memory).
     public var scratch: String? = nil
     public var threads: Int = EngineThreads.count
+    /// Tokens per search chunk (`LayerStep.search`); nil: a quarter of what the budget
+    /// leaves after weights and working set. Changes no result.
+    public var chunkTokens: Int? = nil
     public var heartbeatInterval = 0.5
     public var coordinatorTimeout = 3.0
     /// A worker that has not heard from any coordinator this long gives up (exit 2):
@@ -62,6 +65,8 @@ public final class Worker: @unchecked Sendable {
     /// Scales per layer and group (searched here, or sent by the coordinator).
     var results: [Int: [String: Mbq_GroupResult]] = [:]
     var quantOptions = QuantizeOptions()
+    /// Tokens per search chunk for the current assignment.
+    var chunkTokens: Int? = nil
     var pull: ZMQSocket
     var up: ZMQSocket?
     var down: ZMQSocket?
@@ -315,13 +320,18 @@ public final class Worker: @unchecked Sendable {
                                                   eps: Float(c.config.rmsNormEps)) : nil
         c.releasePages([c.names.finalNorm, c.names.outputProjection])
         quantOptions = try a.options.quantizeOptions()
-        // What the memory budget leaves for cached block inputs once the weights, the
-        // head and one sample's working set are in.
+        // What the memory budget leaves once the weights, the head and one sample's
+        // working set are in: the search's chunk (a quarter of it unless --chunk-tokens
+        // says), then cached block inputs.
         let cfg = c.config
         let weights = nb.values.reduce(0) { $0 + $1.residentBytes }
         let tokens = bundle!.samples.map(\.length).max() ?? 0
         let fixed = MemoryNeeds.working(cfg, tokens: tokens)
-        let budget = max(0, Int(Double(options.maxMemoryBytes) - Double(weights) - fixed))
+        let free = max(0, Double(options.maxMemoryBytes) - Double(weights) - fixed)
+        let chunk = MemoryNeeds.searchChunk(cfg, bytes: options.chunkTokens.map {
+            Double($0) * MemoryNeeds.searchBytesPerToken(hidden: cfg.hiddenSize, intermediate: cfg.intermediateSize) } ?? free / 4, longest: tokens)
+        chunkTokens = chunk.tokens
+        let budget = max(0, Int(free - chunk.bytes))
         inputs = ActivationStore(budgetBytes: budget, scratch: options.scratch, owner: options.workerID)
         finalHidden = []
         results = [:]

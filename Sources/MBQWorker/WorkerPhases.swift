@@ -156,9 +156,9 @@ extension Worker {
             try testDelay("search")
             logger.info("searching layer \(l)")
             let inputs = distort ? xs : try samples.indices.map { try backend.upload(try self.inputs.get(layer: l, sample: $0)) }
-            let captured = try LayerStep.capture(blocks[l]!, inputs: inputs, samples: samples, rope: rope, backend: backend)
-            let found = try LayerStep.scales(layer: l, block: blocks[l]!, samples: captured.samples, attnRatio: ratios?.attn[l] ?? 1,
-                                             mlpRatio: ratios?.mlp[l] ?? 1, options: quantOptions, backend: backend)
+            let found = try LayerStep.search(layer: l, block: blocks[l]!, inputs: inputs, samples: samples, rope: rope,
+                                             chunkTokens: chunkTokens, attnRatio: ratios?.attn[l] ?? 1, mlpRatio: ratios?.mlp[l] ?? 1,
+                                             options: quantOptions, backend: backend).results
             for g in found {
                 let m = Mbq_GroupResult(g, epoch: assignment.epoch)
                 results[l, default: [:]][m.group] = m

@@ -18,6 +18,7 @@ struct WorkerCommand: ParsableCommand {
     @Option(help: "Coordinator endpoint, e.g. tcp://10.0.0.1:5555.") var connect: String
     @Option(help: "This worker's name (default: host-pid).") var id: String?
     @Option(help: "Where to receive activations from neighbouring workers (tcp://IP:* picks a port).") var dataBind = "tcp://127.0.0.1:*"
+    @Option(help: "Tokens the search holds captures for at a time, whole samples (default: what a quarter of the budget left after weights and working set holds). Changes no result.") var chunkTokens: Int?
     @Option(help: "Memory budget, e.g. 20GiB: the plan gives this worker no more layers than fit.") var maxMemory = "20GiB"
     @Option(help: "Directory for block inputs past --max-memory (local disk; default: they stay in memory and count against the budget).")
     var scratch: String?
@@ -53,6 +54,7 @@ struct WorkerCommand: ParsableCommand {
                 o.scratch = (scratch as NSString).standardizingPath
             }
             o.threads = BLASRuntime.threads
+            o.chunkTokens = chunkTokens
             o.secret = secret ?? ProcessInfo.processInfo.environment["MBQ_SECRET"]
             if let serverKey = curveServerKey, let keyFile = curveKey {
                 let (pub, sec) = try Curve.readKeypair(keyFile)

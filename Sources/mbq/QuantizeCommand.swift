@@ -70,6 +70,8 @@ struct QuantizeCommand: ParsableCommand {
     var maxMemory: String?
     @Option(help: "In this process: where block inputs past --max-memory go (default: OUT.scratch, removed at the end).")
     var scratch: String?
+    @Option(help: "Tokens the search holds captures for at a time, whole samples (default: what a quarter of the budget left after weights and working set holds; with --workers, each worker sizes its own). Changes no result.")
+    var chunkTokens: Int?
     @OptionGroup var cluster: ClusterOptions
     @OptionGroup var common: CommonOptions
 
@@ -91,22 +93,29 @@ struct QuantizeCommand: ParsableCommand {
             } else {
                 budget = ProcessInfo.processInfo.physicalMemory / 4 * 3
             }
-            // What the budget leaves for cached block inputs: one layer's fp32 weights three
-            // times over (fp, scaled, quantized), the head, one sample's working set.
+            // What the budget leaves once one layer's fp32 weights three times over (fp,
+            // scaled, quantized), the head and one sample's working set are counted: the
+            // search's chunk (a quarter of it unless --chunk-tokens says), then cached
+            // block inputs.
             let tokens = bundle.samples.map(\.length).max() ?? 0
-            let inputBudget = max(0, Int(Double(budget) - MemoryNeeds.working(cfg, tokens: tokens)))
+            let free = max(0, Double(budget) - MemoryNeeds.working(cfg, tokens: tokens))
+            let chunk = MemoryNeeds.searchChunk(cfg, bytes: chunkTokens.map {
+                Double($0) * MemoryNeeds.searchBytesPerToken(hidden: cfg.hiddenSize, intermediate: cfg.intermediateSize) } ?? free / 4, longest: tokens)
+            let inputBudget = max(0, Int(free - chunk.bytes))
             let scratchDir = scratch ?? job.out + ".scratch"
             let inputs = ActivationStore(budgetBytes: inputBudget, scratch: scratchDir, owner: "quantize")
             defer {
                 inputs.removeFiles()
                 if scratch == nil { try? FileManager.default.removeItem(atPath: scratchDir) }
             }
-            logger.info("[load] \(cfg.modelType): \(cfg.numLayers) layers, read one at a time; \(bundle.count) calibration samples; block inputs past \(String(format: "%.1f", Double(inputBudget) / 1073741824)) GiB go to \(scratchDir)")
+            let total = bundle.samples.reduce(0) { $0 + $1.length }
+            let chunks = LayerStep.chunks(lengths: bundle.samples.map(\.length), chunkTokens: chunk.tokens).count
+            logger.info("[load] \(cfg.modelType): \(cfg.numLayers) layers, read one at a time; \(bundle.count) calibration samples (\(total) tokens, searched in \(chunks) chunk(s) of at most \(chunk.tokens) tokens, \(String(format: "%.2f", chunk.bytes / 1073741824)) GiB); block inputs past \(String(format: "%.1f", Double(inputBudget) / 1073741824)) GiB go to \(scratchDir)")
             logger.info("[format] \(options.resolvedFormat.rawValue), scales in \(options.scaleDType.rawValue)")
             let t0 = Date()
             try QuantizedCheckpointWriter.write(source: ckpt, options: options, to: job.out, overwrite: job.overwrite) { sink in
-                try QuantizeJob.run(source: .checkpoint(ckpt), samples: bundle.samples, options: options, inputs: inputs,
-                                    logger: logger, sink: sink)
+                try QuantizeJob.run(source: .checkpoint(ckpt), samples: bundle.samples, options: options, chunkTokens: chunk.tokens,
+                                    inputs: inputs, logger: logger, sink: sink)
             } extras: { dir, result in
                 try ResultsFile.writeAll(result, into: dir)
             }
@@ -137,7 +146,7 @@ struct QuantizeCommand: ParsableCommand {
             try FileManager.default.createDirectory(atPath: scratch, withIntermediateDirectories: true)
             p.arguments = ["worker", "--connect", coord.endpoint, "--id", "w\(i)", "--threads", "\(threads)",
                            "--max-memory", workerMaxMemory, "--scratch", scratch]
-                + (secret.map { ["--secret", $0] } ?? [])
+                + (secret.map { ["--secret", $0] } ?? []) + (chunkTokens.map { ["--chunk-tokens", "\($0)"] } ?? [])
             try p.run()
             children.append(p)
         }

@@ -107,6 +107,17 @@ final class CLITests: XCTestCase {
         XCTAssertEqual(q.status, 0, q.stderr)
         XCTAssert(q.stderr.contains("[search] layer 3/3"), "progress on stderr: \(q.stderr)")
         XCTAssert(q.stderr.contains("ETA"), q.stderr)
+        // The search read one sample at a time writes the same bytes.
+        let chunked = out + "-chunked"
+        defer { try? FileManager.default.removeItem(atPath: chunked) }
+        let qc = try mbq(["quantize", "--model", fx + "/model", "--calib", fx + "/calib.safetensors", "--method", "mbq",
+                          "--w-bit", "3", "--out", chunked, "--chunk-tokens", "1"])
+        XCTAssertEqual(qc.status, 0, qc.stderr)
+        XCTAssert(qc.stderr.contains("searched in 3 chunk(s)"), qc.stderr)
+        for f in try FileManager.default.contentsOfDirectory(atPath: out) where f.hasSuffix(".safetensors") {
+            XCTAssert(FileManager.default.contents(atPath: out + "/" + f) == FileManager.default.contents(atPath: chunked + "/" + f),
+                      "\(f) differs with --chunk-tokens 1")
+        }
         let e = try mbq(["eval", "--model", out, "--calib", fx + "/calib.safetensors", "--reference", fx + "/model", "--json"])
         XCTAssertEqual(e.status, 0, e.stderr)
         let obj = try JSONSerialization.jsonObject(with: Data(e.stdout.utf8)) as! [String: Any]

@@ -142,8 +142,9 @@ final class ClusterProcessTests: XCTestCase {
                                 ("awq", ["--method", "rtn", "--w-bit", "4", "--format", "awq"]),
                                 ("w4a8", ["--method", "awq", "--w-bit", "4", "--a-bit", "8", "--format", "compressed-tensors"])] {
             let out = tmp + "/out-" + name, log = tmp + "/q-\(name).log"
+            // The workers search one sample at a time; the reference reads all at once.
             let q = try spawn(["quantize", "--model", Self.model, "--calib", Self.calib, "--out", out, "--workers", "2",
-                               "--threads", "2", "--output-via", "coordinator", "--log-format", "json"] + options, log: log)
+                               "--threads", "2", "--output-via", "coordinator", "--log-format", "json", "--chunk-tokens", "1"] + options, log: log)
             XCTAssertTrue(waitExit(q), "\(name) job did not finish: \(text(log).suffix(2000))")
             XCTAssertEqual(q.terminationStatus, 0, text(log))
             XCTAssertTrue(hasEvent(log, "job_done") { $0["written_by_workers"] as? Int == 0 && $0["streamed"] as? Int == 3 }, text(log))

@@ -49,14 +49,14 @@ final class BackendConformanceTests: XCTestCase {
         }
         func meanAbs(_ x: BackendTensor, rows: [Bool]) -> Double { cpu.meanAbs(x, rows: rows) * (where_ == "means" ? 1.01 : 1) }
         func allFinite(_ x: BackendTensor) -> Bool { where_ == "finite" ? true : cpu.allFinite(x) }
-        func searchLayer(_ l: Int, _ b: BackendBlock, samples: [BackendLayerSample], attnRatio: Double, mlpRatio: Double,
-                         options: SearchOptions) -> [GroupResult] {
-            var r = cpu.searchLayer(l, b, samples: samples, attnRatio: attnRatio, mlpRatio: mlpRatio, options: options)
+        func searchLayer(_ l: Int, _ b: BackendBlock, samples: SampleChunks<BackendLayerSample>, attnRatio: Double, mlpRatio: Double,
+                         options: SearchOptions) throws -> [GroupResult] {
+            var r = try cpu.searchLayer(l, b, samples: samples, attnRatio: attnRatio, mlpRatio: mlpRatio, options: options)
             if where_ == "search" { r[0].bestIndex = (r[0].bestIndex + 1) % 20 }
             return r
         }
-        func smoothQuantScales(_ b: BackendBlock, samples: [BackendLayerSample]) -> (qkv: [Float], gateUp: [Float]) {
-            var s = cpu.smoothQuantScales(b, samples: samples)
+        func smoothQuantScales(_ b: BackendBlock, samples: SampleChunks<BackendLayerSample>) throws -> (qkv: [Float], gateUp: [Float]) {
+            var s = try cpu.smoothQuantScales(b, samples: samples)
             if where_ == "smoothquant" { s.gateUp[0] *= 1.1 }
             return s
         }
