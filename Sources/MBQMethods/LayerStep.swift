@@ -67,7 +67,10 @@ public enum LayerStep {
             results = try backend.searchLayer(l, b, samples: read, attnRatio: attnRatio, mlpRatio: mlpRatio,
                                               options: options.searchOptions)
         }
-        return (results, outputs.value.map { $0! })
+        return (results, outputs.value.map { o in
+            guard let o else { preconditionFailure("\(backend.name) returned from layer \(l)'s search without reading every chunk") }
+            return o
+        })
     }
 
     /// `fp` with every group's scales folded in, always in `SearchGroup.allCases` order

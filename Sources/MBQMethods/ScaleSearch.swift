@@ -156,13 +156,6 @@ public enum ScaleSearch {
         return groups(vShape: shapes["v"]!, oShape: shapes["o"]!)
     }
 
-    /// Per input channel mean |x| over non-padding positions of all samples. -> [C]
-    public static func meanAbsPerChannel(_ inputs: [Tensor<Float>], masks: [[Bool]]) -> [Float] {
-        var m = ChannelMeanAbs()
-        m.add(inputs, masks: masks)
-        return m.mean
-    }
-
     /// s = clamp(xMean^a, 1e-4); s /= sqrt(max(s) min(s)).
     public static func scales(_ xMean: [Float], alpha: Float) -> [Float] {
         var s = xMean.map { Swift.max(Float.pow($0, alpha), 1e-4) }
