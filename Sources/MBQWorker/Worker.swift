@@ -343,7 +343,7 @@ public final class Worker: @unchecked Sendable {
         if !a.downstreamEndpoint.isEmpty { down = try dataSocket(a.downstreamEndpoint, serverKey: a.downstreamCurveKey) }
         assignment = a
         let spill = options.scratch.map { " (block inputs past \(String(format: "%.1f", Double(budget) / 1048576)) MiB spill to \($0))" } ?? ""
-        logger.info("assigned layers \(range.lowerBound)..<\(range.upperBound) (epoch \(a.epoch)) in \(String(format: "%.2f", Self.now() - t0)) s\(spill)")
+        logger.info("assigned layers \(range.lowerBound)..<\(range.upperBound) (epoch \(a.epoch)) in \(String(format: "%.2f", Self.now() - t0)) s; search chunks of at most \(chunk.tokens) tokens\(spill)")
     }
 
     /// A PUSH socket to a neighbour's data endpoint, CURVE when the job uses it.
