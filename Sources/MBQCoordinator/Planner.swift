@@ -46,11 +46,13 @@ public struct MemoryNeeds: Sendable, Equatable {
         Double(6 * hidden + 2 * intermediate) * 4
     }
 
-    /// The search's chunk (`LayerStep.search`) that `bytes` hold, in tokens, at least one
-    /// sample of `longest` tokens; and what that chunk takes.
-    public static func searchChunk(_ cfg: LanguageModelConfig, bytes: Double, longest: Int) -> (tokens: Int, bytes: Double) {
+    /// The search's chunk (`LayerStep.search`) in tokens, and what it takes: `chunkTokens`
+    /// when given, else what a quarter of `free` (the budget left after weights and
+    /// working set) holds; at least one sample of `longest` tokens. One policy for the
+    /// one-process job and the workers.
+    public static func searchChunk(_ cfg: LanguageModelConfig, free: Double, chunkTokens: Int?, longest: Int) -> (tokens: Int, bytes: Double) {
         let per = searchBytesPerToken(hidden: cfg.hiddenSize, intermediate: cfg.intermediateSize)
-        let tokens = max(longest, Int(min(bytes / per, Double(Int32.max))))
+        let tokens = max(longest, chunkTokens ?? Int(min(free / 4 / per, Double(Int32.max))))
         return (tokens, Double(tokens) * per)
     }
 

@@ -328,8 +328,7 @@ public final class Worker: @unchecked Sendable {
         let tokens = bundle!.samples.map(\.length).max() ?? 0
         let fixed = MemoryNeeds.working(cfg, tokens: tokens)
         let free = max(0, Double(options.maxMemoryBytes) - Double(weights) - fixed)
-        let chunk = MemoryNeeds.searchChunk(cfg, bytes: options.chunkTokens.map {
-            Double($0) * MemoryNeeds.searchBytesPerToken(hidden: cfg.hiddenSize, intermediate: cfg.intermediateSize) } ?? free / 4, longest: tokens)
+        let chunk = MemoryNeeds.searchChunk(cfg, free: free, chunkTokens: options.chunkTokens, longest: tokens)
         chunkTokens = chunk.tokens
         let budget = max(0, Int(free - chunk.bytes))
         inputs = ActivationStore(budgetBytes: budget, scratch: options.scratch, owner: options.workerID)

@@ -99,8 +99,7 @@ struct QuantizeCommand: ParsableCommand {
             // block inputs.
             let tokens = bundle.samples.map(\.length).max() ?? 0
             let free = max(0, Double(budget) - MemoryNeeds.working(cfg, tokens: tokens))
-            let chunk = MemoryNeeds.searchChunk(cfg, bytes: chunkTokens.map {
-                Double($0) * MemoryNeeds.searchBytesPerToken(hidden: cfg.hiddenSize, intermediate: cfg.intermediateSize) } ?? free / 4, longest: tokens)
+            let chunk = MemoryNeeds.searchChunk(cfg, free: free, chunkTokens: chunkTokens, longest: tokens)
             let inputBudget = max(0, Int(free - chunk.bytes))
             let scratchDir = scratch ?? job.out + ".scratch"
             let inputs = ActivationStore(budgetBytes: inputBudget, scratch: scratchDir, owner: "quantize")
