@@ -107,12 +107,14 @@ public final class ClusterCoordinator {
         guard let shape = spec.shape, let load = spec.workload, !state.plan.isEmpty else { return nil }
         let ws = state.plan.map { p -> CostModel.Worker in
             let i = state.workers[p.worker]!.info
-            return CostModel.Worker(gflops: i.gemmGflops, memoryBytes: Double(i.maxMemoryBytes),
-                                    rates: i.gemmRates.count == CostModel.curveSizes.count ? i.gemmRates : nil,
-                                    host: i.host, threads: Int(i.threads), cores: Int(i.cores))
+            var w = CostModel.Worker(gflops: i.gemmGflops, memoryBytes: Double(i.maxMemoryBytes),
+                                     rates: i.gemmRates.count == CostModel.curveSizes.count ? i.gemmRates : nil,
+                                     host: i.host, threads: Int(i.threads), cores: Int(i.cores))
+            w.spills = i.scratchBytes > 0
+            return w
         }
         return CostModel().predict(shape, workers: ws, workload: load, bandwidthBytesPerSecond: spec.bandwidthBytesPerSecond,
-                                   plan: state.plan.map(\.range))
+                                   plan: state.plan.map(\.range), memory: spec.memory)
     }
 
     static func now() -> Double { Double(DispatchTime.now().uptimeNanoseconds) / 1e9 }

@@ -34,7 +34,7 @@ public enum CoordinatorEvent: Sendable, Equatable {
     case planned(epoch: UInt32, reason: String, plan: [PlanEntry])
     case waitingForWorkers(reason: String)
     case waitingForMemory(reason: String, liveWorkers: Int, layersHeld: Int, layers: Int, layerWeightBytes: Double,
-                          layerInputBytes: Double, fixedBytes: Double)
+                          stageInputBytes: Double, fixedBytes: Double)
     case phaseStarted(phase: String, epoch: UInt32, workers: Int)
     case workerFinishedPhase(phase: String, worker: String, seconds: Double, blockSamplesPerSecond: Double?, bytesMoved: UInt64,
                              transferSeconds: Double, spilledBytes: UInt64, done: Int, of: Int)

@@ -51,7 +51,7 @@ public enum CoordinatorEventLog {
         case let .waitingForWorkers(reason):
             return "phase=waiting \(reason); no worker left: waiting for one to join"
         case let .waitingForMemory(reason, live, held, layers, weight, input, fixed):
-            return String(format: "phase=waiting %@; the memory of the %d live worker(s) holds %d of %d layers (%.3f GiB of weights per layer, %.3f GiB of inputs unless the worker has --scratch, %.3f GiB fixed per worker): waiting for more workers",
+            return String(format: "phase=waiting %@; the memory of the %d live worker(s) holds %d of %d layers (%.3f GiB per layer, twice %.3f GiB of block inputs unless the worker has --scratch, %.3f GiB fixed per worker): waiting for more workers",
                           reason, live, held, layers, weight / 1073741824, input / 1073741824, fixed / 1073741824)
         case let .phaseStarted(phase, epoch, workers):
             return "phase=\(phase) epoch=\(epoch) started on \(workers) worker(s)"
@@ -125,7 +125,7 @@ public enum CoordinatorEventLog {
         case let .waitingForWorkers(reason): return [("reason", .string(reason))]
         case let .waitingForMemory(reason, live, held, layers, weight, input, fixed):
             return [("reason", .string(reason)), ("live_workers", i(live)), ("layers_held", i(held)), ("layers", i(layers)),
-                    ("layer_weight_bytes", d(weight)), ("layer_input_bytes", d(input)), ("fixed_bytes", d(fixed))]
+                    ("layer_weight_bytes", d(weight)), ("stage_input_bytes", d(input)), ("fixed_bytes", d(fixed))]
         case let .phaseStarted(phase, epoch, workers):
             return [("of_phase", .string(phase)), ("plan_epoch", i(epoch)), ("workers", i(workers))]
         case let .workerFinishedPhase(phase, worker, seconds, rate, moved, transfer, spilled, done, of):

@@ -356,7 +356,7 @@ public final class CoordinatorState {
             plan = []
             let held = capacities.reduce(0) { $0 + $1.2 }
             return [.event(.waitingForMemory(reason: reason, liveWorkers: alive.count, layersHeld: min(held, spec.layers), layers: spec.layers,
-                                             layerWeightBytes: spec.memory.layerWeightBytes, layerInputBytes: spec.memory.layerActivationBytes,
+                                             layerWeightBytes: spec.memory.layerWeightBytes, stageInputBytes: spec.memory.stageInputBytes,
                                              fixedBytes: spec.memory.fixedBytes))]
         }
         epoch += 1

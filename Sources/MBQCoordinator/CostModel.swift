@@ -85,6 +85,8 @@ public struct CostModel: Sendable {
         public var host = ""
         public var threads = 1
         public var cores = 0
+        /// Block inputs past its budget go to --scratch (else the backward recomputes them).
+        public var spills = false
         /// Fraction of its rate the worker gets (set per phase from who is busy).
         var share = 1.0
         /// Threads its non-GEMM loops use on this job's tensors (set by `predict`).
@@ -180,8 +182,10 @@ public struct CostModel: Sendable {
 
     // MARK: phases
 
+    /// `memory`: what the workers hold (`MemoryNeeds`); a worker whose budget does not keep
+    /// every layer's inputs recomputes the others in the backward, a block forward each.
     public func predict(_ s: Shape, workers: [Worker], workload j: Workload, bandwidthBytesPerSecond: Double,
-                        plan given: [Range<Int>]? = nil) -> Prediction {
+                        plan given: [Range<Int>]? = nil, memory: MemoryNeeds? = nil) -> Prediction {
         let plan = given ?? Planner.proportional(layers: s.layers, workers: workers.enumerated().map { ("w\($0.offset)", $0.element.gflops) })
             .map(\.range)
         let t = Double(j.tokens), n = Double(j.samples), stages = plan.count
@@ -212,7 +216,9 @@ public struct CostModel: Sendable {
             // input gradients (no weight gradients); the last stage also runs the loss head.
             let head = { (w: Worker) in 2 * self.gemm(j.labelRows, Double(s.hidden), Double(s.vocab), w) }
             let bwdStage = plan.enumerated().map { k, r in
-                backwardFactor * Double(r.count) * block(s, t, workers[k]) + (k == stages - 1 ? head(workers[k]) : 0)
+                let kept = memory?.inputLayersKept(memory: workers[k].memoryBytes, layers: r.count, spills: workers[k].spills) ?? r.count
+                return (backwardFactor * Double(r.count) + Double(r.count - kept)) * block(s, t, workers[k])
+                    + (k == stages - 1 ? head(workers[k]) : 0)
             }
             seconds.append(("backward", pipeline(bwdStage)))
         }

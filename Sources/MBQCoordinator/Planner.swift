@@ -2,38 +2,48 @@ import Foundation
 import MBQFormats
 import MBQWire
 
-/// What a worker's memory must hold, per the plan (docs/DESIGN.md §3): the fp32 weights of
-/// its blocks, their cached inputs unless it can spill them to --scratch, and a fixed
-/// part (final norm + lm_head for the last stage, reserved on every worker so any can
-/// be last; the working set of one sample through one block).
+/// What a worker's memory must hold, per the plan (docs/DESIGN.md §3 "Memory"): per held
+/// layer its weights as stored and one sample's input to it (the backward recomputes the
+/// inputs the budget did not keep); two layers' inputs for every sample (the stage's
+/// first layer's, kept from the forward; in the search, the current layer's and the
+/// outputs it makes) unless it spills them to --scratch; and a fixed part: the final
+/// norm and lm_head for the last stage (reserved on every worker so any can be last),
+/// one sample's working set through one block, one layer's fp32 working copies and the
+/// search's smallest chunk (one sample).
 public struct MemoryNeeds: Sendable, Equatable {
     public var layerWeightBytes: Double = 0
-    public var layerActivationBytes: Double = 0
+    /// One layer's inputs for every calibration sample.
+    public var stageInputBytes: Double = 0
     public var fixedBytes: Double = 0
+    /// The search's smallest chunk (one sample), part of `fixedBytes`.
+    public var minChunkBytes: Double = 0
 
-    public init(layerWeightBytes: Double = 0, layerActivationBytes: Double = 0, fixedBytes: Double = 0) {
+    public init(layerWeightBytes: Double = 0, stageInputBytes: Double = 0, fixedBytes: Double = 0, minChunkBytes: Double = 0) {
         self.layerWeightBytes = layerWeightBytes
-        self.layerActivationBytes = layerActivationBytes
+        self.stageInputBytes = stageInputBytes
         self.fixedBytes = fixedBytes
+        self.minChunkBytes = minChunkBytes
     }
 
     /// For a model: block weights held as stored (`weightBytes` per parameter: 2 for a
-    /// bf16 checkpoint, whose layers workers keep in bf16; 4 for fp32) and fp32 norms per
-    /// layer, `inputRows` cached rows (every sample's tokens) per layer, and the fixed part
-    /// at `tokens` per sample plus one layer's fp32 working copies (`layerWorkingBytes`).
+    /// bf16 checkpoint, whose layers workers keep in bf16; 4 for fp32), fp32 norms and
+    /// one recomputed input of `tokens` per layer; `inputRows` rows (every sample's
+    /// tokens) per layer's inputs; the fixed part at `tokens` per sample.
     public init(shape s: CostModel.Shape, inputRows: Int, tokens: Int, weightBytes: Int = 4) {
-        self.init(layerWeightBytes: s.paramsPerLayer * Double(weightBytes) + Double(2 * s.hidden * 4),
-                  layerActivationBytes: Double(inputRows * s.hidden * 4),
+        let chunk = Double(tokens) * Self.searchBytesPerToken(hidden: s.hidden, intermediate: s.intermediate)
+        self.init(layerWeightBytes: s.paramsPerLayer * Double(weightBytes) + Double(2 * s.hidden * 4) + Double(tokens * s.hidden * 4),
+                  stageInputBytes: Double(inputRows * s.hidden * 4),
                   fixedBytes: Self.fixed(hidden: s.hidden, intermediate: s.intermediate, heads: s.heads, vocab: s.vocab, tokens: tokens)
-                      + Self.layerWorkingBytes(params: s.paramsPerLayer))
+                      + Self.layerWorkingBytes(params: s.paramsPerLayer) + chunk,
+                  minChunkBytes: chunk)
     }
 
     /// The fp32 copies of the layer being worked on: widened from storage, scaled,
     /// quantized (the apply step holds all three at once).
     public static func layerWorkingBytes(params: Double) -> Double { 3 * params * 4 }
 
-    /// What one process needs besides its held weights and cached inputs: the head, one
-    /// sample's working set at `tokens`, one layer's fp32 working copies.
+    /// What one process needs besides its held weights and the block inputs: the head,
+    /// one sample's working set at `tokens`, one layer's fp32 working copies.
     public static func working(_ cfg: LanguageModelConfig, tokens: Int) -> Double {
         fixed(hidden: cfg.hiddenSize, intermediate: cfg.intermediateSize, heads: cfg.numHeads, vocab: cfg.vocabSize, tokens: tokens)
             + layerWorkingBytes(params: CostModel.Shape(cfg).paramsPerLayer)
@@ -47,9 +57,9 @@ public struct MemoryNeeds: Sendable, Equatable {
     }
 
     /// The search's chunk (`LayerStep.search`) in tokens, and what it takes: `chunkTokens`
-    /// when given, else what a quarter of `free` (the budget left after weights and
-    /// working set) holds; at least one sample of `longest` tokens. One policy for the
-    /// one-process job and the workers.
+    /// when given, else what a quarter of `free` (the budget left after weights, working
+    /// set and block inputs) holds; at least one sample of `longest` tokens. One policy
+    /// for the one-process job and the workers.
     public static func searchChunk(_ cfg: LanguageModelConfig, free: Double, chunkTokens: Int?, longest: Int) -> (tokens: Int, bytes: Double) {
         let per = searchBytesPerToken(hidden: cfg.hiddenSize, intermediate: cfg.intermediateSize)
         let tokens = max(longest, chunkTokens ?? Int(min(free / 4 / per, Double(Int32.max))))
@@ -58,7 +68,7 @@ public struct MemoryNeeds: Sendable, Equatable {
 
     /// What a worker holding `layers` layers needs in memory.
     public func bytes(layers: Int, spills: Bool) -> Double {
-        fixedBytes + Double(layers) * (layerWeightBytes + (spills ? 0 : layerActivationBytes))
+        fixedBytes + Double(layers) * layerWeightBytes + (spills ? 0 : 2 * stageInputBytes)
     }
 
     /// The fixed part for a model: head weights plus one sample's largest intermediates
@@ -70,12 +80,22 @@ public struct MemoryNeeds: Sendable, Equatable {
         return head + working
     }
 
+    /// Of `layers` held layers, how many keep their block inputs from the forward to the
+    /// backward (the first always; the backward recomputes the others'): what is left of
+    /// `memory` once the search's default chunk (a quarter of what the weights, working
+    /// set and two layers' inputs leave) is set aside, as `Worker.assign` splits it.
+    public func inputLayersKept(memory: Double, layers: Int, spills: Bool) -> Int {
+        guard !spills, stageInputBytes > 0, layers > 0 else { return layers }
+        let free = memory - (fixedBytes - minChunkBytes) - Double(layers) * layerWeightBytes
+        let chunk = max(minChunkBytes, (free - 2 * stageInputBytes) / 4)
+        return max(1, min(layers, Int((free - chunk) / stageInputBytes)))
+    }
+
     /// How many layers fit in `memory` bytes (everything when nothing is known).
     public func capacity(memory: UInt64, spills: Bool, layers: Int) -> Int {
-        let per = layerWeightBytes + (spills ? 0 : layerActivationBytes)
-        guard per > 0 else { return layers }
-        let avail = Double(memory) - fixedBytes
-        return avail <= 0 ? 0 : min(layers, Int(avail / per))
+        guard layerWeightBytes > 0 else { return layers }
+        let avail = Double(memory) - bytes(layers: 0, spills: spills)
+        return avail <= 0 ? 0 : min(layers, Int(avail / layerWeightBytes))
     }
 }
 

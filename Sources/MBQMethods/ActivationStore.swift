@@ -4,11 +4,14 @@ import MBQTensor
 import Glibc
 #endif
 
-/// The block inputs kept from the forward pass for the backward pass and the search: by
-/// a worker for its layers (docs/DESIGN.md §3.1), by the one-process job for every layer.
+/// Block inputs by layer and sample: kept from the forward pass for the backward pass (by
+/// a worker for its layers, docs/DESIGN.md §3.1; by the one-process job for every layer),
+/// and in the search the current layer's inputs and the outputs it makes (`LayerInputs`).
 /// Tensors stay in memory while they fit `budgetBytes`; past it they go to raw fp32 files
 /// under the scratch directory and are read back on use. Without a scratch directory
-/// nothing spills (the plan then counted the inputs as memory).
+/// nothing spills (the plan then counted the inputs as memory), and only what `put`
+/// receives is kept: `putIfRoom` keeps what the budget holds and drops the rest, for the
+/// caller to recompute.
 public final class ActivationStore {
     struct Key: Hashable { let layer: Int, sample: Int }
 
@@ -36,8 +39,9 @@ public final class ActivationStore {
     public func put(layer: Int, sample: Int, _ t: Tensor<Float>) throws {
         let k = Key(layer: layer, sample: sample)
         let bytes = t.count * 4
+        remove(k)
         if directory == nil || residentBytes + bytes <= budgetBytes {
-            if let old = memory.updateValue(t, forKey: k) { residentBytes -= old.count * 4 }
+            memory[k] = t
             residentBytes += bytes
             return
         }
@@ -57,8 +61,41 @@ public final class ActivationStore {
                 done += n
             }
         }
-        if spilled.updateValue(t.shape, forKey: k) == nil { spilledBytes += bytes }
+        spilled[k] = t.shape
+        spilledBytes += bytes
         lifetimeSpilledBytes += bytes
+    }
+
+    /// Keeps `t` when it fits the budget, or spills it when there is a scratch directory.
+    /// -> false when it was dropped (no room, nowhere to spill).
+    @discardableResult
+    public func putIfRoom(layer: Int, sample: Int, _ t: Tensor<Float>) throws -> Bool {
+        guard directory != nil || residentBytes + t.count * 4 <= budgetBytes else { return false }
+        try put(layer: layer, sample: sample, t)
+        return true
+    }
+
+    public func contains(layer: Int, sample: Int) -> Bool {
+        let k = Key(layer: layer, sample: sample)
+        return memory[k] != nil || spilled[k] != nil
+    }
+
+    /// Forgets every layer's inputs but `layer`'s.
+    public func keepOnly(layer: Int) {
+        for k in Set(memory.keys).union(spilled.keys) where k.layer != layer { remove(k) }
+    }
+
+    /// Forgets `layer`'s inputs.
+    public func remove(layer: Int) {
+        for k in Set(memory.keys).union(spilled.keys) where k.layer == layer { remove(k) }
+    }
+
+    func remove(_ k: Key) {
+        if let t = memory.removeValue(forKey: k) { residentBytes -= t.count * 4 }
+        if let shape = spilled.removeValue(forKey: k) {
+            spilledBytes -= shape.reduce(1, *) * 4
+            unlink(path(k))
+        }
     }
 
     public func get(layer: Int, sample: Int) throws -> Tensor<Float> {

@@ -22,6 +22,21 @@ public enum GradientPass {
         return x
     }
 
+    /// Sample `sample`'s inputs of `layers` for the backward: each layer's from `cached` when
+    /// it has it, else recomputed by running the layer below on its input, as `forward`
+    /// did (a worker keeps its first layer's inputs and as many others as its budget
+    /// holds). -> [layers.count] of x: [T, C]
+    public static func inputs(sample: Int, layers: Range<Int>, blocks: (Int) -> BackendBlock, rope: RoPETable<Float>, mask: [Bool],
+                              backend: ComputeBackend, cached: (Int) throws -> BackendTensor?) throws -> [BackendTensor] {
+        var out: [BackendTensor] = []
+        for l in layers {
+            if let x = try cached(l) { out.append(x); continue }
+            guard let below = out.last else { throw MethodsError.missingInput(layer: l, sample: sample) }
+            out.append(try backend.blockForward(below, blocks(l - 1), rope: rope, mask: mask, save: false, capture: false, actBits: nil).output)
+        }
+        return out
+    }
+
     /// dy: [T, C], the loss's gradient w.r.t. the last layer's output; `input(l)` gives
     /// back what `forward` kept. Adds the sample's vision and caption means of
     /// |dL/d(o_proj out)| and |dL/d(down_proj out)| to `sums[l - layers.lowerBound]`.

@@ -6,8 +6,9 @@ import MBQTensor
 /// One decoder layer's quantization, the same arithmetic for the one-process job and
 /// for the workers (docs/DESIGN.md "The layer step"; ../shared/DESIGN.md §2): run the fp
 /// layer on its inputs capturing what the search needs, search its groups (or take
-/// SmoothQuant's scales), apply the scales in one canonical order, quantize, and with
-/// `--distort` run the quantized layer on the inputs for the next layer. Every piece of
+/// SmoothQuant's scales), apply the scales in one canonical order, quantize; the next
+/// layer's inputs are the fp layer's outputs or, with `--distort`, the quantized one's
+/// (`LayerInputs` holds them). Every piece of
 /// arithmetic goes through the backend, on the handles it holds.
 public enum LayerStep {
     /// Whole samples in order, in chunks of at most `chunkTokens` tokens (a sample longer
@@ -27,31 +28,39 @@ public enum LayerStep {
     }
 
     /// The fp layer's scales — every group searched (awq, mbq) or SmoothQuant's
-    /// migration (alpha 0.5, reported as results with no loss curve); none for rtn — and
-    /// its outputs on `inputs` (one [T, C] per sample). The search reads the samples in
-    /// chunks of at most `chunkTokens` tokens, capturing each chunk's module inputs and
-    /// outputs as it reads them, so one chunk's captures exist at a time (nil: one chunk,
-    /// read once). The chunking changes no result (`ScaleSearch.searchLayer`).
-    public static func search(layer l: Int, block b: BackendBlock, inputs: [BackendTensor], samples: [CalibrationSample],
+    /// migration (alpha 0.5, reported as results with no loss curve); none for rtn. The
+    /// search reads sample `i`'s input from `input(i)` in chunks of at most `chunkTokens`
+    /// tokens, capturing each chunk's module inputs and outputs as it reads them, so one
+    /// chunk's captures exist at a time (nil: one chunk, read once); the chunking changes
+    /// no result (`ScaleSearch.searchLayer`). Each sample's fp output goes to `output`
+    /// (when given) as it is first computed.
+    public static func search(layer l: Int, block b: BackendBlock, samples: [CalibrationSample],
+                              input: @escaping (Int) throws -> BackendTensor, output: ((Int, BackendTensor) throws -> Void)?,
                               rope: @escaping (CalibrationSample) -> RoPETable<Float>, chunkTokens: Int?,
                               attnRatio: Double, mlpRatio: Double, options: QuantizeOptions,
-                              backend: ComputeBackend) throws -> (results: [GroupResult], outputs: [BackendTensor]) {
-        precondition(inputs.count == samples.count, "\(inputs.count) inputs for \(samples.count) samples")
+                              backend: ComputeBackend) throws -> [GroupResult] {
         guard options.method != .rtn else {
-            return ([], try zip(inputs, samples).map { x, s in
-                try backend.blockForward(x, b, rope: rope(s), mask: s.attention, save: false, capture: false, actBits: nil).output
-            })
+            if let output {
+                for (i, s) in samples.enumerated() {
+                    try output(i, try backend.blockForward(try input(i), b, rope: rope(s), mask: s.attention, save: false,
+                                                           capture: false, actBits: nil).output)
+                }
+            }
+            return []
         }
         let ranges = chunks(lengths: samples.map(\.length), chunkTokens: chunkTokens)
         // The outputs come with the first read of each chunk (every pass reads them all).
-        final class Outputs: @unchecked Sendable { var value: [BackendTensor?] = [] }
-        let outputs = Outputs()
-        outputs.value = [BackendTensor?](repeating: nil, count: samples.count)
+        final class Seen: @unchecked Sendable { var value: [Bool] = [] }
+        let seen = Seen()
+        seen.value = [Bool](repeating: false, count: samples.count)
         let read = SampleChunks<BackendLayerSample>(count: ranges.count) { c in
             try ranges[c].map { i in
                 let s = samples[i], r = rope(s)
-                let f = try backend.blockForward(inputs[i], b, rope: r, mask: s.attention, save: false, capture: true, actBits: nil)
-                if outputs.value[i] == nil { outputs.value[i] = f.output }
+                let f = try backend.blockForward(try input(i), b, rope: r, mask: s.attention, save: false, capture: true, actBits: nil)
+                if !seen.value[i] {
+                    seen.value[i] = true
+                    try output?(i, f.output)
+                }
                 return BackendLayerSample(captures: f.captures!, rope: r, attention: s.attention, vision: s.vision, caption: s.caption)
             }
         }
@@ -67,10 +76,8 @@ public enum LayerStep {
             results = try backend.searchLayer(l, b, samples: read, attnRatio: attnRatio, mlpRatio: mlpRatio,
                                               options: options.searchOptions)
         }
-        return (results, outputs.value.map { o in
-            guard let o else { preconditionFailure("\(backend.name) returned from layer \(l)'s search without reading every chunk") }
-            return o
-        })
+        precondition(seen.value.allSatisfy { $0 }, "\(backend.name) returned from layer \(l)'s search without reading every chunk")
+        return results
     }
 
     /// `fp` with every group's scales folded in, always in `SearchGroup.allCases` order
@@ -91,13 +98,10 @@ public enum LayerStep {
         try backend.quantize(scaled, with: options.weightQuantizer, precision: options.scaleDType.scalePrecision)
     }
 
-    /// `--distort`: the quantized layer run on `inputs`, activations quantized as the
-    /// model will run them. -> the next layer's inputs.
-    public static func distorted(_ q: BackendBlock, inputs: [BackendTensor], samples: [CalibrationSample],
-                                 rope: (CalibrationSample) -> RoPETable<Float>, options: QuantizeOptions,
-                                 backend: ComputeBackend) throws -> [BackendTensor] {
-        try zip(inputs, samples).map { x, s in
-            try backend.blockForward(x, q, rope: rope(s), mask: s.attention, save: false, capture: false, actBits: options.aBit).output
-        }
+    /// `--distort`: the quantized layer run on the current layer's inputs, activations
+    /// quantized as the model will run them; its outputs are kept as the next layer's.
+    public static func distort(_ q: BackendBlock, inputs: LayerInputs, samples: [CalibrationSample],
+                               rope: (CalibrationSample) -> RoPETable<Float>, options: QuantizeOptions) throws {
+        try inputs.forward(q, samples: samples, rope: rope, actBits: options.aBit)
     }
 }

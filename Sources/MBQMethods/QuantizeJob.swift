@@ -37,7 +37,8 @@ public typealias QuantizedLayerSink = (_ layer: Int, _ block: DecoderBlockWeight
 /// for each layer `LayerStep` as the workers run it: the fp block on the calibration
 /// inputs, its groups searched against the fp outputs, scales applied, quantized; the
 /// next layer's inputs are the fp block's outputs (all searches independent) or, with
-/// `distort`, the quantized block's. With a `sink`, each quantized layer goes to it and is
+/// `distort`, the quantized block's (`LayerInputs`: two layers' inputs at a time, past
+/// the budget of `inputs` in its scratch directory). With a `sink`, each quantized layer goes to it and is
 /// not kept (`QuantizeResult.blocks` stays empty); without one, the result holds them all.
 public enum QuantizeJob {
     public static func run(model: LanguageModel<Float>, samples: [CalibrationSample], options: QuantizeOptions,
@@ -98,14 +99,21 @@ public enum QuantizeJob {
         let ratios = stats ?? GradientStatistics.uniform(layers: nl)
 
         let t0 = Date()
-        var xs = try samples.map { try backend.upload($0.embeds) }
+        // The search walks the layers holding the current layer's inputs and the outputs
+        // it makes (in `inputs`, spilling past its budget); the gradient pass's are gone.
+        inputs.reset()
+        defer { inputs.reset() }
+        for (i, s) in samples.enumerated() { try inputs.put(layer: 0, sample: i, s.embeds) }
+        let walk = LayerInputs(layer: 0, samples: samples.count, store: inputs, backend: backend)
+        let rope = { (s: CalibrationSample) in source.ropeTable(s.positions) }
         var groups: [GroupResult] = []
         for l in 0..<nl {
+            let last = l == nl - 1
             var fp: BackendBlock? = try source.block(l, into: backend)
-            let (found, outputs) = try LayerStep.search(layer: l, block: fp!, inputs: xs, samples: samples,
-                                                        rope: { source.ropeTable($0.positions) }, chunkTokens: chunkTokens,
-                                                        attnRatio: ratios.layers[l].attnRatio, mlpRatio: ratios.layers[l].mlpRatio,
-                                                        options: options, backend: backend)
+            let found = try LayerStep.search(layer: l, block: fp!, samples: samples, input: walk.input,
+                                             output: options.distort || last ? nil : walk.keepOutput, rope: rope,
+                                             chunkTokens: chunkTokens, attnRatio: ratios.layers[l].attnRatio,
+                                             mlpRatio: ratios.layers[l].mlpRatio, options: options, backend: backend)
             if options.method != .smoothquant {
                 // SmoothQuant's scales are not reported (alpha is fixed), as in the distributed job.
                 groups += found
@@ -117,9 +125,10 @@ public enum QuantizeJob {
             let scaled = try LayerStep.applied(fp!, results: found, backend: backend)
             fp = nil
             let q = try LayerStep.quantized(scaled, options: options, backend: backend)
-            xs = options.distort ? try LayerStep.distorted(q.block, inputs: xs, samples: samples, rope: { source.ropeTable($0.positions) },
-                                                           options: options, backend: backend)
-                                 : outputs
+            if !last {
+                if options.distort { try LayerStep.distort(q.block, inputs: walk, samples: samples, rope: rope, options: options) }
+                try walk.advance()
+            }
             try emit(l, q)
             let dt = Date().timeIntervalSince(t0)
             logger.info("[search] layer \(l + 1)/\(nl) done, elapsed \(elapsed()), ETA \(String(format: "%.1fs", dt / Double(l + 1) * Double(nl - l - 1)))")

@@ -320,15 +320,20 @@ public final class Worker: @unchecked Sendable {
                                                   eps: Float(c.config.rmsNormEps)) : nil
         c.releasePages([c.names.finalNorm, c.names.outputProjection])
         quantOptions = try a.options.quantizeOptions()
-        // What the memory budget leaves once the weights, the head and one sample's
-        // working set are in: the search's chunk (a quarter of it unless --chunk-tokens
-        // says), then cached block inputs.
+        // What the memory budget leaves once the weights, the head, one sample's working
+        // set and one sample's input per layer (the backward recomputes those not kept)
+        // are in: the search's chunk (a quarter of it unless --chunk-tokens says; without
+        // --scratch, of what is left after two layers' inputs, which then stay in
+        // memory), then block inputs (MemoryNeeds, the plan's arithmetic).
         let cfg = c.config
         let weights = nb.values.reduce(0) { $0 + $1.residentBytes }
-        let tokens = bundle!.samples.map(\.length).max() ?? 0
-        let fixed = MemoryNeeds.working(cfg, tokens: tokens)
+        let lengths = bundle!.samples.prefix(Int(a.samples)).map(\.length)
+        let tokens = lengths.max() ?? 0
+        let stage = Double(lengths.reduce(0, +) * cfg.hiddenSize * 4)
+        let fixed = MemoryNeeds.working(cfg, tokens: tokens) + Double(range.count * tokens * cfg.hiddenSize * 4)
         let free = max(0, Double(options.maxMemoryBytes) - Double(weights) - fixed)
-        let chunk = MemoryNeeds.searchChunk(cfg, free: free, chunkTokens: options.chunkTokens, longest: tokens)
+        let chunk = MemoryNeeds.searchChunk(cfg, free: options.scratch == nil ? max(0, free - 2 * stage) : free,
+                                            chunkTokens: options.chunkTokens, longest: tokens)
         chunkTokens = chunk.tokens
         let budget = max(0, Int(free - chunk.bytes))
         inputs = ActivationStore(budgetBytes: budget, scratch: options.scratch, owner: options.workerID)
@@ -341,7 +346,8 @@ public final class Worker: @unchecked Sendable {
         if !a.upstreamEndpoint.isEmpty { up = try dataSocket(a.upstreamEndpoint, serverKey: a.upstreamCurveKey) }
         if !a.downstreamEndpoint.isEmpty { down = try dataSocket(a.downstreamEndpoint, serverKey: a.downstreamCurveKey) }
         assignment = a
-        let spill = options.scratch.map { " (block inputs past \(String(format: "%.1f", Double(budget) / 1048576)) MiB spill to \($0))" } ?? ""
+        let spill = options.scratch.map { " (block inputs past \(String(format: "%.1f", Double(budget) / 1048576)) MiB spill to \($0))" }
+            ?? " (block inputs of layers past the first kept while \(String(format: "%.1f", Double(budget) / 1048576)) MiB holds them)"
         logger.info("assigned layers \(range.lowerBound)..<\(range.upperBound) (epoch \(a.epoch)) in \(String(format: "%.2f", Self.now() - t0)) s; search chunks of at most \(chunk.tokens) tokens\(spill)")
     }
 

@@ -58,6 +58,7 @@ extension Worker {
     func forward() throws -> (UInt64, Double) {
         let samples = self.samples
         var moved: UInt64 = 0, transfer = 0.0
+        var dropped = 0
         inputs.reset()
         finalHidden = []
         for (s, sample) in samples.enumerated() {
@@ -69,11 +70,18 @@ extension Worker {
                 x = t
                 transfer += dt
             }
-            // Block inputs are cached on the host (spilling past the budget): the
-            // backward recomputes each layer's forward from them.
+            // Block inputs are cached on the host: the first layer's always (in memory, or
+            // past the budget in --scratch), the others while the budget holds them (the
+            // backward recomputes the rest from the layer below).
+            let first = range.lowerBound
             let y = try GradientPass.forward(try backend.upload(x), layers: range, blocks: { self.blocks[$0]! }, rope: rope(sample),
                                              mask: sample.attention, backend: backend) { l, input in
-                try self.inputs.put(layer: l, sample: s, try self.backend.download(input))
+                let t = try self.backend.download(input)
+                if l == first {
+                    try self.inputs.put(layer: l, sample: s, t)
+                } else if try !self.inputs.putIfRoom(layer: l, sample: s, t) {
+                    dropped += 1
+                }
             }
             if let down {
                 let (b, dt) = try send(down, "act/\(s)", try backend.download(y))
@@ -81,6 +89,9 @@ extension Worker {
             } else {
                 finalHidden.append(y)
             }
+        }
+        if dropped > 0 {
+            logger.info("forward: \(dropped) of \(samples.count * range.count) block inputs past the budget not kept (the backward recomputes them)")
         }
         if inputs.spilledBytes > 0 {
             logger.info("forward: \(String(format: "%.1f", Double(inputs.spilledBytes) / 1048576)) MiB of block inputs spilled to scratch (\(String(format: "%.1f", Double(inputs.residentBytes) / 1048576)) MiB in memory)")
@@ -108,9 +119,13 @@ extension Worker {
                 dy = try backend.upload(t)
                 transfer += dt
             }
-            dy = try GradientPass.backward(dy, layers: range, blocks: { self.blocks[$0]! },
-                                           input: { try self.backend.upload(try self.inputs.get(layer: $0, sample: s)) },
-                                           sample: sample, rope: rope(sample), backend: backend, sums: &sums)
+            let r = rope(sample)
+            let xs = try GradientPass.inputs(sample: s, layers: range, blocks: { self.blocks[$0]! }, rope: r, mask: sample.attention,
+                                             backend: backend) { l in
+                self.inputs.contains(layer: l, sample: s) ? try self.backend.upload(try self.inputs.get(layer: l, sample: s)) : nil
+            }
+            dy = try GradientPass.backward(dy, layers: range, blocks: { self.blocks[$0]! }, input: { xs[$0 - self.range.lowerBound] },
+                                           sample: sample, rope: r, backend: backend, sums: &sums)
             if let up {
                 let (b, dt) = try send(up, "grad/\(s)", try backend.download(dy))
                 moved += b; transfer += dt
@@ -126,52 +141,67 @@ extension Worker {
 
     /// Every owned layer in order: its groups searched (or SmoothQuant's scales taken)
     /// on the layer's inputs, each result reported as soon as it exists. Without
-    /// --distort the inputs are the cached fp inputs and stages search in parallel; with
-    /// it, a pipeline: the first layer's input is what the upstream stage's quantized
-    /// blocks produced, and each quantized block feeds the next (QuantizeJob's order).
+    /// --distort the first layer's inputs are the forward phase's and stages search in
+    /// parallel; with it, a pipeline: they are what the upstream stage's quantized blocks
+    /// produced. Each layer's outputs (fp, or quantized with --distort) are the next
+    /// one's inputs (`LayerInputs`, QuantizeJob's order): two layers' inputs at a time.
     func search(skip: Set<Int>) throws -> (UInt64, Double) {
         let samples = self.samples
         let distort = quantOptions.distort
         var moved: UInt64 = 0, transfer = 0.0
-        var xs: [BackendTensor] = []
+        let first = range.lowerBound
         if distort {
+            inputs.reset()
             for (s, sample) in samples.enumerated() {
-                if range.lowerBound == 0 {
-                    xs.append(try backend.upload(sample.embeds))
+                if first == 0 {
+                    try inputs.put(layer: first, sample: s, sample.embeds)
                 } else {
                     let (t, dt) = try receive("dist/\(s)", what: "search")
-                    xs.append(try backend.upload(t))
+                    try inputs.put(layer: first, sample: s, t)
                     transfer += dt
                 }
             }
         }
+        let walk = LayerInputs(layer: first, samples: samples.count, store: inputs, backend: backend)
         for l in range {
             if currentEpoch != assignment.epoch { throw Aborted(what: "search") }
+            // The last layer's outputs are needed only downstream with --distort.
+            let next = l < range.upperBound - 1 || (distort && down != nil)
             if skip.contains(l) {
-                // Finished before a re-plan or a coordinator restart; with --distort its
-                // quantized output is still needed (the coordinator sent its scales).
-                if distort { xs = try distortedOutputs(l, xs) }
+                // Finished before a re-plan or a coordinator restart: only its outputs
+                // are needed (with --distort, the quantized ones: the coordinator sent
+                // its scales).
+                if distort {
+                    try LayerStep.distort(try quantizedBlock(l).block, inputs: walk, samples: samples, rope: rope, options: quantOptions)
+                } else if next {
+                    try walk.forward(blocks[l]!, samples: samples, rope: rope)
+                }
+                if next { try walk.advance() }
                 continue
             }
             try testDelay("search")
             logger.info("searching layer \(l)")
-            let inputs = distort ? xs : try samples.indices.map { try backend.upload(try self.inputs.get(layer: l, sample: $0)) }
-            let found = try LayerStep.search(layer: l, block: blocks[l]!, inputs: inputs, samples: samples, rope: rope,
-                                             chunkTokens: chunkTokens, attnRatio: ratios?.attn[l] ?? 1, mlpRatio: ratios?.mlp[l] ?? 1,
-                                             options: quantOptions, backend: backend).results
+            let found = try LayerStep.search(layer: l, block: blocks[l]!, samples: samples, input: walk.input,
+                                             output: distort || !next ? nil : walk.keepOutput, rope: rope, chunkTokens: chunkTokens,
+                                             attnRatio: ratios?.attn[l] ?? 1, mlpRatio: ratios?.mlp[l] ?? 1,
+                                             options: quantOptions, backend: backend)
             for g in found {
                 let m = Mbq_GroupResult(g, epoch: assignment.epoch)
                 results[l, default: [:]][m.group] = m
                 post(.groupResult(m))
             }
-            if distort { xs = try distortedOutputs(l, xs) }
+            if distort {
+                try LayerStep.distort(try quantizedBlock(l).block, inputs: walk, samples: samples, rope: rope, options: quantOptions)
+            }
+            if next { try walk.advance() }
         }
         if distort, let down {
-            for (s, x) in xs.enumerated() {
-                let (b, dt) = try send(down, "dist/\(s)", try backend.download(x))
+            for s in samples.indices {
+                let (b, dt) = try send(down, "dist/\(s)", try backend.download(try walk.input(s)))
                 moved += b; transfer += dt
             }
         }
+        inputs.reset()
         return (moved, transfer)
     }
 
@@ -189,11 +219,6 @@ extension Worker {
     /// the weights the output holds and every linear's codes.
     func quantizedBlock(_ l: Int) throws -> (block: BackendBlock, codes: [String: QuantizedWeight]) {
         try LayerStep.quantized(try scaledBlock(l), options: quantOptions, backend: backend)
-    }
-
-    /// --distort: the quantized block's output on `xs`.
-    func distortedOutputs(_ l: Int, _ xs: [BackendTensor]) throws -> [BackendTensor] {
-        try LayerStep.distorted(try quantizedBlock(l).block, inputs: xs, samples: samples, rope: rope, options: quantOptions, backend: backend)
     }
 
     // MARK: apply

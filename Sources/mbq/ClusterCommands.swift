@@ -216,7 +216,9 @@ struct PlanCommand: ParsableCommand {
                 guard a.count == 2, let n = Int(a[0]), n > 0, b.count == 2, let mem = parseBytes(String(b[0])), let g = Double(b[1]) else {
                     throw MethodsError.invalidOptions("--workers '\(part)': expected COUNTxMEMORY@GFLOPS, e.g. 16x64GiB@1000")
                 }
-                ws += Array(repeating: CostModel.Worker(gflops: g, memoryBytes: Double(mem), threads: workerThreads), count: n)
+                var w = CostModel.Worker(gflops: g, memoryBytes: Double(mem), threads: workerThreads)
+                w.spills = scratch
+                ws += Array(repeating: w, count: n)
             }
             var load = CostModel.Workload(samples: samples, tokens: tokens)
             load.needsStats = !noStats
@@ -229,20 +231,23 @@ struct PlanCommand: ParsableCommand {
             }
             guard let plan = Planner.plan(layers: shape.layers, workers: candidates) else {
                 let held = candidates.reduce(0) { $0 + $1.2 }
-                throw MethodsError.invalidOptions(String(format: "these workers' memory holds %d of %d layers (%.2f GiB of weights per layer%@): add workers or memory",
+                throw MethodsError.invalidOptions(String(format: "these workers' memory holds %d of %d layers (%.2f GiB per layer, %.2f GiB fixed%@): add workers or memory",
                                                          min(held, shape.layers), shape.layers, needs.layerWeightBytes / 1073741824,
-                                                         scratch ? "" : " plus inputs; --scratch lets them spill"))
+                                                         needs.bytes(layers: 0, spills: scratch) / 1073741824,
+                                                         scratch ? "" : " of which block inputs; --scratch lets them spill"))
             }
             let used = plan.map { p in ws[Int(p.worker)!] }
             let p = CostModel().predict(shape, workers: used, workload: load, bandwidthBytesPerSecond: bandwidthGbit * 1e9 / 8,
-                                        plan: plan.map(\.range))
+                                        plan: plan.map(\.range), memory: needs)
             print("model: \(shape.layers) layers, hidden \(shape.hidden), intermediate \(shape.intermediate), \(shape.heads) heads / \(shape.kvHeads) kv; \(String(format: "%.2f", shape.paramsPerLayer * Double(shape.layers) / 1e9))B decoder parameters")
             print("calibration: \(samples) samples x \(tokens) tokens; \(ws.count) workers; \(bandwidthGbit) Gbit/s")
             for (i, r) in p.plan.enumerated() {
-                let inputs = scratch ? Double(r.count) * needs.layerActivationBytes : 0
+                let inputs = scratch ? 2 * needs.stageInputBytes : 0
+                let kept = needs.inputLayersKept(memory: used[i].memoryBytes, layers: r.count, spills: scratch)
                 print(String(format: "  w%@: layers %3d..<%3d  memory %.1f GiB of %.1f GiB%@", plan[i].worker, r.lowerBound, r.upperBound,
                              needs.bytes(layers: r.count, spills: scratch) / 1073741824, used[i].memoryBytes / 1073741824,
-                             scratch ? String(format: " (+%.1f GiB of inputs in scratch)", inputs / 1073741824) : ""))
+                             scratch ? String(format: " (+%.1f GiB of inputs in scratch)", inputs / 1073741824)
+                                     : kept < r.count ? "; the backward recomputes \(r.count - kept) layer(s)' inputs" : ""))
             }
             if used.count < ws.count { print("  \(ws.count - used.count) worker(s) left as spares") }
             func pad(_ s: String) -> String { s + String(repeating: " ", count: max(0, 16 - s.count)) }

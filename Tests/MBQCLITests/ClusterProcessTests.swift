@@ -188,6 +188,34 @@ final class ClusterProcessTests: XCTestCase {
         try assertSameAsReference(out)
     }
 
+    /// A worker without --scratch whose budget holds all three layers' weights but only
+    /// two layers' block inputs (the plan's arithmetic, `MemoryNeeds`): its forward keeps
+    /// the first layer's inputs and what else fits, its backward recomputes the rest from
+    /// the layer below, its search walks the layers two inputs at a time; the output is
+    /// the one-process run's.
+    func testWorkerWithoutScratchRecomputesInputsItCannotKeep() throws {
+        let ckpt = try Checkpoint(directory: Self.model)
+        let calib = try CalibrationBundle.load(path: Self.calib, for: ckpt.config)
+        let lengths = calib.samples.map(\.length)
+        let needs = MemoryNeeds(shape: CostModel.Shape(ckpt.config), inputRows: lengths.reduce(0, +), tokens: lengths.max()!,
+                                weightBytes: ckpt.weightDType == .bf16 ? 2 : 4)
+        XCTAssertEqual(needs.capacity(memory: UInt64(needs.bytes(layers: 3, spills: false)) + 1, spills: false, layers: 3), 3)
+        XCTAssertEqual(needs.capacity(memory: UInt64(needs.bytes(layers: 3, spills: false) - needs.stageInputBytes), spills: false, layers: 3), 2,
+                       "a layer's worth less memory holds a layer less")
+        let p = port()
+        let out = tmp + "/out", clog = tmp + "/coord.log"
+        let coord = try spawn(["coordinator", "--model", Self.model, "--calib", Self.calib, "--w-bit", "3", "--out", out,
+                               "--bind", "tcp://127.0.0.1:\(p)", "--workers", "1", "--job-dir", tmp + "/job", "--log-format", "json"], log: clog)
+        let w = try spawn(["worker", "--connect", "tcp://127.0.0.1:\(p)", "--id", "w0", "--threads", "1",
+                           "--max-memory", "\(Int(needs.bytes(layers: 3, spills: false)) + 1)"], log: tmp + "/w0.log")
+        defer { for x in [coord, w] where x.isRunning { x.terminate() } }
+        XCTAssertTrue(waitExit(coord), text(clog))
+        XCTAssertEqual(coord.terminationStatus, 0, text(clog) + text(tmp + "/w0.log"))
+        XCTAssertTrue(hasEvent(clog, "planned") { Self.plan($0) == ["w0=0..<3"] }, text(clog))
+        XCTAssertTrue(text(tmp + "/w0.log").contains("block inputs past the budget not kept"), text(tmp + "/w0.log"))
+        try assertSameAsReference(out)
+    }
+
     /// SIGKILL one of two workers inside `phase`: the survivor takes its blocks.
     func killWorker(during phase: String, options: [String] = ["--w-bit", "3"], afterLayer: Int? = nil) throws {
         let p = port()

@@ -179,15 +179,21 @@ final class CoordinatorStateTests: XCTestCase {
         XCTAssertNil(Planner.plan(layers: 5, workers: [("a", 1, 2), ("b", 1, 2)]))
         // Within budgets the plan is the speed-proportional one.
         XCTAssertEqual(Planner.plan(layers: 80, workers: [("fast", 300, 80), ("slow", 100, 80)])!.map(\.range), [0..<60, 60..<80])
-        let needs = MemoryNeeds(layerWeightBytes: 100, layerActivationBytes: 50, fixedBytes: 1000)
+        let needs = MemoryNeeds(layerWeightBytes: 100, stageInputBytes: 50, fixedBytes: 1000)
         XCTAssertEqual(needs.capacity(memory: 1000 + 450, spills: false, layers: 10), 3)
         XCTAssertEqual(needs.capacity(memory: 1000 + 450, spills: true, layers: 10), 4)
         XCTAssertEqual(needs.capacity(memory: 900, spills: true, layers: 10), 0)
+        // Inputs kept from forward to backward: what is left past the weights, the fixed
+        // part and the search's default chunk (a quarter of what two layers' inputs leave).
+        XCTAssertEqual(needs.inputLayersKept(memory: 1450, layers: 3, spills: false), 2)  // 150 free, 12.5 chunk
+        XCTAssertEqual(needs.inputLayersKept(memory: 1450, layers: 3, spills: true), 3)
+        XCTAssertEqual(needs.inputLayersKept(memory: 2000, layers: 3, spills: false), 3)
+        XCTAssertEqual(needs.inputLayersKept(memory: 1300, layers: 3, spills: false), 1, "the first layer's inputs always")
     }
 
     func testCoordinatorWaitsUntilTheWorkersHoldTheModel() {
         var spec = Self.spec(workers: 2, layers: 4)
-        spec.memory = MemoryNeeds(layerWeightBytes: 100, layerActivationBytes: 0, fixedBytes: 0)
+        spec.memory = MemoryNeeds(layerWeightBytes: 100, stageInputBytes: 0, fixedBytes: 0)
         let st = CoordinatorState(spec: spec)
         func reg(_ id: String) -> Mbq_Envelope {
             var e = Self.register(id)
@@ -300,6 +306,21 @@ final class CostModelTests: XCTestCase {
         XCTAssertEqual(s2["search"]! / s4["search"]!, 4, accuracy: 0.1)
         XCTAssertLessThan(s4["forward"]!, s2["forward"]!)
         XCTAssertEqual(four.plan.map(\.count), [8, 8, 8, 8])
+        // A worker that keeps only some layers' inputs recomputes the others in the
+        // backward, one block forward each; with --scratch it keeps them all.
+        let needs = MemoryNeeds(shape: shape, inputRows: 16 * 2048, tokens: 2048, weightBytes: 2)
+        var small = w
+        small.memoryBytes = 20e9
+        XCTAssertEqual(needs.inputLayersKept(memory: w.memoryBytes, layers: 32, spills: false), 32)
+        let kept = needs.inputLayersKept(memory: small.memoryBytes, layers: 32, spills: false)
+        XCTAssertLessThan(kept, 32)
+        let tight = CostModel().predict(shape, workers: [small], workload: load, bandwidthBytesPerSecond: 1e9, memory: needs)
+        let st = Dictionary(uniqueKeysWithValues: tight.seconds.map { ($0.phase, $0.seconds) })
+        XCTAssertEqual(st["backward"]! - s2["backward"]!, Double(32 - kept) * s2["forward"]! / 32, accuracy: s2["forward"]! * 0.01)
+        var spilling = small
+        spilling.spills = true
+        let spilled = CostModel().predict(shape, workers: [spilling], workload: load, bandwidthBytesPerSecond: 1e9, memory: needs)
+        XCTAssertEqual(spilled.seconds.first { $0.phase == "backward" }!.seconds, s2["backward"]!, accuracy: 1e-9)
     }
 }
 

@@ -28,9 +28,11 @@ final class ChunkedSearchTests: XCTestCase {
             var o = QuantizeOptions()
             o.method = method; o.wBit = method == .smoothquant ? 8 : 3; o.aBit = aBit
             func run(_ chunkTokens: Int?) throws -> ([GroupResult], [Tensor<Float>]) {
-                let r = try LayerStep.search(layer: 0, block: block, inputs: inputs, samples: samples, rope: rope, chunkTokens: chunkTokens,
+                var outputs = [Tensor<Float>?](repeating: nil, count: samples.count)
+                let r = try LayerStep.search(layer: 0, block: block, samples: samples, input: { inputs[$0] },
+                                             output: { outputs[$0] = try backend.download($1) }, rope: rope, chunkTokens: chunkTokens,
                                              attnRatio: 0.3, mlpRatio: 0.4, options: o, backend: backend)
-                return (r.results, try r.outputs.map { try backend.download($0) })
+                return (r, outputs.map { $0! })
             }
             let (whole, wholeOut) = try run(nil)
             // 1 sample, 5 samples (chunk bounds inside a row tile), 13 + 1.

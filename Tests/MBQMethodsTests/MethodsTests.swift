@@ -94,7 +94,7 @@ final class MethodsTests: XCTestCase {
     }
 
     /// The one-process job as `mbq quantize` runs it: blocks read one at a time from the
-    /// checkpoint, block inputs of the gradient pass spilled to scratch (a zero budget),
+    /// checkpoint, block inputs of the gradient pass and the search spilled to scratch (a zero budget),
     /// each quantized layer handed to the sink as it is done. The same numbers as the job
     /// on a model in memory.
     func testStreamedJobWithSpilledInputsMatchesTheInMemoryJob() throws {
@@ -111,8 +111,10 @@ final class MethodsTests: XCTestCase {
             XCTAssertEqual(streamed.count, l, "layers arrive in order")
             streamed[l] = (b, c)
         }
-        XCTAssertEqual(inputs.lifetimeSpilledBytes, bundle.samples.count * model.config.numLayers * bundle.samples[0].length * model.config.hiddenSize * 4,
-                       "every block input went to scratch")
+        // Every layer's inputs twice: the gradient pass keeps them for the backward, the
+        // search's walk (`LayerInputs`) holds them again, layer by layer.
+        XCTAssertEqual(inputs.lifetimeSpilledBytes, 2 * bundle.samples.count * model.config.numLayers * bundle.samples[0].length * model.config.hiddenSize * 4,
+                       "every block input went to scratch, in the gradient pass and in the search")
         XCTAssertTrue(got.blocks.isEmpty, "a streamed job keeps no blocks")
         XCTAssertEqual(got.gradStats, want.gradStats)
         XCTAssertEqual(got.groups.map(\.bestIndex), want.groups.map(\.bestIndex))
