@@ -28,8 +28,11 @@ public enum DistributedJob {
                            expectedWorkers: workers)
         let shape = CostModel.Shape(cfg)
         let tokens = calib.samples.map(\.length).max() ?? 0
+        // Workers keep a bf16 checkpoint's linears as bf16 (CPUBackend(keepStoredPrecision:));
+        // fp16 values are generally not bf16 values, so an fp16 checkpoint's are held in fp32.
+        let weightBytes = ckpt.weightDType == .bf16 ? 2 : 4
         spec.memory = MemoryNeeds(shape: shape, inputRows: calib.samples.reduce(0) { $0 + $1.length }, tokens: tokens,
-                                  weightBytes: [.bf16, .f16].contains(ckpt.weightDType) ? 2 : 4)
+                                  weightBytes: weightBytes)
         let absOut = (out as NSString).standardizingPath
         spec.outputDir = absOut + ".partial-" + spec.jobID
         spec.outputToken = Auth.sha256(Array("\(spec.jobID)|\(UUID().uuidString)".utf8)).prefix(12).map { String(format: "%02x", $0) }.joined()
@@ -44,6 +47,7 @@ public enum DistributedJob {
         load.needsStats = spec.needsStats
         load.searchEvaluations = options.method == .rtn ? nil : (options.method == .smoothquant ? 0 : 21)
         load.distort = options.distort
+        load.weightBytes = weightBytes
         spec.workload = load
         return spec
     }

@@ -34,6 +34,23 @@ public struct CostModel: Sendable {
     public var backwardFactor = 2.1
     /// Fixed cost per phase (commands, ZeroMQ round trips, thread wake-up), seconds.
     public var phaseOverhead = 0.03
+    /// Reading a block (and the last stage's head) from the checkpoint at assignment:
+    /// page faults, widening to fp32, narrowing back to bf16; bytes per weight at the loop
+    /// rate with every thread. Measured on Llama-7B shapes: one layer and the head in
+    /// 1.06 s on 2 threads, four layers in 9.4-9.8 s on one. Larger tensors fault more
+    /// per weight: a Qwen2-72B-shaped layer and head took 24.8 s on 2 threads, 2.6x this.
+    public var loadBytesPerWeight = 12.0
+    /// Widening a bf16-held block's linears to fp32 for one use (one thread, bound by the
+    /// new pages' faults), seconds per weight: 0.38 s per Llama-7B-shaped block here, with
+    /// 1 or 2 threads alike (5.5 s per Qwen2-72B-shaped one, 3.0x: see loadBytesPerWeight).
+    /// A forward uses a block once, the backward twice.
+    public var widenSecondsPerWeight = 1.9e-9
+    /// Apply per layer: scaling and quantizing the fp32 weights, bytes per weight at the
+    /// loop rate, plus downloading and writing the shard, seconds per fp32 weight byte
+    /// (measured here on Llama-7B-shaped layers: 2.44 s per layer on one thread, 1.87 s
+    /// on two).
+    public var applyBytesPerWeight = 7.6
+    public var applySecondsPerByte = 1.6e-9
 
     public struct Shape: Sendable {
         public var layers, hidden, intermediate, heads, kvHeads, headDim, vocab: Int
@@ -72,6 +89,9 @@ public struct CostModel: Sendable {
         /// phase only captures activations (SmoothQuant), nil when there is none (RTN).
         public var searchEvaluations: Double? = 21
         public var distort = false
+        /// Bytes per weight the workers hold their blocks in: 2 when they keep a bf16
+        /// checkpoint's linears as bf16 and widen them for every use.
+        public var weightBytes = 4
         public init(samples: Int, tokens: Int) { self.samples = samples; self.tokens = tokens }
     }
 
@@ -209,8 +229,18 @@ public struct CostModel: Sendable {
             let slow = st.max() ?? 0
             return n * (slow + hop) + st.reduce(0, +) - slow + phaseOverhead
         }
-        let fwdStage = plan.enumerated().map { k, r in Double(r.count) * block(s, t, workers[k]) }
-        var seconds: [(String, Double)] = [("forward", pipeline(fwdStage))]
+        // A bf16-held block is widened to fp32 for each use.
+        let widen = { (w: Worker) in j.weightBytes < 4 ? self.widenSecondsPerWeight * s.paramsPerLayer / w.share : 0 }
+        // Workers read their blocks when assigned, inside the forward phase, all at once:
+        // the forward starts when the first stage has its blocks.
+        let load = plan.enumerated().map { k, r in
+            var w = workers[k]
+            w.loopThreads = Double(max(1, w.threads))
+            let head = k == stages - 1 ? Double(s.vocab * s.hidden) : 0
+            return self.bytes((Double(r.count) * s.paramsPerLayer + head) * loadBytesPerWeight, w)
+        }.max() ?? 0
+        let fwdStage = plan.enumerated().map { k, r in Double(r.count) * (block(s, t, workers[k]) + widen(workers[k])) }
+        var seconds: [(String, Double)] = [("forward", load + pipeline(fwdStage))]
         if j.needsStats {
             // Backward recomputes each block's forward with saved activations, then the
             // input gradients (no weight gradients); the last stage also runs the loss head.
@@ -218,6 +248,7 @@ public struct CostModel: Sendable {
             let bwdStage = plan.enumerated().map { k, r in
                 let kept = memory?.inputLayersKept(memory: workers[k].memoryBytes, layers: r.count, spills: workers[k].spills) ?? r.count
                 return (backwardFactor * Double(r.count) + Double(r.count - kept)) * block(s, t, workers[k])
+                    + Double(2 * r.count + r.count - kept) * widen(workers[k])
                     + (k == stages - 1 ? head(workers[k]) : 0)
             }
             seconds.append(("backward", pipeline(bwdStage)))
@@ -238,9 +269,9 @@ public struct CostModel: Sendable {
         }
         // Apply: each stage scales and quantizes its weights (a few passes over fp32) and
         // writes its layers' shards.
-        let weightBytes = s.paramsPerLayer * 4
         let apply = plan.enumerated().map { k, r in
-            Double(r.count) * (bytes(weightBytes * quantizeBytesPerWeight / 4 * 2, workers[k]) + weightBytes / 1e9 + writeOverhead)
+            Double(r.count) * (bytes(s.paramsPerLayer * applyBytesPerWeight, workers[k])
+                               + s.paramsPerLayer * 4 * applySecondsPerByte / workers[k].share + writeOverhead)
         }.max() ?? 0
         seconds.append(("apply", apply + phaseOverhead))
         let transfer = n * actBytes * Double(stages - 1) * (j.needsStats ? 2 : 1)

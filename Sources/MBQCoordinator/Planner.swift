@@ -26,7 +26,7 @@ public struct MemoryNeeds: Sendable, Equatable {
     }
 
     /// For a model: block weights held as stored (`weightBytes` per parameter: 2 for a
-    /// bf16 checkpoint, whose layers workers keep in bf16; 4 for fp32), fp32 norms and
+    /// bf16 checkpoint, whose layers workers keep in bf16; 4 otherwise), fp32 norms and
     /// one recomputed input of `tokens` per layer; `inputRows` rows (every sample's
     /// tokens) per layer's inputs; the fixed part at `tokens` per sample.
     public init(shape s: CostModel.Shape, inputRows: Int, tokens: Int, weightBytes: Int = 4) {

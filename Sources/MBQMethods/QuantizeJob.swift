@@ -38,8 +38,9 @@ public typealias QuantizedLayerSink = (_ layer: Int, _ block: DecoderBlockWeight
 /// inputs, its groups searched against the fp outputs, scales applied, quantized; the
 /// next layer's inputs are the fp block's outputs (all searches independent) or, with
 /// `distort`, the quantized block's (`LayerInputs`: two layers' inputs at a time, past
-/// the budget of `inputs` in its scratch directory). With a `sink`, each quantized layer goes to it and is
-/// not kept (`QuantizeResult.blocks` stays empty); without one, the result holds them all.
+/// the budget of `inputs` in its scratch directory). With a `sink`, each quantized layer
+/// goes to it and is not kept (`QuantizeResult.blocks` stays empty); without one, the
+/// result holds them all.
 public enum QuantizeJob {
     public static func run(model: LanguageModel<Float>, samples: [CalibrationSample], options: QuantizeOptions,
                            backend: ComputeBackend = CPUBackend(), chunkTokens: Int? = nil,

@@ -203,8 +203,13 @@ struct PlanCommand: ParsableCommand {
     func run() throws {
         try runReportingErrors {
             let shape: CostModel.Shape
+            // Workers hold a bf16 checkpoint's layers in bf16, anything else in fp32; the
+            // presets are bf16 checkpoints.
+            var weightBytes = 2
             if let model {
-                shape = CostModel.Shape(try Checkpoint(directory: model).config)
+                let ckpt = try Checkpoint(directory: model)
+                shape = CostModel.Shape(ckpt.config)
+                weightBytes = ckpt.weightDType == .bf16 ? 2 : 4
             } else if let preset, let s = CostModel.presets[preset] {
                 shape = s
             } else {
@@ -224,8 +229,8 @@ struct PlanCommand: ParsableCommand {
             load.needsStats = !noStats
             load.lossRowFraction = lossRows
             load.labelRows = Double(tokens) * 0.1
-            // The presets are bf16 checkpoints: workers hold their layers in bf16.
-            let needs = MemoryNeeds(shape: shape, inputRows: samples * tokens, tokens: tokens, weightBytes: 2)
+            load.weightBytes = weightBytes
+            let needs = MemoryNeeds(shape: shape, inputRows: samples * tokens, tokens: tokens, weightBytes: weightBytes)
             let candidates = ws.enumerated().map { i, w in
                 ("\(i)", w.gflops, needs.capacity(memory: UInt64(w.memoryBytes), spills: scratch, layers: shape.layers))
             }

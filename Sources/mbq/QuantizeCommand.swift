@@ -126,7 +126,16 @@ struct QuantizeCommand: ParsableCommand {
     func runLocalCluster(ckpt: Checkpoint, bundle: CalibrationBundle) throws {
         let spec = try DistributedJob.spec(ckpt: ckpt, calib: bundle, options: job.options(ckpt), workers: workers, out: job.out,
                                            outputVia: cluster.outputVia)
-        guard parseBytes(workerMaxMemory) != nil else { throw MethodsError.invalidOptions("--worker-max-memory \(workerMaxMemory): use e.g. 64GiB, 512MiB") }
+        guard let perWorker = parseBytes(workerMaxMemory) else { throw MethodsError.invalidOptions("--worker-max-memory \(workerMaxMemory): use e.g. 64GiB, 512MiB") }
+        // No other worker can join a local cluster: if these cannot hold the model, say so
+        // now instead of waiting for one (each has a scratch directory, so inputs spill).
+        let layers = spec.memory.capacity(memory: perWorker, spills: true, layers: spec.layers)
+        guard layers * workers >= spec.layers else {
+            throw MethodsError.invalidOptions(String(format: "--workers %d --worker-max-memory %@ hold %d of %d layers (%.3f GiB per layer, %.3f GiB fixed per worker): raise --worker-max-memory to %.2f GiB or add workers",
+                                                     workers, workerMaxMemory, layers * workers, spec.layers, spec.memory.layerWeightBytes / 1073741824,
+                                                     spec.memory.bytes(layers: 0, spills: true) / 1073741824,
+                                                     spec.memory.bytes(layers: (spec.layers + workers - 1) / workers, spills: true) / 1073741824 + 0.005))
+        }
         let jobDir = cluster.jobDir ?? job.out + ".job"
         let secret = cluster.secret ?? ProcessInfo.processInfo.environment["MBQ_SECRET"]
         let coord = try ClusterCoordinator(spec: spec, bind: "tcp://127.0.0.1:*", jobDir: jobDir,

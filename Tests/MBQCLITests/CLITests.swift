@@ -140,6 +140,9 @@ final class CLITests: XCTestCase {
         try assertFails(base + ["--a-bit", "4"], mentioning: ["--a-bit 4"])
         try assertFails(base + ["--method", "rtn", "--reweight"], mentioning: ["--reweight"])
         try assertFails(base + ["--method", "gptq"], mentioning: ["gptq"])
+        // Local workers too small for the model: an error naming the budget, not a wait
+        // for workers that can never come.
+        try assertFails(base + ["--workers", "2", "--worker-max-memory", "1KiB"], mentioning: ["--worker-max-memory 1KiB", "raise --worker-max-memory"])
         XCTAssertFalse(FileManager.default.fileExists(atPath: NSTemporaryDirectory() + "never"))
     }
 

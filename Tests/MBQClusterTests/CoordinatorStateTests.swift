@@ -292,16 +292,19 @@ final class CostModelTests: XCTestCase {
         let w = CostModel.Worker(gflops: 250, memoryBytes: 64e9, threads: 2)
         var load = CostModel.Workload(samples: 8, tokens: 2048)
         load.lossRowFraction = 0.6
-        let one = CostModel().predict(shape, workers: [w], workload: load, bandwidthBytesPerSecond: 1e9)
+        // Without the assignment's loading, which does not depend on the samples (below).
+        var m = CostModel()
+        m.loadBytesPerWeight = 0
+        let one = m.predict(shape, workers: [w], workload: load, bandwidthBytesPerSecond: 1e9)
         load.samples = 16
-        let two = CostModel().predict(shape, workers: [w], workload: load, bandwidthBytesPerSecond: 1e9)
+        let two = m.predict(shape, workers: [w], workload: load, bandwidthBytesPerSecond: 1e9)
         let s1 = Dictionary(uniqueKeysWithValues: one.seconds.map { ($0.phase, $0.seconds) })
         let s2 = Dictionary(uniqueKeysWithValues: two.seconds.map { ($0.phase, $0.seconds) })
         XCTAssertEqual(s2["forward"]! / s1["forward"]!, 2, accuracy: 0.01, "forward is linear in samples")
         XCTAssertGreaterThan(s1["backward"]!, 2 * s1["forward"]!, "backward recomputes and differentiates")
         XCTAssertGreaterThan(s1["search"]!, 15 * s1["forward"]!, "21 evaluations per group")
         // Four workers: every phase shorter, the search about four times.
-        let four = CostModel().predict(shape, workers: Array(repeating: w, count: 4), workload: load, bandwidthBytesPerSecond: 1e9)
+        let four = m.predict(shape, workers: Array(repeating: w, count: 4), workload: load, bandwidthBytesPerSecond: 1e9)
         let s4 = Dictionary(uniqueKeysWithValues: four.seconds.map { ($0.phase, $0.seconds) })
         XCTAssertEqual(s2["search"]! / s4["search"]!, 4, accuracy: 0.1)
         XCTAssertLessThan(s4["forward"]!, s2["forward"]!)
@@ -314,13 +317,25 @@ final class CostModelTests: XCTestCase {
         XCTAssertEqual(needs.inputLayersKept(memory: w.memoryBytes, layers: 32, spills: false), 32)
         let kept = needs.inputLayersKept(memory: small.memoryBytes, layers: 32, spills: false)
         XCTAssertLessThan(kept, 32)
-        let tight = CostModel().predict(shape, workers: [small], workload: load, bandwidthBytesPerSecond: 1e9, memory: needs)
+        let tight = m.predict(shape, workers: [small], workload: load, bandwidthBytesPerSecond: 1e9, memory: needs)
         let st = Dictionary(uniqueKeysWithValues: tight.seconds.map { ($0.phase, $0.seconds) })
         XCTAssertEqual(st["backward"]! - s2["backward"]!, Double(32 - kept) * s2["forward"]! / 32, accuracy: s2["forward"]! * 0.01)
         var spilling = small
         spilling.spills = true
-        let spilled = CostModel().predict(shape, workers: [spilling], workload: load, bandwidthBytesPerSecond: 1e9, memory: needs)
+        let spilled = m.predict(shape, workers: [spilling], workload: load, bandwidthBytesPerSecond: 1e9, memory: needs)
         XCTAssertEqual(spilled.seconds.first { $0.phase == "backward" }!.seconds, s2["backward"]!, accuracy: 1e-9)
+        // Loading the blocks and the head at assignment adds to the forward, at the loop
+        // rate with every thread; bf16-held blocks are widened once per use, once per
+        // sample in the forward and twice in the backward.
+        let loaded = CostModel().predict(shape, workers: [w], workload: load, bandwidthBytesPerSecond: 1e9)
+        let weights = 32 * shape.paramsPerLayer + Double(shape.vocab * shape.hidden)
+        XCTAssertEqual(loaded.seconds[0].seconds - s2["forward"]!, weights * 12 / (1.35e9 * 2), accuracy: 1e-6)
+        load.weightBytes = 2
+        let held = m.predict(shape, workers: [w], workload: load, bandwidthBytesPerSecond: 1e9)
+        let sh = Dictionary(uniqueKeysWithValues: held.seconds.map { ($0.phase, $0.seconds) })
+        let widen = shape.paramsPerLayer * 1.9e-9
+        XCTAssertEqual(sh["forward"]! - s2["forward"]!, 16 * 32 * widen, accuracy: 1e-6)
+        XCTAssertEqual(sh["backward"]! - s2["backward"]!, 16 * 64 * widen, accuracy: 1e-6)
     }
 }
 
