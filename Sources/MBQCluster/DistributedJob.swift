@@ -28,9 +28,7 @@ public enum DistributedJob {
                            expectedWorkers: workers)
         let shape = CostModel.Shape(cfg)
         let tokens = calib.samples.map(\.length).max() ?? 0
-        // Workers keep a bf16 checkpoint's linears as bf16 (CPUBackend(keepStoredPrecision:));
-        // fp16 values are generally not bf16 values, so an fp16 checkpoint's are held in fp32.
-        let weightBytes = ckpt.weightDType == .bf16 ? 2 : 4
+        let weightBytes = MemoryNeeds.heldWeightBytes(stored: ckpt.weightDType)
         spec.memory = MemoryNeeds(shape: shape, inputRows: calib.samples.reduce(0) { $0 + $1.length }, tokens: tokens,
                                   weightBytes: weightBytes)
         let absOut = (out as NSString).standardizingPath

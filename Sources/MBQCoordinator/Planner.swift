@@ -38,6 +38,11 @@ public struct MemoryNeeds: Sendable, Equatable {
                   minChunkBytes: chunk)
     }
 
+    /// Bytes per weight a worker holds a checkpoint's blocks in: its CPU backend keeps a
+    /// bf16 checkpoint's linears as bf16 (`CPUBackend(keepStoredPrecision:)`); fp16
+    /// values are generally not bf16 values, so anything else is held in fp32.
+    public static func heldWeightBytes(stored: DType) -> Int { stored == .bf16 ? 2 : 4 }
+
     /// The fp32 copies of the layer being worked on: widened from storage, scaled,
     /// quantized (the apply step holds all three at once).
     public static func layerWorkingBytes(params: Double) -> Double { 3 * params * 4 }

@@ -203,13 +203,11 @@ struct PlanCommand: ParsableCommand {
     func run() throws {
         try runReportingErrors {
             let shape: CostModel.Shape
-            // Workers hold a bf16 checkpoint's layers in bf16, anything else in fp32; the
-            // presets are bf16 checkpoints.
-            var weightBytes = 2
+            var weightBytes = MemoryNeeds.heldWeightBytes(stored: .bf16)  // the presets are bf16 checkpoints
             if let model {
                 let ckpt = try Checkpoint(directory: model)
                 shape = CostModel.Shape(ckpt.config)
-                weightBytes = ckpt.weightDType == .bf16 ? 2 : 4
+                weightBytes = MemoryNeeds.heldWeightBytes(stored: ckpt.weightDType)
             } else if let preset, let s = CostModel.presets[preset] {
                 shape = s
             } else {
