@@ -111,6 +111,7 @@ public final class ClusterCoordinator {
                                      rates: i.gemmRates.count == CostModel.curveSizes.count ? i.gemmRates : nil,
                                      host: i.host, threads: Int(i.threads), cores: Int(i.cores))
             w.spills = i.scratchBytes > 0
+            w.loopGBps = i.loopGbps > 0 ? i.loopGbps : nil
             return w
         }
         return CostModel().predict(shape, workers: ws, workload: load, bandwidthBytesPerSecond: spec.bandwidthBytesPerSecond,

@@ -24,7 +24,7 @@ public enum CoordinatorEvent: Sendable, Equatable {
 
     // The state machine's
     case workerRegistered(worker: String, host: String, threads: Int, cores: Int, gflops: Double, gemmRates: [Double],
-                          memoryBytes: UInt64, scratchBytes: UInt64, reconnect: Bool)
+                          loopGBps: Double, memoryBytes: UInt64, scratchBytes: UInt64, reconnect: Bool)
     case workerRefused(worker: String, host: String, reason: String)
     case workerLost(worker: String, silentSeconds: Double, layers: Range<Int>?)
     case workerSpare(worker: String)

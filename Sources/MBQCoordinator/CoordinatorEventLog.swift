@@ -29,11 +29,12 @@ public enum CoordinatorEventLog {
             }.joined(separator: ", ") + String(format: "; total %.2f s (predicted %.2f, %+.0f%%)", total, predictedTotal, pct(total, predictedTotal))
         case let .wrote(path, seconds):
             return "wrote \(path) in \(String(format: "%.1f", seconds)) s total"
-        case let .workerRegistered(worker, host, threads, cores, gflops, rates, memory, scratch, reconnect):
+        case let .workerRegistered(worker, host, threads, cores, gflops, rates, loop, memory, scratch, reconnect):
             let curve = rates.isEmpty ? "" : " (GEMM 64..1024: " + rates.map { String(format: "%.0f", $0) }.joined(separator: "/") + ")"
             let s = scratch > 0 ? String(format: ", scratch %.0f GiB free", Double(scratch) / 1073741824) : ""
-            return String(format: "worker=%@ registered from %@: %d threads of %d cores, %.0f GFLOP/s%@, %.1f GiB%@%@", worker, host,
-                          threads, cores, gflops, curve, Double(memory) / 1073741824, s, reconnect ? " (reconnect: its state is gone)" : "")
+            let l = loop > 0 ? String(format: ", loops %.2f GB/s per thread", loop) : ""
+            return String(format: "worker=%@ registered from %@: %d threads of %d cores, %.0f GFLOP/s%@%@, %.1f GiB%@%@", worker, host,
+                          threads, cores, gflops, curve, l, Double(memory) / 1073741824, s, reconnect ? " (reconnect: its state is gone)" : "")
         case let .workerRefused(worker, host, reason):
             return "refused worker '\(worker)' from \(host): \(reason)"
         case let .workerLost(worker, silent, layers):
@@ -105,9 +106,9 @@ public enum CoordinatorEventLog {
             return [("measured_s", map(measured, order)), ("predicted_s", map(predicted, order)), ("total_s", d(total)),
                     ("predicted_total_s", d(predictedTotal))]
         case let .wrote(path, seconds): return [("path", .string(path)), ("seconds", d(seconds))]
-        case let .workerRegistered(worker, host, threads, cores, gflops, rates, memory, scratch, reconnect):
+        case let .workerRegistered(worker, host, threads, cores, gflops, rates, loop, memory, scratch, reconnect):
             return [("worker", .string(worker)), ("host", .string(host)), ("threads", i(threads)), ("cores", i(cores)),
-                    ("gflops", d(gflops)), ("gemm_rates", doubles(rates)), ("memory_bytes", i(memory)),
+                    ("gflops", d(gflops)), ("gemm_rates", doubles(rates)), ("loop_gbps", d(loop)), ("memory_bytes", i(memory)),
                     ("scratch_bytes", i(scratch)), ("reconnect", .bool(reconnect))]
         case let .workerRefused(worker, host, reason):
             return [("worker", .string(worker)), ("host", .string(host)), ("reason", .string(reason))]

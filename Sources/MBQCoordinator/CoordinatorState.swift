@@ -315,7 +315,7 @@ public final class CoordinatorState {
         let known = workers[r.workerID]
         workers[r.workerID] = WorkerEntry(identity: identity, id: r.workerID, info: r, lastSeen: now, alive: true, range: nil)
         var out: [Directive] = [.event(.workerRegistered(worker: r.workerID, host: r.host, threads: Int(r.threads), cores: Int(r.cores),
-                                                         gflops: r.gemmGflops, gemmRates: r.gemmRates, memoryBytes: r.maxMemoryBytes,
+                                                         gflops: r.gemmGflops, gemmRates: r.gemmRates, loopGBps: r.loopGbps, memoryBytes: r.maxMemoryBytes,
                                                          scratchBytes: r.scratchBytes, reconnect: known != nil))]
         switch phase {
         case .waiting:

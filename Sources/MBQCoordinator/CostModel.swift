@@ -21,9 +21,14 @@ public struct CostModel: Sendable {
     /// workers known by one number (`mbq plan --workers 16x64GiB@1000`).
     public static let referenceCurve: [Double] = [1.05, 0.89, 1.04, 1.0, 1.0]
 
-    /// Bytes per second that non-GEMM loops move, per thread. Calibrated: a block of
-    /// hidden 256 on 128 tokens takes 3.6 ms on one thread here, 1.3 ms of it GEMM.
+    /// Bytes per second that non-GEMM loops move, per thread, on the machine the
+    /// constants were calibrated on (a worker that measured its loops runs at
+    /// `loopGBps / referenceLoopGBps` of this). Calibrated: a block of hidden 256 on 128
+    /// tokens takes 3.6 ms on one thread, 1.3 ms of it GEMM.
     public var elementwiseGBps = 1.35
+    /// What `ComputeBackend.measureLoopGBps` gave on the machine the loop constants
+    /// below (load, widen, apply) were last fitted on (an Intel Xeon, 2 cores).
+    public var referenceLoopGBps = 2.93
     /// Bytes moved per weight element each time the search quantizes a candidate
     /// (scale, group min/max, round, unscale): 90 ms per layer of the demo model.
     public var quantizeBytesPerWeight = 8.0
@@ -37,20 +42,18 @@ public struct CostModel: Sendable {
     /// Reading a block (and the last stage's head) from the checkpoint at assignment:
     /// page faults, widening to fp32, narrowing back to bf16; bytes per weight at the loop
     /// rate with every thread. Measured on Llama-7B shapes: one layer and the head in
-    /// 1.06 s on 2 threads, four layers in 9.4-9.8 s on one. Larger tensors fault more
-    /// per weight: a Qwen2-72B-shaped layer and head took 24.8 s on 2 threads, 2.6x this.
-    public var loadBytesPerWeight = 12.0
-    /// Widening a bf16-held block's linears to fp32 for one use (one thread, bound by the
-    /// new pages' faults), seconds per weight: 0.38 s per Llama-7B-shaped block here, with
-    /// 1 or 2 threads alike (5.5 s per Qwen2-72B-shaped one, 3.0x: see loadBytesPerWeight).
-    /// A forward uses a block once, the backward twice.
+    /// 3.49 s on 2 threads (an AMD EPYC took 1.06 s: loading is page faults and file
+    /// reads more than loops, so the loop rate scales it only roughly).
+    public var loadBytesPerWeight = 28.0
+    /// Widening a bf16-held block's linears to fp32 (one thread), seconds per weight: 0.38 s
+    /// per Llama-7B-shaped block into fresh pages (measured on the EPYC); a block used
+    /// again right after is not widened again (CPUBackend.WidenedBlock).
     public var widenSecondsPerWeight = 1.9e-9
     /// Apply per layer: scaling and quantizing the fp32 weights, bytes per weight at the
     /// loop rate, plus downloading and writing the shard, seconds per fp32 weight byte
-    /// (measured here on Llama-7B-shaped layers: 2.44 s per layer on one thread, 1.87 s
-    /// on two).
-    public var applyBytesPerWeight = 7.6
-    public var applySecondsPerByte = 1.6e-9
+    /// (measured on a Llama-7B-shaped layer: 3.80 s on two threads).
+    public var applyBytesPerWeight = 15.5
+    public var applySecondsPerByte = 3.3e-9
 
     public struct Shape: Sendable {
         public var layers, hidden, intermediate, heads, kvHeads, headDim, vocab: Int
@@ -109,6 +112,9 @@ public struct CostModel: Sendable {
         public var spills = false
         /// Fraction of its rate the worker gets (set per phase from who is busy).
         var share = 1.0
+        /// Its measured loop rate, GB/s per thread (`ComputeBackend.measureLoopGBps`; nil:
+        /// the calibration machine's).
+        public var loopGBps: Double?
         /// Threads its non-GEMM loops use on this job's tensors (set by `predict`).
         var loopThreads = 1.0
         public init(gflops: Double, memoryBytes: Double, rates: [Double]? = nil, host: String = "", threads: Int = 1, cores: Int = 0) {
@@ -145,7 +151,15 @@ public struct CostModel: Sendable {
         return 2 * m * k * n / (w.rate(m, k, n) * 1e9 * w.share)
     }
 
-    func bytes(_ b: Double, _ w: Worker) -> Double { b / (elementwiseGBps * 1e9 * w.loopThreads * w.share) }
+    func bytes(_ b: Double, _ w: Worker) -> Double {
+        b / (elementwiseGBps * loopSpeed(w) * 1e9 * w.loopThreads * w.share)
+    }
+
+    /// The worker's loops against the calibration machine's.
+    func loopSpeed(_ w: Worker) -> Double { w.loopGBps.map { $0 / referenceLoopGBps } ?? 1 }
+
+    /// One thread's loop of `seconds` on the calibration machine, on `w`.
+    func loopSeconds(_ seconds: Double, _ w: Worker) -> Double { seconds / (loopSpeed(w) * w.share) }
 
     /// Self-attention on `t` rows: projections, per-head products, softmax and RoPE; in
     /// a block also its norm, residual and copies, in a search evaluation the loss.
@@ -229,17 +243,22 @@ public struct CostModel: Sendable {
             let slow = st.max() ?? 0
             return n * (slow + hop) + st.reduce(0, +) - slow + phaseOverhead
         }
-        // A bf16-held block is widened to fp32 for each use.
-        let widen = { (w: Worker) in j.weightBytes < 4 ? self.widenSecondsPerWeight * s.paramsPerLayer / w.share : 0 }
+        // A bf16-held block is widened to fp32 when used after another block
+        // (CPUBackend.WidenedBlock): a stage of one layer widens once per phase, a longer
+        // one each layer per sample in the forward, each recomputed and each
+        // differentiated layer in the backward.
+        let widen = { (w: Worker) in j.weightBytes < 4 ? self.loopSeconds(self.widenSecondsPerWeight * s.paramsPerLayer, w) : 0 }
         // Workers read their blocks when assigned, inside the forward phase, all at once:
         // the forward starts when the first stage has its blocks.
         let load = plan.enumerated().map { k, r in
             var w = workers[k]
             w.loopThreads = Double(max(1, w.threads))
             let head = k == stages - 1 ? Double(s.vocab * s.hidden) : 0
-            return self.bytes((Double(r.count) * s.paramsPerLayer + head) * loadBytesPerWeight, w)
+            // A stage of one layer widens it once, on its first use, and keeps it.
+            return self.bytes((Double(r.count) * s.paramsPerLayer + head) * loadBytesPerWeight, w) + (r.count == 1 ? widen(w) : 0)
         }.max() ?? 0
-        let fwdStage = plan.enumerated().map { k, r in Double(r.count) * (block(s, t, workers[k]) + widen(workers[k])) }
+        let widened = { (r: Range<Int>, uses: Int) in r.count > 1 ? Double(uses) : 0 }
+        let fwdStage = plan.enumerated().map { k, r in Double(r.count) * block(s, t, workers[k]) + widened(r, r.count) * widen(workers[k]) }
         var seconds: [(String, Double)] = [("forward", load + pipeline(fwdStage))]
         if j.needsStats {
             // Backward recomputes each block's forward with saved activations, then the
@@ -248,7 +267,7 @@ public struct CostModel: Sendable {
             let bwdStage = plan.enumerated().map { k, r in
                 let kept = memory?.inputLayersKept(memory: workers[k].memoryBytes, layers: r.count, spills: workers[k].spills) ?? r.count
                 return (backwardFactor * Double(r.count) + Double(r.count - kept)) * block(s, t, workers[k])
-                    + Double(2 * r.count + r.count - kept) * widen(workers[k])
+                    + widened(r, 2 * r.count - kept) * widen(workers[k])
                     + (k == stages - 1 ? head(workers[k]) : 0)
             }
             seconds.append(("backward", pipeline(bwdStage)))
@@ -271,7 +290,7 @@ public struct CostModel: Sendable {
         // writes its layers' shards.
         let apply = plan.enumerated().map { k, r in
             Double(r.count) * (bytes(s.paramsPerLayer * applyBytesPerWeight, workers[k])
-                               + s.paramsPerLayer * 4 * applySecondsPerByte / workers[k].share + writeOverhead)
+                               + loopSeconds(s.paramsPerLayer * 4 * applySecondsPerByte, workers[k]) + writeOverhead)
         }.max() ?? 0
         seconds.append(("apply", apply + phaseOverhead))
         let transfer = n * actBytes * Double(stages - 1) * (j.needsStats ? 2 : 1)

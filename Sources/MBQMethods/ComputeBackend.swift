@@ -133,4 +133,8 @@ public protocol ComputeBackend: Sendable {
     /// this worker computes with: the cost model reads the efficiency of small GEMMs
     /// from it, the plan the speed of large ones.
     func measureGEMMRates(sizes: [Int]) -> [Double]
+    /// GB/s per thread of the loops that are not GEMMs, measured on the search's
+    /// quantizer (8 bytes per weight: read and written in fp32): the cost model scales
+    /// every loop it charges by this, against what the machine it was calibrated on measured.
+    func measureLoopGBps() -> Double
 }

@@ -137,6 +137,7 @@ public final class Worker: @unchecked Sendable {
         reg.backend = backend.name
         reg.dataCurveKey = dataKeys?.public ?? ""
         reg.gemmRates = rates
+        reg.loopGbps = backend.measureLoopGBps()
         reg.cores = UInt32(ProcessInfo.processInfo.activeProcessorCount)
         if let s = options.scratch { reg.scratchBytes = Self.freeBytes(s) }
         let compute = Thread { [self] in computeLoop() }

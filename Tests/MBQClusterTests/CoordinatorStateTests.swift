@@ -325,17 +325,37 @@ final class CostModelTests: XCTestCase {
         let spilled = m.predict(shape, workers: [spilling], workload: load, bandwidthBytesPerSecond: 1e9, memory: needs)
         XCTAssertEqual(spilled.seconds.first { $0.phase == "backward" }!.seconds, s2["backward"]!, accuracy: 1e-9)
         // Loading the blocks and the head at assignment adds to the forward, at the loop
-        // rate with every thread; bf16-held blocks are widened once per use, once per
-        // sample in the forward and twice in the backward.
+        // rate with every thread; bf16-held blocks are widened when used after another
+        // block: once per layer and sample in the forward, once per differentiated (and
+        // per recomputed) layer in the backward, and a stage of one layer keeps its one.
         let loaded = CostModel().predict(shape, workers: [w], workload: load, bandwidthBytesPerSecond: 1e9)
         let weights = 32 * shape.paramsPerLayer + Double(shape.vocab * shape.hidden)
-        XCTAssertEqual(loaded.seconds[0].seconds - s2["forward"]!, weights * 12 / (1.35e9 * 2), accuracy: 1e-6)
+        XCTAssertEqual(loaded.seconds[0].seconds - s2["forward"]!, weights * CostModel().loadBytesPerWeight / (m.elementwiseGBps * 1e9 * 2), accuracy: 1e-6)
         load.weightBytes = 2
         let held = m.predict(shape, workers: [w], workload: load, bandwidthBytesPerSecond: 1e9)
         let sh = Dictionary(uniqueKeysWithValues: held.seconds.map { ($0.phase, $0.seconds) })
-        let widen = shape.paramsPerLayer * 1.9e-9
+        let widen = shape.paramsPerLayer * m.widenSecondsPerWeight
+        XCTAssertGreaterThan(widen, 0)
         XCTAssertEqual(sh["forward"]! - s2["forward"]!, 16 * 32 * widen, accuracy: 1e-6)
-        XCTAssertEqual(sh["backward"]! - s2["backward"]!, 16 * 64 * widen, accuracy: 1e-6)
+        XCTAssertEqual(sh["backward"]! - s2["backward"]!, 16 * 32 * widen, accuracy: 1e-6)
+        let oneLayer = CostModel.Shape(layers: 1, hidden: shape.hidden, intermediate: shape.intermediate, heads: shape.heads,
+                                       kvHeads: shape.kvHeads, headDim: shape.headDim, vocab: shape.vocab)
+        load.weightBytes = 4
+        let fp32 = m.predict(oneLayer, workers: [w], workload: load, bandwidthBytesPerSecond: 1e9).seconds
+        load.weightBytes = 2
+        let bf16 = m.predict(oneLayer, workers: [w], workload: load, bandwidthBytesPerSecond: 1e9).seconds
+        XCTAssertEqual(bf16[0].seconds - fp32[0].seconds, widen, accuracy: 1e-9, "one layer: widened once, on its first use")
+        XCTAssertEqual(Array(bf16.dropFirst().map(\.seconds)), Array(fp32.dropFirst().map(\.seconds)), "and kept for every later use")
+        // A worker whose loops run at twice the calibration machine's: every loop term
+        // halves, the GEMMs stay.
+        var fast = w
+        fast.loopGBps = 2 * m.referenceLoopGBps
+        let quick = m.predict(oneLayer, workers: [fast], workload: load, bandwidthBytesPerSecond: 1e9).seconds
+        XCTAssertEqual(bf16.last!.phase, "apply")
+        let gemmFree = bf16.last!.seconds - m.phaseOverhead - m.writeOverhead
+        XCTAssertEqual(quick.last!.seconds - m.phaseOverhead - m.writeOverhead, gemmFree / 2, accuracy: 1e-9)
+        XCTAssertLessThan(quick[1].seconds, bf16[1].seconds)
+        XCTAssertGreaterThan(quick[1].seconds, bf16[1].seconds / 2, "the backward's GEMMs do not speed up")
     }
 }
 

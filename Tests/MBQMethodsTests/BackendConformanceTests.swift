@@ -70,6 +70,7 @@ final class BackendConformanceTests: XCTestCase {
             return r
         }
         func measureGEMMRates(sizes: [Int]) -> [Double] { cpu.measureGEMMRates(sizes: sizes) }
+        func measureLoopGBps() -> Double { cpu.measureLoopGBps() }
     }
 
     func fixture(_ arch: String) throws -> (LanguageModel<Float>, CalibrationBundle) {
@@ -100,6 +101,28 @@ final class BackendConformanceTests: XCTestCase {
         XCTAssertTrue(checks.allSatisfy(\.passed), "\(checks.filter { !$0.passed })")
         let (llava, _) = try fixture("llava15")      // stored fp32
         XCTAssertEqual(kept.loadBlock(llava.blocks[0]).residentBytes, llava.blocks[0].parameterCount * 4)
+    }
+
+    /// The widened fp32 copy is reused from one block to the next: whatever order blocks
+    /// are used in, and whatever a caller does with a copy it holds, each use sees exactly
+    /// its own block.
+    func testWidenedCopiesAreEachBlocksOwn() throws {
+        let kept = CPUBackend(keepStoredPrecision: true)
+        let (qwen, _) = try fixture("qwen2vl")
+        XCTAssertGreaterThanOrEqual(qwen.blocks.count, 2)
+        let blocks = qwen.blocks.prefix(2).map(kept.loadBlock)
+        func same(_ a: DecoderBlockWeights<Float>, _ b: DecoderBlockWeights<Float>) -> Bool {
+            ApplyScales.linears.allSatisfy { a[keyPath: $0.path].data == b[keyPath: $0.path].data }
+                && a.inputNorm.data == b.inputNorm.data && a.postAttentionNorm.data == b.postAttentionNorm.data
+        }
+        var held = kept.downloadBlock(blocks[0])
+        XCTAssertTrue(same(held, qwen.blocks[0]))
+        for l in [1, 0, 0, 1, 0] {
+            XCTAssertTrue(same(kept.downloadBlock(blocks[l]), qwen.blocks[l]), "use of block \(l)")
+        }
+        XCTAssertTrue(same(held, qwen.blocks[0]), "a held copy is untouched by later widening")
+        held.q.data[0] += 1                                   // a caller scaling its copy
+        XCTAssertTrue(same(kept.downloadBlock(blocks[0]), qwen.blocks[0]), "nor does a caller's change reach the next use")
     }
 
     func testADeviatingBackendFailsNamingWhere() throws {

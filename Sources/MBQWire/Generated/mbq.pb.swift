@@ -223,6 +223,9 @@ public nonisolated struct Mbq_Register: Sendable {
   /// the coordinator's Challenge this auth_token answers
   public var nonce: Data = Data()
 
+  /// GB/s of one thread's non-GEMM loops (ComputeBackend.measureLoopGBps)
+  public var loopGbps: Double = 0
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -890,7 +893,7 @@ nonisolated extension Mbq_Envelope: SwiftProtobuf.Message, SwiftProtobuf._Messag
 
 nonisolated extension Mbq_Register: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Register"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}worker_id\0\u{1}host\0\u{3}max_memory_bytes\0\u{1}threads\0\u{3}gemm_gflops\0\u{3}data_endpoint\0\u{3}auth_token\0\u{1}backend\0\u{3}data_curve_key\0\u{3}scratch_bytes\0\u{1}cores\0\u{3}gemm_rates\0\u{1}nonce\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}worker_id\0\u{1}host\0\u{3}max_memory_bytes\0\u{1}threads\0\u{3}gemm_gflops\0\u{3}data_endpoint\0\u{3}auth_token\0\u{1}backend\0\u{3}data_curve_key\0\u{3}scratch_bytes\0\u{1}cores\0\u{3}gemm_rates\0\u{1}nonce\0\u{3}loop_gbps\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -911,6 +914,7 @@ nonisolated extension Mbq_Register: SwiftProtobuf.Message, SwiftProtobuf._Messag
       case 11: try { try decoder.decodeSingularUInt32Field(value: &self.cores) }()
       case 12: try { try decoder.decodeRepeatedDoubleField(value: &self.gemmRates) }()
       case 13: try { try decoder.decodeSingularBytesField(value: &self.nonce) }()
+      case 14: try { try decoder.decodeSingularDoubleField(value: &self.loopGbps) }()
       default: break
       }
     }
@@ -956,6 +960,9 @@ nonisolated extension Mbq_Register: SwiftProtobuf.Message, SwiftProtobuf._Messag
     if !self.nonce.isEmpty {
       try visitor.visitSingularBytesField(value: self.nonce, fieldNumber: 13)
     }
+    if self.loopGbps.bitPattern != 0 {
+      try visitor.visitSingularDoubleField(value: self.loopGbps, fieldNumber: 14)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -973,6 +980,7 @@ nonisolated extension Mbq_Register: SwiftProtobuf.Message, SwiftProtobuf._Messag
     if lhs.cores != rhs.cores {return false}
     if lhs.gemmRates != rhs.gemmRates {return false}
     if lhs.nonce != rhs.nonce {return false}
+    if lhs.loopGbps != rhs.loopGbps {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
