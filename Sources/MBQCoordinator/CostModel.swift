@@ -244,7 +244,7 @@ public struct CostModel: Sendable {
             return n * (slow + hop) + st.reduce(0, +) - slow + phaseOverhead
         }
         // A bf16-held block is widened to fp32 when used after another block
-        // (CPUBackend.WidenedBlock): a stage of one layer widens once per phase, a longer
+        // (CPUBackend.WidenedBlock): a stage of one layer widens once, on its first use, a longer
         // one each layer per sample in the forward, each recomputed and each
         // differentiated layer in the backward.
         let widen = { (w: Worker) in j.weightBytes < 4 ? self.loopSeconds(self.widenSecondsPerWeight * s.paramsPerLayer, w) : 0 }
