@@ -28,7 +28,7 @@ public struct CostModel: Sendable {
     public var elementwiseGBps = 1.35
     /// What `ComputeBackend.measureLoopGBps` gave on the machine the loop constants
     /// below (load, widen, apply) were last fitted on (an Intel Xeon, 2 cores).
-    public var referenceLoopGBps = 2.93
+    public var referenceLoopGBps = 2.55
     /// Bytes moved per weight element each time the search quantizes a candidate
     /// (scale, group min/max, round, unscale): 90 ms per layer of the demo model.
     public var quantizeBytesPerWeight = 8.0
