@@ -32,8 +32,6 @@ public struct CostModel: Sendable {
     /// Bytes moved per weight element each time the search quantizes a candidate
     /// (scale, group min/max, round, unscale): 90 ms per layer of the demo model.
     public var quantizeBytesPerWeight = 8.0
-    /// Writing one layer's shard (fsync included), seconds, beyond its bytes at 1 GB/s.
-    public var writeOverhead = 0.01
     /// Backward phase per block and sample, in forwards: the recompute with saved
     /// activations plus the input gradients (measured: 2.12 on a 7B block).
     public var backwardFactor = 2.1
@@ -49,11 +47,13 @@ public struct CostModel: Sendable {
     /// per Llama-7B-shaped block into fresh pages (measured on the EPYC); a block used
     /// again right after is not widened again (CPUBackend.WidenedBlock).
     public var widenSecondsPerWeight = 1.9e-9
-    /// Apply per layer: scaling and quantizing the fp32 weights, bytes per weight at the
-    /// loop rate, plus downloading and writing the shard, seconds per fp32 weight byte
-    /// (measured on a Llama-7B-shaped layer: 3.80 s on two threads).
-    public var applyBytesPerWeight = 15.5
-    public var applySecondsPerByte = 3.3e-9
+    /// Apply per layer: scaling and quantizing the weights, packing and writing the shard
+    /// (fsync included): a fixed part and seconds per weight, not scaled by the loop rate:
+    /// page faults and the disk set it more than loops do. Fitted on four runs of one
+    /// layer on 2 threads (Llama-7B shape: 3.36 s on an Intel Xeon, 3.46 s on an AMD
+    /// EPYC whose loops run 1.45x faster; Qwen2-72B shape: 14.2 s and 12.3 s).
+    public var applyFixedSeconds = 0.7
+    public var applySecondsPerWeight = 13.5e-9
 
     public struct Shape: Sendable {
         public var layers, hidden, intermediate, heads, kvHeads, headDim, vocab: Int
@@ -289,8 +289,7 @@ public struct CostModel: Sendable {
         // Apply: each stage scales and quantizes its weights (a few passes over fp32) and
         // writes its layers' shards.
         let apply = plan.enumerated().map { k, r in
-            Double(r.count) * (bytes(s.paramsPerLayer * applyBytesPerWeight, workers[k])
-                               + loopSeconds(s.paramsPerLayer * 4 * applySecondsPerByte, workers[k]) + writeOverhead)
+            Double(r.count) * ((applyFixedSeconds + s.paramsPerLayer * applySecondsPerWeight) / workers[k].share)
         }.max() ?? 0
         seconds.append(("apply", apply + phaseOverhead))
         let transfer = n * actBytes * Double(stages - 1) * (j.needsStats ? 2 : 1)

@@ -12,7 +12,40 @@ public struct SafetensorsWriter {
         let name: String
         let dtype: DType
         let shape: [Int]
-        let bytes: [UInt8]
+        let data: Bytes
+        var count: Int { data.count }
+    }
+
+    /// A tensor's bytes: held, or read from another file's mapping only while writing
+    /// (an unchanged 152k x 8192 embedding need not pass through anonymous memory).
+    enum Bytes {
+        case held([UInt8])
+        case mapped(SafetensorsFile, String)
+
+        var count: Int {
+            switch self {
+            case .held(let b): return b.count
+            case .mapped(let f, let name): return (try? f.entry(name).byteRange.count) ?? 0
+            }
+        }
+
+        /// Hands the bytes to `body` (1 GiB at a time from a mapping, each piece's pages
+        /// released once it is written).
+        func withPieces(_ body: (UnsafeRawBufferPointer) throws -> Void) throws {
+            switch self {
+            case .held(let b):
+                try b.withUnsafeBytes(body)
+            case .mapped(let f, let name):
+                let all = try f.rawBytes(name)
+                var at = 0
+                repeat {
+                    let n = min(1 << 30, all.count - at)
+                    try body(UnsafeRawBufferPointer(rebasing: all[at..<(at + n)]))
+                    at += n
+                } while at < all.count
+                f.releasePages(name)
+            }
+        }
     }
 
     private var pending: [Pending] = []
@@ -26,7 +59,16 @@ public struct SafetensorsWriter {
         precondition(shape.reduce(1, *) * dtype.byteSize == bytes.count,
                      "tensor '\(name)': shape \(shape) × \(dtype.rawValue) != \(bytes.count) bytes")
         names.insert(name)
-        pending.append(Pending(name: name, dtype: dtype, shape: shape, bytes: bytes))
+        pending.append(Pending(name: name, dtype: dtype, shape: shape, data: .held(bytes)))
+    }
+
+    /// Adds `source`'s tensor `name` as stored; its bytes are read from the mapping when
+    /// the file is written.
+    public mutating func add(copying name: String, from source: SafetensorsFile) throws {
+        let e = try source.entry(name)
+        precondition(!names.contains(name), "tensor '\(name)' added twice")
+        names.insert(name)
+        pending.append(Pending(name: name, dtype: e.dtype, shape: e.shape, data: .mapped(source, name)))
     }
 
     /// Adds a float tensor stored as F32, BF16 or F16 (rounded to nearest even).
@@ -83,8 +125,8 @@ public struct SafetensorsWriter {
         var offset = 0
         for p in pending {
             obj[p.name] = ["dtype": p.dtype.rawValue, "shape": p.shape,
-                           "data_offsets": [offset, offset + p.bytes.count]] as [String: Any]
-            offset += p.bytes.count
+                           "data_offsets": [offset, offset + p.count]] as [String: Any]
+            offset += p.count
         }
         var header = Array(try JSONSerialization.data(withJSONObject: obj, options: [.sortedKeys]))
         while header.count % 8 != 0 { header.append(0x20) }
@@ -95,10 +137,10 @@ public struct SafetensorsWriter {
     public func serialized(metadata: [String: String] = [:]) throws -> [UInt8] {
         let header = try headerBytes(metadata: metadata)
         var out: [UInt8] = []
-        out.reserveCapacity(8 + header.count + pending.reduce(0) { $0 + $1.bytes.count })
+        out.reserveCapacity(8 + header.count + pending.reduce(0) { $0 + $1.count })
         withUnsafeBytes(of: UInt64(header.count).littleEndian) { out += $0 }
         out += header
-        for p in pending { out += p.bytes }
+        for p in pending { try p.data.withPieces { out += $0 } }
         return out
     }
 
@@ -109,7 +151,7 @@ public struct SafetensorsWriter {
             var len = UInt64(header.count).littleEndian
             try withUnsafeBytes(of: &len) { try fh.write($0) }
             try header.withUnsafeBytes { try fh.write($0) }
-            for p in pending { try p.bytes.withUnsafeBytes { try fh.write($0) } }
+            for p in pending { try p.data.withPieces { try fh.write($0) } }
         }
     }
 }

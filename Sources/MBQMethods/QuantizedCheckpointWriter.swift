@@ -179,7 +179,7 @@ public enum QuantizedCheckpointWriter {
                 var w = SafetensorsWriter()
                 for name in names {
                     let e = try source.entry(name)
-                    w.add(name, dtype: e.dtype, shape: e.shape, bytes: Array(try source.rawBytes(name)))
+                    try w.add(copying: name, from: source)
                     weightMap[name] = file
                     totalSize += e.shape.reduce(1, *) * e.dtype.byteSize
                 }

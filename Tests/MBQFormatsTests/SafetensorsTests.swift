@@ -33,6 +33,31 @@ final class SafetensorsTests: XCTestCase {
         XCTAssertEqual((try r.entry("f32").byteRange.lowerBound - 8) % 8, 0)
     }
 
+    /// Tensors copied from another file's mapping come out byte for byte as if their
+    /// bytes had been added: the same file, written or serialized.
+    func testCopyingFromAMappedFile() throws {
+        let dir = TempDir()
+        var src = SafetensorsWriter()
+        src.add("b", Tensor<Float>(shape: [3, 2], data: [1, 2, 3, 4, 5, 6]), as: .bf16)
+        src.add("a", uint8: [9, 8, 7], shape: [3])
+        src.add("empty", floats: [], shape: [0, 2])
+        try src.write(to: dir.file("src.safetensors"))
+        let source = try SafetensorsFile(path: dir.file("src.safetensors"))
+        var copied = SafetensorsWriter(), held = SafetensorsWriter()
+        for name in ["b", "a", "empty"] {
+            try copied.add(copying: name, from: source)
+            let e = try source.entry(name)
+            held.add(name, dtype: e.dtype, shape: e.shape, bytes: Array(try source.rawBytes(name)))
+        }
+        copied.add("new", floats: [0.5], shape: [1])
+        held.add("new", floats: [0.5], shape: [1])
+        XCTAssertEqual(try copied.serialized(metadata: ["format": "pt"]), try held.serialized(metadata: ["format": "pt"]))
+        try copied.write(to: dir.file("out.safetensors"), metadata: ["format": "pt"])
+        let written = try Data(contentsOf: URL(fileURLWithPath: dir.file("out.safetensors")))
+        XCTAssertEqual(Array(written), try held.serialized(metadata: ["format": "pt"]))
+        XCTAssertEqual(try SafetensorsFile(path: dir.file("out.safetensors")).floatTensor("b").data, [1, 2, 3, 4, 5, 6])
+    }
+
     func testAtomicWriteLeavesNoPartialFile() throws {
         let dir = TempDir()
         var w = SafetensorsWriter()
