@@ -47,13 +47,14 @@ public struct CostModel: Sendable {
     /// per Llama-7B-shaped block into fresh pages (measured on the EPYC); a block used
     /// again right after is not widened again (CPUBackend.WidenedBlock).
     public var widenSecondsPerWeight = 1.9e-9
-    /// Apply per layer: scaling and quantizing the weights, packing and writing the shard
-    /// (fsync included): a fixed part and seconds per weight, not scaled by the loop rate:
-    /// page faults and the disk set it more than loops do. Fitted on four runs of one
-    /// layer on 2 threads (Llama-7B shape: 3.36 s on an Intel Xeon, 3.46 s on an AMD
-    /// EPYC whose loops run 1.45x faster; Qwen2-72B shape: 14.2 s and 12.3 s).
-    public var applyFixedSeconds = 0.7
-    public var applySecondsPerWeight = 13.5e-9
+    /// Apply per layer: scaling and quantizing the weights, packing and writing the shard:
+    /// seconds per weight, not scaled by the loop rate (page faults and the disk set it
+    /// more than loops do), and a fixed part (the shard's fsync and rename). Fitted on
+    /// four runs of one layer on 2 threads: Llama-7B shape 3.36 s on an Intel Xeon, 3.46 s
+    /// on an AMD EPYC whose loops run 1.45x faster; Qwen2-72B shape 14.2 s and 12.3 s
+    /// (this predicts 3.1 and 13.6 s).
+    public var applyFixedSeconds = 0.01
+    public var applySecondsPerWeight = 15.5e-9
 
     public struct Shape: Sendable {
         public var layers, hidden, intermediate, heads, kvHeads, headDim, vocab: Int
