@@ -38,11 +38,13 @@ public struct CostModel: Sendable {
     /// Fixed cost per phase (commands, ZeroMQ round trips, thread wake-up), seconds.
     public var phaseOverhead = 0.03
     /// Reading a block (and the last stage's head) from the checkpoint at assignment:
-    /// page faults, widening to fp32, narrowing back to bf16; bytes per weight at the loop
-    /// rate with every thread. Measured on Llama-7B shapes: one layer and the head in
-    /// 3.49 s on 2 threads (an AMD EPYC took 1.06 s: loading is page faults and file
-    /// reads more than loops, so the loop rate scales it only roughly).
-    public var loadBytesPerWeight = 28.0
+    /// page faults and file reads more than loops, so seconds per weight, neither scaled
+    /// by the loop rate nor split over threads. Measured on an AMD EPYC guest with huge
+    /// pages: a Qwen2-72B-shaped layer and head in 19.7 s on 2 threads (9.3 ns per
+    /// weight), four Llama-7B-shaped layers (and the head) in 7.9-8.1 s on one thread
+    /// (8.5 ns), one 7B layer and head 1.4-2.4 s (4-7 ns). An Intel Xeon without huge
+    /// pages took 13.5 ns (72B) and 10.5 ns (7B).
+    public var loadSecondsPerWeight = 9e-9
     /// Widening a bf16-held block's linears to fp32 (one thread), seconds per weight: 0.38 s
     /// per Llama-7B-shaped block into fresh pages (measured on the EPYC); a block used
     /// again right after is not widened again (CPUBackend.WidenedBlock).
@@ -252,11 +254,10 @@ public struct CostModel: Sendable {
         // Workers read their blocks when assigned, inside the forward phase, all at once:
         // the forward starts when the first stage has its blocks.
         let load = plan.enumerated().map { k, r in
-            var w = workers[k]
-            w.loopThreads = Double(max(1, w.threads))
+            let w = workers[k]
             let head = k == stages - 1 ? Double(s.vocab * s.hidden) : 0
             // A stage of one layer widens it once, on its first use, and keeps it.
-            return self.bytes((Double(r.count) * s.paramsPerLayer + head) * loadBytesPerWeight, w) + (r.count == 1 ? widen(w) : 0)
+            return (Double(r.count) * s.paramsPerLayer + head) * loadSecondsPerWeight / w.share + (r.count == 1 ? widen(w) : 0)
         }.max() ?? 0
         let widened = { (r: Range<Int>, uses: Int) in r.count > 1 ? Double(uses) : 0 }
         let fwdStage = plan.enumerated().map { k, r in Double(r.count) * block(s, t, workers[k]) + widened(r, r.count) * widen(workers[k]) }
