@@ -13,7 +13,7 @@ public struct SafetensorsWriter {
         let dtype: DType
         let shape: [Int]
         let data: Bytes
-        var count: Int { data.count }
+        let count: Int
     }
 
     /// A tensor's bytes: held, or read from another file's mapping only while writing
@@ -21,13 +21,6 @@ public struct SafetensorsWriter {
     enum Bytes {
         case held([UInt8])
         case mapped(SafetensorsFile, String)
-
-        var count: Int {
-            switch self {
-            case .held(let b): return b.count
-            case .mapped(let f, let name): return (try? f.entry(name).byteRange.count) ?? 0
-            }
-        }
 
         /// Hands the bytes to `body` (1 GiB at a time from a mapping, each piece's pages
         /// released once it is written).
@@ -59,7 +52,7 @@ public struct SafetensorsWriter {
         precondition(shape.reduce(1, *) * dtype.byteSize == bytes.count,
                      "tensor '\(name)': shape \(shape) × \(dtype.rawValue) != \(bytes.count) bytes")
         names.insert(name)
-        pending.append(Pending(name: name, dtype: dtype, shape: shape, data: .held(bytes)))
+        pending.append(Pending(name: name, dtype: dtype, shape: shape, data: .held(bytes), count: bytes.count))
     }
 
     /// Adds `source`'s tensor `name` as stored; its bytes are read from the mapping when
@@ -68,7 +61,7 @@ public struct SafetensorsWriter {
         let e = try source.entry(name)
         precondition(!names.contains(name), "tensor '\(name)' added twice")
         names.insert(name)
-        pending.append(Pending(name: name, dtype: e.dtype, shape: e.shape, data: .mapped(source, name)))
+        pending.append(Pending(name: name, dtype: e.dtype, shape: e.shape, data: .mapped(source, name), count: e.byteRange.count))
     }
 
     /// Adds a float tensor stored as F32, BF16 or F16 (rounded to nearest even).

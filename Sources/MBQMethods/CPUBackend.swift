@@ -239,10 +239,10 @@ public struct CPUBackend: ComputeBackend {
     }
 
     /// The median of several passes' measurements: the best run of one pass can still be
-    /// disturbed (another process's burst, the kernel writing back dirty pages) or lucky,
-    /// and the cost model scales whole phases by these rates (measured at registration
-    /// on an AMD EPYC guest: the 1024-cubed GEMM at 92 GFLOP/s right after a large file
-    /// write, 133-141 otherwise; loops once at 5.7 GB/s, 3.3-3.7 otherwise).
+    /// disturbed (another process's burst, the kernel writing back dirty pages), and the
+    /// cost model scales whole phases by these rates (measured at registration on an AMD
+    /// EPYC guest: the 1024-cubed GEMM at 92 GFLOP/s right after a large file write,
+    /// 133-141 otherwise).
     static func median(_ passes: [Double]) -> Double {
         let r = passes.sorted()
         return r[r.count / 2]

@@ -19,7 +19,7 @@ import Glibc
 ///   GB/s in 4 KiB pages, 7.8 GB/s in transparent huge pages; then 20 GB/s).
 ///   `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` has malloc ask for transparent huge pages
 ///   (madvise) on the memory it takes from the kernel: a Qwen2-72B-shaped layer and head
-///   loaded in 19.6 s instead of 31.2 s, its job in 239 s instead of 262 s. Where the
+///   loaded in 19.6-19.7 s instead of 31.2 s, its job in 234-239 s instead of 262 s. Where the
 ///   kernel's THP setting is `never` it changes nothing.
 ///
 /// `mbq` re-executes itself once with what is missing set; a variable the user set is
