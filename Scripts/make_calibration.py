@@ -17,15 +17,28 @@ the assistant's tokens count (labels = -100 elsewhere). Padding follows the toke
 padding_side. Qwen2-VL and Qwen2.5-VL get their real M-RoPE position ids ([3, N, T]).
 
 Families: llava (LLaVA-1.5), llava_onevision, qwen2_vl, qwen2_5_vl, internvl (the
-transformers-native InternVL, -hf checkpoints). Calibration needs images only: a model
-directory without a video processor config, or a Python without torchvision (which
-transformers' video processors need), gets the family's processor built from its image
-processor and tokenizer alone.
+transformers-native InternVL, -hf checkpoints) through transformers' processors, and
+internvl_chat (InternVL2 as released) through the checkpoint's own remote code. Calibration
+needs images only: a model directory without a video processor config, or a Python without
+torchvision (which transformers' video processors need), gets the family's processor
+built from its image processor and tokenizer alone.
+
+internvl_chat: config.json's auto_map names the checkpoint's Python files, which must be
+in the model directory (they are loaded with trust_remote_code; nothing is downloaded).
+Each image is cut as InternVL's model cards do (`dynamic_preprocess`): the grid of
+448-px tiles (config: force_image_size) closest to its aspect ratio with
+min_dynamic_patch..max_dynamic_patch tiles, plus a thumbnail when there is more than one
+tile (use_thumbnail), normalized with ImageNet's mean and std; the prompt is the model's
+own chat template (`get_conv_template(model.template)` with its system message, the
+question after "<image>\n"), where `<image>` becomes `<img>`, num_image_token (256 for
+InternVL2) `<IMG_CONTEXT>` tokens per tile and `</img>`, as the released `chat()` builds it.
 """
 import argparse
+import copy
 import json
 import os
 import random
+import sys
 
 import torch
 from safetensors import safe_open
@@ -33,6 +46,8 @@ from safetensors.torch import save_file
 
 
 M_ROPE = ("qwen2_vl", "qwen2_5_vl")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)     # InternVL's image normalization (its model cards' build_transform)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 VISUAL = ("qwen2_vl", "qwen2_5_vl")   # families whose vision tower and merger are one `visual` module
 
 
@@ -44,8 +59,7 @@ def model_class(model_type):
                "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration,
                "internvl": transformers.InternVLForConditionalGeneration}
     if model_type not in classes:
-        raise SystemExit(f"model_type '{model_type}' is not supported ({', '.join(classes)})"
-                         + ("; InternVL2 as released (internvl_chat) is not supported by this exporter yet" if model_type == "internvl_chat" else ""))
+        raise SystemExit(f"model_type '{model_type}' is not supported ({', '.join(classes)}, internvl_chat)")
     return classes[model_type]
 
 
@@ -89,6 +103,10 @@ def fresh_copy(module, model_config):
             return type(module)(cfg)
         except Exception:
             continue
+    if not list(module.buffers()):
+        # A module built from its children (mlp1: LayerNorm, Linear, GELU, Linear) with
+        # no buffers: its structure is all it has besides the tensors loaded next.
+        return copy.deepcopy(module).to_empty(device="cpu")
     raise SystemExit(f"cannot build a {type(module).__name__} outside the model")
 
 
@@ -116,6 +134,14 @@ def materialize(parent, attr, qualified, keys, model_config):
     raise SystemExit(f"cannot find the tensors of {qualified} in the checkpoint (tried {sorted(candidates)})")
 
 
+def model_type_of(model_dir):
+    path = os.path.join(model_dir, "config.json")
+    try:
+        return json.load(open(path))["model_type"]
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"{path}: no model_type ({e})")
+
+
 def load_parts(model_dir):
     from transformers import AutoConfig
     cfg = AutoConfig.from_pretrained(model_dir)
@@ -134,6 +160,73 @@ def load_parts(model_dir):
             inner.image_newline = torch.nn.Parameter(f.get_tensor(key).float())
     materialize(inner.language_model, "embed_tokens", "model.language_model.embed_tokens", keys, cfg)
     return cfg, model
+
+
+def remote_code_class(model_dir):
+    """The class config.json's auto_map names for AutoModel, from the model directory's own
+    Python files (trust_remote_code; the files are not fetched from anywhere)."""
+    path = os.path.join(model_dir, "config.json")
+    ref = json.load(open(path)).get("auto_map", {}).get("AutoModel")
+    if not ref or "--" in ref:
+        raise SystemExit(f"{path}: internvl_chat is computed by the checkpoint's own code, but auto_map names "
+                         f"AutoModel = {ref!r}, not a file of the model directory")
+    source = os.path.join(model_dir, ref.rsplit(".", 1)[0] + ".py")
+    if not os.path.exists(source):
+        raise SystemExit(f"{source} is missing: internvl_chat is computed by the checkpoint's own code; copy the "
+                         "checkpoint's .py files (modeling_internvl_chat.py, conversation.py, ...) next to config.json")
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+    return get_class_from_dynamic_module(ref, model_dir)
+
+
+def load_internvl_chat(model_dir):
+    """InternVL2 as released: the model built on the meta device by its own remote code, then
+    vision_model, mlp1 and the language model's token embeddings materialised."""
+    from transformers import AutoConfig, AutoTokenizer
+    cls = remote_code_class(model_dir)
+    cfg = AutoConfig.from_pretrained(model_dir, trust_remote_code=True)
+    with torch.device("meta"):
+        model = cls(cfg)
+    keys = checkpoint_keys(model_dir)
+    materialize(model, "vision_model", "vision_model", keys, cfg.vision_config)
+    materialize(model, "mlp1", "mlp1", keys, cfg)
+    embed = model.language_model.get_input_embeddings()
+    name = next(n for n, m in model.named_modules() if m is embed)   # tok_embeddings (InternLM2) or embed_tokens
+    parent, attr = name.rsplit(".", 1)
+    materialize(model.get_submodule(parent), attr, name, keys, cfg)
+    return cfg, model, AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
+
+
+def internvl_tiles(image, size, min_num, max_num, thumbnail):
+    """InternVL's dynamic tiling (its model cards' `dynamic_preprocess`): among the grids of
+    i x j size-px tiles (i across, j down, min_num <= i*j <= max_num, fewest tiles first)
+    the one whose aspect ratio i/j is closest to the image's; on a tie the later grid when
+    the image has more than half its pixels. The image is resized to the grid (PIL
+    bicubic) and cut row by row; a thumbnail (the whole image at size x size) follows
+    when there is more than one tile."""
+    from PIL import Image
+    w, h = image.size
+    grids = sorted({(i, j) for n in range(min_num, max_num + 1) for i in range(1, n + 1) for j in range(1, n + 1)
+                    if min_num <= i * j <= max_num}, key=lambda g: g[0] * g[1])
+    best, best_diff = (1, 1), float("inf")
+    for g in grids:
+        diff = abs(w / h - g[0] / g[1])
+        if diff < best_diff:
+            best, best_diff = g, diff
+        elif diff == best_diff and w * h > 0.5 * size * size * g[0] * g[1]:
+            best = g
+    resized = image.resize((size * best[0], size * best[1]), Image.BICUBIC)
+    tiles = [resized.crop((x * size, y * size, (x + 1) * size, (y + 1) * size)) for y in range(best[1]) for x in range(best[0])]
+    if thumbnail and len(tiles) != 1:
+        tiles.append(image.resize((size, size), Image.BICUBIC))
+    return tiles
+
+
+def internvl_pixels(tiles):
+    """tiles (PIL RGB, size x size) -> [tiles, 3, size, size]: /255, then ImageNet mean and std."""
+    import numpy as np
+    x = torch.from_numpy(np.stack([np.asarray(t, dtype=np.uint8) for t in tiles])).float().div(255)
+    x = (x - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+    return x.permute(0, 3, 1, 2).contiguous()
 
 
 def load_processor(model_dir, model_type):
@@ -168,6 +261,58 @@ def load_processor(model_dir, model_type):
     return proc
 
 
+def answer_labels(prompt_ids, ids):
+    """-> labels: ids from where the prompt's tokens stop matching the full text's, -100
+    before. The prompt alone may end in a token that the full text merges with the
+    answer's first word (" " + "A" -> " A"), so its length would be off by one."""
+    start = 0
+    while start < min(len(prompt_ids), len(ids)) and int(prompt_ids[start]) == int(ids[start]):
+        start += 1
+    labels = torch.full_like(ids, -100)
+    labels[start:] = ids[start:]
+    return labels
+
+
+def place_features(emb, vision, feats):
+    """emb: [T, C] with the image features [N, C] written at the N image-token rows."""
+    if int(vision.sum()) != feats.shape[0]:
+        raise SystemExit(f"{int(vision.sum())} image tokens but {feats.shape[0]} image features")
+    emb[vision] = feats.to(emb.dtype)
+    return emb
+
+
+@torch.no_grad()
+def encode_internvl_chat(cfg, model, tokenizer, image, question, caption):
+    size = cfg.force_image_size or cfg.vision_config.image_size
+    if getattr(cfg, "dynamic_image_size", False):
+        tiles = internvl_tiles(image, size, cfg.min_dynamic_patch, cfg.max_dynamic_patch, cfg.use_thumbnail)
+    else:
+        from PIL import Image
+        tiles = [image.resize((size, size), Image.BICUBIC)]
+    get_conv_template = getattr(sys.modules[type(model).__module__], "get_conv_template", None)
+    if get_conv_template is None:
+        raise SystemExit(f"{type(model).__module__} has no get_conv_template: cannot build InternVL's chat prompt")
+    image_tokens = "<img>" + "<IMG_CONTEXT>" * (model.num_image_token * len(tiles)) + "</img>"
+
+    def render(answer):
+        conv = get_conv_template(model.template)
+        conv.system_message = getattr(model, "system_message", conv.system_message)
+        conv.append_message(conv.roles[0], "<image>\n" + question)
+        conv.append_message(conv.roles[1], answer)
+        return conv.get_prompt().replace("<image>", image_tokens, 1)
+
+    ids = tokenizer(render(caption), return_tensors="pt")["input_ids"][0]
+    prompt_ids = tokenizer(render(None), return_tensors="pt")["input_ids"][0]
+    context = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
+    if context is None or context == tokenizer.unk_token_id:
+        raise SystemExit("the tokenizer has no <IMG_CONTEXT> token")
+    emb = model.language_model.get_input_embeddings()(ids[None])[0].clone()
+    vision = ids == context
+    feats = model.extract_feature(internvl_pixels(tiles))
+    place_features(emb, vision, feats.reshape(-1, emb.shape[-1]))
+    return emb, vision, answer_labels(prompt_ids, ids), torch.arange(ids.shape[0])[None]
+
+
 @torch.no_grad()
 def encode(cfg, model, processor, image, question, caption):
     user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
@@ -187,18 +332,8 @@ def encode(cfg, model, processor, image, question, caption):
         feats = torch.cat([f.reshape(-1, emb.shape[-1]) for f in feats])
     elif hasattr(feats, "pooler_output"):
         feats = feats.pooler_output if not isinstance(feats.pooler_output, (list, tuple)) else torch.cat(feats.pooler_output)
-    feats = feats.reshape(-1, emb.shape[-1])
-    if int(vision.sum()) != feats.shape[0]:
-        raise SystemExit(f"{int(vision.sum())} image tokens but {feats.shape[0]} image features")
-    emb[vision] = feats.to(emb.dtype)
-    # The answer starts where the prompt's tokens stop matching the full text's: the
-    # prompt alone may end in a token that the full text merges with the answer's first
-    # word (" " + "A" -> " A"), so its length would be off by one.
-    start = 0
-    while start < min(len(prompt_ids), len(ids)) and int(prompt_ids[start]) == int(ids[start]):
-        start += 1
-    labels = torch.full_like(ids, -100)
-    labels[start:] = ids[start:]
+    place_features(emb, vision, feats.reshape(-1, emb.shape[-1]))
+    labels = answer_labels(prompt_ids, ids)
     if cfg.model_type in M_ROPE:
         import inspect
         extra = {}
@@ -226,9 +361,19 @@ def main():
     from PIL import Image
     records = json.load(open(a.captions))
     random.Random(a.seed).shuffle(records)
-    cfg, model = load_parts(a.model)
-    processor = load_processor(a.model, cfg.model_type)
-    side = getattr(processor.tokenizer, "padding_side", "right")
+    if model_type_of(a.model) == "internvl_chat":
+        cfg, model, tokenizer = load_internvl_chat(a.model)
+
+        def encode_sample(image, question, caption):
+            return encode_internvl_chat(cfg, model, tokenizer, image, question, caption)
+    else:
+        cfg, model = load_parts(a.model)
+        processor = load_processor(a.model, cfg.model_type)
+        tokenizer = processor.tokenizer
+
+        def encode_sample(image, question, caption):
+            return encode(cfg, model, processor, image, question, caption)
+    side = getattr(tokenizer, "padding_side", "right")
     rows = []
     for r in records:
         if len(rows) == a.n_samples:
@@ -237,7 +382,7 @@ def main():
         question = conv[0]["value"].replace("<image>", "").strip()
         caption = conv[1]["value"].strip()
         image = Image.open(os.path.join(a.images, r["image"])).convert("RGB")
-        emb, vision, labels, pos = encode(cfg, model, processor, image, question, caption)
+        emb, vision, labels, pos = encode_sample(image, question, caption)
         if emb.shape[0] > a.max_length:
             print(f"skipping {r['image']}: {emb.shape[0]} tokens > --max-length {a.max_length}")
             continue

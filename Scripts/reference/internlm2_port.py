@@ -133,8 +133,20 @@ class InternLM2Model(nn.Module):
         return Output(self.norm(h))
 
 
+class Logits:
+    def __init__(self, logits):
+        self.logits = logits
+
+
 class InternLM2ForCausalLM(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.model = InternLM2Model(cfg)
         self.output = nn.Linear(cfg["hidden_size"], cfg["vocab_size"], bias=False)
+
+    def get_input_embeddings(self):
+        return self.model.tok_embeddings
+
+    def forward(self, inputs_embeds, attention_mask, position_ids):
+        # inputs_embeds: [B, T, C] -> .logits [B, T, vocab]
+        return Logits(self.output(self.model(inputs_embeds, attention_mask, position_ids).last_hidden_state))
