@@ -51,12 +51,15 @@ public struct CostModel: Sendable {
     public var widenSecondsPerWeight = 1.9e-9
     /// Apply per layer: scaling and quantizing the weights, packing and writing the shard:
     /// seconds per weight, not scaled by the loop rate (page faults and the disk set it
-    /// more than loops do), and a fixed part (the shard's fsync and rename). Fitted on
-    /// four runs of one layer on 2 threads: Llama-7B shape 3.36 s on an Intel Xeon, 3.46 s
-    /// on an AMD EPYC whose loops run 1.45x faster; Qwen2-72B shape 14.2 s and 12.3 s
-    /// (this predicts 3.1 and 13.6 s).
+    /// more than loops do; one thread per worker took as long as two), and a fixed part
+    /// (the shard's fsync and rename). A Llama-7B-shaped layer (202.4M weights) took 3.36 s
+    /// on an Intel Xeon and 3.42-3.94 s in seven runs on an AMD EPYC guest (mean 3.64:
+    /// 18.0 ns per weight); a Qwen2-72B-shaped one (877.7M) 14.2 s on the Xeon and
+    /// 12.26-12.94 s in three runs on the EPYC (mean 13.06: 14.9 ns). A line through both
+    /// means would need a 0.8 s intercept, which would charge each of the demo model's
+    /// small layers 0.8 s, so the rate sits between the two: 7B 9% short, 72B 10% long.
     public var applyFixedSeconds = 0.01
-    public var applySecondsPerWeight = 15.5e-9
+    public var applySecondsPerWeight = 16.4e-9
 
     public struct Shape: Sendable {
         public var layers, hidden, intermediate, heads, kvHeads, headDim, vocab: Int
