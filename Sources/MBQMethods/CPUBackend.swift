@@ -238,7 +238,7 @@ public struct CPUBackend: ComputeBackend {
         return best
     }
 
-    /// `work` per second of the median of at least `runs` runs of `body` (after one warm-up
+    /// `work` per second of the median of `runs` runs of `body` (after one warm-up
     /// run): what a long sequence of such calls sustains. The fastest of a few short runs
     /// catches bursts: on an AMD EPYC guest the registration's 1024-cubed GEMM read 97-134
     /// GFLOP/s as the best of three 17-ms runs, while the same Llama-7B-shaped search took
