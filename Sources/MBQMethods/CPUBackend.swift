@@ -251,17 +251,7 @@ public struct CPUBackend: ComputeBackend {
             body()
             return work / (Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9)
         }
-        return median(rates)
-    }
-
-    /// The median of several passes' measurements: the best run of one pass can still be
-    /// disturbed (another process's burst, the kernel writing back dirty pages), and the
-    /// cost model scales whole phases by these rates (measured at registration on an AMD
-    /// EPYC guest: the 1024-cubed GEMM at 92 GFLOP/s right after a large file write,
-    /// 133-141 otherwise).
-    static func median(_ passes: [Double]) -> Double {
-        let r = passes.sorted()
-        return r[r.count / 2]
+        return GradientStatistics.median(rates)
     }
 
     public func measureGEMMRates(sizes: [Int]) -> [Double] {
@@ -271,7 +261,9 @@ public struct CPUBackend: ComputeBackend {
         }
         // Three passes over the sizes, then the median pass: workers starting together on
         // one host measure at the same time (the cost model accounts for shared cores
-        // itself). Below 1024 the best of repeated runs for about 25 ms (the least
+        // itself), and one pass can still be disturbed (another process's burst, the kernel
+        // writing back dirty pages: the 1024-cubed GEMM once read 92 GFLOP/s right after a
+        // large file write on an AMD EPYC guest, 133-141 otherwise). Below 1024 the best of repeated runs for about 25 ms (the least
         // disturbed); the largest size, whose rate every larger GEMM of a real-shape job
         // takes, as the median of 7 runs (medianRate).
         var passes = [[Double]](repeating: [], count: sizes.count)
@@ -283,6 +275,6 @@ public struct CPUBackend: ComputeBackend {
                                            : Self.bestRate(work: work, seconds: 0.025) { _ = matmul(a, b) })
             }
         }
-        return passes.map(Self.median)
+        return passes.map(GradientStatistics.median)
     }
 }
