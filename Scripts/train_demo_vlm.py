@@ -21,8 +21,16 @@ writes Demo/model/ (checkpoint, tokenizer, processor), Demo/calib-seed{0,1,2}.sa
 Demo/training.json (seed, steps, the learning curve, held-out accuracy, RMSNorm gains,
 activation outliers, and what naive RTN does to the held-out predictions in PyTorch).
 Training is deterministic from --seed at a given --threads (PyTorch CPU).
+
+After training, spread_channels() gives the language model's RMSNorm channels the uneven
+scales real LLMs have, without changing what the model computes (docs/DEMO.md, "Channel
+spread"): trained from scratch in minutes, the model's gains stay near 1 and naive W3
+costs it nothing; with the spread (--channel-spread, lognormal sigma) it costs what
+per-channel scaling is meant to save. training.json reports the model both as trained
+and as shipped.
 """
 import argparse
+import copy
 import json
 import math
 import os
@@ -177,6 +185,69 @@ def train(a):
     return model, log, time.time() - t0
 
 
+# ---- the channel spread --------------------------------------------------------------
+
+def decoder_norm_groups(model):
+    """Each RMSNorm of the language model with the linears that read its output."""
+    for layer in model.model.language_model.layers:
+        yield layer.input_layernorm, (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)
+        yield layer.post_attention_layernorm, (layer.mlp.gate_proj, layer.mlp.up_proj)
+
+
+@torch.no_grad()
+def spread_channels(model, sigma, seed):
+    """Multiplies channel c of every decoder RMSNorm gain by s_c and divides column c of the
+    linears that read it by s_c, with s_c = exp(sigma * N(0, 1)) drawn from `seed`.
+
+    RMSNorm(x) * g feeds W; (g * s) and (W / s) compute the same W (g * x_hat), so the fp
+    model is unchanged (up to bf16 rounding of the stored factors). It is Outlier
+    Suppression's gamma migration (Wei et al. 2022, section 4.1) run the other way, and the
+    inverse of the scale AWQ searches (s = mean|x|^alpha with alpha = 1 undoes it exactly).
+    What changes is quantization: each group of 128 input channels of q/k/v/gate/up now
+    holds columns whose magnitudes differ by up to e^(2*3*sigma), min-max rounding spends its
+    levels on the largest, and the channels with large activations and small weights lose
+    most of their precision -- the situation per-channel scaling exists for. The fp32
+    model is spread before it is saved in bf16."""
+    g = torch.Generator().manual_seed(seed)
+    for norm, linears in decoder_norm_groups(model):
+        s = torch.exp(sigma * torch.randn(norm.weight.numel(), generator=g, dtype=torch.float64)).to(norm.weight.dtype)
+        norm.weight.mul_(s)
+        for lin in linears:
+            lin.weight.div_(s[None])
+
+
+def bf16_copy(model):
+    """What save_checkpoint() writes and from_pretrained() reads back, in fp32: parameters
+    rounded to bf16, buffers not (RoPE's inv_freq is recomputed in fp32 on load; rounding
+    it too moves one held-out token under RTN W3)."""
+    m = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    return m
+
+
+@torch.no_grad()
+def spread_sweep(trained, seed, path, sigmas=(0.5, 1.0, 1.5, 2.0)):
+    """Held-out accuracy of naive RTN W4 and W3 g128 with the trained model spread by each
+    sigma (the sigma was chosen from this table by RTN alone: the smallest that costs naive
+    W3 at least 10 points, before any awq or mbq run)."""
+    from safetensors.torch import load_file
+    b = load_file(path)
+    rows = []
+    for sigma in sigmas:
+        m = copy.deepcopy(trained)
+        spread_channels(m, sigma, seed)
+        m = bf16_copy(m)
+        row = {"sigma": sigma, "fp_accuracy": caption_accuracy(m, b)}
+        for bits in (4, 3):
+            q = copy.deepcopy(m)
+            rtn_decoder(q, bits)
+            row[f"rtn_w{bits}_g128_accuracy"] = caption_accuracy(q, b)
+        rows.append(row)
+    return rows
+
+
 # ---- the checkpoint, as a hub model comes ----------------------------------------------
 
 CHAT_TEMPLATE = (
@@ -241,6 +312,12 @@ def caption_logits(model, b):
 
 
 @torch.no_grad()
+def caption_accuracy(model, b):
+    logits, tgt = caption_logits(model, b)
+    return float((logits.argmax(-1) == tgt).float().mean())
+
+
+@torch.no_grad()
 def bundle_accuracy(model, path):
     """Teacher-forced caption accuracy of the language model on a bundle's own inputs
     (what `mbq eval` must reproduce)."""
@@ -262,6 +339,15 @@ def rtn(w, bits, group=128):
 
 
 @torch.no_grad()
+def rtn_decoder(model, bits):
+    """RTN g128 of every decoder linear, in place."""
+    for layer in model.model.language_model.layers:
+        for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
+                    layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+            lin.weight.copy_(rtn(lin.weight, bits))
+
+
+@torch.no_grad()
 def rtn_sensitivity(model, path):
     """How far naive weight quantization (RTN g128 of every decoder linear) moves the
     held-out predictions: accuracy, and the change of each caption token's margin (label
@@ -278,10 +364,7 @@ def rtn_sensitivity(model, path):
     report = {"fp_margin_quantiles": {q: round(float(fp.quantile(float(q))), 3) for q in ("0.1", "0.25", "0.5")}}
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     for bits in (4, 3, 2):
-        for layer in model.model.language_model.layers:
-            for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
-                        layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
-                lin.weight.copy_(rtn(lin.weight, bits))
+        rtn_decoder(model, bits)
         q = margins(*caption_logits(model, b))
         report[f"rtn_w{bits}_g128"] = {"caption_correct": int((q > 0).sum()), "caption_accuracy": float((q > 0).float().mean()),
                                        "margin_change_std": round(float((q - fp).std()), 4)}
@@ -319,13 +402,17 @@ def quirks(model, path):
     for h in hooks:
         h.remove()
     gains = {f"layers.{i}.{n}": {"max_abs": round(float(getattr(layer, n).weight.abs().max()), 3),
-                                 "mean_abs": round(float(getattr(layer, n).weight.abs().mean()), 3)}
+                                 "mean_abs": round(float(getattr(layer, n).weight.abs().mean()), 3),
+                                 "min_abs": round(float(getattr(layer, n).weight.abs().min()), 4)}
              for i, layer in enumerate(lm.layers) for n in ("input_layernorm", "post_attention_layernorm")}
-    gains["norm"] = {"max_abs": round(float(lm.norm.weight.abs().max()), 3), "mean_abs": round(float(lm.norm.weight.abs().mean()), 3)}
+    gains["norm"] = {"max_abs": round(float(lm.norm.weight.abs().max()), 3), "mean_abs": round(float(lm.norm.weight.abs().mean()), 3),
+                     "min_abs": round(float(lm.norm.weight.abs().min()), 4)}
     return gains, stats
 
 
-def export(model, log, secs, a):
+def export(model, trained, log, secs, a):
+    """Writes Demo/: `model` (spread) as the checkpoint; `trained` (before the spread,
+    fp32) only for what training.json says about the model as trained."""
     out = a.out
     tmp = tempfile.mkdtemp(prefix="demo-vlm-")
     try:
@@ -349,14 +436,23 @@ def export(model, log, secs, a):
         # What the saved (bf16) model scores on the held-out bundle, in PyTorch.
         from transformers import LlavaForConditionalGeneration
         saved = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
-        right, total, ce = bundle_accuracy(saved, os.path.join(tmp, "heldout.safetensors"))
-        gains, outliers = quirks(saved, os.path.join(tmp, "heldout.safetensors"))
-        sensitivity = rtn_sensitivity(saved, os.path.join(tmp, "heldout.safetensors"))
+        held = os.path.join(tmp, "heldout.safetensors")
+        right, total, ce = bundle_accuracy(saved, held)
+        gains, outliers = quirks(saved, held)
+        sensitivity = rtn_sensitivity(saved, held)
+        as_trained = bf16_copy(trained)
+        t_right, _, t_ce = bundle_accuracy(as_trained, held)
+        t_gains, t_outliers = quirks(as_trained, held)
         info = {"seed": a.seed, "steps": a.steps, "batch": a.batch, "lr": a.lr, "train_seconds": round(secs),
                 "threads": a.threads, "torch": torch.__version__, "parameters": sum(p.numel() for p in saved.parameters()),
                 "heldout_caption_correct": right, "heldout_caption_tokens": total, "heldout_caption_accuracy": right / total,
                 "heldout_caption_ce": ce,
-                "rtn_sensitivity": sensitivity, "curve": log, "rmsnorm_gains": gains, "linear_input_outliers": outliers}
+                "rtn_sensitivity": sensitivity, "curve": log, "rmsnorm_gains": gains, "linear_input_outliers": outliers,
+                "channel_spread": {"sigma": a.channel_spread, "seed": a.seed + 4000,
+                                   "sweep": spread_sweep(trained, a.seed + 4000, held)},
+                "as_trained": {"heldout_caption_correct": t_right, "heldout_caption_ce": t_ce,
+                               "rtn_sensitivity": rtn_sensitivity(as_trained, held),
+                               "rmsnorm_gains": t_gains, "linear_input_outliers": t_outliers}}
         json.dump(info, open(os.path.join(tmp, "training.json"), "w"), indent=1)
         print(f"held-out bundle: {right}/{total} caption tokens right ({100 * right / total:.2f}%) with the saved bf16 model")
         if os.path.exists(out):
@@ -379,6 +475,8 @@ def main():
     ap.add_argument("--weight-decay", type=float, default=0.01)
     ap.add_argument("--eval-every", type=int, default=200)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--channel-spread", type=float, default=1.0,
+                    help="sigma of the lognormal RMSNorm channel scales applied after training (0: none); see spread_channels()")
     ap.add_argument("--calib", type=int, default=32, help="samples per calibration bundle")
     ap.add_argument("--calib-pool", type=int, default=256, help="pictures the calibration bundles are drawn from")
     ap.add_argument("--heldout", type=int, default=64, help="held-out samples")
@@ -386,7 +484,9 @@ def main():
     torch.set_num_threads(a.threads)
     model, log, secs = train(a)
     print(f"trained in {secs:.0f} s")
-    export(model, log, secs, a)
+    trained = copy.deepcopy(model)
+    spread_channels(model, a.channel_spread, a.seed + 4000)
+    export(model, trained, log, secs, a)
 
 
 if __name__ == "__main__":
