@@ -83,9 +83,23 @@ struct DemoCommand: ParsableCommand {
                 }
             }
             print(table(base: base, rows: rows, dtype: ckpt.weightDType.rawValue.lowercased(), heldOut: held.count))
+            if let sigma = channelSpread() {
+                print("\nThe model's RMSNorm channels were spread after training (lognormal sigma \(sigma), folded into the "
+                      + "linears that read them; fp function unchanged): what makes naive rtn lose here (docs/DEMO.md, \"The channel spread\").")
+            }
             if let mbqStats { print(ratios(mbqStats)) }
             print(String(format: "\nTotal %.1f s.", Date().timeIntervalSince(start)) + " Outputs, mbq_results.json and report.md per run are under \(out)/.")
         }
+    }
+
+    /// The sigma of the channel spread Scripts/train_demo_vlm.py applied after training
+    /// (training.json, channel_spread), when there was one; nil for data without it.
+    func channelSpread() -> Double? {
+        guard let data = FileManager.default.contents(atPath: self.data + "/training.json"),
+              let info = try? JSONSerialization.jsonObject(with: data) as? [String: Any],
+              let spread = info["channel_spread"] as? [String: Any], let sigma = spread["sigma"] as? Double, sigma > 0
+        else { return nil }
+        return sigma
     }
 
     /// Accuracy as a percentage; over several seeds the mean and the range.
