@@ -200,7 +200,7 @@ def internvl_tiles(image, size, min_num, max_num, thumbnail):
     """InternVL's dynamic tiling (its model cards' `dynamic_preprocess`): among the grids of
     i x j size-px tiles (i across, j down, min_num <= i*j <= max_num, fewest tiles first)
     the one whose aspect ratio i/j is closest to the image's; on a tie the later grid when
-    the image has more than half as many pixels as it. The image is resized to the grid (PIL
+    the image has more than half as many pixels as that grid. The image is resized to the grid (PIL
     bicubic) and cut row by row; a thumbnail (the whole image at size x size) follows
     when there is more than one tile."""
     from PIL import Image

@@ -230,12 +230,17 @@ public struct CPUBackend: ComputeBackend {
         var best = 0.0, runs = 0
         let end = DispatchTime.now().uptimeNanoseconds + UInt64(seconds * 1e9)
         repeat {
-            let t0 = DispatchTime.now().uptimeNanoseconds
-            body()
-            best = max(best, work / (Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9))
+            best = max(best, rate(work: work, body))
             runs += 1
         } while runs < 3 || DispatchTime.now().uptimeNanoseconds < end
         return best
+    }
+
+    /// `work` per second of one run of `body`.
+    static func rate(work: Double, _ body: () -> Void) -> Double {
+        let t0 = DispatchTime.now().uptimeNanoseconds
+        body()
+        return work / (Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9)
     }
 
     /// `work` per second of the median of `runs` runs of `body` (after one warm-up
@@ -246,12 +251,7 @@ public struct CPUBackend: ComputeBackend {
     /// 16% short).
     static func medianRate(work: Double, runs: Int, _ body: () -> Void) -> Double {
         body()
-        let rates = (0..<runs).map { _ -> Double in
-            let t0 = DispatchTime.now().uptimeNanoseconds
-            body()
-            return work / (Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9)
-        }
-        return GradientStatistics.median(rates)
+        return GradientStatistics.median((0..<runs).map { _ in rate(work: work, body) })
     }
 
     public func measureGEMMRates(sizes: [Int]) -> [Double] {
@@ -263,9 +263,9 @@ public struct CPUBackend: ComputeBackend {
         // one host measure at the same time (the cost model accounts for shared cores
         // itself), and one pass can still be disturbed (another process's burst, the kernel
         // writing back dirty pages: the 1024-cubed GEMM once read 92 GFLOP/s right after a
-        // large file write on an AMD EPYC guest, 133-141 otherwise). Below 1024 the best of repeated runs for about 25 ms (the least
-        // disturbed); the largest size, whose rate every larger GEMM of a real-shape job
-        // takes, as the median of 7 runs (medianRate).
+        // large file write on an AMD EPYC guest, 133-141 otherwise). Below 1024 the best of
+        // repeated runs for about 25 ms (the least disturbed); the largest size, whose rate
+        // every larger GEMM of a real-shape job takes, as the median of 7 runs (medianRate).
         var passes = [[Double]](repeating: [], count: sizes.count)
         for _ in 0..<3 {
             for (i, n) in sizes.enumerated() {

@@ -19,6 +19,16 @@ final class DemoModelTests: XCTestCase {
         return (ckpt, model, held, info)
     }
 
+    /// `method` at W`bits` g128 on `calibration`, evaluated on the held-out bundle.
+    func quantized(_ model: LanguageModel<Float>, _ ckpt: Checkpoint, _ method: QuantMethod, bits: Int,
+                   calibration: [CalibrationSample], heldOut held: CalibrationBundle) throws -> EvalResult {
+        var o = QuantizeOptions()
+        o.method = method; o.wBit = bits; o.group = 128; o.weightDType = ckpt.weightDType
+        let r = try QuantizeJob.run(model: model, samples: calibration, options: o)
+        let q = LanguageModel(config: model.config, blocks: r.blocks, finalNorm: model.finalNorm, lmHead: model.lmHead)
+        return try Evaluate.run(model: q, actBits: nil, samples: held.samples)
+    }
+
     /// Teacher-forced accuracy and caption CE of the bf16 checkpoint on the held-out
     /// bundle, against transformers' LlavaForConditionalGeneration on the same inputs.
     func testEvalMatchesPyTorchOnTheTrainedModel() throws {
@@ -48,11 +58,7 @@ final class DemoModelTests: XCTestCase {
         let (ckpt, model, held, info) = try load()
         let sensitivity = info["rtn_sensitivity"] as! [String: Any]
         for bits in [4, 3] {
-            var o = QuantizeOptions()
-            o.method = .rtn; o.wBit = bits; o.group = 128; o.weightDType = ckpt.weightDType
-            let r = try QuantizeJob.run(model: model, samples: [], options: o)
-            let q = LanguageModel(config: model.config, blocks: r.blocks, finalNorm: model.finalNorm, lmHead: model.lmHead)
-            let e = try Evaluate.run(model: q, actBits: nil, samples: held.samples)
+            let e = try quantized(model, ckpt, .rtn, bits: bits, calibration: [], heldOut: held)
             let torchCorrect = (sensitivity["rtn_w\(bits)_g128"] as! [String: Any])["caption_correct"] as! Int
             XCTAssertLessThanOrEqual(abs(e.captionCorrect - torchCorrect), 2,
                                      "rtn W\(bits) g128: ours \(e.captionCorrect), PyTorch \(torchCorrect) of \(e.captionTokens) caption tokens right")
@@ -68,11 +74,8 @@ final class DemoModelTests: XCTestCase {
         let calib = try CalibrationBundle.load(path: Self.demo + "/calib-seed0.safetensors", for: ckpt.config)
         var accuracy: [QuantMethod: Double] = [:]
         for method in [QuantMethod.rtn, .awq] {
-            var o = QuantizeOptions()
-            o.method = method; o.wBit = 3; o.group = 128; o.weightDType = ckpt.weightDType
-            let r = try QuantizeJob.run(model: model, samples: method == .rtn ? [] : calib.samples, options: o)
-            let q = LanguageModel(config: model.config, blocks: r.blocks, finalNorm: model.finalNorm, lmHead: model.lmHead)
-            accuracy[method] = try Evaluate.run(model: q, actBits: nil, samples: held.samples).captionAccuracy
+            accuracy[method] = try quantized(model, ckpt, method, bits: 3, calibration: method == .rtn ? [] : calib.samples,
+                                             heldOut: held).captionAccuracy
         }
         XCTAssertLessThanOrEqual(accuracy[.rtn]!, fp.captionAccuracy - 0.10, "rtn W3 g128 \(accuracy[.rtn]!) against fp \(fp.captionAccuracy)")
         XCTAssertGreaterThanOrEqual(accuracy[.awq]!, fp.captionAccuracy - 0.02, "awq W3 g128 \(accuracy[.awq]!) against fp \(fp.captionAccuracy)")
