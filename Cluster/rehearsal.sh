@@ -39,7 +39,7 @@ done
 export MBQ_KEEP_BLAS_ENV=1 MBQ_SECRET=rehearsal-secret
 "$mbq" quantize --model "$fx/model" --calib "$fx/calib.safetensors" --w-bit 3 --out "$work/ref" 2>/dev/null
 ip netns exec mbq-coord "$mbq" coordinator --model "$fx/model" --calib "$fx/calib.safetensors" --w-bit 3 \
-   --out "$work/out" --bind tcp://10.211.0.1:5555 --workers 2 --secret "$MBQ_SECRET" --log-format json 2> "$work/coord.log" &
+   --out "$work/out" --bind tcp://10.211.0.1:5555 --workers 2 --log-format json 2> "$work/coord.log" &
 coord=$!
 # The worker hosts do not share the coordinator's disk: $work (where the output goes) is
 # an empty tmpfs in their mount namespaces, so they stream their blocks to the coordinator.

@@ -29,6 +29,9 @@ public final class ClusterCoordinator {
     public private(set) var predicted: CostModel.Prediction?
 
     var authenticator: CurveAuthenticator?
+    var throttle = LogThrottle()
+    /// Why the job failed, for status.json.
+    var failure: String?
 
     /// `curve`: the coordinator's secret key and the authorized workers' public keys.
     public init(spec: JobSpec, bind: String, jobDir: String, resume: Bool, secret: String?,
@@ -39,6 +42,10 @@ public final class ClusterCoordinator {
         if resume {
             let j = try Journal.read(jobDir: jobDir)
             epochBase = j.epoch + 1000
+            let differs = j.identity.fields.isEmpty ? [] : spec.identity.differences(from: j.identity)
+            guard differs.isEmpty else {
+                throw CoordinatorError.journal(path: Journal.path(jobDir), reason: "--resume refused: this is not the journal's job (\(differs.joined(separator: "; "))); resume with the journal's inputs and options, or use a new --job-dir")
+            }
             guard j.jobID == spec.jobID else {
                 throw CoordinatorError.journal(path: Journal.path(jobDir), reason: "journal is for job '\(j.jobID)', not '\(spec.jobID)'")
             }
@@ -139,7 +146,9 @@ public final class ClusterCoordinator {
                                 "layers": st.spec.layers, "samples": st.spec.samples, "finished_layers": st.finishedLayers,
                                 "gradient_statistics": st.stats != nil, "elapsed_s": Date().timeIntervalSince(started),
                                 "workers": workers, "model": st.spec.modelDir, "calib": st.spec.calibPath,
-                                "options": st.spec.options.canonicalText, "pid": Int(getpid())]
+                                "options": st.spec.options.canonicalText, "pid": Int(getpid()),
+                                "host": ProcessInfo.processInfo.hostName, "updated_unix": Date().timeIntervalSince1970]
+        if let failure { o["failure"] = failure }
         if let eta { o["search_eta_s"] = eta }
         if let p = predicted {
             o["predicted_s"] = Dictionary(uniqueKeysWithValues: p.seconds.map { ($0.phase, $0.seconds) })
@@ -158,16 +167,24 @@ public final class ClusterCoordinator {
             if Self.now() - t0 > deadline { throw ClusterError.deadline(seconds: deadline) }
             for line in zapLines() { log(.curveAuth(line: line)) }
             var directives = state.tick(now: Self.now())
-            if let frames = try router.receive(timeoutMs: 20, maxFrameBytes: maxFrameBytes) {
+            for x in throttle.expired(now: Self.now()) { log(.messagesSuppressed(source: x.source, count: x.count, seconds: x.seconds)) }
+            if let raw = try router.receiveRaw(timeoutMs: 20, maxFrameBytes: maxFrameBytes) {
+                let frames = raw.frames, source = raw.peerAddress ?? "an unknown peer"
+                var fromMessage: [Directive] = []
                 if frames.count < 2 {
-                    log(.messageRejected(reason: "\(frames.count) frame(s), oversized or empty"))
+                    fromMessage = [.event(.messageRejected(reason: "\(frames.count) frame(s), oversized or empty, from \(source)"))]
                 } else {
                     do {
                         let m = try Wire.decode(Array(frames.dropFirst()))
-                        directives += state.handle(identity: frames[0], m, now: Self.now())
+                        fromMessage = state.handle(identity: frames[0], m, now: Self.now())
                     } catch {
-                        log(.messageRejected(reason: "\(error)"))
+                        fromMessage = [.event(.messageRejected(reason: "\(error) (from \(source))"))]
                     }
+                }
+                // What rejected traffic makes the log say goes through the throttle.
+                directives += fromMessage.filter { d in
+                    guard case let .event(e) = d, Self.isRejection(e) else { return true }
+                    return throttle.admit(source: source, now: Self.now())
                 }
             }
             writeStatus(force: !directives.isEmpty && directives.contains { if case .journal = $0 { return true } else { return false } })
@@ -181,16 +198,26 @@ public final class ClusterCoordinator {
                     try QuantizedCheckpointWriter.writeShard(file, bytes, into: state.spec.outputDir)
                 case .journal:
                     try Journal.write(Journal.Contents(jobID: state.spec.jobID, stats: state.stats, results: state.results,
-                                                       epoch: state.epoch), jobDir: jobDir)
+                                                       epoch: state.epoch, identity: state.spec.identity), jobDir: jobDir)
                 case .finished:
                     writeStatus(force: true)
                     shutdownWorkers("job finished")
                     return
                 case let .failed(why):
+                    failure = why
+                    writeStatus(force: true)
                     shutdownWorkers("job failed")
                     throw ClusterError.jobFailed(why)
                 }
             }
+        }
+    }
+
+    /// Events that unauthenticated or malformed traffic causes (`LogThrottle` bounds them).
+    static func isRejection(_ e: CoordinatorEvent) -> Bool {
+        switch e {
+        case .messageRejected, .workerRefused, .messageDropped(_, nil, _): return true
+        default: return false
         }
     }
 

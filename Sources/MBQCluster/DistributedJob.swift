@@ -4,6 +4,7 @@ import MBQCoordinator
 import MBQFormats
 import MBQMethods
 import MBQModel
+import MBQTensor
 import MBQWire
 import MBQWorker
 
@@ -18,10 +19,12 @@ public enum DistributedJob {
         let cfg = ckpt.config
         let opts = Mbq_JobOptions(options)
         let json = opts.canonicalText
-        let modelDir = (ckpt.directory as NSString).standardizingPath
-        let calibPath = (calib.path as NSString).standardizingPath
-        let id = Auth.sha256(Array("\(modelDir)|\(calibPath)|\(json)".utf8)).prefix(6).map { String(format: "%02x", $0) }.joined()
-        var spec = JobSpec(jobID: "mbq-" + id, modelDir: modelDir, calibPath: calibPath, options: opts, layers: cfg.numLayers,
+        // Workers open these paths, from their own working directories: absolute.
+        let modelDir = OutputGuard.canonical(ckpt.directory)
+        let calibPath = OutputGuard.canonical(calib.path)
+        let identity = JobIdentity(modelDir: modelDir, calibPath: calibPath, modelContent: try ckpt.fingerprint(),
+                                   calibContent: calib.fingerprint, options: json, samples: calib.count)
+        var spec = JobSpec(jobID: identity.jobID, modelDir: modelDir, calibPath: calibPath, options: opts, layers: cfg.numLayers,
                            samples: calib.count, needsStats: options.method != .rtn && options.effectiveReweight,
                            needsForward: options.method != .rtn,
                            groupsPerLayer: options.method == .smoothquant ? 2 : ScaleSearch.groups(for: cfg).count,
@@ -31,9 +34,10 @@ public enum DistributedJob {
         let weightBytes = MemoryNeeds.heldWeightBytes(stored: ckpt.weightDType)
         spec.memory = MemoryNeeds(shape: shape, inputRows: calib.samples.reduce(0) { $0 + $1.length }, tokens: tokens,
                                   weightBytes: weightBytes)
-        let absOut = (out as NSString).standardizingPath
+        spec.identity = identity
+        let absOut = OutputGuard.canonical(out)
         spec.outputDir = absOut + ".partial-" + spec.jobID
-        spec.outputToken = Auth.sha256(Array("\(spec.jobID)|\(UUID().uuidString)".utf8)).prefix(12).map { String(format: "%02x", $0) }.joined()
+        spec.outputToken = String(SHA256.hex(Array("\(spec.jobID)|\(UUID().uuidString)".utf8)).prefix(24))
         spec.outputVia = outputVia
         spec.distort = options.distort
         spec.shape = shape

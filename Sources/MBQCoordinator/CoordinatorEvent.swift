@@ -17,6 +17,9 @@ public enum CoordinatorEvent: Sendable, Equatable {
     case listening(endpoint: String, curveKeys: Int?, workers: Int, job: String, layers: Int, samples: Int)
     case resumed(finishedLayers: [Int], statistics: Bool)
     case messageRejected(reason: String)
+    /// Events about unauthenticated or rejected traffic from one source past the log's
+    /// budget (`LogThrottle`), counted instead of written.
+    case messagesSuppressed(source: String, count: Int, seconds: Double)
     case curveAuth(line: String)
     case costModelPredicted(phases: [String: Double], order: [String], total: Double)
     case costModelMeasured(measured: [String: Double], predicted: [String: Double], order: [String], total: Double, predictedTotal: Double)
@@ -52,6 +55,7 @@ public enum CoordinatorEvent: Sendable, Equatable {
         case .listening: return "listening"
         case .resumed: return "resumed"
         case .messageRejected: return "message_rejected"
+        case .messagesSuppressed: return "messages_suppressed"
         case .curveAuth: return "curve_auth"
         case .costModelPredicted: return "cost_model_predicted"
         case .costModelMeasured: return "cost_model_measured"

@@ -16,6 +16,8 @@ public enum CoordinatorEventLog {
             return "resume: journal has \(finished.count) finished layer(s) \(finished) and \(statistics ? "complete" : "no") gradient statistics; they are not recomputed"
         case let .messageRejected(reason):
             return "rejected a message: \(reason)"
+        case let .messagesSuppressed(source, count, seconds):
+            return "\(count) more rejected or unauthenticated message(s) from \(source) in the last \(String(format: "%.0f", seconds)) s (not logged one by one)"
         case let .curveAuth(line):
             return line
         case let .costModelPredicted(phases, order, total):
@@ -100,6 +102,7 @@ public enum CoordinatorEventLog {
         case let .resumed(finished, statistics):
             return [("finished_layers", .array(finished.map { .int($0) })), ("statistics", .bool(statistics))]
         case let .messageRejected(reason): return [("reason", .string(reason))]
+        case let .messagesSuppressed(source, count, seconds): return [("source", .string(source)), ("count", .int(count)), ("seconds", d(seconds))]
         case let .curveAuth(line): return [("line", .string(line))]
         case let .costModelPredicted(phases, order, total): return [("predicted_s", map(phases, order)), ("total_s", d(total))]
         case let .costModelMeasured(measured, predicted, order, total, predictedTotal):

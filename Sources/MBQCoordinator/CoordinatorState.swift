@@ -6,6 +6,8 @@ import MBQWire
 /// What a job is: fixed for its lifetime, recorded in the job directory.
 public struct JobSpec: Sendable {
     public var jobID: String
+    /// Every input that changes the output (`jobID` is derived from it when set).
+    public var identity = JobIdentity(fields: [:])
     public var modelDir: String
     public var calibPath: String
     public var options: Mbq_JobOptions
@@ -106,6 +108,8 @@ public final class CoordinatorState {
     let secret: String?
     let makeNonce: () -> [UInt8]
     var challenges: [[UInt8]: [UInt8]] = [:]
+    /// Workers dropped after an error: their process's data endpoint and the error.
+    var failed: [String: (endpoint: String, why: String)] = [:]
 
     /// `epochBase`: plans count up from here; a resumed coordinator starts above every
     /// epoch its predecessor used, so workers' traffic from before the crash is stale.
@@ -135,7 +139,13 @@ public final class CoordinatorState {
     public func handle(identity: [UInt8], _ m: WireMessage, now: Double) -> [Directive] {
         // A worker learns the job id from the coordinator: its first messages carry none.
         guard m.envelope.jobID == spec.jobID || m.envelope.jobID.isEmpty else {
-            return [.event(.messageDropped(what: "a message for job '\(m.envelope.jobID)'", from: nil, reason: "this job is '\(spec.jobID)'"))]
+            // A worker left over from another job (this port's previous coordinator): it
+            // would never join, so it is told to stop instead of waiting forever.
+            let reason = "this coordinator runs job '\(spec.jobID)', the worker belongs to job '\(m.envelope.jobID)': start a new worker for this job"
+            var no = Mbq_Refused()
+            no.reason = reason
+            return [.send(identity: identity, env(.refused(no))),
+                    .event(.workerRefused(worker: senderName(m.envelope.body), host: "", reason: reason))]
         }
         guard let body = m.envelope.body else { return [] }
         if case let .register(r) = body { return register(identity: identity, r, now: now) }
@@ -228,14 +238,40 @@ public final class CoordinatorState {
             out += finishIfComplete(now: now)
         case let .error(e):
             out.append(.event(.workerError(worker: id, message: e.message, fatal: e.fatal)))
-            if e.fatal {
-                phase = .failed
-                out.append(.failed("worker \(id): \(e.message)"))
-            }
+            if e.fatal { out += drop(id, why: e.message, now: now) }
         default:
             out.append(.event(.messageDropped(what: bodyName(body), from: id, reason: "unexpected")))
         }
         return out
+    }
+
+    /// A worker that reported an error it cannot recover from (it cannot read the model,
+    /// a phase failed) is dropped like a lost one: told to stop, its layers re-planned on
+    /// the others. Only when no worker is left does the job fail. The same process is not
+    /// admitted again (`failed`); a new process under the same id is.
+    func drop(_ id: String, why: String, now: Double) -> [Directive] {
+        guard let w = workers[id] else { return [] }
+        workers[id]!.alive = false
+        failed[id] = (w.info.dataEndpoint, why)
+        var no = Mbq_Refused()
+        no.reason = "dropped from the job after its error: \(why)"
+        var out: [Directive] = [.send(identity: w.identity, env(.refused(no)))]
+        guard [.forward, .backward, .search, .apply].contains(phase), plan.contains(where: { $0.worker == id }) else { return out }
+        guard workers.values.contains(where: \.alive) else {
+            phase = .failed
+            return out + [.failed("worker \(id): \(why) (no other worker is left)")]
+        }
+        out += replan(now: now, reason: "dropped \(id) after its error")
+        return out
+    }
+
+    /// The worker id a message names, for refusals of messages from unknown peers.
+    func senderName(_ b: Mbq_Envelope.OneOf_Body?) -> String {
+        switch b {
+        case let .register(r)?: return r.workerID
+        case let .heartbeat(h)? where !h.workerID.isEmpty: return h.workerID
+        default: return "?"
+        }
     }
 
     /// Whether worker `id` holds layer `l` in the current plan (reports about other
@@ -313,6 +349,20 @@ public final class CoordinatorState {
             }
         }
         let known = workers[r.workerID]
+        func refuse(_ reason: String) -> [Directive] {
+            var no = Mbq_Refused()
+            no.reason = reason
+            return [.send(identity: identity, env(.refused(no))), .event(.workerRefused(worker: r.workerID, host: r.host, reason: reason))]
+        }
+        // One process per id: a second process (another data endpoint) under the id of a
+        // live worker would take over its place and both would evict each other.
+        if let known, known.alive, known.identity != identity, known.info.dataEndpoint != r.dataEndpoint {
+            return refuse("worker id '\(r.workerID)' is taken by a live worker on \(known.info.host) (\(known.info.dataEndpoint)): give each worker its own --id")
+        }
+        if let f = failed[r.workerID], f.endpoint == r.dataEndpoint {
+            return refuse("dropped from the job after its error: \(f.why)")
+        }
+        failed[r.workerID] = nil
         workers[r.workerID] = WorkerEntry(identity: identity, id: r.workerID, info: r, lastSeen: now, alive: true, range: nil)
         var out: [Directive] = [.event(.workerRegistered(worker: r.workerID, host: r.host, threads: Int(r.threads), cores: Int(r.cores),
                                                          gflops: r.gemmGflops, gemmRates: r.gemmRates, loopGBps: r.loopGbps, memoryBytes: r.maxMemoryBytes,

@@ -1,6 +1,7 @@
 import Foundation
 import MBQFormats
 import MBQMethods
+import MBQTensor
 import MBQWire
 
 /// The job directory's record of finished work: gradient statistics and every finished
@@ -12,9 +13,12 @@ public enum Journal {
         public var stats: GradientStatistics?
         public var results: [Int: [Mbq_GroupResult]]
         public var epoch: UInt32 = 0
+        /// The job's identity (empty in journals written before it was recorded).
+        public var identity = JobIdentity(fields: [:])
 
-        public init(jobID: String, stats: GradientStatistics?, results: [Int: [Mbq_GroupResult]], epoch: UInt32 = 0) {
-            self.jobID = jobID; self.stats = stats; self.results = results; self.epoch = epoch
+        public init(jobID: String, stats: GradientStatistics?, results: [Int: [Mbq_GroupResult]], epoch: UInt32 = 0,
+                    identity: JobIdentity = JobIdentity(fields: [:])) {
+            self.jobID = jobID; self.stats = stats; self.results = results; self.epoch = epoch; self.identity = identity
         }
     }
 
@@ -26,7 +30,7 @@ public enum Journal {
     static func unhex(_ v: Any?) -> Double? { (v as? String).flatMap { UInt64($0, radix: 16) }.map(Double.init(bitPattern:)) }
 
     static func body(_ c: Contents) -> [String: Any] {
-        var b: [String: Any] = ["job_id": c.jobID, "epoch": c.epoch]
+        var b: [String: Any] = ["job_id": c.jobID, "epoch": c.epoch, "identity": c.identity.fields]
         if let s = c.stats {
             b["stats"] = ["samples_used": s.samplesUsed, "skipped": s.skipped,
                           "layers": s.layers.map { [$0.attnVis, $0.attnCap, $0.mlpVis, $0.mlpCap].map(hex) }] as [String: Any]
@@ -43,7 +47,7 @@ public enum Journal {
     }
 
     static func digest(_ data: Data) -> String {
-        Auth.sha256(Array(data)).map { String(format: "%02x", $0) }.joined()
+        SHA256.hex(Array(data))
     }
 
     public static func write(_ c: Contents, jobDir: String) throws {
@@ -96,6 +100,7 @@ public enum Journal {
                 return m
             }
         }
-        return Contents(jobID: job, stats: stats, results: results, epoch: (b["epoch"] as? NSNumber)?.uint32Value ?? 0)
+        return Contents(jobID: job, stats: stats, results: results, epoch: (b["epoch"] as? NSNumber)?.uint32Value ?? 0,
+                        identity: JobIdentity(fields: b["identity"] as? [String: String] ?? [:]))
     }
 }

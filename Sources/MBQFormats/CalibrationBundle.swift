@@ -38,10 +38,29 @@ public struct CalibrationBundle: Sendable {
     public let samples: [CalibrationSample]
     public var count: Int { samples.count }
     public var hiddenSize: Int { samples.first?.embeds.cols ?? 0 }
+    /// The file's content fingerprint (`Fingerprint.of`; part of a job's identity).
+    public var fingerprint = ""
+    /// The model the bundle was exported for, when its exporter recorded it.
+    public var model: ModelRecord?
 
-    public init(path: String, samples: [CalibrationSample]) {
+    public init(path: String, samples: [CalibrationSample], fingerprint: String = "", model: ModelRecord? = nil) {
         self.path = path
         self.samples = samples
+        self.fingerprint = fingerprint
+        self.model = model
+    }
+
+    /// The first `n` samples, the rest of the bundle's description kept.
+    public func prefix(_ n: Int) -> CalibrationBundle {
+        CalibrationBundle(path: path, samples: Array(samples.prefix(n)), fingerprint: fingerprint, model: model)
+    }
+
+    /// Why this bundle cannot feed `ckpt` (it records another model), or nil when it can
+    /// or records none (`model == nil`: made by an exporter older than the record).
+    public func mismatch(with ckpt: Checkpoint) throws -> String? {
+        guard let model else { return nil }
+        let d = model.differences(from: try ModelRecord(ckpt))
+        return d.isEmpty ? nil : "\(path) was exported for another model (bundle vs \(ckpt.directory): \(d.joined(separator: ", ")))"
     }
 
     /// Reads and validates a bundle. `hiddenSize`/`vocabSize`/`positionRows`, when given,
@@ -124,11 +143,13 @@ public struct CalibrationBundle: Sendable {
             samples.append(CalibrationSample(embeds: emb.rowSlice(s * t, t), attention: att, positions: p,
                                              vision: v, labels: lab))
         }
-        return CalibrationBundle(path: path, samples: samples)
+        return CalibrationBundle(path: path, samples: samples, fingerprint: Fingerprint.of(f), model: ModelRecord(metadata: f.metadata))
     }
 
-    /// Writes samples (all of one length) as a bundle, atomically.
-    public static func write(_ samples: [CalibrationSample], to path: String, embedsDType: DType = .f32) throws {
+    /// Writes samples (all of one length) as a bundle, atomically; `model`: the model they
+    /// were made for, recorded in the metadata.
+    public static func write(_ samples: [CalibrationSample], to path: String, embedsDType: DType = .f32,
+                             model: ModelRecord? = nil) throws {
         precondition(!samples.isEmpty, "a bundle needs at least one sample")
         let n = samples.count, t = samples[0].length, h = samples[0].embeds.cols
         let rows = samples[0].positions.count
@@ -141,6 +162,6 @@ public struct CalibrationBundle: Sendable {
         w.add("labels", int64: samples.flatMap { $0.labels.map(Int64.init) }, shape: [n, t])
         let pos: [Int64] = (0..<rows).flatMap { r in samples.flatMap { $0.positions[r].map(Int64.init) } }
         w.add("position_ids", int64: pos, shape: rows == 1 ? [n, t] : [rows, n, t])
-        try w.write(to: path, metadata: ["format": format, "version": version])
+        try w.write(to: path, metadata: ["format": format, "version": version].merging(model?.metadata ?? [:]) { a, _ in a })
     }
 }

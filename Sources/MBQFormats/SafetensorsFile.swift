@@ -190,6 +190,34 @@ public final class SafetensorsFile: @unchecked Sendable {
         return UnsafeRawBufferPointer(start: base! + e.byteRange.lowerBound, count: e.byteRange.count)
     }
 
+    /// The file's bytes at `range` (absolute offsets, clamped to the file), copied.
+    public func fileBytes(_ range: Range<Int>) -> [UInt8] {
+        let r = max(0, range.lowerBound)..<min(mappedLength, max(range.lowerBound, range.upperBound))
+        guard let base, !r.isEmpty else { return [] }
+        return Array(UnsafeRawBufferPointer(start: base + r.lowerBound, count: r.count))
+    }
+
+    /// The file's size in bytes.
+    public var fileSize: Int { mappedLength }
+
+    /// One row of a 2-D floating-point tensor converted to fp32 (reads that row only).
+    public func floatRow(_ name: String, row: Int) throws -> [Float] {
+        let e = try entry(name)
+        guard e.dtype.isFloatingPoint, e.shape.count == 2, (0..<e.shape[0]).contains(row) else {
+            throw FormatsError.invalidTensorEntry(path: path, tensor: name, reason: "no row \(row) of a 2-D floating-point tensor (\(e.dtype.rawValue) \(e.shape))")
+        }
+        let cols = e.shape[1], bs = e.dtype.byteSize
+        let raw = UnsafeRawBufferPointer(start: base! + e.byteRange.lowerBound + row * cols * bs, count: cols * bs)
+        return (0..<cols).map { i in
+            switch e.dtype {
+            case .bf16: return HalfPrecision.bf16ToFloat(raw.loadUnaligned(fromByteOffset: 2 * i, as: UInt16.self))
+            case .f16: return HalfPrecision.fp16ToFloat(raw.loadUnaligned(fromByteOffset: 2 * i, as: UInt16.self))
+            case .f64: return Float(raw.loadUnaligned(fromByteOffset: 8 * i, as: Double.self))
+            default: return raw.loadUnaligned(fromByteOffset: 4 * i, as: Float.self)
+            }
+        }
+    }
+
     /// A floating-point tensor converted to fp32 (F32, F16, BF16, F64 accepted).
     public func floatTensor(_ name: String) throws -> Tensor<Float> {
         let e = try entry(name)

@@ -79,6 +79,11 @@ public struct QuantizeOptions: Sendable {
             throw no("--reweight applies to the scale search (awq, mbq), not to \(method.rawValue)")
         }
         if distort && (method == .rtn) { throw no("--distort needs a search method (awq, mbq, smoothquant)") }
+        if format == nil && defaultFormat == .fake {
+            // Fake quantization writes dequantized weights: the size of the fp model and
+            // nothing an engine runs as 'schemeName'. Only on request.
+            throw no("\(schemeName): no serving format holds this scheme (compressed-tensors: 2/4/8-bit codes; GPTQ: 2/3/4/8 bits weight-only); pass --format fake to write fake-quantized (dequantized) weights for evaluation")
+        }
         for (role, shape) in cfg.linearShapes {
             if let why = PackedLinear.unsupported(format: resolvedFormat, bits: wBit, group: aBit == nil ? group : -1,
                                                   symmetric: aBit != nil, rows: shape[0], cols: shape[1]) {

@@ -1,4 +1,5 @@
 import Foundation
+import Logging
 import MBQFormats
 import MBQModel
 import MBQQuant
@@ -152,18 +153,44 @@ public enum QuantizedCheckpointWriter {
         }
     }
 
-    /// Creates the temporary output directory (removing a stale one of the same name).
-    public static func begin(out: String, overwrite: Bool, tmp: String) throws {
+    /// Creates the temporary output directory, owned by this process (`OutputGuard`),
+    /// after removing a stale one of the same name and those of dead processes.
+    public static func begin(out: String, overwrite: Bool, tmp: String, logger: Logger? = nil) throws {
         let fm = FileManager.default
         if fm.fileExists(atPath: out) && !overwrite {
             throw MethodsError.output(path: out, reason: "already exists (pass --overwrite to replace it)")
         }
+        OutputGuard.removeOrphans(of: out, logger: logger ?? Logger(label: "mbq.output"))
         try? fm.removeItem(atPath: tmp)
         do {
             try fm.createDirectory(atPath: tmp, withIntermediateDirectories: true)
+            try OutputGuard.claim(tmp)
         } catch {
-            throw MethodsError.output(path: tmp, reason: "cannot create: \(error.localizedDescription)")
+            throw MethodsError.output(path: tmp, reason: "cannot create: \(error)")
         }
+    }
+
+    /// The output's size in bytes, estimated from the source's headers: the tensors copied
+    /// as they are, and each linear in the output format (codes, scales, zero points and
+    /// indices at their stored widths). For the free-space check before any work.
+    public static func predictedBytes(_ ckpt: Checkpoint, options: QuantizeOptions) throws -> UInt64 {
+        let lay = layout(ckpt)
+        var total = 0
+        for (_, source, names) in lay.rest { for n in names { total += try source.entry(n).byteRange.count } }
+        let bits = options.wBit, scale = options.scaleDType.byteSize
+        for l in 0..<ckpt.config.numLayers {
+            let n = ckpt.blockNames(l)
+            let linear = Set(n.linears.map(\.name))
+            for name in n.all where !linear.contains(name) { total += try ckpt.entry(name).entry.byteRange.count }
+            for s in n.linears {
+                let shape = try ckpt.entry(s.name).entry.shape
+                let (rows, cols) = (shape[0], shape.dropFirst().reduce(1, *))
+                if options.resolvedFormat == .fake { total += rows * cols * options.weightDType.byteSize; continue }
+                let groups = options.aBit == nil && options.group > 0 ? (cols + options.group - 1) / options.group : 1
+                total += rows * (cols * bits + 31) / 32 * 4 + rows * groups * (scale + 4) + cols * 4
+            }
+        }
+        return UInt64(total)
     }
 
     /// Writes everything but the layer shards (already in `tmp`), then renames `tmp` to

@@ -188,5 +188,12 @@ public final class RawMessage {
 
     public var frames: [[UInt8]] { (0..<count).map { Array(frame($0)) } }
 
+    /// The sending peer's IP address as ZeroMQ reports it (the "Peer-Address" property of
+    /// the first frame), or nil (no frames, or a transport without one).
+    public var peerAddress: String? {
+        guard let first = parts.first, let p = zmq_msg_gets(first, "Peer-Address") else { return nil }
+        return String(cString: p)
+    }
+
     deinit { for p in parts { zmq_msg_close(p); p.deallocate() } }
 }

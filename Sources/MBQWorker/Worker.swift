@@ -50,6 +50,8 @@ public final class Worker: @unchecked Sendable {
     let epochLock = NSLock()
     var latestEpoch: UInt32 = 0
     var jobID = ""
+    /// The job whose files this worker has checked (`assign`).
+    var verifiedJob = ""
 
     // Compute-thread state.
     var assignment = Mbq_Assignment()
@@ -303,6 +305,17 @@ public final class Worker: @unchecked Sendable {
         let c = ckpt!
         if bundle == nil || bundle!.path != a.calibPath {
             bundle = try CalibrationBundle.load(path: a.calibPath, for: c.config)
+        }
+        // The files here must be the coordinator's: the job id is derived from their
+        // content fingerprints (`JobIdentity`), so a different copy, another version or
+        // another model at the same path is refused before any work.
+        if verifiedJob != jobID {
+            let here = JobIdentity(modelDir: a.modelDir, calibPath: a.calibPath, modelContent: try c.fingerprint(),
+                                   calibContent: bundle!.fingerprint, options: a.options.canonicalText, samples: Int(a.samples))
+            guard here.jobID == jobID else {
+                throw WorkerError.inputs("the checkpoint \(a.modelDir) or the bundle \(a.calibPath) on \(ProcessInfo.processInfo.hostName) differs from the coordinator's (their content gives job \(here.jobID), the coordinator runs \(jobID)): give every worker the same files")
+            }
+            verifiedJob = jobID
         }
         guard a.firstLayer < a.endLayer, Int(a.endLayer) <= c.config.numLayers, Int(a.samples) <= bundle!.count, a.samples > 0 else {
             throw ProtocolError.malformed("assignment of layers \(a.firstLayer)..<\(a.endLayer) over \(a.samples) samples does not fit the model (\(c.config.numLayers) layers) and bundle (\(bundle!.count) samples)")

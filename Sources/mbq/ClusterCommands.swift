@@ -25,9 +25,9 @@ struct WorkerCommand: ParsableCommand {
     @Option(help: "Compute device (cpu).") var device = "cpu"
     @Option(help: "Seconds without any coordinator before the worker exits (it registers again every 3 s meanwhile).")
     var giveUpAfter = 600.0
-    @Option(help: "Shared secret (or MBQ_SECRET).") var secret: String?
-    @Option(help: "CurveZMQ: the coordinator's public key file (NAME.pub from `mbq keys`).") var curveServerKey: String?
-    @Option(help: "CurveZMQ: this worker's key file (NAME.key from `mbq keys`).") var curveKey: String?
+    @OptionGroup var secret: SecretOptions
+    @Option(help: "CurveZMQ: the coordinator's public key file (NAME.pub from `mbq keygen`).") var curveServerKey: String?
+    @Option(help: "CurveZMQ: this worker's key file (NAME.key from `mbq keygen`).") var curveKey: String?
     @OptionGroup var common: CommonOptions
 
     func validate() throws {
@@ -55,7 +55,7 @@ struct WorkerCommand: ParsableCommand {
             }
             o.threads = BLASRuntime.threads
             o.chunkTokens = chunkTokens
-            o.secret = secret ?? ProcessInfo.processInfo.environment["MBQ_SECRET"]
+            o.secret = try secret.load()
             if let serverKey = curveServerKey, let keyFile = curveKey {
                 let (pub, sec) = try Curve.readKeypair(keyFile)
                 o.curve = (try Curve.readKey(serverKey), pub, sec)
@@ -75,13 +75,28 @@ func parseBytes(_ s: String) -> UInt64? {
     return UInt64(s)
 }
 
+/// The job's shared secret: from a file or MBQ_SECRET (`SharedSecret`), never from the
+/// command line, where `ps` shows it to every user of the machine.
+struct SecretOptions: ParsableArguments {
+    @Option(help: "File holding the job's shared secret (mode 600; `mbq keygen` makes one). Or set MBQ_SECRET.")
+    var secretFile: String?
+    @Option(help: .hidden) var secret: String?
+
+    func load() throws -> String? {
+        if secret != nil {
+            throw MethodsError.invalidOptions("--secret puts the secret on the command line, where `ps` shows it to every user: use --secret-file FILE (see `mbq keygen`) or the MBQ_SECRET environment variable")
+        }
+        return try SharedSecret.load(file: secretFile)
+    }
+}
+
 /// Options shared by `mbq coordinator` and `mbq quantize --workers`.
 struct ClusterOptions: ParsableArguments {
     @Option(help: "Job directory: journal, log, plan (default: OUT.job).") var jobDir: String?
     @Flag(help: "Continue the job recorded in --job-dir.") var resume = false
     @Option(help: "Coordinator log format: text or json.") var logFormat: ClusterCoordinator.LogFormat = .text
-    @Option(help: "Shared secret workers must present (or MBQ_SECRET).") var secret: String?
-    @Option(help: "CurveZMQ: this coordinator's key file (NAME.key from `mbq keys`).") var curveKey: String?
+    @OptionGroup var secret: SecretOptions
+    @Option(help: "CurveZMQ: this coordinator's key file (NAME.key from `mbq keygen`).") var curveKey: String?
     @Option(parsing: .upToNextOption, help: "CurveZMQ: authorized workers' public key files (NAME.pub).") var authorizedKeys: [String] = []
     @Option(help: "How quantized blocks reach --out: auto (workers that see the output directory write their blocks into it, others stream them here), shared, or coordinator.")
     var outputVia = "auto"
@@ -98,18 +113,31 @@ struct ClusterOptions: ParsableArguments {
     }
 }
 
-/// `mbq keys`: a CurveZMQ keypair for a coordinator or a worker.
-struct KeysCommand: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "keys", abstract: "Make a CurveZMQ keypair (NAME.key, NAME.pub).")
+/// `mbq keygen`: a shared-secret file and CurveZMQ keypairs, readable only by their owner.
+struct KeygenCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "keygen", abstract: "Make a shared-secret file (DIR/secret) and CurveZMQ keypairs (DIR/NAME.key, DIR/NAME.pub).",
+        discussion: "Example: mbq keygen --dir ~/.mbq --curve coordinator w0 w1. Existing files are never overwritten.")
 
-    @Option(help: "Key name.") var name: String
-    @Option(help: "Directory to write into.") var dir = "."
+    @Option(help: "Directory to write into (created with mode 700).") var dir: String
+    @Flag(inversion: .prefixedNo, help: "Write DIR/secret, 32 random bytes as hex (mode 600).") var secret = true
+    @Option(parsing: .upToNextOption, help: "CurveZMQ keypairs to make, one per name: the coordinator's and each worker's.")
+    var curve: [String] = []
 
     func run() throws {
         try runReportingErrors {
-            guard Curve.available else { throw MethodsError.invalidOptions("this libzmq has no CURVE support") }
-            let (key, pub) = try Curve.writeKeypair(name: name, dir: dir)
-            print("wrote \(key) (secret, keep it on its machine) and \(pub) (public)")
+            guard secret || !curve.isEmpty else { throw MethodsError.invalidOptions("nothing to make: drop --no-secret or name --curve keys") }
+            if !curve.isEmpty && !Curve.available { throw MethodsError.invalidOptions("this libzmq has no CURVE support") }
+            try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+            if secret {
+                try SharedSecret.write(to: dir + "/secret")
+                print("wrote \(dir)/secret (mode 600): pass it as --secret-file to the coordinator and every worker")
+            }
+            for name in curve {
+                guard !name.isEmpty, !name.contains("/") else { throw MethodsError.invalidOptions("--curve '\(name)': a key name, not a path") }
+                let (key, pub) = try Curve.writeKeypair(name: name, dir: dir)
+                print("wrote \(key) (secret, mode 600: keep it on its machine) and \(pub) (public)")
+            }
         }
     }
 }
@@ -122,17 +150,17 @@ struct CoordinatorCommand: ParsableCommand {
     @OptionGroup var quantize: QuantizeArguments
     @Option(help: "Endpoint to bind (default loopback).") var bind = "tcp://127.0.0.1:5555"
     @Option(help: "Workers to wait for before planning.") var workers = 1
-    @Flag(help: "Allow binding a non-loopback address without a --secret.") var allowInsecure = false
+    @Flag(help: "Allow binding a non-loopback address without authentication (anyone who reaches the port can join).") var allowInsecure = false
     @OptionGroup var cluster: ClusterOptions
     @OptionGroup var common: CommonOptions
 
     func run() throws {
         common.apply()
         try runReportingErrors {
-            let secret = cluster.secret ?? ProcessInfo.processInfo.environment["MBQ_SECRET"]
+            let secret = try cluster.secret.load()
             let curve = try cluster.curve()
-            if !bind.contains("127.0.0.1") && !bind.contains("localhost") && secret == nil && curve == nil && !allowInsecure {
-                throw MethodsError.invalidOptions("binding \(bind) beyond loopback without --secret or --curve-key: pass one, or --allow-insecure")
+            if !Endpoint.isLoopback(bind) && secret == nil && curve == nil && !allowInsecure {
+                throw MethodsError.invalidOptions("binding \(bind) beyond loopback without authentication: pass --secret-file (or MBQ_SECRET) or --curve-key, or --allow-insecure")
             }
             let (ckpt, bundle) = try quantize.prepare()
             let spec = try DistributedJob.spec(ckpt: ckpt, calib: bundle, options: quantize.options(ckpt), workers: workers,
@@ -160,10 +188,32 @@ struct StatusCommand: ParsableCommand {
             }
             let layers = o["layers"] as? Int ?? 0
             let done = (o["finished_layers"] as? [Int]) ?? []
-            print("job \(o["job_id"] ?? "?"): phase \(o["phase"] ?? "?") (plan epoch \(o["epoch"] ?? 0)), elapsed \(String(format: "%.0f", o["elapsed_s"] as? Double ?? 0)) s")
+            let phase = o["phase"] as? String ?? "?"
+            print("job \(o["job_id"] ?? "?"): phase \(phase) (plan epoch \(o["epoch"] ?? 0)), elapsed \(String(format: "%.0f", o["elapsed_s"] as? Double ?? 0)) s")
+            // The coordinator rewrites status.json twice a second while it runs: an old
+            // file, or its pid gone from this host, means nobody drives the job.
+            let age = (o["updated_unix"] as? Double).map { max(0, Date().timeIntervalSince1970 - $0) }
+            let pid = (o["pid"] as? Int).map(Int32.init), host = o["host"] as? String
+            var coordinatorUp = true
+            if phase == "failed" {
+                coordinatorUp = false
+                print("job FAILED: \(o["failure"] as? String ?? "see coordinator.log")")
+            } else if phase == "done" {
+                coordinatorUp = false
+                print("job finished")
+            } else if let pid, host == ProcessInfo.processInfo.hostName, kill(pid, 0) != 0 && errno != EPERM {
+                coordinatorUp = false
+                print("coordinator NOT RUNNING: pid \(pid) is gone\(age.map { String(format: " (last update %.0f s ago)", $0) } ?? ""); restart it with the same command and --resume")
+            } else if let age, age > 10 {
+                coordinatorUp = false
+                print(String(format: "coordinator SILENT for %.0f s (pid %@ on %@): it may have died; restart it with --resume if so", age,
+                             pid.map { "\($0)" } ?? "?", host ?? "?"))
+            } else {
+                print("coordinator running (pid \(pid.map { "\($0)" } ?? "?") on \(host ?? "?"))")
+            }
             print("model \(o["model"] ?? "?"), calibration \(o["calib"] ?? "?") (\(o["samples"] ?? 0) samples)")
             print("gradient statistics: \((o["gradient_statistics"] as? Bool) == true ? "done" : "pending")")
-            print("searched layers: \(done.count)/\(layers)" + ((o["search_eta_s"] as? Double).map { String(format: ", ETA %.0f s", $0) } ?? ""))
+            print("searched layers: \(done.count)/\(layers)" + ((coordinatorUp ? o["search_eta_s"] as? Double : nil).map { String(format: ", ETA %.0f s", $0) } ?? ""))
             if let predicted = o["predicted_s"] as? [String: Double] {
                 let measured = o["phase_s"] as? [String: Double] ?? [:]
                 let order = ["forward", "backward", "search", "apply"].filter { predicted[$0] != nil }
@@ -174,9 +224,10 @@ struct StatusCommand: ParsableCommand {
             print("workers:")
             for w in o["workers"] as? [[String: Any]] ?? [] {
                 let r = (w["layers"] as? [Int]).map { "layers \($0[0])..<\($0[1])" } ?? "no layers"
-                let alive = (w["alive"] as? Bool) == true ? "alive" : "lost"
+                let alive = (w["alive"] as? Bool) != true ? "lost" : coordinatorUp ? "alive" : "last known alive"
                 print(String(format: "  %@ on %@: %@, %@, %.0f GFLOP/s, heard %.1f s ago", (w["id"] as? String ?? "?"),
-                             (w["host"] as? String ?? "?"), alive, r, w["gflops"] as? Double ?? 0, w["seconds_since_heard"] as? Double ?? 0))
+                             (w["host"] as? String ?? "?"), alive, r, w["gflops"] as? Double ?? 0,
+                             (w["seconds_since_heard"] as? Double ?? 0) + (age ?? 0)))
             }
         }
     }

@@ -21,7 +21,7 @@ struct MBQ: ParsableCommand {
         abstract: "Modality-balanced quantization (MBQ) of the language model inside vision-language models.",
         discussion: "Start with `mbq demo`. Numbers are fp32 on the CPU through OpenBLAS.",
         subcommands: [DemoCommand.self, QuantizeCommand.self, EvalCommand.self, CoordinatorCommand.self, WorkerCommand.self,
-                      StatusCommand.self, PlanCommand.self, KeysCommand.self,
+                      StatusCommand.self, PlanCommand.self, KeygenCommand.self,
                       ForwardCommand.self, InspectCommand.self, BenchCommand.self, SynthCommand.self])
 }
 

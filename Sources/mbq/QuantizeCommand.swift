@@ -19,13 +19,16 @@ struct QuantizeArguments: ParsableArguments {
     @Option(help: "Hugging Face model directory.") var model: String
     @Option(help: "Calibration bundle (mbq-calib safetensors).") var calib: String
     @Option(help: "mbq, awq, rtn or smoothquant.") var method: QuantMethod = .mbq
-    @Option(name: .customLong("w-bit"), help: "Weight bits.") var wBit = 4
-    @Option(help: "Weight group size along the input dim (weight-only; -1 = per row).") var group = 128
-    @Option(name: .customLong("a-bit"), help: "Activation bits (8 for W4A8 / W8A8; weights then per output channel).") var aBit: Int?
+    // Numbers parse unconditionally, so that "-1" and "-5" reach validation as values.
+    @Option(name: .customLong("w-bit"), parsing: .unconditional, help: "Weight bits.") var wBit = 4
+    @Option(parsing: .unconditional, help: "Weight group size along the input dim (weight-only; -1 = per row).") var group = 128
+    @Option(name: .customLong("a-bit"), parsing: .unconditional, help: "Activation bits (8 for W4A8 / W8A8; weights then per output channel).") var aBit: Int?
     @Option(help: "Search loss: mae or mse.") var loss: SearchLoss = .mae
     @Flag(inversion: .prefixedNo, help: "Modality-reweighted search loss (default: on for mbq).") var reweight: Bool?
     @Flag(help: "Feed each block the already-quantized blocks' output (a pipeline).") var distort = false
-    @Option(help: "Use only the first N calibration samples.") var samples: Int?
+    @Option(parsing: .unconditional, help: "Use only the first N calibration samples.") var samples: Int?
+    @Flag(help: "Use a calibration bundle that records another model (its model_type, sizes or token embeddings differ).")
+    var allowOtherModel = false
     @Option(help: "Output format: fake, compressed-tensors, awq or gptq (default: what vLLM serves for the scheme; see the README).")
     var format: CheckpointFormat?
     @Option(help: "Output directory.") var out: String
@@ -40,20 +43,32 @@ struct QuantizeArguments: ParsableArguments {
         return o
     }
 
-    /// Everything that can be refused is refused here, before any weight is read.
+    /// Everything that can be refused is refused here, before any weight is read: the
+    /// options, the output path (`OutputGuard`), the bundle against the model.
     func prepare() throws -> (Checkpoint, CalibrationBundle) {
+        if let samples, samples < 1 { throw MethodsError.invalidOptions("--samples \(samples): must be at least 1") }
         let ckpt = try Checkpoint(directory: model)
         if let q = ckpt.quantization {
             throw MethodsError.invalidOptions("\(model) is already quantized (\(q.description)): quantize the original checkpoint")
         }
-        try options(ckpt).validate(for: ckpt.config)
-        if let samples, samples < 1 { throw MethodsError.invalidOptions("--samples must be at least 1") }
+        let opts = options(ckpt)
+        try opts.validate(for: ckpt.config)
+        try OutputGuard.check(out: out, inputs: [("model directory", model), ("calibration bundle", calib)],
+                              predictedBytes: try QuantizedCheckpointWriter.predictedBytes(ckpt, options: opts))
         if FileManager.default.fileExists(atPath: out) && !overwrite {
             throw MethodsError.output(path: out, reason: "already exists (pass --overwrite to replace it)")
         }
         let bundle = try CalibrationBundle.load(path: calib, for: ckpt.config)
-        let chosen = Array(bundle.samples.prefix(samples ?? bundle.count))
-        return (ckpt, CalibrationBundle(path: bundle.path, samples: chosen))
+        if let why = try bundle.mismatch(with: ckpt) {
+            guard allowOtherModel else { throw MethodsError.invalidOptions(why + "; pass --allow-other-model to use it anyway") }
+            Logger(label: "mbq.quantize").warning("\(why); used anyway (--allow-other-model)")
+        } else if bundle.model == nil {
+            Logger(label: "mbq.quantize").warning("\(calib) records no model (made by an exporter before the record): it cannot be checked against \(model)")
+        }
+        if let samples, samples > bundle.count {
+            throw MethodsError.invalidOptions("--samples \(samples): \(calib) holds \(bundle.count) samples")
+        }
+        return (ckpt, bundle.prefix(samples ?? bundle.count))
     }
 }
 
@@ -137,7 +152,10 @@ struct QuantizeCommand: ParsableCommand {
                                                      spec.memory.bytes(layers: (spec.layers + workers - 1) / workers, spills: true) / 1073741824 + 0.005))
         }
         let jobDir = cluster.jobDir ?? job.out + ".job"
-        let secret = cluster.secret ?? ProcessInfo.processInfo.environment["MBQ_SECRET"]
+        // Loopback is reachable by every user of this machine: the local workers prove
+        // themselves with a secret made for this run (or the given one), passed to them
+        // in their environment, never on their command lines.
+        let secret = try cluster.secret.load() ?? SharedSecret.generate()
         let coord = try ClusterCoordinator(spec: spec, bind: "tcp://127.0.0.1:*", jobDir: jobDir,
                                            resume: cluster.resume, secret: secret, logFormat: cluster.logFormat)
         let threads = max(1, (common.threads ?? EngineThreads.count) / workers)
@@ -154,7 +172,8 @@ struct QuantizeCommand: ParsableCommand {
             try FileManager.default.createDirectory(atPath: scratch, withIntermediateDirectories: true)
             p.arguments = ["worker", "--connect", coord.endpoint, "--id", "w\(i)", "--threads", "\(threads)",
                            "--max-memory", workerMaxMemory, "--scratch", scratch]
-                + (secret.map { ["--secret", $0] } ?? []) + (chunkTokens.map { ["--chunk-tokens", "\($0)"] } ?? [])
+                + (chunkTokens.map { ["--chunk-tokens", "\($0)"] } ?? [])
+            p.environment = ProcessInfo.processInfo.environment.merging([SharedSecret.environmentVariable: secret]) { $1 }
             try p.run()
             children.append(p)
         }

@@ -7,12 +7,6 @@ import XCTest
 /// The `mbq` binary end to end: bad input gives one clear line on stderr and a non-zero
 /// exit status, never a crash; good input gives the numbers the library computes.
 final class CLITests: XCTestCase {
-    struct Result {
-        var status: Int32
-        var stdout: String
-        var stderr: String
-    }
-
     static var binary: String {
         URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent("mbq").path
     }
@@ -20,32 +14,6 @@ final class CLITests: XCTestCase {
     static var fixtures: String {
         URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
             .appendingPathComponent("MBQModelTests/Fixtures").path
-    }
-
-    func mbq(_ args: [String]) throws -> Result {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: Self.binary)
-        p.arguments = args
-        var env = ProcessInfo.processInfo.environment
-        env["MBQ_KEEP_BLAS_ENV"] = "1"  // tests run OpenBLAS as the machine configures it
-        p.environment = env
-        let out = Pipe(), err = Pipe()
-        p.standardOutput = out
-        p.standardError = err
-        try p.run()
-        let o = out.fileHandleForReading.readDataToEndOfFile()
-        let e = err.fileHandleForReading.readDataToEndOfFile()
-        p.waitUntilExit()
-        XCTAssertEqual(p.terminationReason, .exit, "mbq \(args) was killed by a signal: \(String(decoding: e, as: UTF8.self))")
-        return Result(status: p.terminationStatus, stdout: String(decoding: o, as: UTF8.self), stderr: String(decoding: e, as: UTF8.self))
-    }
-
-    func assertFails(_ args: [String], mentioning needles: [String], file: StaticString = #filePath, line: UInt = #line) throws {
-        let r = try mbq(args)
-        XCTAssertNotEqual(r.status, 0, "mbq \(args) should fail", file: file, line: line)
-        for n in needles {
-            XCTAssert(r.stderr.contains(n), "stderr of mbq \(args) lacks '\(n)': \(r.stderr)", file: file, line: line)
-        }
     }
 
     func testForwardMatchesTheReferenceLoss() throws {
@@ -151,5 +119,41 @@ final class CLITests: XCTestCase {
         XCTAssertEqual(r.status, 0, r.stderr)
         XCTAssert(r.stdout.contains("M-RoPE sections [4, 6, 6]"), r.stdout)
         XCTAssert(r.stdout.contains("weight dtype      BF16"), r.stdout)
+    }
+}
+
+/// One run of the `mbq` binary.
+struct MBQResult {
+    var status: Int32
+    var stdout: String
+    var stderr: String
+}
+
+/// Runs the binary the tests were built with; any test case of this target can.
+extension XCTestCase {
+    func mbq(_ args: [String]) throws -> MBQResult {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: CLITests.binary)
+        p.arguments = args
+        var env = ProcessInfo.processInfo.environment
+        env["MBQ_KEEP_BLAS_ENV"] = "1"  // tests run OpenBLAS as the machine configures it
+        p.environment = env
+        let out = Pipe(), err = Pipe()
+        p.standardOutput = out
+        p.standardError = err
+        try p.run()
+        let o = out.fileHandleForReading.readDataToEndOfFile()
+        let e = err.fileHandleForReading.readDataToEndOfFile()
+        p.waitUntilExit()
+        XCTAssertEqual(p.terminationReason, .exit, "mbq \(args) was killed by a signal: \(String(decoding: e, as: UTF8.self))")
+        return MBQResult(status: p.terminationStatus, stdout: String(decoding: o, as: UTF8.self), stderr: String(decoding: e, as: UTF8.self))
+    }
+
+    func assertFails(_ args: [String], mentioning needles: [String], file: StaticString = #filePath, line: UInt = #line) throws {
+        let r = try mbq(args)
+        XCTAssertNotEqual(r.status, 0, "mbq \(args) should fail", file: file, line: line)
+        for n in needles {
+            XCTAssert(r.stderr.contains(n), "stderr of mbq \(args) lacks '\(n)': \(r.stderr)", file: file, line: line)
+        }
     }
 }

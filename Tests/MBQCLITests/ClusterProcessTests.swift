@@ -282,13 +282,12 @@ final class ClusterProcessTests: XCTestCase {
     }
 
     func testCurveZMQAdmitsOnlyAuthorizedKeys() throws {
-        for name in ["coord", "good", "good2", "evil"] {
-            let k = try spawn(["keys", "--name", name, "--dir", tmp], log: tmp + "/keys-\(name).log")
-            XCTAssertTrue(waitExit(k))
-            XCTAssertEqual(k.terminationStatus, 0, text(tmp + "/keys-\(name).log"))
-        }
+        let k = try spawn(["keygen", "--dir", tmp, "--no-secret", "--curve", "coord", "good", "good2", "evil"], log: tmp + "/keygen.log")
+        XCTAssertTrue(waitExit(k))
+        XCTAssertEqual(k.terminationStatus, 0, text(tmp + "/keygen.log"))
         let key = try String(contentsOfFile: tmp + "/coord.key", encoding: .utf8)
         XCTAssertEqual(key.split(separator: "\n").count, 2)
+        XCTAssertEqual((try FileManager.default.attributesOfItem(atPath: tmp + "/coord.key")[.posixPermissions] as? NSNumber)?.intValue, 0o600)
         let p = port()
         let out = tmp + "/out", clog = tmp + "/coord.log"
         let coord = try spawn(["coordinator", "--model", Self.model, "--calib", Self.calib, "--w-bit", "3", "--out", out,
@@ -330,13 +329,15 @@ final class ClusterProcessTests: XCTestCase {
     func testUnauthorizedWorkerIsRefusedAndTheJobGoesOn() throws {
         let p = port()
         let out = tmp + "/out", clog = tmp + "/coord.log"
+        let secret = ["MBQ_SECRET": "s3cret-s3cret-s3cret"]
         let coord = try spawn(["coordinator", "--model", Self.model, "--calib", Self.calib, "--w-bit", "3", "--out", out,
-                               "--bind", "tcp://127.0.0.1:\(p)", "--workers", "1", "--secret", "s3cret", "--log-format", "json"], log: clog)
-        let evil = try spawn(["worker", "--connect", "tcp://127.0.0.1:\(p)", "--id", "evil", "--secret", "guess"], log: tmp + "/evil.log")
+                               "--bind", "tcp://127.0.0.1:\(p)", "--workers", "1", "--log-format", "json"], log: clog, env: secret)
+        let evil = try spawn(["worker", "--connect", "tcp://127.0.0.1:\(p)", "--id", "evil"], log: tmp + "/evil.log",
+                             env: ["MBQ_SECRET": "a-guess-of-16-bytes-or-more"])
         XCTAssertTrue(waitExit(evil, timeout: 30))
         XCTAssertNotEqual(evil.terminationStatus, 0)
         XCTAssertTrue(text(tmp + "/evil.log").contains("refused"), text(tmp + "/evil.log"))
-        let good = try spawn(["worker", "--connect", "tcp://127.0.0.1:\(p)", "--id", "good", "--secret", "s3cret"], log: tmp + "/good.log")
+        let good = try spawn(["worker", "--connect", "tcp://127.0.0.1:\(p)", "--id", "good"], log: tmp + "/good.log", env: secret)
         defer { for x in [coord, good] where x.isRunning { x.terminate() } }
         XCTAssertTrue(waitExit(coord), text(clog))
         XCTAssertEqual(coord.terminationStatus, 0, text(clog))
@@ -347,7 +348,39 @@ final class ClusterProcessTests: XCTestCase {
                               "--bind", "tcp://0.0.0.0:\(p + 1)"], log: tmp + "/open.log")
         XCTAssertTrue(waitExit(open, timeout: 30))
         XCTAssertNotEqual(open.terminationStatus, 0)
-        XCTAssertTrue(text(tmp + "/open.log").contains("--secret"), text(tmp + "/open.log"))
+        XCTAssertTrue(text(tmp + "/open.log").contains("--secret-file"), text(tmp + "/open.log"))
+    }
+
+    /// The doors the cluster README's old example left open: an empty or short secret, a
+    /// secret on the command line, a secret file others can read. Each is refused before
+    /// the coordinator binds, with a line that says what to do.
+    func testSecretsThatWouldLeaveTheDoorOpenAreRefused() throws {
+        let base = ["coordinator", "--model", Self.model, "--calib", Self.calib, "--out", tmp + "/x", "--bind", "tcp://0.0.0.0:\(port())"]
+        func refused(_ args: [String], env: [String: String] = [:], _ needle: String) throws {
+            let log = tmp + "/refused-\(UUID().uuidString).log"
+            let c = try spawn(args, log: log, env: env)
+            XCTAssertTrue(waitExit(c, timeout: 30))
+            XCTAssertEqual(c.terminationStatus, 1, "\(args) \(env): \(text(log))")
+            XCTAssertTrue(text(log).contains(needle), "\(args) \(env): \(text(log))")
+            XCTAssertFalse(text(log).contains("listening"), text(log))
+        }
+        // `MBQ_SECRET=$(openssl rand -hex 16) mbq ... --secret "$MBQ_SECRET"` gave an empty secret.
+        try refused(base, env: ["MBQ_SECRET": ""], "MBQ_SECRET has 0 bytes")
+        try refused(base, env: ["MBQ_SECRET": "short"], "at least 16")
+        try refused(base + ["--secret", "0123456789abcdef0123"], "command line")
+        let k = try spawn(["keygen", "--dir", tmp + "/keys"], log: tmp + "/keygen.log")
+        XCTAssertTrue(waitExit(k))
+        XCTAssertEqual(k.terminationStatus, 0, text(tmp + "/keygen.log"))
+        let file = tmp + "/keys/secret"
+        XCTAssertEqual((try FileManager.default.attributesOfItem(atPath: file)[.posixPermissions] as? NSNumber)?.intValue, 0o600)
+        XCTAssertEqual(try String(contentsOfFile: file, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines).count, 64)
+        // keygen never overwrites a secret in use.
+        let again = try spawn(["keygen", "--dir", tmp + "/keys"], log: tmp + "/keygen2.log")
+        XCTAssertTrue(waitExit(again))
+        XCTAssertNotEqual(again.terminationStatus, 0, text(tmp + "/keygen2.log"))
+        chmod(file, 0o644)
+        try refused(base + ["--secret-file", file], "chmod 600")
+        try refused(["worker", "--connect", "tcp://127.0.0.1:1", "--secret-file", file], "chmod 600")
     }
 }
 

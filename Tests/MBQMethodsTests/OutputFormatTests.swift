@@ -105,6 +105,10 @@ final class OutputFormatTests: XCTestCase {
         XCTAssertEqual(o.resolvedFormat, .gptq)
         o.wBit = 5
         XCTAssertEqual(o.resolvedFormat, .fake)
+        // ... but a scheme no engine serves is written as fake weights only on request.
+        XCTAssertThrowsError(try o.validate(for: ckpt.config)) { XCTAssertTrue("\($0)".contains("pass --format fake"), "\($0)") }
+        o.format = .fake
+        XCTAssertNoThrow(try o.validate(for: ckpt.config))
     }
 
     /// A damaged packed checkpoint: each fault gives an error naming the tensor.

@@ -1,0 +1,150 @@
+import Foundation
+import MBQFormats
+import MBQModel
+import MBQTensor
+import XCTest
+
+/// Nothing lost, nothing mixed (docs/OPERATIONS.md): every check that can fail runs
+/// before any work, and refuses with one line naming what is at fault.
+final class OutputSafetyTests: XCTestCase {
+    var tmp = ""
+
+    override func setUp() {
+        tmp = NSTemporaryDirectory() + "mbq-safety-" + UUID().uuidString
+        try! FileManager.default.createDirectory(atPath: tmp, withIntermediateDirectories: true)
+        tmp = URL(fileURLWithPath: tmp).resolvingSymlinksInPath().path  // the paths mbq prints
+        // A copy of a fixture, so that the refusals below are checked against a model
+        // the test could lose.
+        try! FileManager.default.copyItem(atPath: CLITests.fixtures + "/onevision_mha", toPath: tmp + "/fx")
+    }
+
+    override func tearDown() { try? FileManager.default.removeItem(atPath: tmp) }
+
+    var model: String { tmp + "/fx/model" }
+    var calib: String { tmp + "/fx/calib.safetensors" }
+    func quantize(_ extra: [String]) -> [String] { ["quantize", "--model", model, "--calib", calib, "--method", "rtn"] + extra }
+
+    /// The sha256 of every file under the fixture, to show nothing was touched.
+    func snapshot() throws -> [String: String] {
+        var out: [String: String] = [:]
+        for f in FileManager.default.enumerator(atPath: tmp + "/fx")?.allObjects as? [String] ?? [] {
+            if let d = FileManager.default.contents(atPath: tmp + "/fx/" + f) { out[f] = SHA256.hex(Array(d)) }
+        }
+        return out
+    }
+
+    func testOutputNeverOverlapsTheModelOrTheBundle() throws {
+        let before = try snapshot()
+        XCTAssertFalse(before.isEmpty)
+        try assertFails(quantize(["--out", model, "--overwrite"]), mentioning: ["is the model directory", "nothing was written"])
+        try assertFails(quantize(["--out", tmp + "/fx", "--overwrite"]), mentioning: ["contains the model directory", "--overwrite would delete it"])
+        try assertFails(quantize(["--out", tmp, "--overwrite"]), mentioning: ["contains the model directory"])
+        // Through another spelling of the same place (.., a symbolic link).
+        try FileManager.default.createSymbolicLink(atPath: tmp + "/link", withDestinationPath: tmp + "/fx/model")
+        try assertFails(quantize(["--out", tmp + "/link", "--overwrite"]), mentioning: ["is the model directory"])
+        try assertFails(quantize(["--out", tmp + "/fx/model/../model/q"]), mentioning: ["is inside the model directory"])
+        try assertFails(quantize(["--out", calib, "--overwrite"]), mentioning: ["is the calibration bundle"])
+        try assertFails(quantize(["--out", tmp + "/none/out"]), mentioning: ["its directory", "does not exist"])
+        XCTAssertEqual(try snapshot(), before, "the model and the bundle are untouched")
+        // A directory nobody may write: refused before the search, not at the write.
+        if getuid() != 0 {
+            try FileManager.default.createDirectory(atPath: tmp + "/ro", withIntermediateDirectories: true, attributes: [.posixPermissions: 0o555])
+            try assertFails(quantize(["--out", tmp + "/ro/out"]), mentioning: ["is not writable"])
+        }
+    }
+
+    func testOptionsAreRefusedNotSilentlyChanged() throws {
+        let out = tmp + "/out"
+        try assertFails(quantize(["--out", out, "--samples", "-5"]), mentioning: ["--samples -5", "at least 1"])
+        try assertFails(quantize(["--out", out, "--samples", "1000000000"]), mentioning: ["--samples 1000000000", "holds 3 samples"])
+        try assertFails(quantize(["--out", out, "--w-bit", "5"]), mentioning: ["w5 g128", "pass --format fake"])
+        XCTAssertFalse(FileManager.default.fileExists(atPath: out))
+        // What the help documents works: --group -1 is per row, --format fake on request.
+        let r = try mbq(quantize(["--out", out, "--group", "-1", "--w-bit", "5", "--format", "fake"]))
+        XCTAssertEqual(r.status, 0, r.stderr)
+        let cfg = try String(contentsOfFile: out + "/config.json", encoding: .utf8)
+        XCTAssertTrue(cfg.contains("\"group_size\": -1") || cfg.contains("\"group_size\":-1"), cfg)
+    }
+
+    /// A killed one-process run leaves OUT.partial-PID; the next run to the same output
+    /// removes it and says so. A live process's directory is left alone.
+    func testPartialOutputsOfDeadProcessesAreRemoved() throws {
+        let dead = Process()
+        dead.executableURL = URL(fileURLWithPath: "/bin/true")
+        try dead.run()
+        dead.waitUntilExit()
+        let out = tmp + "/out"
+        let orphan = out + ".partial-\(dead.processIdentifier)", live = out + ".partial-\(getpid())"
+        for d in [orphan, live] {
+            try FileManager.default.createDirectory(atPath: d, withIntermediateDirectories: true)
+            FileManager.default.createFile(atPath: d + "/model-00001-of-00004.safetensors", contents: Data(count: 100))
+        }
+        let r = try mbq(quantize(["--out", out]))
+        XCTAssertEqual(r.status, 0, r.stderr)
+        XCTAssertFalse(FileManager.default.fileExists(atPath: orphan), r.stderr)
+        XCTAssertTrue(r.stderr.contains("removed \(orphan)"), r.stderr)
+        XCTAssertTrue(FileManager.default.fileExists(atPath: live), "the directory of a running process stays")
+        XCTAssertTrue(r.stderr.contains("pid \(getpid()) still writes it"), r.stderr)
+        XCTAssertFalse((try FileManager.default.contentsOfDirectory(atPath: out)).contains { $0.hasPrefix(".") }, "no owner file in the output")
+    }
+
+    /// A bundle records the model it was made for; another model of the same shapes
+    /// (onevision's bundle on onevision_mha: same hidden size and vocabulary) is refused
+    /// unless asked for.
+    func testBundleOfAnotherModelIsRefused() throws {
+        let other = try Checkpoint(directory: CLITests.fixtures + "/onevision/model")
+        let mine = try Checkpoint(directory: model)
+        XCTAssertEqual(other.config.hiddenSize, mine.config.hiddenSize)
+        XCTAssertEqual(other.config.vocabSize, mine.config.vocabSize)
+        let b = try CalibrationBundle.load(path: calib)
+        XCTAssertNil(b.model, "the fixtures' bundles predate the record")
+        try CalibrationBundle.write(b.samples, to: tmp + "/theirs.safetensors", model: try ModelRecord(other))
+        try CalibrationBundle.write(b.samples, to: tmp + "/mine.safetensors", model: try ModelRecord(mine))
+        XCTAssertEqual(try CalibrationBundle.load(path: tmp + "/mine.safetensors").model, try ModelRecord(mine))
+        let base = ["quantize", "--model", model, "--method", "rtn"]
+        try assertFails(base + ["--calib", tmp + "/theirs.safetensors", "--out", tmp + "/o1"],
+                            mentioning: ["theirs.safetensors was exported for another model", "token embeddings", "--allow-other-model"])
+        let forced = try mbq(base + ["--calib", tmp + "/theirs.safetensors", "--out", tmp + "/o2", "--allow-other-model"])
+        XCTAssertEqual(forced.status, 0, forced.stderr)
+        XCTAssertTrue(forced.stderr.contains("used anyway"), forced.stderr)
+        let ok = try mbq(base + ["--calib", tmp + "/mine.safetensors", "--out", tmp + "/o3"])
+        XCTAssertEqual(ok.status, 0, ok.stderr)
+        XCTAssertFalse(ok.stderr.contains("warning"), ok.stderr)
+        // A bundle without a record is used with a warning that says it cannot be checked.
+        let old = try mbq(base + ["--calib", calib, "--out", tmp + "/o4"])
+        XCTAssertEqual(old.status, 0, old.stderr)
+        XCTAssertTrue(old.stderr.contains("records no model"), old.stderr)
+    }
+
+    /// `mbq status` of a job whose coordinator died, and of a failed job.
+    func testStatusKnowsADeadCoordinatorAndAFailedJob() throws {
+        let dead = Process()
+        dead.executableURL = URL(fileURLWithPath: "/bin/true")
+        try dead.run()
+        dead.waitUntilExit()
+        let job = tmp + "/job"
+        try FileManager.default.createDirectory(atPath: job, withIntermediateDirectories: true)
+        func write(_ o: [String: Any]) throws {
+            try JSONSerialization.data(withJSONObject: o).write(to: URL(fileURLWithPath: job + "/status.json"))
+        }
+        var o: [String: Any] = ["job_id": "mbq-x", "phase": "search", "epoch": 1, "layers": 4, "finished_layers": [0], "search_eta_s": 5.0,
+                                "pid": Int(dead.processIdentifier), "host": ProcessInfo.processInfo.hostName,
+                                "updated_unix": Date().timeIntervalSince1970 - 30,
+                                "workers": [["id": "w0", "host": "h", "alive": true, "gflops": 10.0, "seconds_since_heard": 0.0, "layers": [0, 4]]]]
+        try write(o)
+        var r = try mbq(["status", "--job-dir", job])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        XCTAssertTrue(r.stdout.contains("coordinator NOT RUNNING: pid \(dead.processIdentifier) is gone"), r.stdout)
+        XCTAssertFalse(r.stdout.contains("ETA"), r.stdout)
+        XCTAssertTrue(r.stdout.contains("last known alive") && r.stdout.contains("heard 30"), r.stdout)
+        o["phase"] = "failed"; o["failure"] = "worker w0: cannot read calib.safetensors"
+        try write(o)
+        r = try mbq(["status", "--job-dir", job])
+        XCTAssertTrue(r.stdout.contains("job FAILED: worker w0: cannot read calib.safetensors"), r.stdout)
+        o["phase"] = "search"; o["pid"] = Int(getpid()); o["updated_unix"] = Date().timeIntervalSince1970
+        try write(o)
+        r = try mbq(["status", "--job-dir", job])
+        XCTAssertTrue(r.stdout.contains("coordinator running (pid \(getpid())"), r.stdout)
+        XCTAssertTrue(r.stdout.contains("ETA 5 s"), r.stdout)
+    }
+}
