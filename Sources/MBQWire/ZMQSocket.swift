@@ -189,10 +189,10 @@ public final class RawMessage {
     public var frames: [[UInt8]] { (0..<count).map { Array(frame($0)) } }
 
     /// The sending peer's IP address as ZeroMQ reports it (the "Peer-Address" property of
-    /// the first frame), or nil (no frames, or a transport without one).
+    /// a frame that came over the wire: a ROUTER's identity frame has none), or nil.
     public var peerAddress: String? {
-        guard let first = parts.first, let p = zmq_msg_gets(first, "Peer-Address") else { return nil }
-        return String(cString: p)
+        for part in parts { if let p = zmq_msg_gets(part, "Peer-Address") { return String(cString: p) } }
+        return nil
     }
 
     deinit { for p in parts { zmq_msg_close(p); p.deallocate() } }

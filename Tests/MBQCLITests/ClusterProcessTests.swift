@@ -22,8 +22,9 @@ final class ClusterProcessTests: XCTestCase {
 
     override func tearDown() { try? FileManager.default.removeItem(atPath: tmp) }
 
-    func spawn(_ args: [String], log: String, env extra: [String: String] = [:]) throws -> Process {
+    func spawn(_ args: [String], log: String, env extra: [String: String] = [:], cwd: String? = nil) throws -> Process {
         let p = Process()
+        if let cwd { p.currentDirectoryURL = URL(fileURLWithPath: cwd) }
         p.executableURL = URL(fileURLWithPath: CLITests.binary)
         p.arguments = args
         var env = ProcessInfo.processInfo.environment

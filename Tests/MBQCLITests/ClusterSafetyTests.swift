@@ -1,0 +1,141 @@
+import Foundation
+import MBQFormats
+import MBQWire
+import XCTest
+
+/// The cluster paths a real cluster takes (docs/OPERATIONS.md): relative paths, resumes
+/// with other inputs, a second process under a worker's id, a worker of another job, a
+/// flood of unauthenticated messages, a worker whose files differ.
+extension ClusterProcessTests {
+    /// Runs `args` in `cwd` and waits; -> exit status and log text.
+    func run(_ args: [String], log: String, env: [String: String] = [:], cwd: String? = nil, timeout: Double = 90) throws -> (Int32, String) {
+        let p = try spawn(args, log: log, env: env, cwd: cwd)
+        XCTAssertTrue(waitExit(p, timeout: timeout), "\(args) did not finish: \(text(log).suffix(2000))")
+        return (p.terminationStatus, text(log))
+    }
+
+    /// The README's relative `--calib calib.safetensors`, the workers started elsewhere:
+    /// the coordinator hands out absolute paths.
+    func testRelativePathsWorkForWorkersStartedElsewhere() throws {
+        let fx = tmp + "/fx"
+        try FileManager.default.copyItem(atPath: CLITests.fixtures + "/onevision_mha", toPath: fx)
+        let p = port()
+        let clog = tmp + "/coord.log"
+        let coord = try spawn(["coordinator", "--model", "model", "--calib", "calib.safetensors", "--w-bit", "3", "--out", "out",
+                               "--bind", "tcp://127.0.0.1:\(p)", "--workers", "1", "--log-format", "json"], log: clog, cwd: fx)
+        let w = try spawn(["worker", "--connect", "tcp://127.0.0.1:\(p)", "--id", "w0", "--threads", "1"], log: tmp + "/w.log", cwd: "/")
+        defer { for x in [coord, w] where x.isRunning { x.terminate() } }
+        XCTAssertTrue(waitExit(coord), text(clog))
+        XCTAssertEqual(coord.terminationStatus, 0, text(clog) + text(tmp + "/w.log"))
+        try assertSameAsReference(fx + "/out")
+    }
+
+    /// `--resume` with other samples or another bundle's content is refused, naming what
+    /// differs; nothing is mixed into the output.
+    func testResumeWithOtherInputsIsRefusedNamingWhatDiffers() throws {
+        let fx = tmp + "/fx"
+        try FileManager.default.copyItem(atPath: CLITests.fixtures + "/onevision_mha", toPath: fx)
+        let p = port()
+        let job = tmp + "/job"
+        let args = ["coordinator", "--model", fx + "/model", "--calib", fx + "/calib.safetensors", "--method", "rtn", "--out", tmp + "/out",
+                    "--bind", "tcp://127.0.0.1:\(p)", "--workers", "1", "--job-dir", job, "--samples", "3"]
+        let coord = try spawn(args, log: tmp + "/c1.log")
+        let w = try spawn(["worker", "--connect", "tcp://127.0.0.1:\(p)", "--id", "w0", "--threads", "1"], log: tmp + "/w.log")
+        defer { for x in [coord, w] where x.isRunning { x.terminate() } }
+        XCTAssertTrue(waitExit(coord), text(tmp + "/c1.log"))
+        XCTAssertEqual(coord.terminationStatus, 0, text(tmp + "/c1.log"))
+        var (status, log) = try run(args.filter { $0 != "3" && $0 != "--samples" } + ["--samples", "2", "--resume", "--overwrite"], log: tmp + "/c2.log")
+        XCTAssertEqual(status, 1, log)
+        XCTAssertTrue(log.contains("--resume refused") && log.contains("samples: 3 in the journal, 2 now"), log)
+        // The same path, other content.
+        let b = try CalibrationBundle.load(path: fx + "/calib.safetensors")
+        var samples = b.samples
+        samples[0].embeds.data[0] += 1
+        try CalibrationBundle.write(samples, to: fx + "/calib.safetensors")
+        (status, log) = try run(args + ["--resume", "--overwrite"], log: tmp + "/c3.log")
+        XCTAssertEqual(status, 1, log)
+        XCTAssertTrue(log.contains("calib_content:"), log)
+        XCTAssertFalse(log.contains("samples:"), log)
+    }
+
+    /// Two workers under one id: the second is refused and exits with an error instead of
+    /// the two evicting each other. A worker left from another job is told so and exits.
+    func testDuplicateIdsAndWorkersOfAnotherJobAreRefused() throws {
+        let p = port()
+        let clog = tmp + "/coord.log"
+        let base = ["coordinator", "--model", Self.model, "--calib", Self.calib, "--out", tmp + "/out", "--bind", "tcp://127.0.0.1:\(p)",
+                    "--workers", "2", "--log-format", "json"]
+        let coord = try spawn(base + ["--method", "rtn"], log: clog)
+        let first = try spawn(["worker", "--connect", "tcp://127.0.0.1:\(p)", "--id", "same", "--threads", "1"], log: tmp + "/first.log")
+        defer { for x in [coord, first] where x.isRunning { x.terminate() } }
+        XCTAssertTrue(waitForEvent(clog, "worker_registered") { $0["worker"] as? String == "same" }, text(clog))
+        let (status, log) = try run(["worker", "--connect", "tcp://127.0.0.1:\(p)", "--id", "same", "--threads", "1"], log: tmp + "/second.log",
+                                    timeout: 30)
+        XCTAssertEqual(status, 1, log)
+        XCTAssertTrue(log.contains("worker id 'same' is taken by a live worker"), log)
+        XCTAssertEqual(events(clog, "worker_registered").filter { $0["worker"] as? String == "same" }.count, 1, text(clog))
+        // Another job takes the port: the first worker, still of the old job, is refused.
+        kill(coord.processIdentifier, SIGKILL)
+        coord.waitUntilExit()
+        let other = try spawn(base + ["--method", "awq", "--out", tmp + "/out2"], log: tmp + "/other.log")
+        defer { if other.isRunning { other.terminate() } }
+        XCTAssertTrue(waitExit(first, timeout: 30), text(tmp + "/first.log"))
+        XCTAssertEqual(first.terminationStatus, 1, text(tmp + "/first.log"))
+        XCTAssertTrue(text(tmp + "/first.log").contains("belongs to job"), text(tmp + "/first.log"))
+    }
+
+    /// 2000 small well-formed unauthenticated messages: a handful of log lines and a count,
+    /// not a line each.
+    func testAFloodOfUnauthenticatedMessagesIsCountedNotLogged() throws {
+        let p = port()
+        let clog = tmp + "/coord.log"
+        let coord = try spawn(["coordinator", "--model", Self.model, "--calib", Self.calib, "--out", tmp + "/out",
+                               "--bind", "tcp://127.0.0.1:\(p)", "--workers", "1", "--log-format", "json"], log: clog,
+                              env: ["MBQ_SECRET": "a-secret-of-more-than-16-bytes"])
+        defer { if coord.isRunning { coord.terminate() } }
+        XCTAssertTrue(waitForEvent(clog, "listening"), text(clog))
+        let s = try ZMQSocket(.dealer)
+        try s.connect("tcp://127.0.0.1:\(p)")
+        var hb = Mbq_Heartbeat()
+        hb.workerID = "intruder"
+        for _ in 0..<2000 { try s.send(try Wire.encode(Wire.envelope(job: "", .heartbeat(hb)))) }
+        for _ in 0..<200 { try s.send([[1, 2, 3]]) }
+        Thread.sleep(forTimeInterval: 12)  // past the throttle's 10-s window
+        let lines = text(clog).split(separator: "\n").count
+        XCTAssertLessThan(lines, 40, text(clog))
+        let suppressed = events(clog, "messages_suppressed").reduce(0) { $0 + ($1["count"] as? Int ?? 0) }
+        XCTAssertGreaterThan(suppressed, 2000, text(clog))
+        XCTAssertEqual(events(clog, "messages_suppressed").first?["source"] as? String, "127.0.0.1", text(clog))
+    }
+
+    /// A worker that sees other files at the job's paths (another copy of the bundle) is
+    /// refused at its assignment, dropped, and its layers re-planned on the other: the
+    /// output is still the one-process output. Needs `unshare --mount` (root).
+    func testAWorkerWithOtherFilesIsDroppedAndTheJobGoesOn() throws {
+        guard getuid() == 0, FileManager.default.isExecutableFile(atPath: "/usr/bin/unshare") else { throw XCTSkip("needs root and unshare") }
+        let b = try CalibrationBundle.load(path: Self.calib)
+        var samples = b.samples
+        samples[0].embeds.data[0] += 1
+        try CalibrationBundle.write(samples, to: tmp + "/other.safetensors")
+        let p = port()
+        let clog = tmp + "/coord.log"
+        let coord = try spawn(["coordinator", "--model", Self.model, "--calib", Self.calib, "--w-bit", "3", "--out", tmp + "/out",
+                               "--bind", "tcp://127.0.0.1:\(p)", "--workers", "2", "--log-format", "json"], log: clog)
+        let good = try spawn(["worker", "--connect", "tcp://127.0.0.1:\(p)", "--id", "good", "--threads", "1"], log: tmp + "/good.log")
+        let odd = Process()
+        odd.executableURL = URL(fileURLWithPath: "/usr/bin/unshare")
+        odd.arguments = ["--mount", "sh", "-c", "mount --bind '\(tmp)/other.safetensors' '\(Self.calib)' && exec '\(CLITests.binary)' worker --connect tcp://127.0.0.1:\(p) --id odd --threads 1"]
+        FileManager.default.createFile(atPath: tmp + "/odd.log", contents: nil)
+        odd.standardError = FileHandle(forWritingAtPath: tmp + "/odd.log")
+        odd.environment = ProcessInfo.processInfo.environment.merging(["MBQ_KEEP_BLAS_ENV": "1"]) { $1 }
+        try odd.run()
+        defer { for x in [coord, good, odd] where x.isRunning { x.terminate() } }
+        XCTAssertTrue(waitExit(coord), text(clog))
+        XCTAssertEqual(coord.terminationStatus, 0, text(clog))
+        XCTAssertTrue(hasEvent(clog, "worker_error") { ($0["message"] as? String ?? "").contains("differs from the coordinator's") }, text(clog))
+        XCTAssertTrue(hasEvent(clog, "planned") { ($0["reason"] as? String ?? "").contains("dropped odd") }, text(clog))
+        XCTAssertTrue(waitExit(odd, timeout: 30))
+        XCTAssertEqual(odd.terminationStatus, 1, text(tmp + "/odd.log"))
+        try assertSameAsReference(tmp + "/out")
+    }
+}
