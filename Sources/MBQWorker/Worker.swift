@@ -145,6 +145,7 @@ public final class Worker: @unchecked Sendable {
         let compute = Thread { [self] in computeLoop() }
         compute.stackSize = 16 << 20
         compute.start()
+        var registered = false
         var link = WorkerLink(settings: .init(heartbeatInterval: options.heartbeatInterval, coordinatorTimeout: options.coordinatorTimeout,
                                               giveUpAfter: options.giveUpAfter), now: Self.now())
         while true {
@@ -199,8 +200,14 @@ public final class Worker: @unchecked Sendable {
                 reg.authToken = Data(Auth.token(secret: s, jobID: m.envelope.jobID, workerID: options.workerID, nonce: Array(c.nonce)))
                 try control.send(try Wire.encode(Wire.envelope(job: jobID, .register(reg))))
                 link.registerSent(now: now)
+            case .heartbeat where !registerAgain:
+                // The coordinator heartbeats only the workers it registered.
+                if !registered {
+                    registered = true
+                    logger.info("registered with the coordinator at \(options.connect) (job \(m.envelope.jobID)) as \(options.workerID)")
+                }
             case .heartbeat:
-                break
+                registered = false
             case let .refused(r):
                 logger.error("refused by the coordinator: \(r.reason)")
                 return 1

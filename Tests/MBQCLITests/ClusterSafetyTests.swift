@@ -139,3 +139,77 @@ extension ClusterProcessTests {
         try assertSameAsReference(tmp + "/out")
     }
 }
+
+/// Cluster/launch-workers.sh over a stand-in for ssh that runs each "host" on this machine
+/// with its own HOME: it waits for registrations, reports a worker that died with its
+/// status and log, and --stop ends exactly the workers it started.
+final class LaunchWorkersTests: XCTestCase {
+    func testLaunchWaitsForRegistrationReportsFailuresAndStopsOnlyItsWorkers() throws {
+        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent().path
+        let tmp = NSTemporaryDirectory() + "mbq-launch-" + UUID().uuidString
+        try FileManager.default.createDirectory(atPath: tmp + "/hosts", withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: tmp) }
+        let ssh = tmp + "/fake-ssh"
+        try """
+        #!/bin/sh
+        # ssh's stand-in: options dropped, the command run here with HOME=$FAKE_HOSTS/HOST.
+        while [ "${1#-}" != "$1" ]; do shift; done
+        host=$1; shift
+        mkdir -p "$FAKE_HOSTS/$host"
+        HOME="$FAKE_HOSTS/$host" exec sh -c "$*"
+        """.write(toFile: ssh, atomically: true, encoding: .utf8)
+        chmod(ssh, 0o755)
+        let p = Int.random(in: 20000..<60000)
+        try """
+        # name ssh threads memory data-ip scratch mbq
+        h1  h1  1  2GiB  127.0.0.1  -            \(CLITests.binary)
+        h2  h2  1  2GiB  127.0.0.1  -            \(CLITests.binary)
+        bad bad 1  2GiB  127.0.0.1  /nonexistent \(CLITests.binary)
+        """.write(toFile: tmp + "/hosts.txt", atomically: true, encoding: .utf8)
+        /// Runs bash with `args` through system(3), output to a file: Foundation's Process
+        /// did not reap the script beside the other children here.
+        func sh(_ args: [String], env: [String: String] = [:]) throws -> (Int32, String) {
+            let log = tmp + "/sh-\(UUID().uuidString).log"
+            func q(_ s: String) -> String { "'" + s.replacingOccurrences(of: "'", with: "'\\''") + "'" }
+            let vars = ["SSH": ssh, "FAKE_HOSTS": tmp + "/hosts", "MBQ_KEEP_BLAS_ENV": "1"].merging(env) { $1 }
+            let cmd = vars.map { "\($0.key)=\(q($0.value))" }.joined(separator: " ") + " bash " + args.map(q).joined(separator: " ")
+                + " > " + q(log) + " 2>&1 < /dev/null"
+            let r = system(cmd)
+            return ((r >> 8) & 0xff, (try? String(contentsOfFile: log, encoding: .utf8)) ?? "")
+        }
+        let secret = ["MBQ_SECRET": "launch-test-secret-0123456789"]
+        // The coordinator waits for three workers: the bad one never comes.
+        let coord = Process()
+        coord.executableURL = URL(fileURLWithPath: CLITests.binary)
+        coord.arguments = ["coordinator", "--model", ClusterProcessTests.model, "--calib", ClusterProcessTests.calib, "--out", tmp + "/out",
+                           "--bind", "tcp://127.0.0.1:\(p)", "--workers", "3"]
+        coord.environment = ProcessInfo.processInfo.environment.merging(secret) { $1 }
+        coord.standardError = FileHandle.nullDevice
+        try coord.run()
+        defer { if coord.isRunning { coord.terminate() } }
+        // A process that looks like a worker but is not ours: --stop must leave it.
+        let decoy = Process()
+        decoy.executableURL = URL(fileURLWithPath: "/bin/bash")
+        decoy.arguments = ["-c", "exec -a 'mbq worker --connect tcp://127.0.0.1:1' sleep 120"]
+        try decoy.run()
+        defer { if decoy.isRunning { decoy.terminate() } }
+        let (status, out) = try sh([root + "/Cluster/launch-workers.sh", tmp + "/hosts.txt", "tcp://127.0.0.1:\(p)", "--wait", "60"], env: secret)
+        XCTAssertEqual(status, 1, out)
+        XCTAssertTrue(out.contains("h1: registered") && out.contains("h2: registered"), out)
+        XCTAssertTrue(out.contains("bad: FAILED: the worker exited with status 1"), out)
+        XCTAssertTrue(out.contains("--scratch /nonexistent: not a directory"), out)
+        let secretFile = tmp + "/hosts/h1/.mbq/secret"
+        XCTAssertEqual((try FileManager.default.attributesOfItem(atPath: secretFile)[.posixPermissions] as? NSNumber)?.intValue, 0o600)
+        let pids = try ["h1", "h2"].map { h in
+            Int32(try String(contentsOfFile: tmp + "/hosts/\(h)/.mbq/worker-\(h).pid", encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines))!
+        }
+        for pid in pids { XCTAssertEqual(kill(pid, 0), 0, "worker \(pid) runs") }
+        let (stopStatus, stopped) = try sh([root + "/Cluster/launch-workers.sh", tmp + "/hosts.txt", "--stop"])
+        XCTAssertEqual(stopStatus, 0, stopped)
+        XCTAssertTrue(stopped.contains("h1: stopped") && stopped.contains("h2: stopped") && stopped.contains("bad: not running"), stopped)
+        let end = Date().addingTimeInterval(10)
+        while Date() < end && pids.contains(where: { kill($0, 0) == 0 }) { Thread.sleep(forTimeInterval: 0.1) }
+        XCTAssertFalse(pids.contains(where: { kill($0, 0) == 0 }), "the workers stopped")
+        XCTAssertTrue(decoy.isRunning, "a process the script did not start is left alone")
+    }
+}
