@@ -39,7 +39,7 @@ lines=$(grep -v '^\s*#' "$hosts" | grep -v '^\s*$' || true)
 if [ "$target" = "--stop" ]; then
   while read -r name ssh _; do
     # Only the process group this script started, and only while it is still an mbq worker.
-    $SSH -n "$ssh" "f=~/.mbq/worker-$name.pid; if [ -f \$f ] && p=\$(cat \$f) && grep -q 'mbq.*worker' /proc/\$p/cmdline 2>/dev/null; then kill -TERM -- -\$p 2>/dev/null || kill -TERM \$p; rm -f \$f; echo stopped; else rm -f \$f; echo 'not running'; fi" |
+    $SSH -n "$ssh" "f=~/.mbq/worker-$name.pid; if [ -f \$f ] && p=\$(cat \$f) && grep -q 'mbq.*worker' /proc/\$p/cmdline 2>/dev/null; then kill -TERM -\$p 2>/dev/null || kill -TERM \$p; rm -f \$f; echo stopped; else rm -f \$f; echo 'not running'; fi" |
       sed "s/^/$name: /"
   done <<< "$lines"
   exit 0

@@ -203,13 +203,14 @@ final class LaunchWorkersTests: XCTestCase {
         let pids = try ["h1", "h2"].map { h in
             Int32(try String(contentsOfFile: tmp + "/hosts/\(h)/.mbq/worker-\(h).pid", encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines))!
         }
-        for pid in pids { XCTAssertEqual(kill(pid, 0), 0, "worker \(pid) runs") }
+        // Each pid file holds the process group of a worker and its wrapper.
+        for pid in pids { XCTAssertEqual(kill(-pid, 0), 0, "worker group \(pid) runs") }
         let (stopStatus, stopped) = try sh([root + "/Cluster/launch-workers.sh", tmp + "/hosts.txt", "--stop"])
         XCTAssertEqual(stopStatus, 0, stopped)
         XCTAssertTrue(stopped.contains("h1: stopped") && stopped.contains("h2: stopped") && stopped.contains("bad: not running"), stopped)
         let end = Date().addingTimeInterval(10)
-        while Date() < end && pids.contains(where: { kill($0, 0) == 0 }) { Thread.sleep(forTimeInterval: 0.1) }
-        XCTAssertFalse(pids.contains(where: { kill($0, 0) == 0 }), "the workers stopped")
+        while Date() < end && pids.contains(where: { kill(-$0, 0) == 0 }) { Thread.sleep(forTimeInterval: 0.1) }
+        XCTAssertFalse(pids.contains(where: { kill(-$0, 0) == 0 }), "every process of the workers' groups stopped")
         XCTAssertTrue(decoy.isRunning, "a process the script did not start is left alone")
     }
 }
