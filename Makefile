@@ -8,7 +8,7 @@ CPU_FLAGS  := $(shell grep -q ' avx2 ' /proc/cpuinfo 2>/dev/null && echo "-Xswif
 RELEASE    := -c release $(CPU_FLAGS)
 MBQ        := .build/release/mbq
 
-.PHONY: demo test deps build release bench fixtures demo-model check-formats proto clean
+.PHONY: demo test deps build release bench fixtures demo-model check-formats proto cluster-test clean
 
 ## Installs what is missing, builds in release, quantizes the committed demo VLM (Demo/)
 ## nine ways and compares held-out caption accuracy (docs/DEMO.md).
@@ -65,6 +65,12 @@ check-formats: release
 	  .venv/bin/pip install -q transformers safetensors numpy)
 	.venv/bin/pip install -q compressed-tensors frozendict
 	$(PYTHON) Scripts/reference/check_formats.py --mbq $(MBQ)
+
+## A real Slurm on this machine (slurm-wlm and munge from Debian, four node entries):
+## Cluster/submit.sh runs Cluster/mbq.sbatch with 3 worker steps, output compared with one
+## process (needs root; not part of `make test`, which starts no daemons).
+cluster-test: release
+	bash Cluster/slurm-test.sh $(MBQ)
 
 ## Regenerates Sources/MBQWire/Generated from Proto/mbq.proto: Debian's protoc and
 ## protoc-gen-swift built from the swift-protobuf package copy SwiftPM resolved (1.39.0).

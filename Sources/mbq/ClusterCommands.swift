@@ -250,9 +250,17 @@ struct PlanCommand: ParsableCommand {
     @Option(help: "Share of rows the search loss reads (vision + caption tokens).") var lossRows = 0.6
     @Option(help: "Compute threads per worker (its non-GEMM loops use them on large tensors).") var workerThreads = 8
     @Flag(help: "Workers have --scratch: block inputs spill to disk instead of counting against memory.") var scratch = false
+    @Option(help: "Take --samples and --tokens from this calibration bundle (its header only).") var calib: String?
+    @Flag(help: "Print only a Slurm time limit (D-HH:MM:SS): the predicted total times 1.5, plus 30 minutes.") var slurmTime = false
 
     func run() throws {
         try runReportingErrors {
+            var samples = samples, tokens = tokens
+            if let calib {
+                let shape = try SafetensorsFile(path: calib).entry("inputs_embeds").shape
+                guard shape.count == 3 else { throw FormatsError.invalidBundle(path: calib, reason: "inputs_embeds has shape \(shape)") }
+                (samples, tokens) = (shape[0], shape[1])
+            }
             let shape: CostModel.Shape
             var weightBytes = MemoryNeeds.heldWeightBytes(stored: .bf16)  // the presets are bf16 checkpoints
             if let model {
@@ -293,6 +301,11 @@ struct PlanCommand: ParsableCommand {
             let used = plan.map { p in ws[Int(p.worker)!] }
             let p = CostModel().predict(shape, workers: used, workload: load, bandwidthBytesPerSecond: bandwidthGbit * 1e9 / 8,
                                         plan: plan.map(\.range), memory: needs)
+            if slurmTime {
+                let t = Int((p.total * 1.5 + 1800).rounded(.up))
+                print(String(format: "%d-%02d:%02d:%02d", t / 86400, t % 86400 / 3600, t % 3600 / 60, t % 60))
+                return
+            }
             print("model: \(shape.layers) layers, hidden \(shape.hidden), intermediate \(shape.intermediate), \(shape.heads) heads / \(shape.kvHeads) kv; \(String(format: "%.2f", shape.paramsPerLayer * Double(shape.layers) / 1e9))B decoder parameters")
             print("calibration: \(samples) samples x \(tokens) tokens; \(ws.count) workers; \(bandwidthGbit) Gbit/s")
             for (i, r) in p.plan.enumerated() {
