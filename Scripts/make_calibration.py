@@ -40,9 +40,21 @@ import os
 import random
 import sys
 
-import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+import struct
+
+# --help and the model record (model_record) work without these; the export needs them
+# (Scripts/requirements.txt).
+try:
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    no_grad = torch.no_grad()
+except ImportError as missing:
+    torch = None
+    MISSING = missing
+
+    def no_grad(f):
+        return f
 
 
 M_ROPE = ("qwen2_vl", "qwen2_5_vl")
@@ -281,7 +293,7 @@ def place_features(emb, vision, feats):
     return emb
 
 
-@torch.no_grad()
+@no_grad
 def encode_internvl_chat(cfg, model, tokenizer, image, question, caption):
     size = cfg.force_image_size or cfg.vision_config.image_size
     if getattr(cfg, "dynamic_image_size", False):
@@ -313,7 +325,7 @@ def encode_internvl_chat(cfg, model, tokenizer, image, question, caption):
     return emb, vision, answer_labels(prompt_ids, ids), torch.arange(ids.shape[0])[None]
 
 
-@torch.no_grad()
+@no_grad
 def encode(cfg, model, processor, image, question, caption):
     user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
     bot = {"role": "assistant", "content": [{"type": "text", "text": caption}]}
@@ -347,6 +359,57 @@ def encode(cfg, model, processor, image, question, caption):
     return emb, vision, labels, pos
 
 
+def language_embedding(model_dir):
+    """-> (file, name) of the language model's token embedding table in the checkpoint's
+    safetensors files (found by its name: embed_tokens, or InternLM2's tok_embeddings)."""
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.exists(index):
+        files = {n: os.path.join(model_dir, f) for n, f in json.load(open(index))["weight_map"].items()}
+    else:
+        files = {n: os.path.join(model_dir, "model.safetensors") for n in safetensors_header(os.path.join(model_dir, "model.safetensors"))[0]}
+    names = [n for n in files if n.endswith(".embed_tokens.weight") or n.endswith(".tok_embeddings.weight")]
+    if len(names) != 1:
+        raise SystemExit(f"{model_dir}: expected one token embedding table (embed_tokens / tok_embeddings), found {names}")
+    return files[names[0]], names[0]
+
+
+def safetensors_header(path):
+    """-> (header dict without __metadata__, data section offset)."""
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        h = json.loads(f.read(n))
+    h.pop("__metadata__", None)
+    return h, 8 + n
+
+
+def model_record(model_dir):
+    """What the bundle records of its model (docs/DESIGN.md section 4, "Calibration bundle";
+    Swift: ModelRecord): model_type, the embedding table's vocabulary and hidden sizes, and
+    its fingerprint: SHA-256 over 16 evenly spaced rows (row i * (V - 1) // 15), each as
+    fp32 little-endian, whatever the stored dtype. Reads those rows only, no torch."""
+    import hashlib
+    path, name = language_embedding(model_dir)
+    header, data = safetensors_header(path)
+    e = header[name]
+    vocab, hidden = e["shape"]
+    width = {"BF16": 2, "F16": 2, "F32": 4}[e["dtype"]]
+    rows = [0] if vocab <= 1 else [i * (vocab - 1) // 15 for i in range(16)]
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for r in rows:
+            f.seek(data + e["data_offsets"][0] + r * hidden * width)
+            raw = f.read(hidden * width)
+            if e["dtype"] == "BF16":
+                vals = struct.unpack(f"<{hidden}H", raw)
+                digest.update(struct.pack(f"<{hidden}I", *[v << 16 for v in vals]))
+            elif e["dtype"] == "F16":
+                digest.update(struct.pack(f"<{hidden}f", *struct.unpack(f"<{hidden}e", raw)))
+            else:
+                digest.update(raw)
+    return {"model_type": model_type_of(model_dir), "hidden_size": str(hidden), "vocab_size": str(vocab),
+            "embed_fingerprint": digest.hexdigest()}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
@@ -358,6 +421,9 @@ def main():
     ap.add_argument("--max-length", type=int, default=2048)
     ap.add_argument("--dtype", choices=["f32", "bf16"], default="f32")
     a = ap.parse_args()
+    if torch is None:
+        raise SystemExit(f"make_calibration.py needs PyTorch, transformers and safetensors ({MISSING}): "
+                         "pip install -r Scripts/requirements.txt")
     from PIL import Image
     records = json.load(open(a.captions))
     random.Random(a.seed).shuffle(records)
@@ -408,7 +474,8 @@ def main():
     if a.dtype == "bf16":
         out["inputs_embeds"] = out["inputs_embeds"].to(torch.bfloat16)
     tmp = a.out + ".tmp"
-    save_file({k: v.contiguous() for k, v in out.items()}, tmp, metadata={"format": "mbq-calib", "version": "1"})
+    save_file({k: v.contiguous() for k, v in out.items()}, tmp,
+              metadata={"format": "mbq-calib", "version": "1", **model_record(a.model)})
     os.replace(tmp, a.out)
     print(f"wrote {a.out}: {n} samples x {t} tokens ({side} padding), hidden {h}, position rows {nrows}")
 

@@ -49,8 +49,8 @@ extension Checkpoint {
 }
 
 /// What a calibration bundle records of the model it was exported for, in its safetensors
-/// metadata (docs/DESIGN.md §4): the model type, hidden size, vocabulary size and a
-/// fingerprint of the token embedding table, so that a bundle of another model of the same
+/// metadata (docs/DESIGN.md §4): the model type, the token embedding table's vocabulary and
+/// hidden sizes and its fingerprint, so that a bundle of another model of the same
 /// shapes is refused. The embedding fingerprint is SHA-256 over `Fingerprint.embeddingRows`
 /// rows (`Fingerprint.sampledRows`), each converted to fp32 little-endian bytes: the same
 /// value whether the table is stored in bf16, fp16 or fp32 and whatever it is loaded as.
@@ -78,8 +78,8 @@ public struct ModelRecord: Equatable, Sendable {
         for r in Fingerprint.sampledRows(e.shape[0]) {
             for v in try file.floatRow(name, row: r) { withUnsafeBytes(of: v.bitPattern.littleEndian) { bytes += $0 } }
         }
-        self.init(modelType: ckpt.config.modelType, hiddenSize: ckpt.config.hiddenSize, vocabSize: ckpt.config.vocabSize,
-                  embedding: SHA256.hex(bytes))
+        // Sizes from the table itself, as the exporter reads them (no config defaults).
+        self.init(modelType: ckpt.config.modelType, hiddenSize: e.shape[1], vocabSize: e.shape[0], embedding: SHA256.hex(bytes))
     }
 
     /// The record in a bundle's metadata, or nil when the bundle has none (an exporter

@@ -148,3 +148,33 @@ final class OutputSafetyTests: XCTestCase {
         XCTAssertTrue(r.stdout.contains("ETA 5 s"), r.stdout)
     }
 }
+
+/// The exporter (Scripts/make_calibration.py, `model_record`, plain Python) and mbq
+/// (`ModelRecord`) compute the same record of every fixture family's checkpoint, so the
+/// bundles the exporter writes pass mbq's check.
+final class ModelRecordParityTests: XCTestCase {
+    func testExporterAndMbqRecordTheSameModel() throws {
+        guard FileManager.default.isExecutableFile(atPath: "/usr/bin/python3") else { throw XCTSkip("no python3") }
+        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent().path
+        let families = ["llava15", "onevision", "onevision_mha", "qwen2vl", "qwen2_5_vl", "internvl", "internvl2"]
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/usr/bin/python3")
+        p.arguments = ["-c", "import json, sys; sys.path.insert(0, sys.argv[1]); import make_calibration as m; "
+                       + "print(json.dumps({f: m.model_record(sys.argv[2] + '/' + f + '/model') for f in sys.argv[3:]}))",
+                       root + "/Scripts", CLITests.fixtures] + families
+        let out = Pipe()
+        p.standardOutput = out
+        try p.run()
+        let data = out.fileHandleForReading.readDataToEndOfFile()
+        p.waitUntilExit()
+        XCTAssertEqual(p.terminationStatus, 0)
+        let python = try JSONSerialization.jsonObject(with: data) as! [String: [String: String]]
+        var seen = Set<String>()
+        for f in families {
+            let swift = try ModelRecord(Checkpoint(directory: CLITests.fixtures + "/" + f + "/model"))
+            XCTAssertEqual(ModelRecord(metadata: python[f] ?? [:]), swift, f)
+            seen.insert(swift.embedding)
+        }
+        XCTAssertEqual(seen.count, families.count, "every fixture's embeddings differ")
+    }
+}
