@@ -383,7 +383,7 @@ def safetensors_header(path):
 
 
 def model_record(model_dir):
-    """What the bundle records of its model (docs/DESIGN.md section 4, "Calibration bundle";
+    """What the bundle records of its model (docs/OPERATIONS.md, "Bundles record their model";
     Swift: ModelRecord): model_type, the embedding table's vocabulary and hidden sizes, and
     its fingerprint: SHA-256 over 16 evenly spaced rows (row i * (V - 1) // 15), each as
     fp32 little-endian, whatever the stored dtype. Reads those rows only, no torch."""

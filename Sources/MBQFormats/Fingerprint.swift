@@ -1,8 +1,8 @@
 import Foundation
 import MBQTensor
 
-/// Content fingerprints that are cheap on a 140 GB checkpoint (docs/DESIGN.md, "Job
-/// identity"): they read headers and a fixed sample of the data, never whole tensors.
+/// Content fingerprints that are cheap on a 140 GB checkpoint (docs/OPERATIONS.md, "Job
+/// identity and --resume"): they read headers and a fixed sample of the data, never whole tensors.
 /// A job's identity and a bundle's record of its model are built from them, so that a
 /// resumed job cannot mix two runs and a bundle cannot feed another model.
 public enum Fingerprint {
@@ -49,7 +49,7 @@ extension Checkpoint {
 }
 
 /// What a calibration bundle records of the model it was exported for, in its safetensors
-/// metadata (docs/DESIGN.md §4): the model type, the token embedding table's vocabulary and
+/// metadata (docs/OPERATIONS.md, "Bundles record their model"): the model type, the token embedding table's vocabulary and
 /// hidden sizes and its fingerprint, so that a bundle of another model of the same
 /// shapes is refused. The embedding fingerprint is SHA-256 over `Fingerprint.embeddingRows`
 /// rows (`Fingerprint.sampledRows`), each converted to fp32 little-endian bytes: the same
