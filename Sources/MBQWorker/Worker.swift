@@ -193,7 +193,7 @@ public final class Worker: @unchecked Sendable {
             switch m.envelope.body {
             case let .challenge(c):
                 guard let s = options.secret else {
-                    logger.error("the coordinator at \(options.connect) requires a shared secret: pass the job's --secret (or MBQ_SECRET)")
+                    logger.error("the coordinator at \(options.connect) requires a shared secret: pass the job's --secret-file (or set MBQ_SECRET)")
                     return 1
                 }
                 reg.nonce = c.nonce

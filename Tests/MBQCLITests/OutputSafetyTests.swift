@@ -20,6 +20,15 @@ final class OutputSafetyTests: XCTestCase {
 
     override func tearDown() { try? FileManager.default.removeItem(atPath: tmp) }
 
+    /// The pid of a process that has exited.
+    func deadPid() throws -> Int32 {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/bin/true")
+        try p.run()
+        p.waitUntilExit()
+        return p.processIdentifier
+    }
+
     var model: String { tmp + "/fx/model" }
     var calib: String { tmp + "/fx/calib.safetensors" }
     func quantize(_ extra: [String]) -> [String] { ["quantize", "--model", model, "--calib", calib, "--method", "rtn"] + extra }
@@ -69,12 +78,9 @@ final class OutputSafetyTests: XCTestCase {
     /// A killed one-process run leaves OUT.partial-PID; the next run to the same output
     /// removes it and says so. A live process's directory is left alone.
     func testPartialOutputsOfDeadProcessesAreRemoved() throws {
-        let dead = Process()
-        dead.executableURL = URL(fileURLWithPath: "/bin/true")
-        try dead.run()
-        dead.waitUntilExit()
+        let dead = try deadPid()
         let out = tmp + "/out"
-        let orphan = out + ".partial-\(dead.processIdentifier)", live = out + ".partial-\(getpid())"
+        let orphan = out + ".partial-\(dead)", live = out + ".partial-\(getpid())"
         for d in [orphan, live] {
             try FileManager.default.createDirectory(atPath: d, withIntermediateDirectories: true)
             FileManager.default.createFile(atPath: d + "/model-00001-of-00004.safetensors", contents: Data(count: 100))
@@ -118,23 +124,20 @@ final class OutputSafetyTests: XCTestCase {
 
     /// `mbq status` of a job whose coordinator died, and of a failed job.
     func testStatusKnowsADeadCoordinatorAndAFailedJob() throws {
-        let dead = Process()
-        dead.executableURL = URL(fileURLWithPath: "/bin/true")
-        try dead.run()
-        dead.waitUntilExit()
+        let dead = try deadPid()
         let job = tmp + "/job"
         try FileManager.default.createDirectory(atPath: job, withIntermediateDirectories: true)
         func write(_ o: [String: Any]) throws {
             try JSONSerialization.data(withJSONObject: o).write(to: URL(fileURLWithPath: job + "/status.json"))
         }
         var o: [String: Any] = ["job_id": "mbq-x", "phase": "search", "epoch": 1, "layers": 4, "finished_layers": [0], "search_eta_s": 5.0,
-                                "pid": Int(dead.processIdentifier), "host": ProcessInfo.processInfo.hostName,
+                                "pid": Int(dead), "host": ProcessInfo.processInfo.hostName,
                                 "updated_unix": Date().timeIntervalSince1970 - 30,
                                 "workers": [["id": "w0", "host": "h", "alive": true, "gflops": 10.0, "seconds_since_heard": 0.0, "layers": [0, 4]]]]
         try write(o)
         var r = try mbq(["status", "--job-dir", job])
         XCTAssertEqual(r.status, 0, r.stderr)
-        XCTAssertTrue(r.stdout.contains("coordinator NOT RUNNING: pid \(dead.processIdentifier) is gone"), r.stdout)
+        XCTAssertTrue(r.stdout.contains("coordinator NOT RUNNING: pid \(dead) is gone"), r.stdout)
         XCTAssertFalse(r.stdout.contains("ETA"), r.stdout)
         XCTAssertTrue(r.stdout.contains("last known alive") && r.stdout.contains("heard 30"), r.stdout)
         o["phase"] = "failed"; o["failure"] = "worker w0: cannot read calib.safetensors"
@@ -176,5 +179,22 @@ final class ModelRecordParityTests: XCTestCase {
             seen.insert(swift.embedding)
         }
         XCTAssertEqual(seen.count, families.count, "every fixture's embeddings differ")
+    }
+}
+
+/// `mbq plan --slurm-time`: the time limit Cluster/submit.sh gives sbatch, from the plan's
+/// own prediction (1.5 times the total, plus 30 minutes).
+final class PlanTimeLimitTests: XCTestCase {
+    func testSlurmTimeIsThePredictionWithMargin() throws {
+        let args = ["plan", "--preset", "qwen2-72b", "--workers", "8x128GiB@1000"]
+        let plain = try mbq(args), limit = try mbq(args + ["--slurm-time"])
+        XCTAssertEqual(plain.status, 0, plain.stderr)
+        XCTAssertEqual(limit.status, 0, limit.stderr)
+        let total = plain.stdout.split(separator: "\n").first { $0.contains("total") }
+            .flatMap { $0.split(separator: " ").compactMap { Double($0) }.first }
+        let parts = limit.stdout.trimmingCharacters(in: .whitespacesAndNewlines).split(whereSeparator: { $0 == "-" || $0 == ":" }).compactMap { Int($0) }
+        XCTAssertEqual(parts.count, 4, limit.stdout)
+        let seconds = Double(parts[0] * 86400 + parts[1] * 3600 + parts[2] * 60 + parts[3])
+        XCTAssertEqual(seconds, (total ?? 0) * 1.5 + 1800, accuracy: 1.5, "\(plain.stdout)\n\(limit.stdout)")
     }
 }
