@@ -159,6 +159,11 @@ final class LaunchWorkersTests: XCTestCase {
         HOME="$FAKE_HOSTS/$host" exec sh -c "$*"
         """.write(toFile: ssh, atomically: true, encoding: .utf8)
         chmod(ssh, 0o755)
+        // scp's stand-in records what it was asked to copy where (one machine: the same
+        // absolute path is the same file).
+        let scp = tmp + "/fake-scp"
+        try "#!/bin/sh\necho \"$@\" >> \"$FAKE_HOSTS/scp.log\"\n".write(toFile: scp, atomically: true, encoding: .utf8)
+        chmod(scp, 0o755)
         let p = Int.random(in: 20000..<60000)
         try """
         # name ssh threads memory data-ip scratch mbq
@@ -171,7 +176,7 @@ final class LaunchWorkersTests: XCTestCase {
         func sh(_ args: [String], env: [String: String] = [:]) throws -> (Int32, String) {
             let log = tmp + "/sh-\(UUID().uuidString).log"
             func q(_ s: String) -> String { "'" + s.replacingOccurrences(of: "'", with: "'\\''") + "'" }
-            let vars = ["SSH": ssh, "FAKE_HOSTS": tmp + "/hosts", "MBQ_KEEP_BLAS_ENV": "1"].merging(env) { $1 }
+            let vars = ["SSH": ssh, "SCP": scp, "FAKE_HOSTS": tmp + "/hosts", "MBQ_KEEP_BLAS_ENV": "1"].merging(env) { $1 }
             let cmd = vars.map { "\($0.key)=\(q($0.value))" }.joined(separator: " ") + " bash " + args.map(q).joined(separator: " ")
                 + " > " + q(log) + " 2>&1 < /dev/null"
             let r = system(cmd)
@@ -193,7 +198,14 @@ final class LaunchWorkersTests: XCTestCase {
         decoy.arguments = ["-c", "exec -a 'mbq worker --connect tcp://127.0.0.1:1' sleep 120"]
         try decoy.run()
         defer { if decoy.isRunning { decoy.terminate() } }
-        let (status, out) = try sh([root + "/Cluster/launch-workers.sh", tmp + "/hosts.txt", "tcp://127.0.0.1:\(p)", "--wait", "60"], env: secret)
+        let (status, out) = try sh([root + "/Cluster/launch-workers.sh", tmp + "/hosts.txt", "tcp://127.0.0.1:\(p)", "--wait", "60",
+                                    "--copy", ClusterProcessTests.calib], env: secret)
+        let copies = (try? String(contentsOfFile: tmp + "/hosts/scp.log", encoding: .utf8)) ?? ""
+        let dir = (ClusterProcessTests.calib as NSString).deletingLastPathComponent
+        for h in ["h1", "h2", "bad"] {
+            XCTAssertTrue(copies.contains("-q -r \(ClusterProcessTests.calib) \(h):\(dir)/"), copies)
+            XCTAssertTrue(FileManager.default.fileExists(atPath: tmp + "/hosts/\(h)"), "mkdir ran on \(h)")
+        }
         XCTAssertEqual(status, 1, out)
         XCTAssertTrue(out.contains("h1: registered") && out.contains("h2: registered"), out)
         XCTAssertTrue(out.contains("bad: FAILED: the worker exited with status 1"), out)
