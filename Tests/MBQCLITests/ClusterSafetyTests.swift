@@ -106,6 +106,7 @@ extension ClusterProcessTests {
         let suppressed = events(clog, "messages_suppressed").reduce(0) { $0 + ($1["count"] as? Int ?? 0) }
         XCTAssertGreaterThan(suppressed, 2000, text(clog))
         XCTAssertEqual(events(clog, "messages_suppressed").first?["source"] as? String, "127.0.0.1", text(clog))
+        print("flood: 2200 messages -> \(lines) log lines, \(suppressed) counted in \(events(clog, "messages_suppressed").count) messages_suppressed line(s)")
     }
 
     /// A worker that sees other files at the job's paths (another copy of the bundle) is
