@@ -103,7 +103,10 @@ final class CoordinatorStateTests: XCTestCase {
         let s = CoordinatorState(spec: Self.spec(workers: 1, layers: 3), resumed: (stats: nil, results: [1: [g, g, g]]), epochBase: 1000)
         let d = sends(s.handle(identity: [1], msg(Self.register("a")), now: 0))
         XCTAssertEqual(s.epoch, 1001)
-        _ = d
+        // The resumed job is planned whole (its finished layer is still held, for apply).
+        let a = d.compactMap { if case let .assignment(a) = $0.body { return a } else { return nil } }
+        XCTAssertEqual(a.map { [$0.firstLayer, $0.endLayer] }, [[0, 3]])
+        XCTAssertEqual(a.first?.epoch, 1001)
         _ = s.handle(identity: [1], msg(done("forward", epoch: s.epoch)), now: 1)
         XCTAssertEqual(s.phase, .backward, "statistics were not journaled: recomputed")
         for l in 0..<3 {

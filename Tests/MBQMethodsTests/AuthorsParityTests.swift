@@ -25,7 +25,7 @@ final class AuthorsParityTests: XCTestCase {
         var nearTies: [String] = []
         var table: [String] = []
         for arch in Self.archs {
-            let (ckpt, model, bundle) = try load(arch)
+            let (_, model, bundle) = try load(arch)
             for (cname, bits, group, abit) in Self.configs {
                 for method in [QuantMethod.awq, .mbq] {
                     let ref = try SafetensorsFile(path: Self.testsDir.appendingPathComponent(
@@ -98,7 +98,6 @@ final class AuthorsParityTests: XCTestCase {
                     }
                     table.append(String(format: "%@: best_idx %d/%d identical, loss curves rel %.1e, grad stats rel %.1e%@",
                                         tag, same, r.groups.count, lossRel, gradRel, weightLine))
-                    _ = ckpt
                 }
             }
         }

@@ -36,13 +36,16 @@ final class HalfPrecisionTests: XCTestCase {
     }
 
     /// fp32 -> fp16 matches Swift's own Float16 conversion (round to nearest even) on random values.
-    func testFP16MatchesNativeConversion() {
+    func testFP16MatchesNativeConversion() throws {
         #if arch(x86_64) || arch(arm64)
         var rng = SeededRandom(seed: 21)
         for _ in 0..<100_000 {
             let f = Float(rng.normal() * pow(10, Double(Int(rng.uniform() * 12) - 7)))
             XCTAssertEqual(HalfPrecision.floatToFP16(f), Float16(f).bitPattern, "value \(f)")
         }
+        #else
+        // Swift has no Float16 here: say so rather than pass without checking anything.
+        throw XCTSkip("Float16 is not available on this architecture; testFP16RoundTripsEveryPattern still runs")
         #endif
     }
 
