@@ -2,7 +2,7 @@ import Foundation
 import MBQFormats
 import MBQWire
 
-/// What a worker's memory must hold, per the plan (docs/DESIGN.md §3 "Memory"): per held
+/// What a worker's memory must hold, per the plan (docs/DESIGN.md §1, memory): per held
 /// layer its weights as stored and one sample's input to it (the backward recomputes the
 /// inputs the budget did not keep); two layers' inputs for every sample (the stage's
 /// first layer's, kept from the forward; in the search, the current layer's and the

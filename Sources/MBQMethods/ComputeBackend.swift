@@ -115,7 +115,7 @@ public protocol ComputeBackend: Sendable {
 
     // MARK: the method
 
-    /// Every searched group of layer `l` (../shared/DESIGN.md §2): losses of the 20 grid
+    /// Every searched group of layer `l` (docs/DESIGN.md §2.2): losses of the 20 grid
     /// points, the best, its scales. The samples come in chunks (`SampleChunks`): the
     /// result must not depend on how they are chunked.
     func searchLayer(_ l: Int, _ b: BackendBlock, samples: SampleChunks<BackendLayerSample>, attnRatio: Double, mlpRatio: Double,

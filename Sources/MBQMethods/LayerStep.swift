@@ -4,7 +4,7 @@ import MBQQuant
 import MBQTensor
 
 /// One decoder layer's quantization, the same arithmetic for the one-process job and
-/// for the workers (docs/DESIGN.md "The layer step"; ../shared/DESIGN.md §2): run the fp
+/// for the workers (docs/DESIGN.md §2.5): run the fp
 /// layer on its inputs capturing what the search needs, search its groups (or take
 /// SmoothQuant's scales), apply the scales in one canonical order, quantize; the next
 /// layer's inputs are the fp layer's outputs or, with `--distort`, the quantized one's

@@ -1,7 +1,7 @@
 import MBQTensor
 
 /// The quantizers written as plainly as possible: these loops are the specification
-/// (../shared/DESIGN.md §2, after AWQ's pseudo_quantize_tensor and the MBQ authors'
+/// (docs/DESIGN.md §2.3, after AWQ's pseudo_quantize_tensor and the MBQ authors'
 /// fake-quant functions), in fp32 with the same operations as PyTorch, rounding half to
 /// even as torch.round does. They return the integers every output format stores; fake
 /// quantization is their dequantization. The fast paths in `Quantize` must reproduce
