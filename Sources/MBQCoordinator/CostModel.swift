@@ -39,25 +39,17 @@ public struct CostModel: Sendable {
     public var phaseOverhead = 0.03
     /// Reading a block (and the last stage's head) from the checkpoint at assignment:
     /// page faults and file reads more than loops, so seconds per weight, neither scaled
-    /// by the loop rate nor split over threads. Measured on an AMD EPYC guest with huge
-    /// pages: a Qwen2-72B-shaped layer and head in 19.7 s on 2 threads (9.3 ns per
-    /// weight), four Llama-7B-shaped layers (and the head) in 7.9-8.1 s on one thread
-    /// (8.5 ns), one 7B layer and head 1.4-2.4 s (4-7 ns). An Intel Xeon without huge
-    /// pages took 13.5 ns (72B) and 10.5 ns (7B).
+    /// by the loop rate nor split over threads (fitted on 7B- and 72B-shaped layers:
+    /// docs/BENCHMARKS.md, "Cost model constants").
     public var loadSecondsPerWeight = 9e-9
-    /// Widening a bf16-held block's linears to fp32 (one thread), seconds per weight: 0.38 s
-    /// per Llama-7B-shaped block into fresh pages (measured on the EPYC); a block used
-    /// again right after is not widened again (CPUBackend.WidenedBlock).
+    /// Widening a bf16-held block's linears to fp32 (one thread), seconds per weight; a
+    /// block used again right after is not widened again (CPUBackend.WidenedBlock).
     public var widenSecondsPerWeight = 1.9e-9
     /// Apply per layer: scaling and quantizing the weights, packing and writing the shard:
     /// seconds per weight, not scaled by the loop rate (page faults and the disk set it
-    /// more than loops do; one thread per worker took as long as two), and a fixed part
-    /// (the shard's fsync and rename). A Llama-7B-shaped layer (202.4M weights) took 3.36 s
-    /// on an Intel Xeon and 3.42-3.94 s in seven runs on an AMD EPYC guest (mean 3.64:
-    /// 18.0 ns per weight); a Qwen2-72B-shaped one (877.7M) 14.2 s on the Xeon and
-    /// 12.26-12.94 s in three runs on the EPYC (mean 13.06: 14.9 ns). A line through both
-    /// means would need a 0.8 s intercept, which would charge each of the demo model's
-    /// small layers 0.8 s, so the rate sits between the two: 7B 9% short, 72B 10% long.
+    /// more than loops do), and a fixed part (the shard's fsync and rename). No intercept:
+    /// one would charge every small layer of the demo model as much (docs/BENCHMARKS.md,
+    /// "Cost model constants").
     public var applyFixedSeconds = 0.01
     public var applySecondsPerWeight = 16.4e-9
 

@@ -245,10 +245,8 @@ public struct CPUBackend: ComputeBackend {
 
     /// `work` per second of the median of `runs` runs of `body` (after one warm-up
     /// run): what a long sequence of such calls sustains. The fastest of a few short runs
-    /// catches bursts: on an AMD EPYC guest the registration's 1024-cubed GEMM read 97-134
-    /// GFLOP/s as the best of three 17-ms runs, while the same Llama-7B-shaped search took
-    /// 80.6-85.5 s in every run, its prediction moving with that reading (from 16% long to
-    /// 16% short).
+    /// catches bursts, and the search's prediction then moves with them
+    /// (docs/BENCHMARKS.md, "Cost model constants").
     static func medianRate(work: Double, runs: Int, _ body: () -> Void) -> Double {
         body()
         return GradientStatistics.median((0..<runs).map { _ in rate(work: work, body) })
@@ -262,10 +260,9 @@ public struct CPUBackend: ComputeBackend {
         // Three passes over the sizes, then the median pass: workers starting together on
         // one host measure at the same time (the cost model accounts for shared cores
         // itself), and one pass can still be disturbed (another process's burst, the kernel
-        // writing back dirty pages: the 1024-cubed GEMM once read 92 GFLOP/s right after a
-        // large file write on an AMD EPYC guest, 133-141 otherwise). Below 1024 the best of
-        // repeated runs for about 25 ms (the least disturbed); the largest size, whose rate
-        // every larger GEMM of a real-shape job takes, as the median of 7 runs (medianRate).
+        // writing back dirty pages). Below 1024 the best of repeated runs for about 25 ms
+        // (the least disturbed); the largest size, whose rate every larger GEMM of a
+        // real-shape job takes, as the median of 7 runs (medianRate).
         var passes = [[Double]](repeating: [], count: sizes.count)
         for _ in 0..<3 {
             for (i, n) in sizes.enumerated() {
