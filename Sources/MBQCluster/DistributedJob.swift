@@ -20,8 +20,8 @@ public enum DistributedJob {
         let opts = Mbq_JobOptions(options)
         let json = opts.canonicalText
         // Workers open these paths, from their own working directories: absolute.
-        let modelDir = OutputGuard.canonical(ckpt.directory)
-        let calibPath = OutputGuard.canonical(calib.path)
+        let modelDir = OutputGuard.absolute(ckpt.directory)
+        let calibPath = OutputGuard.absolute(calib.path)
         let identity = JobIdentity(modelDir: modelDir, calibPath: calibPath, modelContent: try ckpt.fingerprint(),
                                    calibContent: calib.fingerprint, options: json, samples: calib.count)
         var spec = JobSpec(jobID: identity.jobID, modelDir: modelDir, calibPath: calibPath, options: opts, layers: cfg.numLayers,
@@ -35,7 +35,7 @@ public enum DistributedJob {
         spec.memory = MemoryNeeds(shape: shape, inputRows: calib.samples.reduce(0) { $0 + $1.length }, tokens: tokens,
                                   weightBytes: weightBytes)
         spec.identity = identity
-        let absOut = OutputGuard.canonical(out)
+        let absOut = OutputGuard.absolute(out)
         spec.outputDir = absOut + ".partial-" + spec.jobID
         spec.outputToken = String(SHA256.hex(Array("\(spec.jobID)|\(UUID().uuidString)".utf8)).prefix(24))
         spec.outputVia = outputVia

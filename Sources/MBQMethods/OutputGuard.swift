@@ -11,6 +11,12 @@ public enum OutputGuard {
     /// The owner file inside every temporary output directory: "host pid".
     public static let ownerFile = ".mbq-owner"
 
+    /// `path` made absolute against the working directory, `.` and `..` removed, symbolic
+    /// links kept: the spelling to hand to other machines, whose links may point elsewhere.
+    public static func absolute(_ path: String) -> String {
+        URL(fileURLWithPath: path).standardizedFileURL.path
+    }
+
     /// `path` absolute and without symbolic links, `.` or `..`, also when its last
     /// components do not exist yet (the longest existing prefix is resolved).
     public static func canonical(_ path: String) -> String {
