@@ -132,6 +132,13 @@ public final class CoordinatorState {
 
     func env(_ body: Mbq_Envelope.OneOf_Body) -> Mbq_Envelope { Wire.envelope(job: spec.jobID, body) }
 
+    /// A `Refused` saying why: the worker logs the reason and exits with an error.
+    func refusal(_ reason: String) -> Mbq_Envelope {
+        var no = Mbq_Refused()
+        no.reason = reason
+        return env(.refused(no))
+    }
+
     public var finishedLayers: [Int] { results.keys.sorted() }
 
     // MARK: inputs
@@ -142,9 +149,7 @@ public final class CoordinatorState {
             // A worker left over from another job (this port's previous coordinator): it
             // would never join, so it is told to stop instead of waiting forever.
             let reason = "this coordinator runs job '\(spec.jobID)', the worker belongs to job '\(m.envelope.jobID)': start a new worker for this job"
-            var no = Mbq_Refused()
-            no.reason = reason
-            return [.send(identity: identity, env(.refused(no))),
+            return [.send(identity: identity, refusal(reason)),
                     .event(.workerRefused(worker: senderName(m.envelope.body), host: "", reason: reason))]
         }
         guard let body = m.envelope.body else { return [] }
@@ -253,9 +258,7 @@ public final class CoordinatorState {
         guard let w = workers[id] else { return [] }
         workers[id]!.alive = false
         failed[id] = (w.info.dataEndpoint, why)
-        var no = Mbq_Refused()
-        no.reason = "dropped from the job after its error: \(why)"
-        var out: [Directive] = [.send(identity: w.identity, env(.refused(no)))]
+        var out: [Directive] = [.send(identity: w.identity, refusal("dropped from the job after its error: \(why)"))]
         guard [.forward, .backward, .search, .apply].contains(phase), plan.contains(where: { $0.worker == id }) else { return out }
         guard workers.values.contains(where: \.alive) else {
             phase = .failed
@@ -342,17 +345,13 @@ public final class CoordinatorState {
             }
             challenges[identity] = nil
             guard Auth.verify(secret: secret, jobID: spec.jobID, workerID: r.workerID, nonce: issued, token: Array(r.authToken)) else {
-                var no = Mbq_Refused()
-                no.reason = "authentication failed"
-                return [.send(identity: identity, env(.refused(no))),
+                return [.send(identity: identity, refusal("authentication failed")),
                         .event(.workerRefused(worker: r.workerID, host: r.host, reason: "authentication failed"))]
             }
         }
         let known = workers[r.workerID]
         func refuse(_ reason: String) -> [Directive] {
-            var no = Mbq_Refused()
-            no.reason = reason
-            return [.send(identity: identity, env(.refused(no))), .event(.workerRefused(worker: r.workerID, host: r.host, reason: reason))]
+            [.send(identity: identity, refusal(reason)), .event(.workerRefused(worker: r.workerID, host: r.host, reason: reason))]
         }
         // One process per id: a second process (another data endpoint) under the id of a
         // live worker would take over its place and both would evict each other.

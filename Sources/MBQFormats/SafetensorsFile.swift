@@ -207,15 +207,11 @@ public final class SafetensorsFile: @unchecked Sendable {
             throw FormatsError.invalidTensorEntry(path: path, tensor: name, reason: "no row \(row) of a 2-D floating-point tensor (\(e.dtype.rawValue) \(e.shape))")
         }
         let cols = e.shape[1], bs = e.dtype.byteSize
-        let raw = UnsafeRawBufferPointer(start: base! + e.byteRange.lowerBound + row * cols * bs, count: cols * bs)
-        return (0..<cols).map { i in
-            switch e.dtype {
-            case .bf16: return HalfPrecision.bf16ToFloat(raw.loadUnaligned(fromByteOffset: 2 * i, as: UInt16.self))
-            case .f16: return HalfPrecision.fp16ToFloat(raw.loadUnaligned(fromByteOffset: 2 * i, as: UInt16.self))
-            case .f64: return Float(raw.loadUnaligned(fromByteOffset: 8 * i, as: Double.self))
-            default: return raw.loadUnaligned(fromByteOffset: 4 * i, as: Float.self)
-            }
+        var out = [Float](repeating: 0, count: cols)
+        out.withUnsafeMutableBufferPointer { dst in
+            Self.widen(UnsafeRawBufferPointer(start: base! + e.byteRange.lowerBound + row * cols * bs, count: cols * bs), e.dtype, into: dst)
         }
+        return out
     }
 
     /// A floating-point tensor converted to fp32 (F32, F16, BF16, F64 accepted).
@@ -227,21 +223,25 @@ public final class SafetensorsFile: @unchecked Sendable {
         let raw = try rawBytes(name)
         let n = e.elementCount
         var out = [Float](repeating: 0, count: n)
-        out.withUnsafeMutableBufferPointer { dst in
-            switch e.dtype {
-            case .f32:
-                if n > 0 { memcpy(dst.baseAddress!, raw.baseAddress!, n * 4) }
-            case .bf16:
-                for i in 0..<n { dst[i] = HalfPrecision.bf16ToFloat(raw.loadUnaligned(fromByteOffset: 2 * i, as: UInt16.self)) }
-            case .f16:
-                for i in 0..<n { dst[i] = HalfPrecision.fp16ToFloat(raw.loadUnaligned(fromByteOffset: 2 * i, as: UInt16.self)) }
-            case .f64:
-                for i in 0..<n { dst[i] = Float(raw.loadUnaligned(fromByteOffset: 8 * i, as: Double.self)) }
-            default:
-                break
-            }
-        }
+        out.withUnsafeMutableBufferPointer { dst in Self.widen(raw, e.dtype, into: dst) }
         return Tensor(shape: e.shape, data: out)
+    }
+
+    /// `dst.count` values of floating-point `dtype` from `raw`, as fp32.
+    static func widen(_ raw: UnsafeRawBufferPointer, _ dtype: DType, into dst: UnsafeMutableBufferPointer<Float>) {
+        let n = dst.count
+        switch dtype {
+        case .f32:
+            if n > 0 { memcpy(dst.baseAddress!, raw.baseAddress!, n * 4) }
+        case .bf16:
+            for i in 0..<n { dst[i] = HalfPrecision.bf16ToFloat(raw.loadUnaligned(fromByteOffset: 2 * i, as: UInt16.self)) }
+        case .f16:
+            for i in 0..<n { dst[i] = HalfPrecision.fp16ToFloat(raw.loadUnaligned(fromByteOffset: 2 * i, as: UInt16.self)) }
+        case .f64:
+            for i in 0..<n { dst[i] = Float(raw.loadUnaligned(fromByteOffset: 8 * i, as: Double.self)) }
+        default:
+            break
+        }
     }
 
     /// An integer or bool tensor widened to Int64.

@@ -68,7 +68,7 @@ public enum OutputGuard {
     }
 
     /// Whether process `pid` runs on this machine (EPERM: it runs, as another user).
-    static func running(_ pid: Int32) -> Bool { pid > 0 && (kill(pid, 0) == 0 || errno == EPERM) }
+    public static func running(_ pid: Int32) -> Bool { pid > 0 && (kill(pid, 0) == 0 || errno == EPERM) }
 
     /// Removes the temporary output directories beside `out` (`OUT.partial-*`) whose
     /// owner process no longer runs on this host, and returns what it did, one line each

@@ -43,18 +43,9 @@ public enum Curve {
         for f in [key, pubFile] where FileManager.default.fileExists(atPath: f) {
             throw TransportError.zmq("\(f) exists (keys are never overwritten)", EEXIST)
         }
-        // Created with their final modes (never readable by others, not even briefly).
-        try writeExclusive(key, sec + "\n" + pub + "\n", mode: 0o600)
-        try writeExclusive(pubFile, pub + "\n", mode: 0o644)
+        try NewFile.write(key, sec + "\n" + pub + "\n", mode: 0o600)
+        try NewFile.write(pubFile, pub + "\n", mode: 0o644)
         return (key, pubFile)
-    }
-
-    static func writeExclusive(_ path: String, _ text: String, mode: mode_t) throws {
-        let fd = open(path, O_WRONLY | O_CREAT | O_EXCL, mode)
-        guard fd >= 0 else { throw TransportError.zmq("cannot create \(path)", errno) }
-        defer { close(fd) }
-        let bytes = Array(text.utf8)
-        guard write(fd, bytes, bytes.count) == bytes.count else { throw TransportError.zmq("cannot write \(path)", errno) }
     }
 
     static func binary(_ z85: String) -> [UInt8]? {

@@ -52,12 +52,20 @@ public enum SharedSecret {
 
     /// Writes a new secret to `path` (mode 0600, never over an existing file).
     public static func write(to path: String) throws {
-        let fd = open(path, O_WRONLY | O_CREAT | O_EXCL, 0o600)
-        guard fd >= 0 else { throw Problem.unreadable(path: path, reason: "cannot create: \(String(cString: strerror(errno)))") }
+        try NewFile.write(path, generate() + "\n", mode: 0o600)
+    }
+}
+
+/// Files that hold keys and secrets: created with their final mode (never readable by
+/// others, not even briefly), never over an existing file, synced before use.
+enum NewFile {
+    static func write(_ path: String, _ text: String, mode: mode_t) throws {
+        let fd = open(path, O_WRONLY | O_CREAT | O_EXCL, mode)
+        guard fd >= 0 else { throw SharedSecret.Problem.unreadable(path: path, reason: "cannot create: \(String(cString: strerror(errno)))") }
         defer { close(fd) }
-        let bytes = Array((generate() + "\n").utf8)
+        let bytes = Array(text.utf8)
         guard Glibc.write(fd, bytes, bytes.count) == bytes.count, fsync(fd) == 0 else {
-            throw Problem.unreadable(path: path, reason: "cannot write: \(String(cString: strerror(errno)))")
+            throw SharedSecret.Problem.unreadable(path: path, reason: "cannot write: \(String(cString: strerror(errno)))")
         }
     }
 }

@@ -201,7 +201,7 @@ struct StatusCommand: ParsableCommand {
             } else if phase == "done" {
                 coordinatorUp = false
                 print("job finished")
-            } else if let pid, host == ProcessInfo.processInfo.hostName, kill(pid, 0) != 0 && errno != EPERM {
+            } else if let pid, host == ProcessInfo.processInfo.hostName, !OutputGuard.running(pid) {
                 coordinatorUp = false
                 print("coordinator NOT RUNNING: pid \(pid) is gone\(age.map { String(format: " (last update %.0f s ago)", $0) } ?? ""); restart it with the same command and --resume")
             } else if let age, age > 10 {
