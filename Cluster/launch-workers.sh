@@ -9,7 +9,7 @@
 #   input into ~/.mbq/secret (mode 600) and the worker reads it from there: it is never on
 #   a command line. Without one the workers join without authentication (loopback only).
 # --copy PATH: copies PATH (a file or directory: the mbq binary or bundle, the checkpoint,
-#   the calibration bundle) to the same absolute path on every host before starting.
+#   the calibration bundle) to the same absolute path on every host that lacks it.
 # Logs: ~/mbq-worker-NAME.log on each host; pid: ~/.mbq/worker-NAME.pid; exit status:
 #   ~/.mbq/worker-NAME.exit. --stop stops exactly the processes of those pid files.
 # SSH and SCP name the commands to use (default ssh, scp).
@@ -51,6 +51,12 @@ while read -r name ssh threads mem ip scratch mbq; do
   spill=""
   if [ -n "${scratch:-}" ] && [ "$scratch" != "-" ]; then spill="--scratch $scratch"; fi
   for p in "${copies[@]}"; do
+    # Never over what is there: a host that shares this disk (or this machine itself)
+    # would have scp truncate the very file it reads.
+    if $SSH -n "$ssh" "test -e '$p'"; then
+      echo "$name: $p is already there, not copied (remove it on $ssh to copy it again)"
+      continue
+    fi
     $SSH -n "$ssh" "mkdir -p '$(dirname "$p")'"
     $SCP -q -r "$p" "$ssh:$(dirname "$p")/"
   done

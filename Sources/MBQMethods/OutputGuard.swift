@@ -71,8 +71,9 @@ public enum OutputGuard {
     public static func running(_ pid: Int32) -> Bool { pid > 0 && (kill(pid, 0) == 0 || errno == EPERM) }
 
     /// Removes the temporary output directories beside `out` (`OUT.partial-*`) whose
-    /// owner process no longer runs on this host, and returns what it did, one line each
-    /// (also for those it leaves: another host's, or a live process's).
+    /// owner file names a process that no longer runs on this host, and returns what it
+    /// did, one line each (also for those it leaves: another host's, a live process's,
+    /// or one without an owner file).
     @discardableResult
     public static func removeOrphans(of out: String, logger: Logger? = nil) -> [String] {
         let o = canonical(out)
@@ -82,15 +83,16 @@ public enum OutputGuard {
         var lines: [String] = []
         for name in ((try? fm.contentsOfDirectory(atPath: dir)) ?? []).sorted() where name.hasPrefix(prefix) {
             let path = dir + "/" + name
-            // The owner file says who writes it; a directory from before the owner file
-            // is named after its pid (one process) or its job (a coordinator).
-            let owner = (try? String(contentsOfFile: path + "/" + ownerFile, encoding: .utf8))?.split(separator: " ")
-            let ownerHost = owner?.first.map(String.init) ?? host
-            guard let pid = (owner?.count == 2 ? Int32(owner![1].trimmingCharacters(in: .whitespacesAndNewlines)) : nil)
-                    ?? Int32(name.dropFirst(prefix.count)) else {
-                lines.append("left \(path): no owner recorded (a distributed job's; remove it if no coordinator runs for \(out))")
+            // Only a directory whose owner file this tool wrote is ever removed: a folder
+            // that merely has the name (the user's own, or one from before owner files) is
+            // reported and left.
+            guard let owner = (try? String(contentsOfFile: path + "/" + ownerFile, encoding: .utf8))?
+                    .split(whereSeparator: { $0 == " " || $0 == "\n" }),
+                  owner.count == 2, let pid = Int32(owner[1]) else {
+                lines.append("left \(path): it has the name of a temporary output but no owner file (\(ownerFile)); remove it yourself if it is one")
                 continue
             }
+            let ownerHost = String(owner[0])
             if ownerHost != host {
                 lines.append("left \(path): written by pid \(pid) on \(ownerHost)")
             } else if running(pid) {

@@ -75,22 +75,31 @@ final class OutputSafetyTests: XCTestCase {
         XCTAssertTrue(cfg.contains("\"group_size\": -1") || cfg.contains("\"group_size\":-1"), cfg)
     }
 
-    /// A killed one-process run leaves OUT.partial-PID; the next run to the same output
-    /// removes it and says so. A live process's directory is left alone.
+    /// A killed one-process run leaves OUT.partial-PID with its owner file; the next run to
+    /// the same output removes it and says so. A live process's directory, and a folder
+    /// with such a name but no owner file, are left alone.
     func testPartialOutputsOfDeadProcessesAreRemoved() throws {
         let dead = try deadPid()
         let out = tmp + "/out"
         let orphan = out + ".partial-\(dead)", live = out + ".partial-\(getpid())"
-        for d in [orphan, live] {
+        // What a killed run leaves: a shard and the owner file naming its process.
+        for (d, pid) in [(orphan, dead), (live, getpid())] {
             try FileManager.default.createDirectory(atPath: d, withIntermediateDirectories: true)
             FileManager.default.createFile(atPath: d + "/model-00001-of-00004.safetensors", contents: Data(count: 100))
+            try "\(ProcessInfo.processInfo.hostName) \(pid)\n".write(toFile: d + "/.mbq-owner", atomically: true, encoding: .utf8)
         }
+        // A user's folder that only has such a name is never removed.
+        let mine = out + ".partial-99999"
+        try FileManager.default.createDirectory(atPath: mine, withIntermediateDirectories: true)
+        FileManager.default.createFile(atPath: mine + "/notes.txt", contents: Data("precious".utf8))
         let r = try mbq(quantize(["--out", out]))
         XCTAssertEqual(r.status, 0, r.stderr)
         XCTAssertFalse(FileManager.default.fileExists(atPath: orphan), r.stderr)
         XCTAssertTrue(r.stderr.contains("removed \(orphan)"), r.stderr)
         XCTAssertTrue(FileManager.default.fileExists(atPath: live), "the directory of a running process stays")
         XCTAssertTrue(r.stderr.contains("pid \(getpid()) still writes it"), r.stderr)
+        XCTAssertEqual(FileManager.default.contents(atPath: mine + "/notes.txt"), Data("precious".utf8))
+        XCTAssertTrue(r.stderr.contains("left \(mine): it has the name of a temporary output but no owner file"), r.stderr)
         XCTAssertFalse((try FileManager.default.contentsOfDirectory(atPath: out)).contains { $0.hasPrefix(".") }, "no owner file in the output")
     }
 
