@@ -4,13 +4,14 @@ public enum QuantizationConfigBlock {
     /// compressed-tensors: only fields every version from 0.11 to 0.20 accepts
     /// (`extra="forbid"`; `scale_dtype`/`zp_dtype` exist only from 0.13, so they are left
     /// out). `group` -1: one scale per output channel.
+    /// `actOrder`: "weight" for GPTQ's activation order with static groups (no g_idx).
     public static func compressedTensors(bits: Int, group: Int, symmetric: Bool, activationBits: Int?,
-                                         ignore: [String]) -> JSONText {
+                                         ignore: [String], actOrder: String? = nil) -> JSONText {
         let format = PackedLinear.compressedPacking(bits: bits, symmetric: symmetric)
         var weights: [(String, JSONText)] = [("num_bits", .int(bits)), ("type", "int"), ("symmetric", .bool(symmetric)),
                                               ("strategy", group > 0 ? "group" : "channel")]
         weights.append(("group_size", group > 0 ? .int(group) : .null))
-        weights += [("dynamic", false), ("actorder", .null), ("observer", "minmax")]
+        weights += [("dynamic", false), ("actorder", actOrder.map { .string($0) } ?? .null), ("observer", "minmax")]
         let acts: JSONText = activationBits.map {
             .object([("num_bits", .int($0)), ("type", "int"), ("symmetric", true), ("strategy", "token"), ("dynamic", true)])
         } ?? .null
@@ -33,9 +34,10 @@ public enum QuantizationConfigBlock {
     }
 
     /// GPTQ with raw zero points (`gptq_v2`: v1 stores z - 1 and cannot hold z = 0).
-    public static func gptq(bits: Int, group: Int, ignore: [String]) -> JSONText {
+    /// `descAct`: columns in activation order; `g_idx` gives each column's group.
+    public static func gptq(bits: Int, group: Int, ignore: [String], descAct: Bool = false) -> JSONText {
         .object([("quant_method", "gptq"), ("bits", .int(bits)), ("group_size", .int(group)), ("sym", false),
-                 ("desc_act", false), ("checkpoint_format", "gptq_v2"), ("true_sequential", true),
+                 ("desc_act", .bool(descAct)), ("checkpoint_format", "gptq_v2"), ("true_sequential", true),
                  ("modules_to_not_convert", .array(ignore.map { .string($0) }))])
     }
 }

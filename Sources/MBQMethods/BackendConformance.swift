@@ -92,8 +92,11 @@ public enum BackendConformance {
                     d.compare("captured \(name)", try backend.download(a), try reference.download(b))
                 }
                 let dy: Tensor<Float> = rng.normalTensor(x.shape)
-                let gw = try reference.blockBackward(try reference.upload(dy), ws, rb, rope: rope, mask: s.attention)
-                let gg = try backend.blockBackward(try backend.upload(dy), gs, bb, rope: rope, mask: s.attention)
+                let gw = try reference.blockBackward(try reference.upload(dy), ws, rb, rope: rope, mask: s.attention, outputNorms: true)
+                let gg = try backend.blockBackward(try backend.upload(dy), gs, bb, rope: rope, mask: s.attention, outputNorms: true)
+                for (role, _) in ApplyScales.linears {
+                    d.compare("linear output-gradient norms", gg.outputSquaredNorms[role] ?? [], gw.outputSquaredNorms[role] ?? [])
+                }
                 d.compare("backward dL/dx", try backend.download(gg.input), try reference.download(gw.input))
                 d.compare("backward dL/d(o_proj out)", try backend.download(gg.attentionOutput), try reference.download(gw.attentionOutput))
                 d.compare("backward dL/d(down_proj out)", try backend.download(gg.mlpOutput), try reference.download(gw.mlpOutput))
@@ -131,6 +134,16 @@ public enum BackendConformance {
             let qw = try reference.quantize(aw, with: quantizer, precision: .f16), qg = try backend.quantize(ag, with: quantizer, precision: .f16)
             d.compare("quantized weights (w4 g128, fp16 scales)", try backend.downloadBlock(qg.block), try reference.downloadBlock(qw.block))
             for (role, _) in ApplyScales.linears { d.count("quantized codes", equal: qg.codes[role] == qw.codes[role]) }
+            // GPTQ (w3 g128, modality weights from the masks) on the scaled block.
+            let gptq = GPTQSettings(bits: 3, group: 128)
+            func weighted(_ ss: [BackendLayerSample]) -> SampleChunks<(sample: BackendLayerSample, weights: TokenWeightSet)> {
+                .captured(ss.map { ($0, GPTQLayer.tokenWeights(.modality, attention: $0.attention, vision: $0.vision, caption: $0.caption,
+                                                              attnRatio: 2, mlpRatio: 3, gradientNorms: nil)) })
+            }
+            let gqw = try reference.gptqLayer(l, aw, samples: weighted(refSamples), settings: gptq, perLinear: false, rtn: quantizer, precision: .f16)
+            let gqg = try backend.gptqLayer(l, ag, samples: weighted(gotSamples), settings: gptq, perLinear: false, rtn: quantizer, precision: .f16)
+            d.compare("GPTQ weights (w3 g128, modality)", try backend.downloadBlock(gqg.block), try reference.downloadBlock(gqw.block))
+            for (role, _) in ApplyScales.linears { d.count("GPTQ codes", equal: gqg.codes[role] == gqw.codes[role]) }
             xs = try zip(samples, xs).map { s, x in
                 try reference.download(try reference.blockForward(try reference.upload(x), rb, rope: model.ropeTable(s.positions),
                                                                   mask: s.attention, save: false, capture: false, actBits: nil).output)

@@ -168,11 +168,13 @@ public struct CPUBackend: ComputeBackend {
     }
 
     public func blockBackward(_ dy: BackendTensor, _ saved: BackendSaved, _ b: BackendBlock,
-                              rope: RoPETable<Float>, mask: [Bool]) -> BackendGradients {
+                              rope: RoPETable<Float>, mask: [Bool], outputNorms: Bool) -> BackendGradients {
         guard let s = saved as? HostSaved else { preconditionFailure("a \(type(of: saved)) handed to the CPU backend") }
-        let g = decoderBlockBackward(host(dy), saved: s.value, weights: host(b), rope: rope, mask: mask)
+        var norms: [String: [Float]] = [:]
+        let g = decoderBlockBackward(host(dy), saved: s.value, weights: host(b), rope: rope, mask: mask,
+                                     outputGradients: outputNorms ? { role, d in norms[role] = GPTQLayer.rowSquaredNorms(d) } : nil)
         return BackendGradients(input: HostTensor(g.input), attentionOutput: HostTensor(g.attentionOutput),
-                                mlpOutput: HostTensor(g.mlpOutput))
+                                mlpOutput: HostTensor(g.mlpOutput), outputSquaredNorms: norms)
     }
 
     public func lossGradient(_ h: BackendTensor, _ head: BackendHead, labels: [Int]) -> (loss: Float, count: Int, grad: BackendTensor) {
@@ -210,6 +212,17 @@ public struct CPUBackend: ComputeBackend {
         var w = host(b)
         let codes = ApplyScales.quantizeLinears(&w, with: q, precision: precision)
         return (HostBlock(w), codes)
+    }
+
+    public func gptqLayer(_ l: Int, _ b: BackendBlock, samples: SampleChunks<(sample: BackendLayerSample, weights: TokenWeightSet)>,
+                          settings: GPTQSettings, perLinear: Bool, rtn: WeightQuantizer,
+                          precision: ScalePrecision) throws -> (block: BackendBlock, codes: [String: QuantizedWeight], reports: [GPTQLinearReport]) {
+        let hessians = LayerHessians(perLinear: perLinear)
+        for i in 0..<samples.count {
+            for s in try samples.read(i) { hessians.add(host(s.sample).captures, weights: s.weights) }
+        }
+        let q = try GPTQLayer.quantize(host(b), layer: l, hessians: hessians, settings: settings, rtn: rtn, precision: precision)
+        return (HostBlock(q.block), q.codes, q.reports)
     }
 
     public func measureLoopGBps() -> Double {

@@ -63,8 +63,13 @@ public struct BackendGradients: Sendable {
     public var input: BackendTensor            // dL/dx [T, C]
     public var attentionOutput: BackendTensor  // dL/d(o_proj out) [T, C]
     public var mlpOutput: BackendTensor        // dL/d(down_proj out) [T, C]
-    public init(input: BackendTensor, attentionOutput: BackendTensor, mlpOutput: BackendTensor) {
+    /// When asked for: per linear role ("q", ..., "down"), ‖dL/d(its output)_t‖² per
+    /// token t ([T], on the host; GPTQ's gradient token weights).
+    public var outputSquaredNorms: [String: [Float]]
+    public init(input: BackendTensor, attentionOutput: BackendTensor, mlpOutput: BackendTensor,
+                outputSquaredNorms: [String: [Float]] = [:]) {
         self.input = input; self.attentionOutput = attentionOutput; self.mlpOutput = mlpOutput
+        self.outputSquaredNorms = outputSquaredNorms
     }
 }
 
@@ -102,9 +107,10 @@ public protocol ComputeBackend: Sendable {
     /// (the `--distort` forward of W-A schemes).
     func blockForward(_ x: BackendTensor, _ b: BackendBlock, rope: RoPETable<Float>, mask: [Bool],
                       save: Bool, capture: Bool, actBits: Int?) throws -> BackendForward
-    /// dy: [T, C], the gradient of the block's output.
+    /// dy: [T, C], the gradient of the block's output. `outputNorms`: also every linear's
+    /// per-token squared output-gradient norm (`BackendGradients.outputSquaredNorms`).
     func blockBackward(_ dy: BackendTensor, _ saved: BackendSaved, _ b: BackendBlock,
-                       rope: RoPETable<Float>, mask: [Bool]) throws -> BackendGradients
+                       rope: RoPETable<Float>, mask: [Bool], outputNorms: Bool) throws -> BackendGradients
     /// The mean caption cross-entropy of the final hidden states h ([T, C]) and its
     /// gradient w.r.t. h ([T, C]).
     func lossGradient(_ h: BackendTensor, _ head: BackendHead, labels: [Int]) throws -> (loss: Float, count: Int, grad: BackendTensor)
@@ -129,6 +135,14 @@ public protocol ComputeBackend: Sendable {
     func quantize(_ b: BackendBlock, with q: WeightQuantizer, precision: ScalePrecision) throws
         -> (block: BackendBlock, codes: [String: QuantizedWeight])
 
+    /// GPTQ on every linear of `b` (docs/DESIGN.md §2.6): Hessians summed over the samples
+    /// (each with its token weights by role; one Hessian per captured input unless
+    /// `perLinear`), then each linear quantized; `rtn` is the round-to-nearest the report
+    /// compares with. The chunking must not change a bit.
+    func gptqLayer(_ l: Int, _ b: BackendBlock, samples: SampleChunks<(sample: BackendLayerSample, weights: TokenWeightSet)>,
+                   settings: GPTQSettings, perLinear: Bool, rtn: WeightQuantizer,
+                   precision: ScalePrecision) throws -> (block: BackendBlock, codes: [String: QuantizedWeight], reports: [GPTQLinearReport])
+
     /// GEMM rate (GFLOP/s) on n x n x n products for each n of `sizes`, with the threads
     /// this worker computes with: the cost model reads the efficiency of small GEMMs
     /// from it, the plan the speed of large ones.
@@ -137,4 +151,11 @@ public protocol ComputeBackend: Sendable {
     /// quantizer (8 bytes per weight: read and written in fp32): the cost model scales
     /// every loop it charges by this, against what the machine it was calibrated on measured.
     func measureLoopGBps() -> Double
+}
+
+extension ComputeBackend {
+    public func blockBackward(_ dy: BackendTensor, _ saved: BackendSaved, _ b: BackendBlock,
+                              rope: RoPETable<Float>, mask: [Bool]) throws -> BackendGradients {
+        try blockBackward(dy, saved, b, rope: rope, mask: mask, outputNorms: false)
+    }
 }

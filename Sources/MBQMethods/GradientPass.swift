@@ -39,17 +39,21 @@ public enum GradientPass {
 
     /// dy: [T, C], the loss's gradient w.r.t. the last layer's output; `input(l)` gives
     /// back what `forward` kept. Adds the sample's vision and caption means of
-    /// |dL/d(o_proj out)| and |dL/d(down_proj out)| to `sums[l - layers.lowerBound]`.
+    /// |dL/d(o_proj out)| and |dL/d(down_proj out)| to `sums[l - layers.lowerBound]`;
+    /// with `outputNorms`, hands it each layer's per-token squared output-gradient norms
+    /// of every linear (GPTQ's gradient token weights).
     /// -> dL/d(input of layers.lowerBound) [T, C]
     public static func backward(_ dy: BackendTensor, layers: Range<Int>, blocks: (Int) -> BackendBlock,
                                 input: (Int) throws -> BackendTensor, sample s: CalibrationSample, rope: RoPETable<Float>,
-                                backend: ComputeBackend, sums: inout [GradientStatistics.Layer]) throws -> BackendTensor {
+                                backend: ComputeBackend, sums: inout [GradientStatistics.Layer],
+                                outputNorms: ((Int, [String: [Float]]) throws -> Void)? = nil) throws -> BackendTensor {
         precondition(sums.count == layers.count, "\(sums.count) sums for layers \(layers)")
         let vis = s.attendedVision, cap = s.attendedCaption
         var dy = dy
         for l in layers.reversed() {
             let f = try backend.blockForward(try input(l), blocks(l), rope: rope, mask: s.attention, save: true, capture: false, actBits: nil)
-            let g = try backend.blockBackward(dy, f.saved!, blocks(l), rope: rope, mask: s.attention)
+            let g = try backend.blockBackward(dy, f.saved!, blocks(l), rope: rope, mask: s.attention, outputNorms: outputNorms != nil)
+            try outputNorms?(l, g.outputSquaredNorms)
             sums[l - layers.lowerBound].add(attnVis: try backend.meanAbs(g.attentionOutput, rows: vis),
                                             attnCap: try backend.meanAbs(g.attentionOutput, rows: cap),
                                             mlpVis: try backend.meanAbs(g.mlpOutput, rows: vis),

@@ -91,8 +91,12 @@ public struct GradientStatistics: Sendable, Equatable {
     /// turns the last outputs into gradients; the backward runs every sample back through
     /// layer l, recomputing its forward from the kept input. Per sample the arithmetic is
     /// the one-stage pipeline's, in the same order, so the statistics are identical.
+    /// `tokenNorms(layer, sample, norms)`: when given, every used sample's per-token
+    /// squared output-gradient norms of each linear of each layer (sample: its index in
+    /// `samples`).
     public static func compute(source: ModelSource, samples: [CalibrationSample], backend: ComputeBackend = CPUBackend(),
                                inputs: ActivationStore = ActivationStore(budgetBytes: .max, scratch: nil, owner: "grad"),
+                               tokenNorms: ((Int, Int, [String: [Float]]) -> Void)? = nil,
                                progress: ((String, Int, Int) -> Void)? = nil) throws -> GradientStatistics {
         let nl = source.config.numLayers
         var skipped: [String] = []
@@ -133,7 +137,8 @@ public struct GradientStatistics: Sendable, Equatable {
             for (k, u) in used.enumerated() {
                 let dx = try GradientPass.backward(try backend.upload(dys[k]), layers: l..<(l + 1), blocks: { _ in b },
                                                    input: { try backend.upload(try inputs.get(layer: $0, sample: k)) },
-                                                   sample: u.sample, rope: ropes[k], backend: backend, sums: &layerSums)
+                                                   sample: u.sample, rope: ropes[k], backend: backend, sums: &layerSums,
+                                                   outputNorms: tokenNorms.map { f in { l, n in f(l, u.index, n) } })
                 dys[k] = try backend.download(dx)
             }
             sums[l] = layerSums[0]

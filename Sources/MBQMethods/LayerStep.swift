@@ -39,7 +39,7 @@ public enum LayerStep {
                               rope: @escaping (CalibrationSample) -> RoPETable<Float>, chunkTokens: Int?,
                               attnRatio: Double, mlpRatio: Double, options: QuantizeOptions,
                               backend: ComputeBackend) throws -> [GroupResult] {
-        guard options.method != .rtn else {
+        guard options.method != .rtn && options.method != .gptq else {
             if let output {
                 for (i, s) in samples.enumerated() {
                     try output(i, try backend.blockForward(try input(i), b, rope: rope(s), mask: s.attention, save: false,
@@ -48,25 +48,19 @@ public enum LayerStep {
             }
             return []
         }
-        let ranges = chunks(lengths: samples.map(\.length), chunkTokens: chunkTokens)
         // The outputs come with the first read of each chunk (every pass reads them all).
         final class Seen: @unchecked Sendable { var value: [Bool] = [] }
         let seen = Seen()
         seen.value = [Bool](repeating: false, count: samples.count)
-        let read = SampleChunks<BackendLayerSample>(count: ranges.count) { c in
-            try ranges[c].map { i in
-                let s = samples[i], r = rope(s)
-                let f = try backend.blockForward(try input(i), b, rope: r, mask: s.attention, save: false, capture: true, actBits: nil)
-                if !seen.value[i] {
-                    seen.value[i] = true
-                    try output?(i, f.output)
-                }
-                return BackendLayerSample(captures: f.captures!, rope: r, attention: s.attention, vision: s.vision, caption: s.caption)
+        let read = captures(block: b, samples: samples, input: input, rope: rope, chunkTokens: chunkTokens, backend: backend) { i, y in
+            if !seen.value[i] {
+                seen.value[i] = true
+                try output?(i, y)
             }
-        }
+        }.map(\.sample)
         let results: [GroupResult]
         switch options.method {
-        case .rtn:
+        case .rtn, .gptq:
             results = []
         case .smoothquant:
             let s = try backend.smoothQuantScales(b, samples: read)
@@ -78,6 +72,38 @@ public enum LayerStep {
         }
         precondition(seen.value.allSatisfy { $0 }, "\(backend.name) returned from layer \(l)'s search without reading every chunk")
         return results
+    }
+
+    /// The samples as `block` sees them, in chunks of at most `chunkTokens` tokens: each
+    /// chunk's captures made when it is read (so one chunk's exist at a time), each
+    /// sample's output handed to `output` at every read.
+    static func captures(block b: BackendBlock, samples: [CalibrationSample], input: @escaping (Int) throws -> BackendTensor,
+                         rope: @escaping (CalibrationSample) -> RoPETable<Float>, chunkTokens: Int?, backend: ComputeBackend,
+                         output: @escaping (Int, BackendTensor) throws -> Void) -> SampleChunks<(index: Int, sample: BackendLayerSample)> {
+        let ranges = chunks(lengths: samples.map(\.length), chunkTokens: chunkTokens)
+        return SampleChunks(count: ranges.count) { c in
+            try ranges[c].map { i in
+                let s = samples[i], r = rope(s)
+                let f = try backend.blockForward(try input(i), b, rope: r, mask: s.attention, save: false, capture: true, actBits: nil)
+                try output(i, f.output)
+                return (i, BackendLayerSample(captures: f.captures!, rope: r, attention: s.attention, vision: s.vision, caption: s.caption))
+            }
+        }
+    }
+
+    /// GPTQ on the scaled layer (docs/DESIGN.md §2.6): its Hessians from its captures on
+    /// `input` (the quantized layers' outputs before it), read in chunks of at most
+    /// `chunkTokens` tokens, each sample's tokens weighted by `weights(i)`; the weights
+    /// the output holds, every linear's codes, each linear's report.
+    public static func gptq(layer l: Int, scaled b: BackendBlock, samples: [CalibrationSample],
+                            input: @escaping (Int) throws -> BackendTensor, rope: @escaping (CalibrationSample) -> RoPETable<Float>,
+                            chunkTokens: Int?, weights: @escaping (Int) -> TokenWeightSet, options: QuantizeOptions,
+                            backend: ComputeBackend) throws
+        -> (block: BackendBlock, codes: [String: QuantizedWeight], reports: [GPTQLinearReport]) {
+        let read = captures(block: b, samples: samples, input: input, rope: rope, chunkTokens: chunkTokens, backend: backend) { _, _ in }
+            .map { (sample: $0.sample, weights: weights($0.index)) }
+        return try backend.gptqLayer(l, b, samples: read, settings: options.gptqSettings, perLinear: options.hessianWeights == .gradient,
+                                     rtn: options.weightQuantizer, precision: options.scaleDType.scalePrecision)
     }
 
     /// `fp` with every group's scales folded in, always in `SearchGroup.allCases` order

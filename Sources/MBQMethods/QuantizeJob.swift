@@ -8,8 +8,9 @@ import MBQTensor
 /// What a quantization run produces.
 public struct QuantizeResult: Sendable {
     public init(options: QuantizeOptions, gradStats: GradientStatistics?, groups: [GroupResult], blocks: [DecoderBlockWeights<Float>],
-                codes: [[String: QuantizedWeight]] = [], seconds: [String: Double]) {
+                codes: [[String: QuantizedWeight]] = [], gptq: [GPTQLinearReport] = [], seconds: [String: Double]) {
         self.options = options
+        self.gptq = gptq
         self.gradStats = gradStats
         self.groups = groups
         self.blocks = blocks
@@ -25,6 +26,8 @@ public struct QuantizeResult: Sendable {
     public var blocks: [DecoderBlockWeights<Float>]
     /// Per layer, every linear's integer codes by role ("q", ..., "down").
     public var codes: [[String: QuantizedWeight]]
+    /// GPTQ's report per linear, in layer order (empty without GPTQ).
+    public var gptq: [GPTQLinearReport]
     public var seconds: [String: Double]
 }
 
@@ -83,9 +86,14 @@ public enum QuantizeJob {
         }
 
         var stats: GradientStatistics? = nil
-        if options.method == .mbq || (options.method == .awq && options.effectiveReweight) {
+        // GPTQ's gradient token weights: layer -> sample -> role -> [T].
+        var norms: [Int: [Int: TokenWeightSet]] = [:]
+        if options.needsGradientPass {
             let t0 = Date()
-            stats = try GradientStatistics.compute(source: source, samples: samples, backend: backend, inputs: inputs) { pass, done, total in
+            let keep: ((Int, Int, TokenWeightSet) -> Void)? = options.usesGPTQ && options.hessianWeights == .gradient
+                ? { l, i, n in norms[l, default: [:]][i] = n } : nil
+            stats = try GradientStatistics.compute(source: source, samples: samples, backend: backend, inputs: inputs,
+                                                   tokenNorms: keep) { pass, done, total in
                 let dt = Date().timeIntervalSince(t0)
                 let eta = pass == "forward" ? dt / Double(done) * Double(2 * total - done) : dt / Double(total + done) * Double(total - done)
                 logger.info("[grad-stats] \(pass) layer \(done)/\(total), elapsed \(elapsed()), ETA \(String(format: "%.1fs", eta))")
@@ -108,14 +116,15 @@ public enum QuantizeJob {
         let walk = LayerInputs(layer: 0, samples: samples.count, store: inputs, backend: backend)
         let rope = { (s: CalibrationSample) in source.ropeTable(s.positions) }
         var groups: [GroupResult] = []
+        var reports: [GPTQLinearReport] = []
         for l in 0..<nl {
             let last = l == nl - 1
             var fp: BackendBlock? = try source.block(l, into: backend)
             let found = try LayerStep.search(layer: l, block: fp!, samples: samples, input: walk.input,
-                                             output: options.distort || last ? nil : walk.keepOutput, rope: rope,
+                                             output: options.sequential || last ? nil : walk.keepOutput, rope: rope,
                                              chunkTokens: chunkTokens, attnRatio: ratios.layers[l].attnRatio,
                                              mlpRatio: ratios.layers[l].mlpRatio, options: options, backend: backend)
-            if options.method != .smoothquant {
+            if options.method != .smoothquant && options.method != .gptq {
                 // SmoothQuant's scales are not reported (alpha is fixed), as in the distributed job.
                 groups += found
                 let picks = found.map { "\($0.group.rawValue)=\(String(format: "%.2f", $0.alpha))" }.joined(separator: " ")
@@ -125,9 +134,25 @@ public enum QuantizeJob {
             // block goes once the scaled one exists.
             let scaled = try LayerStep.applied(fp!, results: found, backend: backend)
             fp = nil
-            let q = try LayerStep.quantized(scaled, options: options, backend: backend)
+            let q: (block: BackendBlock, codes: [String: QuantizedWeight])
+            if options.usesGPTQ {
+                let layerNorms = norms.removeValue(forKey: l) ?? [:]
+                let r = ratios.layers[l]
+                let g = try LayerStep.gptq(layer: l, scaled: scaled, samples: samples, input: walk.input, rope: rope, chunkTokens: chunkTokens,
+                                           weights: { i in
+                                               GPTQLayer.tokenWeights(options.hessianWeights, attention: samples[i].attention,
+                                                                      vision: samples[i].vision, caption: samples[i].caption,
+                                                                      attnRatio: r.attnRatio, mlpRatio: r.mlpRatio, gradientNorms: layerNorms[i])
+                                           }, options: options, backend: backend)
+                q = (g.block, g.codes)
+                reports += g.reports
+                let gain = g.reports.map { $0.errorBefore / Swift.max($0.errorAfter, .leastNonzeroMagnitude) }
+                logger.info("[gptq] layer \(l + 1)/\(nl): Hessian-weighted error rtn/gptq \(zip(g.reports, gain).map { "\($0.role) \(String(format: "%.2f", $1))x" }.joined(separator: " "))")
+            } else {
+                q = try LayerStep.quantized(scaled, options: options, backend: backend)
+            }
             if !last {
-                if options.distort { try LayerStep.distort(q.block, inputs: walk, samples: samples, rope: rope, options: options) }
+                if options.sequential { try LayerStep.distort(q.block, inputs: walk, samples: samples, rope: rope, options: options) }
                 try walk.advance()
             }
             try emit(l, q)
@@ -135,6 +160,7 @@ public enum QuantizeJob {
             logger.info("[search] layer \(l + 1)/\(nl) done, elapsed \(elapsed()), ETA \(String(format: "%.1fs", dt / Double(l + 1) * Double(nl - l - 1)))")
         }
         seconds["search_apply_quantize"] = Date().timeIntervalSince(t0)
-        return QuantizeResult(options: options, gradStats: stats, groups: groups, blocks: blocks, codes: codes, seconds: seconds)
+        return QuantizeResult(options: options, gradStats: stats, groups: groups, blocks: blocks, codes: codes, gptq: reports,
+                              seconds: seconds)
     }
 }

@@ -10,6 +10,8 @@ public enum QuantMethod: String, CaseIterable, Sendable {
     case mbq
     /// W8A8 with SmoothQuant's migration (alpha 0.5).
     case smoothquant
+    /// GPTQ (docs/DESIGN.md §2.6): no scales; each linear rounded through its Hessian.
+    case gptq
 }
 
 /// Everything `mbq quantize` is asked to do, validated against the model before any work.
@@ -30,8 +32,34 @@ public struct QuantizeOptions: Sendable {
     /// The source's decoder weight dtype: the output keeps it, and the formats that store
     /// scales in the model's dtype (fake, compressed-tensors) round them to it.
     public var weightDType: DType = .f32
+    /// `--then gptq`: the searched scales applied, then GPTQ instead of round-to-nearest.
+    public var thenGPTQ = false
+    public var hessianWeights: HessianWeights = .none
+    public var damp = 0.01
+    public var blockSize = 128
+    public var actOrder = false
 
     public init() {}
+
+    /// GPTQ rounds the weights (`--method gptq` or `--then gptq`). Its layers are
+    /// quantized in order, each on the inputs the quantized layers before it produce.
+    public var usesGPTQ: Bool { method == .gptq || thenGPTQ }
+
+    /// The walk over layers feeds each layer the quantized layers' outputs.
+    public var sequential: Bool { distort || usesGPTQ }
+
+    /// The gradient pass runs: MBQ's ratios, AWQ with --reweight, GPTQ's token weights.
+    public var needsGradientPass: Bool {
+        method == .mbq || (method == .awq && effectiveReweight) || (usesGPTQ && hessianWeights != .none)
+    }
+
+    /// What GPTQ runs with. compressed-tensors stores no `g_idx` (its library removed
+    /// `actorder: "group"`), so there activation order keeps static groups
+    /// (`actorder: "weight"`); GPTQ's own format stores `g_idx` (`desc_act`).
+    public var gptqSettings: GPTQSettings {
+        GPTQSettings(bits: wBit, group: group, damp: damp, blockSize: blockSize, actOrder: actOrder,
+                     staticGroups: actOrder && resolvedFormat == .compressedTensors)
+    }
 
     /// The format written: `format`, or the default for the scheme.
     public var resolvedFormat: CheckpointFormat { format ?? defaultFormat }
@@ -79,6 +107,21 @@ public struct QuantizeOptions: Sendable {
             throw no("--reweight applies to the scale search (awq, mbq), not to \(method.rawValue)")
         }
         if distort && (method == .rtn) { throw no("--distort needs a search method (awq, mbq, smoothquant)") }
+        if thenGPTQ && method != .mbq && method != .awq {
+            throw no("--then gptq follows a scale search: use it with --method mbq or awq (--method gptq alone quantizes without scales)")
+        }
+        if usesGPTQ {
+            if aBit != nil { throw no("GPTQ quantizes weights only: --a-bit is refused with --method gptq / --then gptq") }
+            guard [2, 3, 4, 8].contains(wBit) else { throw no("GPTQ: --w-bit \(wBit); supported are 2, 3, 4 and 8 bits") }
+            guard damp > 0 && damp < 1 else { throw no("--damp \(damp): a fraction of the mean Hessian diagonal in (0, 1)") }
+            guard blockSize > 0 && (group <= 0 || blockSize % group == 0) else {
+                throw no("--block-size \(blockSize): a positive multiple of the group size \(group)")
+            }
+            if actOrder && resolvedFormat == .awq { throw no("--act-order: the AWQ format has no g_idx; use --format gptq or compressed-tensors") }
+        } else {
+            if actOrder { throw no("--act-order is a GPTQ option (--method gptq or --then gptq)") }
+            if hessianWeights != .none { throw no("--hessian-weights is a GPTQ option (--method gptq or --then gptq)") }
+        }
         if format == nil && defaultFormat == .fake {
             // Fake quantization writes dequantized weights: the size of the fp model and
             // nothing an engine runs as 'schemeName'. Only on request.
@@ -122,15 +165,20 @@ public struct QuantizeOptions: Sendable {
             if aBit == nil { o.append(("group_size", .int(group))) }
             o += [("loss", .string(loss.rawValue)), ("method", .string(method.rawValue)), ("quant_method", "mbq-fake"),
                   ("reweight", .bool(effectiveReweight))]
+            if usesGPTQ {
+                o += [("gptq", .object([("act_order", .bool(actOrder)), ("block_size", .int(blockSize)), ("damp", .double(damp)),
+                                        ("hessian_weights", .string(hessianWeights.rawValue))]))]
+            }
             if aBit != nil { o.append(("weight_granularity", "per_channel_symmetric")) } else { o.append(("zero_point", true)) }
             return .object(o)
         case .compressedTensors:
             return QuantizationConfigBlock.compressedTensors(bits: wBit, group: aBit == nil ? group : -1, symmetric: aBit != nil,
-                                                             activationBits: aBit, ignore: ignore)
+                                                             activationBits: aBit, ignore: ignore,
+                                                             actOrder: usesGPTQ && actOrder && group > 0 ? "weight" : nil)
         case .awq:
             return QuantizationConfigBlock.awq(bits: wBit, group: group, ignore: ignore)
         case .gptq:
-            return QuantizationConfigBlock.gptq(bits: wBit, group: group, ignore: ignore)
+            return QuantizationConfigBlock.gptq(bits: wBit, group: group, ignore: ignore, descAct: usesGPTQ && actOrder && group > 0)
         }
     }
 }

@@ -99,15 +99,17 @@ public func selfAttentionForward<T: BLASScalar>(_ n1: Tensor<T>, weights w: Deco
     return (out, AttentionSaved(q: q, k: k, v: v, ctx: ctx, lse: lse))
 }
 
-/// dout: [T, C] -> dn1: [T, C]
+/// dout: [T, C] -> dn1: [T, C]. `outputGradients` receives the gradients of the q, k and
+/// v projections' outputs (before RoPE) by role.
 @inlinable
 public func selfAttentionBackward<T: BLASScalar>(_ dout: Tensor<T>, saved: AttentionSaved<T>,
                                                  weights w: DecoderBlockWeights<T>, rope: RoPETable<T>,
-                                                 mask: [Bool]) -> Tensor<T> {
+                                                 mask: [Bool], outputGradients: ((String, Tensor<T>) -> Void)? = nil) -> Tensor<T> {
     let dctx = linearBackward(dout, weight: w.o)
     var (dq, dk, dv) = attentionCoreBackward(dctx: dctx, saved: saved, mask: mask, shape: w.shape)
     ropeBackward(&dq, table: rope)
     ropeBackward(&dk, table: rope)
+    if let og = outputGradients { og("q", dq); og("k", dk); og("v", dv) }
     var dn1 = linearBackward(dq, weight: w.q)
     linearBackwardAccumulate(dk, weight: w.k, into: &dn1)
     linearBackwardAccumulate(dv, weight: w.v, into: &dn1)
@@ -139,17 +141,21 @@ public func decoderBlockForward<T: BLASScalar>(_ x: Tensor<T>, weights w: Decode
 }
 
 /// dy: [T, C] (gradient w.r.t. the block output) -> gradients w.r.t. input and module outputs.
+/// `outputGradients` receives every linear's output gradient by role ("q", ..., "down";
+/// GPTQ's gradient-weighted Hessians read their per-token norms).
 @inlinable
 public func decoderBlockBackward<T: BLASScalar>(_ dy: Tensor<T>, saved s: DecoderBlockSaved<T>,
                                                 weights w: DecoderBlockWeights<T>, rope: RoPETable<T>,
-                                                mask: [Bool]) -> DecoderBlockGradients<T> {
+                                                mask: [Bool], outputGradients: ((String, Tensor<T>) -> Void)? = nil) -> DecoderBlockGradients<T> {
     precondition(dy.shape == s.x.shape, "block backward: grad \(dy.shape) vs input \(s.x.shape)")
+    outputGradients?("down", dy)
     // out = h + mlp(norm2(h)): dL/d(down_proj out) = dy.
-    let dn2 = mlpBackward(dy, saved: s.mlp, gate: w.gate, up: w.up, down: w.down)
+    let dn2 = mlpBackward(dy, saved: s.mlp, gate: w.gate, up: w.up, down: w.down, outputGradients: outputGradients)
     var dh = rmsNormBackward(dn2, x: s.h, weight: w.postAttentionNorm, invRms: s.invRms2)
     addInPlace(&dh, dy)
     // h = x + attn(norm1(x)): dL/d(o_proj out) = dh.
-    let dn1 = selfAttentionBackward(dh, saved: s.attention, weights: w, rope: rope, mask: mask)
+    outputGradients?("o", dh)
+    let dn1 = selfAttentionBackward(dh, saved: s.attention, weights: w, rope: rope, mask: mask, outputGradients: outputGradients)
     var dx = rmsNormBackward(dn1, x: s.x, weight: w.inputNorm, invRms: s.invRms1)
     addInPlace(&dx, dh)
     return DecoderBlockGradients(input: dx, attentionOutput: dh, mlpOutput: dy)

@@ -49,7 +49,7 @@ public func mlpForward<T: BLASScalar>(_ x: Tensor<T>, gate: Tensor<T>, up: Tenso
 /// dg = da * u * s * (1 + g (1 - s)),  du = da * g * s,  dx = dg W_gate + du W_up.
 @inlinable
 public func mlpBackward<T: BLASScalar>(_ dy: Tensor<T>, saved: MLPSaved<T>, gate: Tensor<T>, up: Tensor<T>,
-                                       down: Tensor<T>) -> Tensor<T> {
+                                       down: Tensor<T>, outputGradients: ((String, Tensor<T>) -> Void)? = nil) -> Tensor<T> {
     let da = linearBackward(dy, weight: down)
     var dg = Tensor<T>(zeros: da.shape)
     var du = Tensor<T>(zeros: da.shape)
@@ -67,6 +67,8 @@ public func mlpBackward<T: BLASScalar>(_ dy: Tensor<T>, saved: MLPSaved<T>, gate
             }
         }
     }}}}}
+    outputGradients?("gate", dg)
+    outputGradients?("up", du)
     var dx = linearBackward(dg, weight: gate)
     linearBackwardAccumulate(du, weight: up, into: &dx)
     return dx

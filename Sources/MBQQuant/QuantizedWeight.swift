@@ -33,15 +33,27 @@ public struct QuantizedWeight: Sendable, Equatable {
     public var codes: [UInt8]          // [rows, cols]
     public var scales: [Float]         // [rows, cols / group]
     public var zeros: [UInt8]          // [rows, cols / group]; 2^(b-1) everywhere when symmetric
+    /// Column c's group when GPTQ's activation order took the columns out of order
+    /// (`g_idx`, [cols]; group k holds the k-th `group` columns in that order); nil: c / group.
+    public var gIdx: [Int32]?
 
     public init(rows: Int, cols: Int, bits: Int, group: Int, symmetric: Bool,
-                codes: [UInt8], scales: [Float], zeros: [UInt8]) {
+                codes: [UInt8], scales: [Float], zeros: [UInt8], gIdx: [Int32]? = nil) {
         precondition(bits >= 1 && bits <= 8 && group > 0 && cols % group == 0, "bits \(bits), group \(group), cols \(cols)")
         precondition(codes.count == rows * cols && scales.count == rows * (cols / group) && zeros.count == scales.count,
                      "codes \(codes.count), scales \(scales.count), zeros \(zeros.count) for [\(rows), \(cols)] / \(group)")
         self.rows = rows; self.cols = cols; self.bits = bits; self.group = group; self.symmetric = symmetric
         self.codes = codes; self.scales = scales; self.zeros = zeros
+        precondition(gIdx.map { $0.count == cols && $0.allSatisfy { $0 >= 0 && Int($0) < cols / group } } ?? true,
+                     "g_idx must give every one of \(cols) columns a group below \(cols / group)")
+        self.gIdx = gIdx
     }
+
+    /// Column c's group index: `gIdx[c]`, or c / group.
+    @inlinable public func groupIndex(column c: Int) -> Int { gIdx.map { Int($0[c]) } ?? c / group }
+
+    /// g_idx as the GPTQ format stores it, [cols]: every column's group.
+    public var groupIndices: [Int32] { gIdx ?? (0..<cols).map { Int32($0 / group) } }
 
     public var groupsPerRow: Int { cols / group }
     public var maxCode: Int { (1 << bits) - 1 }
@@ -51,6 +63,16 @@ public struct QuantizedWeight: Sendable, Equatable {
     /// search evaluates. -> [rows, cols]
     public func dequantized(precision: ScalePrecision = .f32) -> Tensor<Float> {
         var out = Tensor<Float>(uninitialized: [rows, cols])
+        if let gi = gIdx {
+            // Activation order: each column's own group.
+            for r in 0..<rows {
+                for c in 0..<cols {
+                    let k = r * groupsPerRow + Int(gi[c])
+                    out.data[r * cols + c] = precision.round((Float(codes[r * cols + c]) - Float(zeros[k])) * precision.round(scales[k]))
+                }
+            }
+            return out
+        }
         let gpr = groupsPerRow, g = group, cols = cols
         codes.withUnsafeBufferPointer { pq in
         scales.withUnsafeBufferPointer { ps in

@@ -33,32 +33,52 @@ public enum TiledGEMM {
                              b: UnsafePointer<Float>, ldb: Int,
                              beta: Float, c: UnsafeMutablePointer<Float>, ldc: Int) {
         _ = openBLASSingleThreaded
+        tiled(m: m, n: n) { i0, j0, mt, nt in
+            // op(A) rows i0..<i0+mt: rows of A, or columns of a transposed A.
+            let ta = a + (transA ? i0 : i0 * lda)
+            // op(B) columns j0..<j0+nt: rows of a transposed B, or columns of B.
+            let tb = b + (transB ? j0 * ldb : j0)
+            cblas_sgemm(CblasRowMajor, transA ? CblasTrans : CblasNoTrans, transB ? CblasTrans : CblasNoTrans,
+                        Int32(mt), Int32(nt), Int32(k), alpha, ta, Int32(lda), tb, Int32(ldb), beta, c + (i0 * ldc + j0), Int32(ldc))
+        }
+    }
+
+    /// The same tiling in double precision (GPTQ's Hessians, docs/DESIGN.md §2.6).
+    public static func dgemm(transA: Bool, transB: Bool, m: Int, n: Int, k: Int,
+                             alpha: Double, a: UnsafePointer<Double>, lda: Int,
+                             b: UnsafePointer<Double>, ldb: Int,
+                             beta: Double, c: UnsafeMutablePointer<Double>, ldc: Int) {
+        _ = openBLASSingleThreaded
+        tiled(m: m, n: n) { i0, j0, mt, nt in
+            cblas_dgemm(CblasRowMajor, transA ? CblasTrans : CblasNoTrans, transB ? CblasTrans : CblasNoTrans,
+                        Int32(mt), Int32(nt), Int32(k), alpha, a + (transA ? i0 : i0 * lda), Int32(lda),
+                        b + (transB ? j0 * ldb : j0), Int32(ldb), beta, c + (i0 * ldc + j0), Int32(ldc))
+        }
+    }
+
+    /// Runs `tile(i0, j0, rows, cols)` for every `rowTile` x `colTile` tile of an [m, n]
+    /// output, spread over `BLASRuntime.threads` threads. Tiles are disjoint parts of C;
+    /// which thread computes a tile does not matter.
+    static func tiled(m: Int, n: Int, _ tile: (Int, Int, Int, Int) -> Void) {
+        withoutActuallyEscaping(tile) { tile in tiledEscaping(m: m, n: n, tile) }
+    }
+
+    private static func tiledEscaping(m: Int, n: Int, _ tile: @escaping (Int, Int, Int, Int) -> Void) {
         let rowTiles = (m + rowTile - 1) / rowTile, colTiles = (n + colTile - 1) / colTile
         let tiles = rowTiles * colTiles
-        // Addresses as integers so that the tile bodies may run on other threads.
-        let pa = Int(bitPattern: a), pb = Int(bitPattern: b), pc = Int(bitPattern: c)
-        let size = MemoryLayout<Float>.stride
-        let tile = { (t: Int) in
+        let run = { (t: Int) in
             let i0 = (t / colTiles) * rowTile, j0 = (t % colTiles) * colTile
-            let mt = Swift.min(rowTile, m - i0), nt = Swift.min(colTile, n - j0)
-            // op(A) rows i0..<i0+mt: rows of A, or columns of a transposed A.
-            let ta = UnsafePointer<Float>(bitPattern: pa + (transA ? i0 : i0 * lda) * size)!
-            // op(B) columns j0..<j0+nt: rows of a transposed B, or columns of B.
-            let tb = UnsafePointer<Float>(bitPattern: pb + (transB ? j0 * ldb : j0) * size)!
-            let tc = UnsafeMutablePointer<Float>(bitPattern: pc + (i0 * ldc + j0) * size)!
-            cblas_sgemm(CblasRowMajor, transA ? CblasTrans : CblasNoTrans, transB ? CblasTrans : CblasNoTrans,
-                        Int32(mt), Int32(nt), Int32(k), alpha, ta, Int32(lda), tb, Int32(ldb), beta, tc, Int32(ldc))
+            tile(i0, j0, Swift.min(rowTile, m - i0), Swift.min(colTile, n - j0))
         }
         let threads = Swift.min(BLASRuntime.threads, tiles)
         if threads <= 1 {
-            for t in 0..<tiles { tile(t) }
+            for t in 0..<tiles { run(t) }
             return
         }
-        // Tiles are disjoint parts of C; which thread computes a tile does not matter.
         DispatchQueue.concurrentPerform(iterations: threads) { w in
             var t = w
             while t < tiles {
-                tile(t)
+                run(t)
                 t += threads
             }
         }

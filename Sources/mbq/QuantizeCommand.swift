@@ -13,12 +13,21 @@ import MBQWorker
 extension QuantMethod: ExpressibleByArgument {}
 extension SearchLoss: ExpressibleByArgument {}
 extension CheckpointFormat: ExpressibleByArgument {}
+extension HessianWeights: ExpressibleByArgument {}
 
 /// The options of a quantization job, shared by `quantize` and `coordinator`.
 struct QuantizeArguments: ParsableArguments {
     @Option(help: "Hugging Face model directory.") var model: String
     @Option(help: "Calibration bundle (mbq-calib safetensors).") var calib: String
-    @Option(help: "mbq, awq, rtn or smoothquant.") var method: QuantMethod = .mbq
+    @Option(help: "mbq, awq, rtn, smoothquant or gptq.") var method: QuantMethod = .mbq
+    @Option(help: ArgumentHelp("gptq: after the scale search (mbq, awq), round with GPTQ instead of to nearest.", valueName: "gptq"))
+    var then: String?
+    @Option(name: .customLong("hessian-weights"), help: "GPTQ's token weights: none (plain GPTQ), modality (MBQ's vision/caption ratios) or gradient (|dL/dy|^2 per token).")
+    var hessianWeights: HessianWeights = .none
+    @Option(parsing: .unconditional, help: "GPTQ: dampening, a fraction of the mean Hessian diagonal.") var damp = 0.01
+    @Option(name: .customLong("block-size"), parsing: .unconditional, help: "GPTQ: columns per lazy batch update.") var blockSize = 128
+    @Flag(name: .customLong("act-order"), help: "GPTQ: quantize columns by decreasing Hessian diagonal (GPTQ format: g_idx / desc_act; compressed-tensors: static groups).")
+    var actOrder = false
     // Numbers parse unconditionally, so that "-1" and "-5" reach validation as values.
     @Option(name: .customLong("w-bit"), parsing: .unconditional, help: "Weight bits.") var wBit = 4
     @Option(parsing: .unconditional, help: "Weight group size along the input dim (weight-only; -1 = per row).") var group = 128
@@ -40,6 +49,8 @@ struct QuantizeArguments: ParsableArguments {
         o.method = method; o.wBit = wBit; o.group = group; o.aBit = aBit; o.loss = loss
         o.reweight = reweight; o.distort = distort; o.format = format
         o.weightDType = ckpt.weightDType
+        o.thenGPTQ = then != nil
+        o.hessianWeights = hessianWeights; o.damp = damp; o.blockSize = blockSize; o.actOrder = actOrder
         return o
     }
 
@@ -47,6 +58,7 @@ struct QuantizeArguments: ParsableArguments {
     /// options, the output path (`OutputGuard`), the bundle against the model.
     func prepare() throws -> (Checkpoint, CalibrationBundle) {
         if let samples, samples < 1 { throw MethodsError.invalidOptions("--samples \(samples): must be at least 1") }
+        if let then, then != "gptq" { throw MethodsError.invalidOptions("--then \(then): the step after the scale search is gptq") }
         let ckpt = try Checkpoint(directory: model)
         if let q = ckpt.quantization {
             throw MethodsError.invalidOptions("\(model) is already quantized (\(q.description)): quantize the original checkpoint")
@@ -112,8 +124,11 @@ struct QuantizeCommand: ParsableCommand {
             // scaled, quantized), the head and one sample's working set are counted: the
             // search's chunk (a quarter of it unless --chunk-tokens says), then cached
             // block inputs.
+            // GPTQ also holds the layer's Hessians (fp64, in x in per captured input, or per
+            // linear with gradient weights).
             let tokens = bundle.samples.map(\.length).max() ?? 0
-            let free = max(0, Double(budget) - MemoryNeeds.working(cfg, tokens: tokens))
+            let hessians = options.usesGPTQ ? Double(LayerHessians.predictedBytes(cfg, perLinear: options.hessianWeights == .gradient)) : 0
+            let free = max(0, Double(budget) - MemoryNeeds.working(cfg, tokens: tokens) - hessians)
             let chunk = MemoryNeeds.searchChunk(cfg, free: free, chunkTokens: chunkTokens, longest: tokens)
             let inputBudget = max(0, Int(free - chunk.bytes))
             let scratchDir = scratch ?? job.out + ".scratch"

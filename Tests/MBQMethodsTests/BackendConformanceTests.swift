@@ -37,9 +37,11 @@ final class BackendConformanceTests: XCTestCase {
             if where_ == "capture", var c = f.captures { c.downInput = nudged(c.downInput) { $0.data[2] += 0.25 }; f.captures = c }
             return f
         }
-        func blockBackward(_ dy: BackendTensor, _ saved: BackendSaved, _ b: BackendBlock, rope: RoPETable<Float>, mask: [Bool]) -> BackendGradients {
-            var g = cpu.blockBackward(dy, saved, b, rope: rope, mask: mask)
+        func blockBackward(_ dy: BackendTensor, _ saved: BackendSaved, _ b: BackendBlock, rope: RoPETable<Float>, mask: [Bool],
+                           outputNorms: Bool) -> BackendGradients {
+            var g = cpu.blockBackward(dy, saved, b, rope: rope, mask: mask, outputNorms: outputNorms)
             if where_ == "backward" { g.input = nudged(g.input) { $0.data[1] += 0.5 } }
+            if where_ == "norms", outputNorms { g.outputSquaredNorms["k"]![0] *= 1.5 }
             return g
         }
         func lossGradient(_ h: BackendTensor, _ head: BackendHead, labels: [Int]) -> (loss: Float, count: Int, grad: BackendTensor) {
@@ -68,6 +70,14 @@ final class BackendConformanceTests: XCTestCase {
             var r = cpu.quantize(b, with: q, precision: precision)
             if where_ == "codes" { r.codes["up"]!.codes[7] ^= 1 }
             return r
+        }
+        func gptqLayer(_ l: Int, _ b: BackendBlock, samples: SampleChunks<(sample: BackendLayerSample, weights: TokenWeightSet)>,
+                       settings: GPTQSettings, perLinear: Bool, rtn: WeightQuantizer,
+                       precision: ScalePrecision) throws -> (block: BackendBlock, codes: [String: QuantizedWeight], reports: [GPTQLinearReport]) {
+            // Deviating: a damping ten times the one asked for.
+            var s = settings
+            if where_ == "gptq" { s.damp *= 10 }
+            return try cpu.gptqLayer(l, b, samples: samples, settings: s, perLinear: perLinear, rtn: rtn, precision: precision)
         }
         func measureGEMMRates(sizes: [Int]) -> [Double] { cpu.measureGEMMRates(sizes: sizes) }
         func measureLoopGBps() -> Double { cpu.measureLoopGBps() }
@@ -131,7 +141,8 @@ final class BackendConformanceTests: XCTestCase {
         for (where_, needle) in [("load", "block loaded"), ("forward", "block output"), ("capture", "captured down input"),
                                  ("backward", "backward dL/dx"), ("head", "caption loss gradient"), ("means", "gradient means"),
                                  ("finite", "allFinite"), ("distort", "8-bit activations"), ("search", "grid points"),
-                                 ("smoothquant", "SmoothQuant"), ("apply", "scales applied"), ("codes", "quantized codes")] {
+                                 ("smoothquant", "SmoothQuant"), ("apply", "scales applied"), ("codes", "quantized codes"),
+                                 ("norms", "output-gradient norms"), ("gptq", "GPTQ codes")] {
             let failed = try BackendConformance.run(Perturbed(where_: where_), model: model, samples: samples).filter { !$0.passed }
             XCTAssertTrue(failed.contains { $0.name.contains(needle) }, "\(where_): \(failed)")
         }

@@ -1,0 +1,202 @@
+import Foundation
+import MBQFormats
+import MBQModel
+import MBQQuant
+import MBQTensor
+
+/// How GPTQ weighs each token in a linear's Hessian H = (2/n) Σₜ wₜ xₜxₜᵀ
+/// (docs/DESIGN.md §2.6).
+public enum HessianWeights: String, CaseIterable, Sendable {
+    /// wₜ = 1 on every attended token (plain GPTQ).
+    case none
+    /// MBQ's ratios: a vision token weighs its layer's clamped vision/caption ratio (the
+    /// attention one for q, k, v, o; the MLP one for gate, up, down), a caption token 1,
+    /// every other token 0 — the rows and weights of MBQ's reweighted search loss.
+    case modality
+    /// wₜ = ‖∂L/∂yₜ‖² of the linear's own output y from the gradient pass (Fisher-style,
+    /// close to VLMQ, arXiv 2508.03351); samples the pass leaves out weigh 0.
+    case gradient
+}
+
+/// What GPTQ did to one linear.
+public struct GPTQLinearReport: Sendable, Equatable {
+    public var layer: Int
+    public var role: String
+    /// Rows of the Hessian's inputs (tokens with a weight above 0).
+    public var tokens: Int
+    /// Mean over rows of (w - q)ᵀ H (w - q), H undamped, for round-to-nearest with the
+    /// job's quantizer (before) and for GPTQ (after); on up to 256 rows spread evenly.
+    public var errorBefore: Double
+    public var errorAfter: Double
+
+    public init(layer: Int, role: String, tokens: Int, errorBefore: Double, errorAfter: Double) {
+        self.layer = layer; self.role = role; self.tokens = tokens; self.errorBefore = errorBefore; self.errorAfter = errorAfter
+    }
+}
+
+/// Per-token weights of one sample for one layer, by linear role ("q", ..., "down"). [T]
+public typealias TokenWeightSet = [String: [Float]]
+
+/// The linears that read each captured input.
+let gptqInputs: [(input: SearchGroup, roles: [String])] = [(.qkv, ["q", "k", "v"]), (.o, ["o"]), (.gateUp, ["gate", "up"]),
+                                                           (.down, ["down"])]
+
+/// One Hessian summed sample by sample in fp64 (docs/DESIGN.md §2.6): each sample's
+/// weighted rows x·√w (fp32 products, as the reference scales its rows by √(2/n))
+/// widened to fp64 and multiplied with `TiledGEMM.dgemm`, so neither the chunking of the
+/// samples nor the thread count changes a bit.
+public struct HessianAccumulator: Sendable {
+    public let cols: Int
+    /// Σ wₜ xₜxₜᵀ [cols, cols]
+    var sum: [Double]
+    /// Tokens with a weight above 0.
+    public private(set) var tokens = 0
+
+    public init(cols: Int) {
+        self.cols = cols
+        sum = [Double](repeating: 0, count: cols * cols)
+    }
+
+    /// One sample. x: [T, cols]; w: [T] token weights (rows with w = 0 do not enter).
+    public mutating func add(_ x: Tensor<Float>, weights w: [Float]) {
+        precondition(w.count == x.rows && x.cols == cols, "\(w.count) token weights for \(x.shape), Hessian of \(cols)")
+        let kept = w.indices.filter { w[$0] > 0 }
+        tokens += kept.count
+        guard !kept.isEmpty else { return }
+        var rows = [Double](repeating: 0, count: kept.count * cols)
+        for (k, r) in kept.enumerated() {
+            let s = w[r].squareRoot()
+            for j in 0..<cols { rows[k * cols + j] = Double(x.data[r * cols + j] * s) }
+        }
+        let cols = cols
+        rows.withUnsafeBufferPointer { pr in
+            sum.withUnsafeMutableBufferPointer { ps in
+                TiledGEMM.dgemm(transA: true, transB: false, m: cols, n: cols, k: kept.count, alpha: 1, a: pr.baseAddress!, lda: cols,
+                                b: pr.baseAddress!, ldb: cols, beta: 1, c: ps.baseAddress!, ldc: cols)
+            }
+        }
+    }
+
+    /// H = (2/n) Σ wₜ xₜxₜᵀ, n = `tokens`. [cols, cols]
+    public var hessian: [Double] {
+        let f = tokens > 0 ? 2 / Double(tokens) : 0
+        return sum.map { $0 * f }
+    }
+}
+
+/// The Hessians of one layer's linears. Linears whose token weights are the same share
+/// one (q, k, v and gate, up, unless the weights are per linear).
+public final class LayerHessians {
+    /// Per Hessian key (a role, or the first role of the linears sharing it).
+    var sums: [String: HessianAccumulator] = [:]
+    /// Role -> the key of the Hessian it reads.
+    public let keyOf: [String: String]
+
+    public init(perLinear: Bool) {
+        var k: [String: String] = [:]
+        for (_, roles) in gptqInputs { for r in roles { k[r] = perLinear ? r : roles[0] } }
+        keyOf = k
+    }
+
+    /// Adds one sample: its captures and its token weights ([T] per role).
+    public func add(_ c: BlockCaptures<Float>, weights: TokenWeightSet) {
+        for (input, roles) in gptqInputs {
+            let x = ScaleSearch.input(input, c)
+            for key in Set(roles.map { keyOf[$0]! }).sorted() {
+                guard let w = weights[key] else { preconditionFailure("no token weights for \(key)") }
+                sums[key, default: HessianAccumulator(cols: x.cols)].add(x, weights: w)
+            }
+        }
+    }
+
+    /// `role`'s H and its weighted token count.
+    public func hessian(_ role: String) -> (h: [Double], tokens: Int) {
+        guard let a = sums[keyOf[role]!] else { return ([], 0) }
+        return (a.hessian, a.tokens)
+    }
+
+    /// Bytes held: one [C, C] fp64 per Hessian.
+    public var bytes: Int { sums.values.reduce(0) { $0 + $1.sum.count * 8 } }
+
+    /// What one layer's Hessians take at most, plus the largest linear's GPTQ working set
+    /// (its fp32 weight copy and inverse-Hessian factor, and the fp64 factorization).
+    public static func predictedBytes(_ cfg: LanguageModelConfig, perLinear: Bool) -> Int {
+        let shapes = Dictionary(uniqueKeysWithValues: cfg.linearShapes.map { ($0.role, $0.shape) })
+        var total = 0, work = 0
+        for (_, roles) in gptqInputs {
+            let cols = shapes[roles[0]]![1]
+            total += (perLinear ? roles.count : 1) * cols * cols * 8
+            for r in roles { work = Swift.max(work, shapes[r]![0] * cols * 4 + cols * cols * (4 + 8 + 8)) }
+        }
+        return total + work
+    }
+}
+
+public enum GPTQLayer {
+    /// Per-token squared L2 norms of x's rows, summed in fp64. x: [T, N] -> [T]
+    public static func rowSquaredNorms(_ x: Tensor<Float>) -> [Float] {
+        (0..<x.rows).map { r in
+            var s = 0.0
+            for j in 0..<x.cols { let v = Double(x.data[r * x.cols + j]); s += v * v }
+            return Float(s)
+        }
+    }
+
+    /// One sample's token weights for layer `l` (docs/DESIGN.md §2.6). `gradientNorms`:
+    /// the sample's per-role ‖∂L/∂y‖² from the gradient pass (nil: the pass left it out).
+    public static func tokenWeights(_ mode: HessianWeights, attention: [Bool], vision: [Bool], caption: [Bool],
+                                    attnRatio: Double, mlpRatio: Double, gradientNorms: TokenWeightSet?) -> TokenWeightSet {
+        var out: TokenWeightSet = [:]
+        for (input, roles) in gptqInputs {
+            for role in roles {
+                switch mode {
+                case .none:
+                    out[role] = attention.map { $0 ? 1 : 0 }
+                case .modality:
+                    let r = Float(input.isAttention ? attnRatio : mlpRatio)
+                    out[role] = attention.indices.map { t in
+                        guard attention[t] else { return 0 }
+                        return vision[t] ? r : (caption[t] ? 1 : 0)
+                    }
+                case .gradient:
+                    if let g = gradientNorms?[role] {
+                        out[role] = attention.indices.map { attention[$0] ? g[$0] : 0 }
+                    } else {
+                        out[role] = [Float](repeating: 0, count: attention.count)
+                    }
+                }
+            }
+        }
+        return out
+    }
+
+    /// GPTQ on every linear of a (scaled) block with the layer's Hessians: the block with
+    /// each linear replaced by its codes dequantized in `precision`, the codes by role,
+    /// and each linear's report.
+    public static func quantize(_ w: DecoderBlockWeights<Float>, layer: Int, hessians: LayerHessians, settings: GPTQSettings,
+                                rtn: WeightQuantizer, precision: ScalePrecision) throws
+        -> (block: DecoderBlockWeights<Float>, codes: [String: QuantizedWeight], reports: [GPTQLinearReport]) {
+        var out = w
+        var codes: [String: QuantizedWeight] = [:]
+        var reports: [GPTQLinearReport] = []
+        for (role, path) in DecoderBlockWeights<Float>.linears {
+            let original = w[keyPath: path]
+            let (h, n) = hessians.hessian(role)
+            guard n > 0 else {
+                throw MethodsError.invalidOptions("GPTQ, layer \(layer) \(role): no token has a weight above 0 (every sample masked or left out of the gradient pass)")
+            }
+            let r: GPTQResult
+            do {
+                r = try GPTQ.quantize(original, hessian: h, settings: settings)
+            } catch let e as Cholesky.NotPositiveDefinite {
+                throw MethodsError.invalidOptions("GPTQ, layer \(layer) \(role): the damped Hessian \(e); raise --damp")
+            }
+            let before = GPTQ.weightedError(original, rtn.codes(original).dequantized(), hessian: h)
+            let after = GPTQ.weightedError(original, r.codes.dequantized(), hessian: h)
+            reports.append(GPTQLinearReport(layer: layer, role: role, tokens: n, errorBefore: before, errorAfter: after))
+            out[keyPath: path] = r.codes.dequantized(precision: precision)
+            codes[role] = r.codes
+        }
+        return (out, codes, reports)
+    }
+}
