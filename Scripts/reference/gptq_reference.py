@@ -20,7 +20,7 @@ Fixtures written (Tests/MBQMethodsTests/Fixtures/gptq/):
   <arch>.safetensors   per family: sequential GPTQ over the fixture model's layers for
                        W3 g128, W4 g128, W4 per channel x act-order off/on x token weights
                        none/modality/gradient: per linear a 32-bit FNV-1a hash of each row's
-                       codes, the scales, the zero points, g_idx (act-order)
+                       codes (int32), the scales, the zero points, g_idx (uint8; act-order)
 
   .venv/bin/python Scripts/reference/gptq_reference.py            # all fixtures
   .venv/bin/python Scripts/reference/gptq_reference.py --bench    # one Llama-7B-shaped layer, timed
@@ -168,14 +168,15 @@ class Hessian:
 
 
 def fnv1a_rows(codes):
-    """32-bit FNV-1a of each row's codes (bytes in column order). -> int64 [rows]"""
+    """32-bit FNV-1a of each row's codes (bytes in column order). -> int32 [rows] (the
+    hash's bits)"""
     out = []
     for row in codes.tolist():
         h = 0x811C9DC5
         for b in row:
             h = ((h ^ b) * 0x01000193) & 0xFFFFFFFF
         out.append(h)
-    return torch.tensor(out, dtype=torch.int64)
+    return torch.tensor(out, dtype=torch.int64).to(torch.int32)
 
 
 # ---- per family: sequential GPTQ over the layers -------------------------------------------
@@ -281,7 +282,7 @@ def run_family(model_dir, calib_path, bits, group, actorder, mode, ratios, norms
             out[key + ".scales"] = scales.contiguous()
             out[key + ".zeros"] = zeros.contiguous()
             if g_idx is not None:
-                out[key + ".g_idx"] = g_idx.contiguous()
+                out[key + ".g_idx"] = g_idx.to(torch.uint8).contiguous()
             deq[role] = dequantize(codes, scales, zeros, g_idx, group)
         write_back(layer, deq)
         _, xs = mr.layer_captures(lm, layer, xs, calib)
