@@ -40,11 +40,14 @@ public struct CheckpointQuantization: Sendable, Equatable {
     public var packing: String?
     /// GPTQ v1 stores zero points minus one.
     public var gptqV1 = false
+    /// GPTQ `desc_act`: `g_idx` may give the inputs' groups out of order.
+    public var descAct = false
 
     public init(format: CheckpointFormat, bits: Int, group: Int, symmetric: Bool, activationBits: Int?,
-                packing: String? = nil, gptqV1: Bool = false) {
+                packing: String? = nil, gptqV1: Bool = false, descAct: Bool = false) {
         self.format = format; self.bits = bits; self.group = group; self.symmetric = symmetric
         self.activationBits = activationBits; self.packing = packing; self.gptqV1 = gptqV1
+        self.descAct = descAct
     }
 
     /// "w4 g128 asym, compressed-tensors pack-quantized", "w4a8 (w sym per channel) ...".
@@ -85,7 +88,11 @@ public struct CheckpointQuantization: Sendable, Equatable {
             guard (w["type"] as? String ?? "int") == "int" else { throw bad("weights type '\(w["type"]!)' (int only)") }
             let strategy = w["strategy"] as? String ?? "group"
             guard strategy == "group" || strategy == "channel" else { throw bad("weights strategy '\(strategy)' (group, channel)") }
-            if let order = w["actorder"], !(order is NSNull) { throw bad("activation ordering (actorder) is not read by mbq") }
+            // "weight" (static groups, GPTQ's activation order during calibration) keeps the
+            // layout; "group" (g_idx) was removed from compressed-tensors.
+            if let order = w["actorder"], !(order is NSNull), (order as? String) != "weight" && (order as? String) != "static" {
+                throw bad("activation ordering '\(order)' is not read by mbq (null or \"weight\")")
+            }
             var act: Int? = nil
             if let a = g0["input_activations"] as? [String: Any] {
                 guard (a["dynamic"] as? Bool) == true, (a["strategy"] as? String) == "token" else {
@@ -103,11 +110,11 @@ public struct CheckpointQuantization: Sendable, Equatable {
             guard bits == 4 else { throw bad("AWQ GEMM with \(bits) bits (4 only)") }
             return CheckpointQuantization(format: .awq, bits: bits, group: try int(qc, "group_size"), symmetric: false, activationBits: nil)
         case "gptq":
-            if qc["desc_act"] as? Bool == true { throw bad("GPTQ with desc_act (activation order) is not read by mbq") }
             let v = qc["checkpoint_format"] as? String ?? "gptq"
             guard v == "gptq" || v == "gptq_v2" else { throw bad("GPTQ checkpoint_format '\(v)'") }
             return CheckpointQuantization(format: .gptq, bits: try int(qc, "bits"), group: try int(qc, "group_size"),
-                                          symmetric: qc["sym"] as? Bool ?? true, activationBits: nil, gptqV1: v == "gptq")
+                                          symmetric: qc["sym"] as? Bool ?? true, activationBits: nil, gptqV1: v == "gptq",
+                                          descAct: qc["desc_act"] as? Bool ?? false)
         default:
             throw bad("unknown quant_method '\(method)' (mbq reads compressed-tensors, awq, gptq and its own mbq-fake)")
         }

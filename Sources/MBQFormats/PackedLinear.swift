@@ -86,7 +86,8 @@ public enum PackedLinear {
             w.add(m + ".qzeros", int32: BitPacking.packRows(transpose(q.zeros, q.rows, gpr), rows: gpr, cols: q.rows, bits: q.bits),
                   shape: [gpr, BitPacking.words(q.rows, bits: q.bits)])
             w.add(m + ".scales", floats: transpose(q.scales, q.rows, gpr), shape: [gpr, q.rows], as: .f16)
-            w.add(m + ".g_idx", int32: (0..<q.cols).map { Int32($0 / q.group) }, shape: [q.cols])
+            // Each input's group: i / g, or where GPTQ's activation order put it (desc_act).
+            w.add(m + ".g_idx", int32: q.groupIndices, shape: [q.cols])
         }
     }
 
@@ -154,12 +155,23 @@ public enum PackedLinear {
             let qw = try ckpt.integers(m + ".qweight", dtype: .i32, shape: [BitPacking.words(cols, bits: b), rows])
             let qz = try ckpt.integers(m + ".qzeros", dtype: .i32, shape: [gpr, BitPacking.words(rows, bits: b)])
             let s = try ckpt.scales(m + ".scales", shape: [gpr, rows])
+            // g_idx: each input's group. In order (i / g) unless desc_act reordered them.
+            var gIdx: [Int32]? = nil
             if ckpt.contains(m + ".g_idx") {
                 let gi = try ckpt.integers(m + ".g_idx", dtype: nil, shape: [cols])
-                if let i = gi.indices.first(where: { gi[$0] != Int64($0 / g) }) {
+                if let i = gi.indices.first(where: { gi[$0] < 0 || gi[$0] >= Int64(gpr) }) {
                     throw FormatsError.invalidTensorEntry(path: try ckpt.entry(m + ".g_idx").file.path, tensor: m + ".g_idx",
-                                                          reason: "input \(i) is in group \(gi[i]), not \(i / g) (reordered groups are not read)")
+                                                          reason: "input \(i) is in group \(gi[i]); there are \(gpr)")
                 }
+                if gi.indices.contains(where: { gi[$0] != Int64($0 / g) }) {
+                    guard qc.descAct else {
+                        throw FormatsError.invalidTensorEntry(path: try ckpt.entry(m + ".g_idx").file.path, tensor: m + ".g_idx",
+                                                              reason: "inputs out of group order, but desc_act is false")
+                    }
+                    gIdx = gi.map { Int32($0) }
+                }
+            } else if qc.descAct {
+                throw FormatsError.missingTensor(name: m + ".g_idx", in: ckpt.directory + " (desc_act GPTQ)")
             }
             var zeros = transpose(BitPacking.unpackRows(qz.map { Int32(truncatingIfNeeded: $0) }, rows: gpr, cols: rows, bits: b), gpr, rows)
             if qc.gptqV1 {
@@ -173,7 +185,7 @@ public enum PackedLinear {
             let codes = BitPacking.unpackRowsTransposed(qw.map { Int32(truncatingIfNeeded: $0) }, rows: rows, cols: cols, bits: b)
             try checkRange(zeros, m + ".qzeros", max: maxCode)
             return QuantizedWeight(rows: rows, cols: cols, bits: b, group: g, symmetric: false, codes: codes,
-                                   scales: transpose(s, gpr, rows), zeros: zeros)
+                                   scales: transpose(s, gpr, rows), zeros: zeros, gIdx: gIdx)
         }
     }
 

@@ -6,7 +6,7 @@ public enum Report {
     public static func markdown(_ r: QuantizeResult) -> String {
         let o = r.options
         var s = "# MBQ quantization report\n\n"
-        s += "method **\(o.method.rawValue)**, w\(o.wBit)\(o.aBit.map { "a\($0)" } ?? " g\(o.group)"), loss \(o.loss.rawValue), reweight \(o.effectiveReweight), distort \(o.distort); format \(o.resolvedFormat.rawValue), scales in \(o.scaleDType.rawValue)\n\n"
+        s += "method **\(o.method.rawValue)\(o.thenGPTQ ? " + gptq" : "")**, w\(o.wBit)\(o.aBit.map { "a\($0)" } ?? " g\(o.group)"), loss \(o.loss.rawValue), reweight \(o.effectiveReweight), distort \(o.distort); format \(o.resolvedFormat.rawValue), scales in \(o.scaleDType.rawValue)\n\n"
         for (k, v) in r.seconds.sorted(by: { $0.key < $1.key }) { s += "- \(k): \(String(format: "%.2f", v)) s\n" }
         if let g = r.gradStats { s += "- gradient statistics over \(g.samplesUsed) samples; skipped: \(g.skipped.isEmpty ? "none" : g.skipped.joined(separator: "; "))\n" }
         s += "\n![ratios and alphas](ratios.svg)\n\n"
@@ -19,6 +19,14 @@ public enum Report {
             }
             let ar = st.map { String(format: "%.3f", $0.attnRatio) } ?? "—", mr = st.map { String(format: "%.3f", $0.mlpRatio) } ?? "—"
             s += "| \(l) | \(ar) | \(mr) | \(a(.qkv)) | \(a(.o)) | \(a(.gateUp)) | \(a(.down)) |\n"
+        }
+        if o.usesGPTQ {
+            s += "\n## GPTQ\n\n\(o.thenGPTQ ? "after the scales, " : "")token weights \(o.hessianWeights.rawValue), damp \(o.damp), block \(o.blockSize), act-order \(o.actOrder)\(o.gptqSettings.staticGroups ? " (static groups)" : "")\n\n"
+            s += "Hessian-weighted error per row, (w - q)ᵀ H (w - q), of round-to-nearest and of GPTQ:\n\n"
+            s += "| layer | linear | tokens | rtn | gptq | rtn / gptq |\n|---|---|---|---|---|---|\n"
+            for g in r.gptq {
+                s += "| \(g.layer) | \(g.role) | \(g.tokens) | \(String(format: "%.4g", g.errorBefore)) | \(String(format: "%.4g", g.errorAfter)) | \(String(format: "%.2f", g.errorBefore / max(g.errorAfter, .leastNonzeroMagnitude))) |\n"
+            }
         }
         return s
     }

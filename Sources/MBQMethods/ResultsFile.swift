@@ -26,6 +26,18 @@ public enum ResultsFile {
             ["layer": g.layer, "group": g.group.rawValue, "best_idx": g.bestIndex, "alpha": g.alpha,
              "ratio": g.ratio, "loss": g.losses] as [String: Any]
         }
+        if o.usesGPTQ {
+            // Per linear: the Hessian-weighted error of round-to-nearest and of GPTQ
+            // (docs/DESIGN.md §2.6).
+            j["gptq"] = [
+                "then": o.thenGPTQ, "hessian_weights": o.hessianWeights.rawValue, "damp": o.damp, "block_size": o.blockSize,
+                "act_order": o.actOrder, "static_groups": o.gptqSettings.staticGroups,
+                "linears": r.gptq.map { g in
+                    ["layer": g.layer, "linear": g.role, "tokens": g.tokens, "error_rtn": g.errorBefore, "error_gptq": g.errorAfter]
+                        as [String: Any]
+                },
+            ] as [String: Any]
+        }
         let layers = Set(r.groups.map(\.layer))
         let skippedO = layers.sorted().filter { l in !r.groups.contains { $0.layer == l && $0.group == .o } }
         if !skippedO.isEmpty {

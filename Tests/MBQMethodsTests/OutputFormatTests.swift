@@ -69,6 +69,47 @@ final class OutputFormatTests: XCTestCase {
 
     /// config.json: the input's text survives byte for byte, only quantization_config is
     /// added, naming the modules left alone by this architecture's own names.
+    /// GPTQ's outputs: with activation order the GPTQ format stores g_idx (desc_act) and
+    /// compressed-tensors static groups (actorder "weight"); both read back to exactly the
+    /// weights the run computed; AWQ refuses activation order.
+    func testGPTQOutputsReadBackWithTheirGroupOrder() throws {
+        let (ckpt, model, bundle) = try fixture("qwen2vl")
+        for (format, bits, act) in [(CheckpointFormat.gptq, 3, true), (.gptq, 4, false), (.compressedTensors, 4, true), (.awq, 4, false)] {
+            let label = "\(format.rawValue) w\(bits) act-order \(act)"
+            var o = QuantizeOptions()
+            o.method = .gptq; o.wBit = bits; o.format = format; o.actOrder = act; o.hessianWeights = .modality
+            o.weightDType = ckpt.weightDType
+            try o.validate(for: ckpt.config)
+            let r = try QuantizeJob.run(model: model, samples: Array(bundle.samples.prefix(3)), options: o)
+            let out = NSTemporaryDirectory() + "mbq-gptq-" + UUID().uuidString
+            defer { try? FileManager.default.removeItem(atPath: out) }
+            try QuantizedCheckpointWriter.write(source: ckpt, result: r, to: out, overwrite: false) { _ in }
+            let q = try Checkpoint(directory: out)
+            XCTAssertEqual(q.quantization?.format, format, label)
+            let config = try String(contentsOfFile: out + "/config.json", encoding: .utf8)
+            if format == .gptq { XCTAssertTrue(config.contains("\"desc_act\": \(act)"), "\(label): \(config)") }
+            if format == .compressedTensors { XCTAssertTrue(config.contains("\"actorder\": \"weight\""), label) }
+            let back = try LanguageModel<Float>.load(q)
+            var reordered = 0
+            for l in 0..<ckpt.config.numLayers {
+                for (role, path) in ApplyScales.linears {
+                    XCTAssertEqual(back.blocks[l][keyPath: path].data, r.blocks[l][keyPath: path].data, "\(label) layer \(l) \(role)")
+                    let c = try XCTUnwrap(r.codes[l][role])
+                    if format == .gptq && act {
+                        let gi = try XCTUnwrap(c.gIdx, "\(label) \(role): g_idx")
+                        if gi != (0..<c.cols).map({ Int32($0 / 128) }) { reordered += 1 }
+                    } else {
+                        XCTAssertNil(c.gIdx, "\(label) \(role): no g_idx")
+                    }
+                }
+            }
+            if format == .gptq && act { XCTAssertGreaterThan(reordered, 0, "activation order moved some column out of its group") }
+        }
+        var o = QuantizeOptions()
+        o.method = .gptq; o.wBit = 4; o.format = .awq; o.actOrder = true
+        XCTAssertThrowsError(try o.validate(for: ckpt.config)) { XCTAssertTrue("\($0)".contains("g_idx"), "\($0)") }
+    }
+
     func testConfigIsEditedAndNamesTheIgnoredModules() throws {
         for (arch, ignored) in [("llava15", ["lm_head", "multi_modal_projector", "vision_tower"]), ("qwen2vl", ["lm_head", "visual"])] {
             let (ckpt, model, bundle) = try fixture(arch)
