@@ -235,12 +235,16 @@ public final class ClusterCoordinator {
     /// `blocks` is empty: the layers' shards are in the output's temporary directory.
     public func result(options: QuantizeOptions, seconds: [String: Double]) throws -> QuantizeResult {
         var groups: [GroupResult] = []
-        // SmoothQuant's scales travel as results but, as in one process, are not reported.
-        for l in 0..<state.spec.layers where options.method != .smoothquant {
+        var gptq: [GPTQLinearReport] = []
+        for l in 0..<state.spec.layers {
+            let all = state.results[l] ?? []
+            if let r = all.first(where: { $0.group == GPTQReport.group }) { gptq += try GPTQReport.reports(r) }
+            // SmoothQuant's scales travel as results but, as in one process, are not reported.
+            guard options.method != .smoothquant else { continue }
             let order = SearchGroup.allCases
-            groups += try (state.results[l] ?? []).map { try $0.groupResult() }
+            groups += try all.filter { $0.group != GPTQReport.group }.map { try $0.groupResult() }
                 .sorted { order.firstIndex(of: $0.group)! < order.firstIndex(of: $1.group)! }
         }
-        return QuantizeResult(options: options, gradStats: state.stats, groups: groups, blocks: [], seconds: seconds)
+        return QuantizeResult(options: options, gradStats: state.stats, groups: groups, blocks: [], gptq: gptq, seconds: seconds)
     }
 }

@@ -25,21 +25,28 @@ public enum DistributedJob {
         let identity = JobIdentity(modelDir: modelDir, calibPath: calibPath, modelContent: try ckpt.fingerprint(),
                                    calibContent: calib.fingerprint, options: json, samples: calib.count)
         var spec = JobSpec(jobID: identity.jobID, modelDir: modelDir, calibPath: calibPath, options: opts, layers: cfg.numLayers,
-                           samples: calib.count, needsStats: options.method != .rtn && options.effectiveReweight,
+                           samples: calib.count, needsStats: options.needsGradientPass,
                            needsForward: options.method != .rtn,
-                           groupsPerLayer: options.method == .smoothquant ? 2 : ScaleSearch.groups(for: cfg).count,
+                           groupsPerLayer: options.method == .smoothquant ? 2 : (options.method == .gptq ? 0 : ScaleSearch.groups(for: cfg).count)
+                               + (options.usesGPTQ ? 1 : 0),
                            expectedWorkers: workers)
         let shape = CostModel.Shape(cfg)
         let tokens = calib.samples.map(\.length).max() ?? 0
         let weightBytes = MemoryNeeds.heldWeightBytes(stored: ckpt.weightDType)
         spec.memory = MemoryNeeds(shape: shape, inputRows: calib.samples.reduce(0) { $0 + $1.length }, tokens: tokens,
                                   weightBytes: weightBytes)
+        if options.usesGPTQ {
+            // One layer's Hessians and GPTQ's working set, held while the layer is rounded.
+            spec.memory.fixedBytes += Double(LayerHessians.predictedBytes(cfg, perLinear: options.hessianWeights == .gradient))
+        }
         spec.identity = identity
         let absOut = OutputGuard.absolute(out)
         spec.outputDir = absOut + ".partial-" + spec.jobID
         spec.outputToken = String(SHA256.hex(Array("\(spec.jobID)|\(UUID().uuidString)".utf8)).prefix(24))
         spec.outputVia = outputVia
-        spec.distort = options.distort
+        spec.distort = options.sequential
+        spec.gptq = options.usesGPTQ
+        spec.tokenGradients = options.usesGPTQ && options.hessianWeights == .gradient
         spec.shape = shape
         var load = CostModel.Workload(samples: calib.count, tokens: tokens)
         let weighted = options.effectiveReweight && options.method != .rtn
@@ -48,7 +55,7 @@ public enum DistributedJob {
         load.labelRows = Double(calib.samples.map { $0.labels.filter { $0 != -100 }.count }.reduce(0, +)) / Double(max(1, calib.count))
         load.needsStats = spec.needsStats
         load.searchEvaluations = options.method == .rtn ? nil : (options.method == .smoothquant ? 0 : 21)
-        load.distort = options.distort
+        load.distort = options.sequential
         load.weightBytes = weightBytes
         spec.workload = load
         return spec

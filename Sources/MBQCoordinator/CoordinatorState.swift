@@ -33,6 +33,14 @@ public struct JobSpec: Sendable {
     /// --distort: search runs as a pipeline; finished layers' scales go back to their
     /// owners at the start of the search, to recompute the quantized activations.
     public var distort = false
+    /// GPTQ rounds the weights (--method gptq, --then gptq): a layer's codes exist only on
+    /// the worker that made them, so the search pipeline always runs and redoes the
+    /// finished layers (their scales and reports known) before the apply phase; each
+    /// layer reports one extra result, `GPTQReport.group`.
+    public var gptq = false
+    /// GPTQ with gradient token weights: each worker needs its own layers' per-token
+    /// gradients, so the backward runs in every plan, not only the first.
+    public var tokenGradients = false
     /// For the cost model's prediction, logged with the first plan and checked at the end.
     public var shape: CostModel.Shape?
     public var workload: CostModel.Workload?
@@ -141,6 +149,10 @@ public final class CoordinatorState {
 
     public var finishedLayers: [Int] { results.keys.sorted() }
 
+    /// Every layer's results are in and the apply phase can start from them: never for
+    /// GPTQ before this plan's search (the codes live with the workers that made them).
+    var allFinished: Bool { results.count == spec.layers && !(spec.gptq && phase != .search) }
+
     // MARK: inputs
 
     public func handle(identity: [UInt8], _ m: WireMessage, now: Double) -> [Directive] {
@@ -195,7 +207,7 @@ public final class CoordinatorState {
             guard phase == .search, g.epoch == epoch, Int(g.layer) < spec.layers, results[Int(g.layer)] == nil else {
                 return [.event(.messageDropped(what: "a result for layer \(g.layer)", from: id, reason: "finished already or not searching"))]
             }
-            guard SearchGroup(rawValue: g.group) != nil else {
+            guard SearchGroup(rawValue: g.group) != nil || (spec.gptq && g.group == GPTQReport.group) else {
                 return [.event(.messageDropped(what: "a result for group '\(g.group)'", from: id, reason: "unknown group"))]
             }
             guard owns(id, Int(g.layer)) else {
@@ -211,7 +223,8 @@ public final class CoordinatorState {
                 let searched = results.count - finishedBefore.count
                 let rate = now > phaseStarted && searched > 0 ? Double(searched) / (now - phaseStarted) * 60 : nil
                 out.append(.event(.layerSearched(layer: l, worker: id,
-                                                 alphas: Dictionary(results[l]!.map { ($0.group, $0.alpha) }, uniquingKeysWith: { a, _ in a }),
+                                                 alphas: Dictionary(results[l]!.filter { $0.group != GPTQReport.group }.map { ($0.group, $0.alpha) },
+                                                                    uniquingKeysWith: { a, _ in a }),
                                                  groups: results[l]!.map(\.group), done: results.count, of: spec.layers, layersPerMinute: rate,
                                                  etaSeconds: searchETA(now: now) ?? (results.count == spec.layers ? 0 : nil))))
                 if results.count == spec.layers { out += advance(now: now) }
@@ -437,7 +450,7 @@ public final class CoordinatorState {
             a.epoch = epoch
             out.append(.send(identity: workers[p.worker]!.identity, env(.assignment(a))))
         }
-        let first: CoordinatorPhase = results.count == spec.layers || !spec.needsForward ? .apply : .forward
+        let first: CoordinatorPhase = allFinished || !spec.needsForward ? .apply : .forward
         out += start(first, now: now)
         return out
     }
@@ -473,7 +486,7 @@ public final class CoordinatorState {
     func advance(now: Double) -> [Directive] {
         switch phase {
         case .forward:
-            return start(spec.needsStats && stats == nil ? .backward : (results.count == spec.layers ? .apply : .search), now: now)
+            return start(spec.needsStats && (stats == nil || spec.tokenGradients) ? .backward : (allFinished ? .apply : .search), now: now)
         case .backward:
             guard partialStats.count == spec.layers else {
                 phase = .failed
@@ -498,7 +511,7 @@ public final class CoordinatorState {
             stats = GradientStatistics.finalize(sums: sums, used: used, skipped: skipped)
             return [.journal, .event(.gradientStatistics(samples: used, attnRatios: stats!.layers.map(\.attnRatio),
                                                          mlpRatios: stats!.layers.map(\.mlpRatio)))]
-                + start(results.count == spec.layers ? .apply : .search, now: now)
+                + start(allFinished ? .apply : .search, now: now)
         case .search:
             return start(.apply, now: now)
         default:

@@ -17,6 +17,10 @@ extension Mbq_JobOptions {
         distort = o.distort
         format = o.resolvedFormat.rawValue
         weightDtype = o.weightDType.rawValue
+        if o.usesGPTQ {
+            thenGptq = o.thenGPTQ; hessianWeights = o.hessianWeights.rawValue; damp = o.damp
+            blockSize = UInt32(o.blockSize); actOrder = o.actOrder
+        }
     }
 
     public func quantizeOptions() throws -> QuantizeOptions {
@@ -30,6 +34,10 @@ extension Mbq_JobOptions {
         o.wBit = Int(wBit); o.group = Int(group); o.aBit = aBit == 0 ? nil : Int(aBit)
         o.reweight = hasReweight ? reweight : nil
         o.distort = distort
+        if thenGptq || m == .gptq {
+            guard let w = HessianWeights(rawValue: hessianWeights) else { throw bad("unknown GPTQ token weights '\(hessianWeights)'") }
+            o.thenGPTQ = thenGptq; o.hessianWeights = w; o.damp = damp; o.blockSize = Int(blockSize); o.actOrder = actOrder
+        }
         return o
     }
 
@@ -48,6 +56,31 @@ extension Mbq_GroupResult {
     public func groupResult() throws -> GroupResult {
         guard let g = SearchGroup(rawValue: group) else { throw ProtocolError.malformed("unknown group '\(group)' for layer \(layer)") }
         return GroupResult(layer: Int(layer), group: g, bestIndex: Int(bestIdx), alpha: alpha, losses: loss, ratio: ratio, scales: scales)
+    }
+}
+
+/// A layer's GPTQ report on the wire: one more result of the layer, group
+/// `GPTQReport.group`, its `loss` holding (tokens, error before, error after) per linear
+/// in `ApplyScales.linears` order. The coordinator counts and journals it like a
+/// searched group's.
+public enum GPTQReport {
+    public static let group = "gptq"
+
+    public static func message(layer: Int, _ reports: [GPTQLinearReport], epoch: UInt32) -> Mbq_GroupResult {
+        var m = Mbq_GroupResult()
+        m.layer = UInt32(layer); m.group = group; m.epoch = epoch
+        m.loss = reports.flatMap { [Double($0.tokens), $0.errorBefore, $0.errorAfter] }
+        return m
+    }
+
+    public static func reports(_ m: Mbq_GroupResult) throws -> [GPTQLinearReport] {
+        let roles = ApplyScales.linears.map(\.role)
+        guard m.group == group, m.loss.count == 3 * roles.count else {
+            throw ProtocolError.malformed("GPTQ report for layer \(m.layer): \(m.loss.count) values for \(roles.count) linears")
+        }
+        return roles.enumerated().map { i, r in
+            GPTQLinearReport(layer: Int(m.layer), role: r, tokens: Int(m.loss[3 * i]), errorBefore: m.loss[3 * i + 1], errorAfter: m.loss[3 * i + 2])
+        }
     }
 }
 

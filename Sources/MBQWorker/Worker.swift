@@ -67,6 +67,11 @@ public final class Worker: @unchecked Sendable {
     /// Scales per layer and group (searched here, or sent by the coordinator).
     var results: [Int: [String: Mbq_GroupResult]] = [:]
     var quantOptions = QuantizeOptions()
+    /// GPTQ: each owned layer's rounded block and codes from this plan's search, for the
+    /// apply phase (they cannot be rebuilt from scales).
+    var gptqDone: [Int: (block: BackendBlock, codes: [String: QuantizedWeight])] = [:]
+    /// GPTQ's gradient token weights of the owned layers: layer -> sample -> role -> [T].
+    var tokenNorms: [Int: [Int: TokenWeightSet]] = [:]
     /// Tokens per search chunk for the current assignment.
     var chunkTokens: Int? = nil
     var pull: ZMQSocket
@@ -351,7 +356,9 @@ public final class Worker: @unchecked Sendable {
         let lengths = bundle!.samples.prefix(Int(a.samples)).map(\.length)
         let tokens = lengths.max() ?? 0
         let stage = Double(lengths.reduce(0, +) * cfg.hiddenSize * 4)
-        let fixed = MemoryNeeds.working(cfg, tokens: tokens) + Double(range.count * tokens * cfg.hiddenSize * 4)
+        let gptqBytes = quantOptions.usesGPTQ
+            ? Double(LayerHessians.predictedBytes(cfg, perLinear: quantOptions.hessianWeights == .gradient)) : 0
+        let fixed = MemoryNeeds.working(cfg, tokens: tokens) + Double(range.count * tokens * cfg.hiddenSize * 4) + gptqBytes
         let free = max(0, Double(options.maxMemoryBytes) - Double(weights) - fixed)
         let chunk = MemoryNeeds.searchChunk(cfg, free: options.scratch == nil ? max(0, free - 2 * stage) : free,
                                             chunkTokens: options.chunkTokens, longest: tokens)
@@ -360,6 +367,8 @@ public final class Worker: @unchecked Sendable {
         inputs = ActivationStore(budgetBytes: budget, scratch: options.scratch, owner: options.workerID)
         finalHidden = []
         results = [:]
+        gptqDone = [:]
+        tokenNorms = [:]
         ratios = nil
         up = nil
         down = nil

@@ -124,8 +124,10 @@ extension Worker {
                                              backend: backend) { l in
                 self.inputs.contains(layer: l, sample: s) ? try self.backend.upload(try self.inputs.get(layer: l, sample: s)) : nil
             }
+            let keepNorms = quantOptions.usesGPTQ && quantOptions.hessianWeights == .gradient
             dy = try GradientPass.backward(dy, layers: range, blocks: { self.blocks[$0]! }, input: { xs[$0 - self.range.lowerBound] },
-                                           sample: sample, rope: r, backend: backend, sums: &sums)
+                                           sample: sample, rope: r, backend: backend, sums: &sums,
+                                           outputNorms: keepNorms ? { l, n in self.tokenNorms[l, default: [:]][s] = n } : nil)
             if let up {
                 let (b, dt) = try send(up, "grad/\(s)", try backend.download(dy))
                 moved += b; transfer += dt
@@ -147,7 +149,7 @@ extension Worker {
     /// one's inputs (`LayerInputs`, QuantizeJob's order): two layers' inputs at a time.
     func search(skip: Set<Int>) throws -> (UInt64, Double) {
         let samples = self.samples
-        let distort = quantOptions.distort
+        let distort = quantOptions.sequential
         var moved: UInt64 = 0, transfer = 0.0
         let first = range.lowerBound
         if distort {
@@ -170,8 +172,12 @@ extension Worker {
             if skip.contains(l) {
                 // Finished before a re-plan or a coordinator restart: only its outputs
                 // are needed (with --distort, the quantized ones: the coordinator sent
-                // its scales).
-                if distort {
+                // its scales). GPTQ's codes are rounded again (the same bits: the same
+                // inputs and scales) for its outputs and the apply phase.
+                if quantOptions.usesGPTQ {
+                    let q = try gptqLayer(l, walk: walk)
+                    if next { try LayerStep.distort(q.block, inputs: walk, samples: samples, rope: rope, options: quantOptions) }
+                } else if distort {
                     try LayerStep.distort(try quantizedBlock(l).block, inputs: walk, samples: samples, rope: rope, options: quantOptions)
                 } else if next {
                     try walk.forward(blocks[l]!, samples: samples, rope: rope)
@@ -190,7 +196,13 @@ extension Worker {
                 results[l, default: [:]][m.group] = m
                 post(.groupResult(m))
             }
-            if distort {
+            if quantOptions.usesGPTQ {
+                let q = try gptqLayer(l, walk: walk)
+                let m = GPTQReport.message(layer: l, q.reports, epoch: assignment.epoch)
+                results[l, default: [:]][m.group] = m
+                post(.groupResult(m))
+                if next { try LayerStep.distort(q.block, inputs: walk, samples: samples, rope: rope, options: quantOptions) }
+            } else if distort {
                 try LayerStep.distort(try quantizedBlock(l).block, inputs: walk, samples: samples, rope: rope, options: quantOptions)
             }
             if next { try walk.advance() }
@@ -205,10 +217,33 @@ extension Worker {
         return (moved, transfer)
     }
 
+    /// GPTQ on block `l` with its scales applied (`LayerStep.gptq`, the one-process
+    /// arithmetic), on the layer's inputs in `walk`; kept for the apply phase.
+    func gptqLayer(_ l: Int, walk: LayerInputs) throws -> (block: BackendBlock, codes: [String: QuantizedWeight], reports: [GPTQLinearReport]) {
+        let samples = self.samples
+        let (attn, mlp) = (ratios?.attn[l] ?? 1, ratios?.mlp[l] ?? 1)
+        if quantOptions.hessianWeights == .modality && ratios == nil {
+            throw ProtocolError.malformed("GPTQ with modality weights, but no ratios reached this worker before layer \(l)")
+        }
+        let norms = tokenNorms.removeValue(forKey: l) ?? [:]
+        if quantOptions.hessianWeights == .gradient && norms.isEmpty {
+            throw ProtocolError.malformed("GPTQ with gradient weights, but this worker holds no token gradients of layer \(l) (no backward in this plan)")
+        }
+        let mode = quantOptions.hessianWeights
+        let q = try LayerStep.gptq(layer: l, scaled: try scaledBlock(l), samples: samples, input: walk.input, rope: rope,
+                                   chunkTokens: chunkTokens, weights: { i in
+                                       GPTQLayer.tokenWeights(mode, attention: samples[i].attention, vision: samples[i].vision,
+                                                              caption: samples[i].caption, attnRatio: attn, mlpRatio: mlp,
+                                                              gradientNorms: norms[i])
+                                   }, options: quantOptions, backend: backend)
+        gptqDone[l] = (q.block, q.codes)
+        return q
+    }
+
     /// Block `l` with its scales applied, before quantization (`LayerStep.applied`).
     func scaledBlock(_ l: Int) throws -> BackendBlock {
         var scales: [SearchGroup: [Float]] = [:]
-        for (name, r) in results[l] ?? [:] {
+        for (name, r) in results[l] ?? [:] where name != GPTQReport.group {
             guard let g = SearchGroup(rawValue: name) else { throw ProtocolError.malformed("unknown group '\(name)'") }
             scales[g] = r.scales
         }
@@ -230,7 +265,15 @@ extension Worker {
     func apply() throws {
         let shared = try outputIsShared()
         for l in range {
-            let q = try quantizedBlock(l)
+            let q: (block: BackendBlock, codes: [String: QuantizedWeight])
+            if quantOptions.usesGPTQ {
+                guard let done = gptqDone.removeValue(forKey: l) else {
+                    throw ProtocolError.malformed("apply: layer \(l)'s GPTQ codes were not made by this worker's search")
+                }
+                q = done
+            } else {
+                q = try quantizedBlock(l)
+            }
             let shard = try QuantizedCheckpointWriter.layerShard(ckpt!, layer: l, block: try backend.downloadBlock(q.block), codes: q.codes,
                                                                  options: quantOptions)
             if shared {

@@ -131,6 +131,39 @@ final class ClusterProcessTests: XCTestCase {
         }
     }
 
+    /// GPTQ with MBQ's modality token weights: each worker builds the Hessians of its own
+    /// layers from the inputs it holds, the stages run as a pipeline (each layer reads the
+    /// quantized layers' outputs), and 1, 2 and 3 workers write the one-process output.
+    func testGPTQOverOneTwoThreeWorkersGivesTheSingleProcessOutput() throws {
+        let options = ["--method", "gptq", "--hessian-weights", "modality", "--w-bit", "3"]
+        for n in [1, 2, 3] {
+            let out = tmp + "/gptq\(n)", log = tmp + "/gptq\(n).log"
+            let q = try spawn(["quantize", "--model", Self.model, "--calib", Self.calib, "--out", out, "--workers", "\(n)",
+                               "--threads", "\(max(1, n))", "--log-format", "json"] + options, log: log)
+            XCTAssertTrue(waitExit(q), "GPTQ job with \(n) workers did not finish: \(text(log).suffix(2000))")
+            XCTAssertEqual(q.terminationStatus, 0, text(log))
+            XCTAssertEqual(events(log, "layer_searched").count, 3, "every layer reported once: \(text(log).suffix(2000))")
+            try assertSameAsReference(out, options: options)
+        }
+    }
+
+    /// MBQ's scales then GPTQ with gradient token weights and activation order (g_idx),
+    /// streamed to the coordinator; and a worker killed in the GPTQ pipeline: the survivor
+    /// rounds the finished layers again (the same bits) and the output is unchanged.
+    func testGPTQAfterScalesWithGradientWeightsAndAKilledWorker() throws {
+        let options = ["--method", "mbq", "--then", "gptq", "--hessian-weights", "gradient", "--act-order", "--w-bit", "3"]
+        let out = tmp + "/gptq-streamed", log = tmp + "/gptq-streamed.log"
+        let q = try spawn(["quantize", "--model", Self.model, "--calib", Self.calib, "--out", out, "--workers", "2", "--threads", "2",
+                           "--output-via", "coordinator", "--log-format", "json", "--chunk-tokens", "1"] + options, log: log)
+        XCTAssertTrue(waitExit(q), "job did not finish: \(text(log).suffix(2000))")
+        XCTAssertEqual(q.terminationStatus, 0, text(log))
+        try assertSameAsReference(out, options: options)
+        let config = text(out + "/config.json")
+        XCTAssertTrue(config.contains("\"desc_act\": true"), config)
+        try killWorker(during: "search", options: ["--method", "gptq", "--hessian-weights", "gradient", "--w-bit", "4", "--group", "-1",
+                                                   "--format", "gptq"], afterLayer: 0)
+    }
+
     /// --distort (a pipeline across stages) and SmoothQuant, over 2 workers; blocks
     /// streamed to the coordinator instead of written by the workers. The default formats
     /// make these GPTQ (W3) and compressed-tensors int-quantized (W8A8); AutoAWQ and

@@ -370,7 +370,7 @@ public nonisolated struct Mbq_JobOptions: Sendable {
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
-  /// "rtn", "awq", "mbq", "smoothquant"
+  /// "rtn", "awq", "mbq", "smoothquant", "gptq"
   public var method: String = String()
 
   public var wBit: UInt32 = 0
@@ -401,6 +401,19 @@ public nonisolated struct Mbq_JobOptions: Sendable {
 
   /// the source's decoder dtype ("BF16", ...)
   public var weightDtype: String = String()
+
+  /// GPTQ (--method gptq, --then gptq); all unset without GPTQ, so that other jobs'
+  /// options (and job ids) read as before.
+  public var thenGptq: Bool = false
+
+  /// "none", "modality", "gradient"
+  public var hessianWeights: String = String()
+
+  public var damp: Double = 0
+
+  public var blockSize: UInt32 = 0
+
+  public var actOrder: Bool = false
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -1221,7 +1234,7 @@ nonisolated extension Mbq_Assignment: SwiftProtobuf.Message, SwiftProtobuf._Mess
 
 nonisolated extension Mbq_JobOptions: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".JobOptions"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}method\0\u{3}w_bit\0\u{1}group\0\u{3}a_bit\0\u{1}loss\0\u{1}reweight\0\u{1}distort\0\u{1}format\0\u{3}weight_dtype\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}method\0\u{3}w_bit\0\u{1}group\0\u{3}a_bit\0\u{1}loss\0\u{1}reweight\0\u{1}distort\0\u{1}format\0\u{3}weight_dtype\0\u{3}then_gptq\0\u{3}hessian_weights\0\u{1}damp\0\u{3}block_size\0\u{3}act_order\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -1238,6 +1251,11 @@ nonisolated extension Mbq_JobOptions: SwiftProtobuf.Message, SwiftProtobuf._Mess
       case 7: try { try decoder.decodeSingularBoolField(value: &self.distort) }()
       case 8: try { try decoder.decodeSingularStringField(value: &self.format) }()
       case 9: try { try decoder.decodeSingularStringField(value: &self.weightDtype) }()
+      case 10: try { try decoder.decodeSingularBoolField(value: &self.thenGptq) }()
+      case 11: try { try decoder.decodeSingularStringField(value: &self.hessianWeights) }()
+      case 12: try { try decoder.decodeSingularDoubleField(value: &self.damp) }()
+      case 13: try { try decoder.decodeSingularUInt32Field(value: &self.blockSize) }()
+      case 14: try { try decoder.decodeSingularBoolField(value: &self.actOrder) }()
       default: break
       }
     }
@@ -1275,6 +1293,21 @@ nonisolated extension Mbq_JobOptions: SwiftProtobuf.Message, SwiftProtobuf._Mess
     if !self.weightDtype.isEmpty {
       try visitor.visitSingularStringField(value: self.weightDtype, fieldNumber: 9)
     }
+    if self.thenGptq != false {
+      try visitor.visitSingularBoolField(value: self.thenGptq, fieldNumber: 10)
+    }
+    if !self.hessianWeights.isEmpty {
+      try visitor.visitSingularStringField(value: self.hessianWeights, fieldNumber: 11)
+    }
+    if self.damp.bitPattern != 0 {
+      try visitor.visitSingularDoubleField(value: self.damp, fieldNumber: 12)
+    }
+    if self.blockSize != 0 {
+      try visitor.visitSingularUInt32Field(value: self.blockSize, fieldNumber: 13)
+    }
+    if self.actOrder != false {
+      try visitor.visitSingularBoolField(value: self.actOrder, fieldNumber: 14)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -1288,6 +1321,11 @@ nonisolated extension Mbq_JobOptions: SwiftProtobuf.Message, SwiftProtobuf._Mess
     if lhs.distort != rhs.distort {return false}
     if lhs.format != rhs.format {return false}
     if lhs.weightDtype != rhs.weightDtype {return false}
+    if lhs.thenGptq != rhs.thenGptq {return false}
+    if lhs.hessianWeights != rhs.hessianWeights {return false}
+    if lhs.damp != rhs.damp {return false}
+    if lhs.blockSize != rhs.blockSize {return false}
+    if lhs.actOrder != rhs.actOrder {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
