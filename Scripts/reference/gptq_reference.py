@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A PyTorch port of the reference GPTQ (IST-DASLab/gptq: gptq.py `GPTQ.add_batch` and
 `fasterquant`, quant.py `Quantizer` with sym=False) with token-weighted Hessians
-(docs/DESIGN.md §2.6), and the fixtures the Swift GPTQ tests compare against.
+(docs/DESIGN.md §2.7), and the fixtures the Swift GPTQ tests compare against.
 
 The algorithm is the reference's line for line, with two stated changes:
   * the Hessian is summed in fp64, sample by sample: H = (2/n) sum_t w_t x_t x_t^T,
@@ -26,7 +26,7 @@ Fixtures written (Tests/MBQMethodsTests/Fixtures/gptq/):
   .venv/bin/python Scripts/reference/gptq_reference.py --bench    # one Llama-7B-shaped layer, timed
 """
 import argparse
-import math
+import json
 import os
 import sys
 import time
@@ -351,7 +351,7 @@ def unit_fixture():
 
 
 # ---- speed: one Llama-7B-shaped layer ---------------------------------------------------------
-def bench(threads, tokens, hidden=4096, intermediate=11008, heads=32):
+def bench(threads, tokens, hidden=4096, intermediate=11008):
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(0)
     shapes = {"q": (hidden, hidden), "k": (hidden, hidden), "v": (hidden, hidden), "o": (hidden, hidden),
@@ -372,7 +372,8 @@ def bench(threads, tokens, hidden=4096, intermediate=11008, heads=32):
         fasterquant(W, hs[INPUT_OF[role]], 4, 128)
     t_q = time.time() - t1
     print(f"torch {torch.__version__}, {threads} threads, {tokens} tokens: hessians {t_h:.2f} s, "
-          f"gptq of 7 linears {t_q:.2f} s, layer {t_h + t_q:.2f} s")
+          f"gptq of 7 linears {t_q:.2f} s, layer {t_h + t_q:.2f} s", file=sys.stderr)
+    print(json.dumps({"hessians_s": t_h, "gptq_s": t_q, "layer_s": t_h + t_q, "threads": threads, "tokens": tokens}))
 
 
 def main():
@@ -384,10 +385,12 @@ def main():
     ap.add_argument("--bench", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=1024)
+    ap.add_argument("--hidden", type=int, default=4096)
+    ap.add_argument("--intermediate", type=int, default=11008)
     a = ap.parse_args()
     torch.manual_seed(0)
     if a.bench:
-        bench(a.threads, a.tokens)
+        bench(a.threads, a.tokens, a.hidden, a.intermediate)
         return
     torch.set_num_threads(1)
     os.makedirs(a.out, exist_ok=True)

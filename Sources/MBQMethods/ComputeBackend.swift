@@ -135,7 +135,7 @@ public protocol ComputeBackend: Sendable {
     func quantize(_ b: BackendBlock, with q: WeightQuantizer, precision: ScalePrecision) throws
         -> (block: BackendBlock, codes: [String: QuantizedWeight])
 
-    /// GPTQ on every linear of `b` (docs/DESIGN.md §2.6): Hessians summed over the samples
+    /// GPTQ on every linear of `b` (docs/DESIGN.md §2.7): Hessians summed over the samples
     /// (each with its token weights by role; one Hessian per captured input unless
     /// `perLinear`), then each linear quantized; `rtn` is the round-to-nearest the report
     /// compares with. The chunking must not change a bit.

@@ -5,7 +5,7 @@ import MBQQuant
 import MBQTensor
 
 /// How GPTQ weighs each token in a linear's Hessian H = (2/n) Σₜ wₜ xₜxₜᵀ
-/// (docs/DESIGN.md §2.6).
+/// (docs/DESIGN.md §2.7).
 public enum HessianWeights: String, CaseIterable, Sendable {
     /// wₜ = 1 on every attended token (plain GPTQ).
     case none
@@ -41,7 +41,7 @@ public typealias TokenWeightSet = [String: [Float]]
 let gptqInputs: [(input: SearchGroup, roles: [String])] = [(.qkv, ["q", "k", "v"]), (.o, ["o"]), (.gateUp, ["gate", "up"]),
                                                            (.down, ["down"])]
 
-/// One Hessian summed sample by sample in fp64 (docs/DESIGN.md §2.6): each sample's
+/// One Hessian summed sample by sample in fp64 (docs/DESIGN.md §2.7): each sample's
 /// weighted rows x·√w (fp32 products, as the reference scales its rows by √(2/n))
 /// widened to fp64 and multiplied with `TiledGEMM.dgemm`, so neither the chunking of the
 /// samples nor the thread count changes a bit.
@@ -142,7 +142,7 @@ public enum GPTQLayer {
         }
     }
 
-    /// One sample's token weights for layer `l` (docs/DESIGN.md §2.6). `gradientNorms`:
+    /// One sample's token weights for layer `l` (docs/DESIGN.md §2.7). `gradientNorms`:
     /// the sample's per-role ‖∂L/∂y‖² from the gradient pass (nil: the pass left it out).
     public static func tokenWeights(_ mode: HessianWeights, attention: [Bool], vision: [Bool], caption: [Bool],
                                     attnRatio: Double, mlpRatio: Double, gradientNorms: TokenWeightSet?) -> TokenWeightSet {
@@ -179,18 +179,23 @@ public enum GPTQLayer {
         var out = w
         var codes: [String: QuantizedWeight] = [:]
         var reports: [GPTQLinearReport] = []
+        // One factorization per Hessian, shared by the linears that read it.
+        var factors: [String: GPTQ.Factor] = [:]
         for (role, path) in DecoderBlockWeights<Float>.linears {
             let original = w[keyPath: path]
             let (h, n) = hessians.hessian(role)
             guard n > 0 else {
                 throw MethodsError.invalidOptions("GPTQ, layer \(layer) \(role): no token has a weight above 0 (every sample masked or left out of the gradient pass)")
             }
-            let r: GPTQResult
-            do {
-                r = try GPTQ.quantize(original, hessian: h, settings: settings)
-            } catch let e as Cholesky.NotPositiveDefinite {
-                throw MethodsError.invalidOptions("GPTQ, layer \(layer) \(role): the damped Hessian \(e); raise --damp")
+            let key = hessians.keyOf[role]!
+            if factors[key] == nil {
+                do {
+                    factors[key] = try GPTQ.factor(hessian: h, cols: original.cols, damp: settings.damp, actOrder: settings.actOrder)
+                } catch let e as Cholesky.NotPositiveDefinite {
+                    throw MethodsError.invalidOptions("GPTQ, layer \(layer) \(role): the damped Hessian \(e); raise --damp")
+                }
             }
+            let r = GPTQ.quantize(original, factor: factors[key]!, settings: settings)
             let before = GPTQ.weightedError(original, rtn.codes(original).dequantized(), hessian: h)
             let after = GPTQ.weightedError(original, r.codes.dequantized(), hessian: h)
             reports.append(GPTQLinearReport(layer: layer, role: role, tokens: n, errorBefore: before, errorAfter: after))

@@ -91,7 +91,7 @@ public enum LayerStep {
         }
     }
 
-    /// GPTQ on the scaled layer (docs/DESIGN.md §2.6): its Hessians from its captures on
+    /// GPTQ on the scaled layer (docs/DESIGN.md §2.7): its Hessians from its captures on
     /// `input` (the quantized layers' outputs before it), read in chunks of at most
     /// `chunkTokens` tokens, each sample's tokens weighted by `weights(i)`; the weights
     /// the output holds, every linear's codes, each linear's report.

@@ -10,7 +10,7 @@ public enum QuantMethod: String, CaseIterable, Sendable {
     case mbq
     /// W8A8 with SmoothQuant's migration (alpha 0.5).
     case smoothquant
-    /// GPTQ (docs/DESIGN.md §2.6): no scales; each linear rounded through its Hessian.
+    /// GPTQ (docs/DESIGN.md §2.7): no scales; each linear rounded through its Hessian.
     case gptq
 }
 

@@ -28,7 +28,7 @@ public enum ResultsFile {
         }
         if o.usesGPTQ {
             // Per linear: the Hessian-weighted error of round-to-nearest and of GPTQ
-            // (docs/DESIGN.md §2.6).
+            // (docs/DESIGN.md §2.7).
             j["gptq"] = [
                 "then": o.thenGPTQ, "hessian_weights": o.hessianWeights.rawValue, "damp": o.damp, "block_size": o.blockSize,
                 "act_order": o.actOrder, "static_groups": o.gptqSettings.staticGroups,

@@ -1,7 +1,7 @@
 import MBQTensor
 
 /// GPTQ's settings (Frantar et al. 2023; IST-DASLab/gptq `gptq.py` `fasterquant`,
-/// docs/DESIGN.md §2.6).
+/// docs/DESIGN.md §2.7).
 public struct GPTQSettings: Sendable, Equatable {
     public var bits: Int
     /// Columns per scale; -1: one scale per row (per channel).
@@ -63,7 +63,7 @@ struct GPTQQuantizer {
     @inlinable func dequantize(_ q: Float) -> Float { scale * (q - zero) }
 }
 
-/// GPTQ on one linear (docs/DESIGN.md §2.6), following `fasterquant` step by step:
+/// GPTQ on one linear (docs/DESIGN.md §2.7), following `fasterquant` step by step:
 /// dead columns (H_jj = 0) zeroed with H_jj = 1; with activation order the columns by
 /// decreasing H_jj (a stable sort: ties keep column order); damp · mean(diag H) added to
 /// the diagonal; U, the upper Cholesky factor of H⁻¹ (fp64, `Cholesky`); then blocks of
@@ -75,17 +75,57 @@ struct GPTQQuantizer {
 /// Rows never interact (only through H), so row chunks run on separate threads; the
 /// lazy update is `TiledGEMM`'s, so no bit depends on the thread count.
 public enum GPTQ {
-    /// w: [rows, cols]; hessian: [cols, cols] row-major fp64 (2/n Σ wₜ xₜxₜᵀ; its scale
-    /// does not change the codes). -> the codes, in the original column order, with
-    /// `gIdx` when activation order scrambled the groups.
-    public static func quantize(_ w: Tensor<Float>, hessian: [Double], settings s: GPTQSettings) throws -> GPTQResult {
-        let rows = w.rows, cols = w.cols
+    /// What GPTQ needs of a Hessian, the same for every linear that reads it: the dead
+    /// columns, the column order, and U, the upper Cholesky factor of the damped,
+    /// permuted H's inverse in fp32. Linears sharing a Hessian share one (q, k, v).
+    public struct Factor: Sendable {
+        public let cols: Int
+        /// Columns whose H_jj is 0 (their weights are zeroed).
+        public let dead: [Int]
+        /// Position k holds original column perm[k].
+        public let perm: [Int]
+        /// [cols, cols] row-major, zero below the diagonal.
+        public let hinv: [Float]
+    }
+
+    /// hessian: [cols, cols] row-major fp64 (2/n Σ wₜ xₜxₜᵀ; its scale does not change the
+    /// codes).
+    public static func factor(hessian: [Double], cols: Int, damp: Double, actOrder: Bool) throws -> Factor {
         precondition(hessian.count == cols * cols, "Hessian of \(hessian.count) values for \(cols) columns")
+        var h = hessian
+        let dead = (0..<cols).filter { h[$0 * cols + $0] == 0 }
+        for j in dead { h[j * cols + j] = 1 }
+        var perm = Array(0..<cols)
+        if actOrder {
+            perm = perm.enumerated().sorted { a, b in
+                let da = h[a.element * cols + a.element], db = h[b.element * cols + b.element]
+                return da != db ? da > db : a.offset < b.offset
+            }.map(\.element)
+            var hp = [Double](repeating: 0, count: cols * cols)
+            for i in 0..<cols { for j in 0..<cols { hp[i * cols + j] = h[perm[i] * cols + perm[j]] } }
+            h = hp
+        }
+        var diagMean = 0.0
+        for j in 0..<cols { diagMean += h[j * cols + j] }
+        let d = damp * diagMean / Double(cols)
+        for j in 0..<cols { h[j * cols + j] += d }
+        return Factor(cols: cols, dead: dead, perm: perm, hinv: try Cholesky.upperFactorOfInverse(h, n: cols))
+    }
+
+    /// GPTQ of w ([rows, cols]) on `hessian`.
+    public static func quantize(_ w: Tensor<Float>, hessian: [Double], settings s: GPTQSettings) throws -> GPTQResult {
+        quantize(w, factor: try factor(hessian: hessian, cols: w.cols, damp: s.damp, actOrder: s.actOrder), settings: s)
+    }
+
+    /// w: [rows, cols] -> the codes, in the original column order, with `gIdx` when
+    /// activation order scrambled the groups.
+    public static func quantize(_ w: Tensor<Float>, factor f: Factor, settings s: GPTQSettings) -> GPTQResult {
+        let rows = w.rows, cols = w.cols
+        precondition(f.cols == cols, "a factor of \(f.cols) columns for a weight of \(cols)")
         let g = s.group > 0 ? s.group : cols
         precondition(cols % g == 0 && s.blockSize > 0, "group \(g), block \(s.blockSize), \(cols) columns")
         precondition(s.group <= 0 || s.blockSize % g == 0 || g % s.blockSize == 0, "groups and blocks must nest")
         let maxq = Float((1 << s.bits) - 1)
-        var h = hessian
         var W = w.data
 
         // Per channel: the parameters come from the weights before anything else (the
@@ -96,10 +136,7 @@ public enum GPTQ {
                 (0..<rows).map { r in GPTQQuantizer(UnsafeBufferPointer(rebasing: p[(r * cols)..<((r + 1) * cols)]), maxq: maxq) }
             }
         }
-        for j in 0..<cols where h[j * cols + j] == 0 {
-            h[j * cols + j] = 1
-            for r in 0..<rows { W[r * cols + j] = 0 }
-        }
+        for j in f.dead { for r in 0..<rows { W[r * cols + j] = 0 } }
         let groupsPerRow = cols / g
         var scales = [Float](repeating: 0, count: rows * groupsPerRow), zeros = [UInt8](repeating: 0, count: rows * groupsPerRow)
         var staticParams: [GPTQQuantizer] = []
@@ -113,23 +150,8 @@ public enum GPTQ {
             }
             for (k, q) in staticParams.enumerated() { scales[k] = q.scale; zeros[k] = UInt8(q.zero) }
         }
-        var perm = Array(0..<cols)
-        if s.actOrder {
-            perm = perm.enumerated().sorted { a, b in
-                let da = h[a.element * cols + a.element], db = h[b.element * cols + b.element]
-                return da != db ? da > db : a.offset < b.offset
-            }.map(\.element)
-            W = permuteColumns(W, rows: rows, cols: cols, perm)
-            var hp = [Double](repeating: 0, count: cols * cols)
-            for i in 0..<cols { for j in 0..<cols { hp[i * cols + j] = h[perm[i] * cols + perm[j]] } }
-            h = hp
-        }
-        var diagMean = 0.0
-        for j in 0..<cols { diagMean += h[j * cols + j] }
-        let damp = s.damp * diagMean / Double(cols)
-        for j in 0..<cols { h[j * cols + j] += damp }
-        let hinv = try Cholesky.upperFactorOfInverse(h, n: cols)
-        h = []
+        let perm = f.perm, hinv = f.hinv
+        if s.actOrder { W = permuteColumns(W, rows: rows, cols: cols, perm) }
 
         var codes = [UInt8](repeating: 0, count: rows * cols)      // permuted order
         var lossPerRow = [Double](repeating: 0, count: rows)
@@ -144,7 +166,7 @@ public enum GPTQ {
             err.withUnsafeMutableBufferPointer { pe in
             lossPerRow.withUnsafeMutableBufferPointer { pl in
                 let (pw, ph, pq, ps, pz, pe, pl) = (pw, ph, pq, ps, pz, pe, pl)
-                let perm = perm, staticParams = staticParams, rowParams = rowParams
+                let staticParams = staticParams, rowParams = rowParams
                 parallelChunks(rows, minChunk: 16) { range in
                     var w1 = [Float](repeating: 0, count: count)
                     for r in range {

@@ -1,6 +1,6 @@
 import CBLAS
 
-/// The inverse Hessian's Cholesky factor that GPTQ walks (docs/DESIGN.md §2.6): for a
+/// The inverse Hessian's Cholesky factor that GPTQ walks (docs/DESIGN.md §2.7): for a
 /// symmetric positive definite H, the upper-triangular U with H⁻¹ = UᵀU and a positive
 /// diagonal — what the reference computes as
 /// `cholesky(cholesky_inverse(cholesky(H)), upper=True)` (IST-DASLab/gptq, gptq.py).

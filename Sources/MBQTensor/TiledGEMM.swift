@@ -43,7 +43,7 @@ public enum TiledGEMM {
         }
     }
 
-    /// The same tiling in double precision (GPTQ's Hessians, docs/DESIGN.md §2.6).
+    /// The same tiling in double precision (GPTQ's Hessians, docs/DESIGN.md §2.7).
     public static func dgemm(transA: Bool, transB: Bool, m: Int, n: Int, k: Int,
                              alpha: Double, a: UnsafePointer<Double>, lda: Int,
                              b: UnsafePointer<Double>, ldb: Int,

@@ -27,6 +27,8 @@ struct BenchCommand: ParsableCommand {
     @Flag(help: "Skip the GEMM part.") var noGemm = false
     @Flag(help: "Skip the block forward/backward part.") var noBlock = false
     @Flag(help: "Also time the MBQ search (W4 g128) of the block, next to the PyTorch port of the authors' search.") var search = false
+    @Flag(help: "Only GPTQ (W4 g128) on one layer of this shape: Hessians from --tokens random tokens in samples of 512, then the 7 linears; with --torch, next to the PyTorch port.")
+    var gptq = false
     @Flag(help: "Only the worker-to-worker activation streaming benchmark (64 MiB tensors over loopback).") var transport = false
     @Flag(help: "Only the quantizer and packing benchmark (one 11008x4096 weight): the search's fused candidate, codes, dequantization, each format's packing.")
     var quant = false
@@ -133,6 +135,10 @@ struct BenchCommand: ParsableCommand {
                 quantBench()
                 return
             }
+            if gptq {
+                try gptqBench()
+                return
+            }
             if transport {
                 print(String(format: "Checksum64: %.1f GB/s", checksumRate()))
                 try streamingBench()
@@ -165,6 +171,63 @@ struct BenchCommand: ParsableCommand {
             throw ValidationError("PyTorch benchmark failed (\(py) \(path)); its output: \(String(decoding: data, as: UTF8.self))")
         }
         return obj
+    }
+
+    /// GPTQ W4 g128 on one layer's 7 linears (Llama-shaped by default): the Hessians of
+    /// the four captured inputs from `tokens` random rows in samples of 512 (token weight
+    /// 1), then each linear rounded; the PyTorch port does the same on the same shapes.
+    func gptqBench() throws {
+        var rng = SeededRandom(seed: 11)
+        func random(_ shape: [Int], _ scale: Float) -> Tensor<Float> {
+            var t = Tensor<Float>(zeros: shape)
+            for j in 0..<t.count { t.data[j] = Float(rng.normal()) * scale }
+            return t
+        }
+        let shapes: [(String, Int, Int, String)] = [("q", hidden, hidden, "qkv"), ("k", hidden, hidden, "qkv"), ("v", hidden, hidden, "qkv"),
+                                                     ("o", hidden, hidden, "o"), ("gate", intermediate, hidden, "gate_up"),
+                                                     ("up", intermediate, hidden, "gate_up"), ("down", hidden, intermediate, "down")]
+        var hessians: [String: [Double]] = [:]
+        var hessianSeconds = 0.0
+        for (input, cols) in [("qkv", hidden), ("o", hidden), ("gate_up", hidden), ("down", intermediate)] {
+            let x = random([tokens, cols], 1)
+            let (h, t) = timed { () -> [Double] in
+                var acc = HessianAccumulator(cols: cols)
+                for s in stride(from: 0, to: tokens, by: 512) {
+                    let n = min(512, tokens - s)
+                    acc.add(Tensor(shape: [n, cols], data: Array(x.data[(s * cols)..<((s + n) * cols)])), weights: [Float](repeating: 1, count: n))
+                }
+                return acc.hessian
+            }
+            hessians[input] = h
+            hessianSeconds += t
+        }
+        var quantSeconds = 0.0
+        var perLinear: [String] = []
+        for (role, rows, cols, input) in shapes {
+            let w = random([rows, cols], 0.02)
+            let (_, t) = try timed { try GPTQ.quantize(w, hessian: hessians[input]!, settings: GPTQSettings(bits: 4, group: 128)) }
+            quantSeconds += t
+            perLinear.append("\(role) \(String(format: "%.2f", t))")
+        }
+        let total = hessianSeconds + quantSeconds
+        print(String(format: "GPTQ W4 g128, %d tokens: Hessians %.2f s, 7 linears %.2f s (%@), layer %.2f s; peak RSS %.2f GiB", tokens,
+                     hessianSeconds, quantSeconds, perLinear.joined(separator: ", "), total, Double(peakRSSBytes()) / 1073741824))
+        guard let py = torch else { return }
+        let obj = try python(py, "reference/gptq_reference.py", ["--bench", "--threads", "\(BLASRuntime.threads)", "--tokens", "\(tokens)",
+                                                                   "--hidden", "\(hidden)", "--intermediate", "\(intermediate)"])
+        guard let pt = obj["layer_s"] as? Double, let ph = obj["hessians_s"] as? Double, let pq = obj["gptq_s"] as? Double else {
+            throw ValidationError("PyTorch GPTQ benchmark printed no layer_s")
+        }
+        print(String(format: "PyTorch port of the reference GPTQ: Hessians %.2f s, 7 linears %.2f s, layer %.2f s", ph, pq, pt))
+        print(String(format: "ratio Swift/PyTorch GPTQ layer: %.2fx (target <= 0.5x)", total / pt))
+    }
+
+    /// The process's peak resident set (VmHWM), bytes.
+    func peakRSSBytes() -> Int {
+        guard let s = try? String(contentsOfFile: "/proc/self/status", encoding: .utf8),
+              let line = s.split(separator: "\n").first(where: { $0.hasPrefix("VmHWM:") }),
+              let kb = Int(line.split(separator: " ").dropFirst().first ?? "") else { return 0 }
+        return kb * 1024
     }
 
     /// MBQ's search of every group of the block (W4 g128, mae, reweighted with ratio 0.5)

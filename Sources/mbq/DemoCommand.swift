@@ -13,7 +13,7 @@ import MBQModel
 /// MBQ found.
 struct DemoCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "demo", abstract: "Quantize the demo VLM nine ways and compare caption accuracy on held-out pictures.")
+        commandName: "demo", abstract: "Quantize the demo VLM nine ways (--gptq: with GPTQ, 24) and compare caption accuracy on held-out pictures.")
 
     @Option(help: "The demo's model and bundles (Scripts/train_demo_vlm.py writes them).")
     var data = "Demo"
@@ -23,6 +23,9 @@ struct DemoCommand: ParsableCommand {
 
     @Option(help: "Calibration bundles to run awq and mbq on, by seed (comma-separated, from 0 1 2); more than one prints the spread.")
     var calibSeeds = "0"
+
+    @Flag(help: "Compare GPTQ instead: rtn, awq, mbq, gptq with each token weighting and mbq then gptq (none, modality), at W3 g128, W4 g128 and W2 g64.")
+    var gptq = false
 
     @OptionGroup var common: CommonOptions
 
@@ -37,9 +40,31 @@ struct DemoCommand: ParsableCommand {
 
     /// One quantized output as evaluated.
     struct Row {
-        var method: QuantMethod, scheme: String, format: String
+        var method: String, scheme: String, format: String
         var evals: [EvalResult]
         var seconds: Double
+    }
+
+    /// A method as the table names it, and the options it sets.
+    struct Variant {
+        var name: String
+        var method: QuantMethod
+        var then = false
+        var weights: HessianWeights = .none
+    }
+
+    var variants: [Variant] {
+        var v = [Variant(name: "rtn", method: .rtn), Variant(name: "awq", method: .awq), Variant(name: "mbq", method: .mbq)]
+        if gptq {
+            v += HessianWeights.allCases.map { Variant(name: "gptq/\($0.rawValue)", method: .gptq, weights: $0) }
+            v += [HessianWeights.none, .modality].map { Variant(name: "mbq+gptq/\($0.rawValue)", method: .mbq, then: true, weights: $0) }
+        }
+        return v
+    }
+
+    var schemes: [(name: String, wBit: Int, group: Int, aBit: Int?)] {
+        gptq ? [("W3 g128", 3, 128, nil), ("W4 g128", 4, 128, nil), ("W2 g64", 2, 64, nil)]
+             : [("W3 g128", 3, 128, nil), ("W4 g128", 4, 128, nil), ("W4A8", 4, 128, 8)]
     }
 
     func run() throws {
@@ -60,18 +85,20 @@ struct DemoCommand: ParsableCommand {
 
             var rows: [Row] = []
             var mbqStats: GradientStatistics? = nil
-            for (scheme, wBit, aBit) in [("W3 g128", 3, nil as Int?), ("W4 g128", 4, nil), ("W4A8", 4, 8 as Int?)] {
-                for method in [QuantMethod.rtn, .awq, .mbq] {
+            for (scheme, wBit, group, aBit) in schemes {
+                for v in variants {
+                    let method = v.method
                     var o = QuantizeOptions()
-                    o.method = method; o.wBit = wBit; o.group = 128; o.aBit = aBit
+                    o.method = method; o.wBit = wBit; o.group = group; o.aBit = aBit
+                    o.thenGPTQ = v.then; o.hessianWeights = v.weights
                     o.weightDType = ckpt.weightDType
-                    var row = Row(method: method, scheme: scheme, format: o.resolvedFormat.rawValue, evals: [], seconds: 0)
+                    var row = Row(method: v.name, scheme: scheme, format: o.resolvedFormat.rawValue, evals: [], seconds: 0)
                     // RTN reads no calibration data: one run stands for every seed.
                     for (i, seed) in seeds.enumerated() where method != .rtn || i == 0 {
                         let t0 = Date()
                         let r = try QuantizeJob.run(model: fp, samples: calib[i].samples, options: o, logger: logger)
                         if method == .mbq, mbqStats == nil { mbqStats = r.gradStats }
-                        let name = "\(method.rawValue)-\(scheme.replacingOccurrences(of: " ", with: "").lowercased())"
+                        let name = "\(v.name.replacingOccurrences(of: "/", with: "-"))-\(scheme.replacingOccurrences(of: " ", with: "").lowercased())"
                         let dir = out + "/" + name + (method == .rtn || seeds.count == 1 ? "" : "-seed\(seed)")
                         try QuantizedCheckpointWriter.write(source: ckpt, result: r, to: dir, overwrite: true) { try ResultsFile.writeAll(r, into: $0) }
                         row.seconds += Date().timeIntervalSince(t0)
@@ -110,7 +137,7 @@ struct DemoCommand: ParsableCommand {
     }
 
     func table(base: EvalResult, rows: [Row], dtype: String, heldOut: Int) -> String {
-        let widths = [7, 8, 19, 23, 13, 10, 11, 7]
+        let widths = [gptq ? 17 : 7, 8, 19, 23, 13, 10, 11, 7]
         func line(_ cells: [String]) -> String {
             zip(cells, widths).enumerated().map { i, cw in
                 let pad = String(repeating: " ", count: max(0, cw.1 - cw.0.count))
@@ -124,7 +151,7 @@ struct DemoCommand: ParsableCommand {
                      line(["method", "scheme", "written as", "caption accuracy", "caption loss", "KL all", "KL caption", "time"]),
                      line(["fp", dtype, "-", accuracy([base]), String(format: "%.4f", base.captionCE), "-", "-", "-"])]
         for r in rows {
-            lines.append(line([r.method.rawValue, r.scheme, r.format, accuracy(r.evals), String(format: "%.4f", mean(r.evals, \.captionCE)),
+            lines.append(line([r.method, r.scheme, r.format, accuracy(r.evals), String(format: "%.4f", mean(r.evals, \.captionCE)),
                                String(format: "%.5f", mean(r.evals) { $0.klAll! }), String(format: "%.5f", mean(r.evals) { $0.klCaption! }),
                                String(format: "%.1fs", r.seconds / Double(r.evals.count))]))
         }
