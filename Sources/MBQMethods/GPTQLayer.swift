@@ -71,16 +71,19 @@ public struct HessianAccumulator: Sendable {
         let cols = cols
         rows.withUnsafeBufferPointer { pr in
             sum.withUnsafeMutableBufferPointer { ps in
+                // The lower half (whole tiles on the diagonal); `hessian` mirrors it.
                 TiledGEMM.dgemm(transA: true, transB: false, m: cols, n: cols, k: kept.count, alpha: 1, a: pr.baseAddress!, lda: cols,
-                                b: pr.baseAddress!, ldb: cols, beta: 1, c: ps.baseAddress!, ldc: cols)
+                                b: pr.baseAddress!, ldb: cols, beta: 1, c: ps.baseAddress!, ldc: cols, lowerTiles: true)
             }
         }
     }
 
-    /// H = (2/n) Σ wₜ xₜxₜᵀ, n = `tokens`. [cols, cols]
+    /// H = (2/n) Σ wₜ xₜxₜᵀ, n = `tokens`, symmetric (the lower half mirrored). [cols, cols]
     public var hessian: [Double] {
         let f = tokens > 0 ? 2 / Double(tokens) : 0
-        return sum.map { $0 * f }
+        var h = sum.map { $0 * f }
+        for i in 0..<cols { for j in (i + 1)..<cols { h[i * cols + j] = h[j * cols + i] } }
+        return h
     }
 }
 

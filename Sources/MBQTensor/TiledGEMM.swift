@@ -43,13 +43,16 @@ public enum TiledGEMM {
         }
     }
 
-    /// The same tiling in double precision (GPTQ's Hessians, docs/DESIGN.md §2.7).
+    /// The same tiling in double precision (GPTQ's Hessians and factorization,
+    /// docs/DESIGN.md §2.7). `lowerTiles`: only the tiles on or below the diagonal of a
+    /// square C (a symmetric product's lower half; the diagonal tiles whole).
     public static func dgemm(transA: Bool, transB: Bool, m: Int, n: Int, k: Int,
                              alpha: Double, a: UnsafePointer<Double>, lda: Int,
                              b: UnsafePointer<Double>, ldb: Int,
-                             beta: Double, c: UnsafeMutablePointer<Double>, ldc: Int) {
+                             beta: Double, c: UnsafeMutablePointer<Double>, ldc: Int, lowerTiles: Bool = false) {
         _ = openBLASSingleThreaded
-        tiled(m: m, n: n) { i0, j0, mt, nt in
+        precondition(!lowerTiles || m == n, "lower tiles of a \(m) x \(n) product")
+        tiled(m: m, n: n, lowerOnly: lowerTiles) { i0, j0, mt, nt in
             cblas_dgemm(CblasRowMajor, transA ? CblasTrans : CblasNoTrans, transB ? CblasTrans : CblasNoTrans,
                         Int32(mt), Int32(nt), Int32(k), alpha, a + (transA ? i0 : i0 * lda), Int32(lda),
                         b + (transB ? j0 * ldb : j0), Int32(ldb), beta, c + (i0 * ldc + j0), Int32(ldc))
@@ -59,15 +62,18 @@ public enum TiledGEMM {
     /// Runs `tile(i0, j0, rows, cols)` for every `rowTile` x `colTile` tile of an [m, n]
     /// output, spread over `BLASRuntime.threads` threads. Tiles are disjoint parts of C;
     /// which thread computes a tile does not matter.
-    static func tiled(m: Int, n: Int, _ tile: (Int, Int, Int, Int) -> Void) {
-        withoutActuallyEscaping(tile) { tile in tiledEscaping(m: m, n: n, tile) }
+    static func tiled(m: Int, n: Int, lowerOnly: Bool = false, _ tile: (Int, Int, Int, Int) -> Void) {
+        withoutActuallyEscaping(tile) { tile in tiledEscaping(m: m, n: n, lowerOnly: lowerOnly, tile) }
     }
 
-    private static func tiledEscaping(m: Int, n: Int, _ tile: @escaping (Int, Int, Int, Int) -> Void) {
+    private static func tiledEscaping(m: Int, n: Int, lowerOnly: Bool, _ tile: @escaping (Int, Int, Int, Int) -> Void) {
         let rowTiles = (m + rowTile - 1) / rowTile, colTiles = (n + colTile - 1) / colTile
-        let tiles = rowTiles * colTiles
+        // (row tile, column tile) pairs, in row-major order.
+        let pairs = (0..<(rowTiles * colTiles)).map { ($0 / colTiles, $0 % colTiles) }
+            .filter { !lowerOnly || $0.1 * colTile <= $0.0 * rowTile + rowTile - 1 }
+        let tiles = pairs.count
         let run = { (t: Int) in
-            let i0 = (t / colTiles) * rowTile, j0 = (t % colTiles) * colTile
+            let i0 = pairs[t].0 * rowTile, j0 = pairs[t].1 * colTile
             tile(i0, j0, Swift.min(rowTile, m - i0), Swift.min(colTile, n - j0))
         }
         let threads = Swift.min(BLASRuntime.threads, tiles)
