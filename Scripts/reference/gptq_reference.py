@@ -351,26 +351,34 @@ def unit_fixture():
 
 
 # ---- speed: one Llama-7B-shaped layer ---------------------------------------------------------
-def bench(threads, tokens, hidden=4096, intermediate=11008):
+def bench(threads, tokens, hidden=4096, intermediate=11008, reps=1):
+    """GPTQ W4 g128 of one Llama-shaped layer: the Hessians of its four inputs from
+    `tokens` random rows in samples of 512, then the 7 linears, each factorizing its own
+    Hessian as the reference does. The best of `reps` runs."""
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(0)
     shapes = {"q": (hidden, hidden), "k": (hidden, hidden), "v": (hidden, hidden), "o": (hidden, hidden),
               "gate": (intermediate, hidden), "up": (intermediate, hidden), "down": (hidden, intermediate)}
     xs = {"qkv": torch.randn(tokens, hidden, generator=g), "o": torch.randn(tokens, hidden, generator=g),
           "gate_up": torch.randn(tokens, hidden, generator=g), "down": torch.randn(tokens, intermediate, generator=g)}
-    t0 = time.time()
-    hs = {}
-    for k, x in xs.items():
-        H = Hessian(x.shape[1])
-        for s in range(0, tokens, 512):   # samples of 512 tokens
-            H.add(x[s:s + 512], torch.ones(min(512, tokens - s)))
-        hs[k] = H.value()
-    t_h = time.time() - t0
-    t1 = time.time()
-    for role, (o, i) in shapes.items():
-        W = torch.randn(o, i, generator=g) * 0.02
-        fasterquant(W, hs[INPUT_OF[role]], 4, 128)
-    t_q = time.time() - t1
+    ws = {role: torch.randn(o, i, generator=g) * 0.02 for role, (o, i) in shapes.items()}
+    best = None
+    for _ in range(reps):
+        t0 = time.time()
+        hs = {}
+        for k, x in xs.items():
+            H = Hessian(x.shape[1])
+            for s in range(0, tokens, 512):   # samples of 512 tokens
+                H.add(x[s:s + 512], torch.ones(min(512, tokens - s)))
+            hs[k] = H.value()
+        t_h = time.time() - t0
+        t1 = time.time()
+        for role in shapes:
+            fasterquant(ws[role], hs[INPUT_OF[role]], 4, 128)
+        t_q = time.time() - t1
+        if best is None or t_h + t_q < best[0] + best[1]:
+            best = (t_h, t_q)
+    t_h, t_q = best
     print(f"torch {torch.__version__}, {threads} threads, {tokens} tokens: hessians {t_h:.2f} s, "
           f"gptq of 7 linears {t_q:.2f} s, layer {t_h + t_q:.2f} s", file=sys.stderr)
     print(json.dumps({"hessians_s": t_h, "gptq_s": t_q, "layer_s": t_h + t_q, "threads": threads, "tokens": tokens}))
@@ -387,10 +395,11 @@ def main():
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--hidden", type=int, default=4096)
     ap.add_argument("--intermediate", type=int, default=11008)
+    ap.add_argument("--reps", type=int, default=1)
     a = ap.parse_args()
     torch.manual_seed(0)
     if a.bench:
-        bench(a.threads, a.tokens, a.hidden, a.intermediate)
+        bench(a.threads, a.tokens, a.hidden, a.intermediate, a.reps)
         return
     torch.set_num_threads(1)
     os.makedirs(a.out, exist_ok=True)

@@ -82,7 +82,18 @@ public struct HessianAccumulator: Sendable {
     public var hessian: [Double] {
         let f = tokens > 0 ? 2 / Double(tokens) : 0
         var h = sum.map { $0 * f }
-        for i in 0..<cols { for j in (i + 1)..<cols { h[i * cols + j] = h[j * cols + i] } }
+        // Upper from lower in 64 x 64 blocks (a column walk of a [C, C] array misses the
+        // cache on every element).
+        let n = cols
+        h.withUnsafeMutableBufferPointer { p in
+            for i0 in stride(from: 0, to: n, by: 64) {
+                for j0 in stride(from: i0, to: n, by: 64) {
+                    for i in i0..<Swift.min(i0 + 64, n) {
+                        for j in Swift.max(j0, i + 1)..<Swift.max(Swift.max(j0, i + 1), Swift.min(j0 + 64, n)) { p[i * n + j] = p[j * n + i] }
+                    }
+                }
+            }
+        }
         return h
     }
 }
@@ -182,16 +193,22 @@ public enum GPTQLayer {
         var out = w
         var codes: [String: QuantizedWeight] = [:]
         var reports: [GPTQLinearReport] = []
-        // One factorization per Hessian, shared by the linears that read it.
+        // One Hessian and one factorization per key, shared by the linears that read it.
         var factors: [String: GPTQ.Factor] = [:]
+        var held: [String: (h: [Double], tokens: Int)] = [:]
         for (role, path) in DecoderBlockWeights<Float>.linears {
             let original = w[keyPath: path]
-            let (h, n) = hessians.hessian(role)
+            let key = hessians.keyOf[role]!
+            if held[key] == nil {
+                held = [:]   // the linears sharing a Hessian are consecutive: one held at a time
+                held[key] = hessians.hessian(role)
+            }
+            let (h, n) = held[key]!
             guard n > 0 else {
                 throw MethodsError.invalidOptions("GPTQ, layer \(layer) \(role): no token has a weight above 0 (every sample masked or left out of the gradient pass)")
             }
-            let key = hessians.keyOf[role]!
             if factors[key] == nil {
+                factors = [:]
                 do {
                     factors[key] = try GPTQ.factor(hessian: h, cols: original.cols, damp: settings.damp, actOrder: settings.actOrder)
                 } catch let e as Cholesky.NotPositiveDefinite {

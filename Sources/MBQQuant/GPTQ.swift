@@ -109,7 +109,7 @@ public enum GPTQ {
         for j in 0..<cols { diagMean += h[j * cols + j] }
         let d = damp * diagMean / Double(cols)
         for j in 0..<cols { h[j * cols + j] += d }
-        return Factor(cols: cols, dead: dead, perm: perm, hinv: try Cholesky.upperFactorOfInverse(h, n: cols))
+        return Factor(cols: cols, dead: dead, perm: perm, hinv: try Cholesky.upperFactorOfInverse(overwriting: &h, n: cols))
     }
 
     /// GPTQ of w ([rows, cols]) on `hessian`.
