@@ -35,9 +35,11 @@ public enum QuantizationConfigBlock {
 
     /// GPTQ with raw zero points (`gptq_v2`: v1 stores z - 1 and cannot hold z = 0).
     /// `descAct`: columns in activation order; `g_idx` gives each column's group.
-    public static func gptq(bits: Int, group: Int, ignore: [String], descAct: Bool = false) -> JSONText {
+    /// `trueSequential`: GPTQModel's flag for rounding a layer's linears one after another;
+    /// our GPTQ rounds them all from one forward of the layer (docs/DESIGN.md §2.7).
+    public static func gptq(bits: Int, group: Int, ignore: [String], descAct: Bool = false, trueSequential: Bool = true) -> JSONText {
         .object([("quant_method", "gptq"), ("bits", .int(bits)), ("group_size", .int(group)), ("sym", false),
-                 ("desc_act", .bool(descAct)), ("checkpoint_format", "gptq_v2"), ("true_sequential", true),
+                 ("desc_act", .bool(descAct)), ("checkpoint_format", "gptq_v2"), ("true_sequential", .bool(trueSequential)),
                  ("modules_to_not_convert", .array(ignore.map { .string($0) }))])
     }
 }

@@ -132,15 +132,22 @@ public final class LayerHessians {
     /// Bytes held: one [C, C] fp64 per Hessian.
     public var bytes: Int { sums.values.reduce(0) { $0 + $1.sum.count * 8 } }
 
-    /// What one layer's Hessians take at most, plus the largest linear's GPTQ working set
-    /// (its fp32 weight copy and inverse-Hessian factor, and the fp64 factorization).
+    /// What one layer's Hessians take at most, plus the largest linear's GPTQ working set:
+    /// its fp32 weight copy and, while factorizing, two [in, in] fp64 arrays (the damped
+    /// copy and the inverse; the fp32 factor replaces the first).
     public static func predictedBytes(_ cfg: LanguageModelConfig, perLinear: Bool) -> Int {
-        let shapes = Dictionary(uniqueKeysWithValues: cfg.linearShapes.map { ($0.role, $0.shape) })
+        predictedBytes(hidden: cfg.hiddenSize, intermediate: cfg.intermediateSize, attention: cfg.numHeads * cfg.headDim,
+                       kv: cfg.numKVHeads * cfg.headDim, perLinear: perLinear)
+    }
+
+    /// The same from the shape (`mbq plan`): `attention` = heads · head_dim, `kv` = KV heads · head_dim.
+    public static func predictedBytes(hidden c: Int, intermediate i: Int, attention q: Int, kv: Int, perLinear: Bool) -> Int {
+        // Per captured input: its width, and the output widths of the linears reading it.
+        let inputs = [(c, [q, kv, kv]), (q, [c]), (c, [i, i]), (i, [c])]
         var total = 0, work = 0
-        for (_, roles) in gptqInputs {
-            let cols = shapes[roles[0]]![1]
-            total += (perLinear ? roles.count : 1) * cols * cols * 8
-            for r in roles { work = Swift.max(work, shapes[r]![0] * cols * 4 + cols * cols * (4 + 8 + 8)) }
+        for (cols, outs) in inputs {
+            total += (perLinear ? outs.count : 1) * cols * cols * 8
+            for rows in outs { work = Swift.max(work, rows * cols * 4 + cols * cols * 16) }
         }
         return total + work
     }

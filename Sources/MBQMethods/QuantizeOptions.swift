@@ -178,7 +178,8 @@ public struct QuantizeOptions: Sendable {
         case .awq:
             return QuantizationConfigBlock.awq(bits: wBit, group: group, ignore: ignore)
         case .gptq:
-            return QuantizationConfigBlock.gptq(bits: wBit, group: group, ignore: ignore, descAct: usesGPTQ && actOrder && group > 0)
+            return QuantizationConfigBlock.gptq(bits: wBit, group: group, ignore: ignore, descAct: usesGPTQ && actOrder && group > 0,
+                                                trueSequential: !usesGPTQ)
         }
     }
 }

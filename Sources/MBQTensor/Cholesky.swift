@@ -31,8 +31,9 @@ public enum Cholesky {
         return try upperFactorOfInverse(overwriting: &g, n: n)
     }
 
-    /// The same, using `h`'s storage for the factorization (left holding L of JHJ): one
-    /// [n, n] fp64 array fewer (1 GiB for an 11008-wide down_proj, and its page faults).
+    /// The same, using `h`'s storage for the factorization, then releasing it (`h` is left
+    /// empty): one [n, n] fp64 array fewer (1 GiB for an 11008-wide down_proj, and its
+    /// page faults); at most two are held at once.
     public static func upperFactorOfInverse(overwriting h: inout [Double], n: Int) throws -> [Float] {
         precondition(h.count == n * n, "\(h.count) values for an order-\(n) matrix")
         _ = TiledGEMM.openBLASSingleThreaded
@@ -40,6 +41,7 @@ public enum Cholesky {
         h.reverse()
         try h.withUnsafeMutableBufferPointer { try lowerFactor($0.baseAddress!, n: n) }
         let x = h.withUnsafeBufferPointer { lowerInverse($0.baseAddress!, n: n) }
+        h = []   // the factor is no longer needed: its memory goes before U's is taken
         // U[i][j] = L⁻¹[n-1-i][n-1-j].
         var u = [Float](repeating: 0, count: n * n)
         x.withUnsafeBufferPointer { px in

@@ -250,6 +250,9 @@ struct PlanCommand: ParsableCommand {
     @Option(help: "Share of rows the search loss reads (vision + caption tokens).") var lossRows = 0.6
     @Option(help: "Compute threads per worker (its non-GEMM loops use them on large tensors).") var workerThreads = 8
     @Flag(help: "Workers have --scratch: block inputs spill to disk instead of counting against memory.") var scratch = false
+    @Option(help: ArgumentHelp("GPTQ jobs: count a layer's Hessians, one per captured input (none, modality weights) or per linear (gradient weights).",
+                               valueName: "per-input|per-linear"))
+    var gptq: String?
     @Option(help: "Take --samples and --tokens from this calibration bundle (its header only).") var calib: String?
     @Flag(help: "Print only a Slurm time limit (D-HH:MM:SS): the predicted total times 1.5, plus 30 minutes.") var slurmTime = false
 
@@ -287,7 +290,13 @@ struct PlanCommand: ParsableCommand {
             load.lossRowFraction = lossRows
             load.labelRows = Double(tokens) * 0.1
             load.weightBytes = weightBytes
-            let needs = MemoryNeeds(shape: shape, inputRows: samples * tokens, tokens: tokens, weightBytes: weightBytes)
+            var needs = MemoryNeeds(shape: shape, inputRows: samples * tokens, tokens: tokens, weightBytes: weightBytes)
+            if let gptq {
+                guard gptq == "per-input" || gptq == "per-linear" else { throw MethodsError.invalidOptions("--gptq \(gptq): per-input or per-linear") }
+                needs.fixedBytes += Double(LayerHessians.predictedBytes(hidden: shape.hidden, intermediate: shape.intermediate,
+                                                                        attention: shape.heads * shape.headDim, kv: shape.kvHeads * shape.headDim,
+                                                                        perLinear: gptq == "per-linear"))
+            }
             let candidates = ws.enumerated().map { i, w in
                 ("\(i)", w.gflops, needs.capacity(memory: UInt64(w.memoryBytes), spills: scratch, layers: shape.layers))
             }

@@ -107,7 +107,13 @@ final class CLITests: XCTestCase {
         try assertFails(base + ["--method", "smoothquant", "--w-bit", "4"], mentioning: ["smoothquant is a W8A8 method"])
         try assertFails(base + ["--a-bit", "4"], mentioning: ["--a-bit 4"])
         try assertFails(base + ["--method", "rtn", "--reweight"], mentioning: ["--reweight"])
-        try assertFails(base + ["--method", "gptq"], mentioning: ["gptq"])
+        try assertFails(base + ["--method", "bogus"], mentioning: ["bogus"])
+        try assertFails(base + ["--method", "mbq", "--then", "rtn"], mentioning: ["--then rtn", "gptq"])
+        try assertFails(base + ["--method", "rtn", "--then", "gptq"], mentioning: ["--then gptq follows a scale search"])
+        try assertFails(base + ["--method", "gptq", "--w-bit", "8", "--a-bit", "8"], mentioning: ["weights only"])
+        try assertFails(base + ["--method", "gptq", "--act-order", "--format", "awq", "--w-bit", "4"], mentioning: ["--act-order", "g_idx"])
+        try assertFails(base + ["--method", "gptq", "--damp", "-1"], mentioning: ["--damp -1"])
+        try assertFails(base + ["--act-order"], mentioning: ["--act-order is a GPTQ option"])
         // Local workers too small for the model: an error naming the budget, not a wait
         // for workers that can never come.
         try assertFails(base + ["--workers", "2", "--worker-max-memory", "1KiB"], mentioning: ["--worker-max-memory 1KiB", "raise --worker-max-memory"])

@@ -206,4 +206,28 @@ final class PlanTimeLimitTests: XCTestCase {
         let seconds = Double(parts[0] * 86400 + parts[1] * 3600 + parts[2] * 60 + parts[3])
         XCTAssertEqual(seconds, (total ?? 0) * 1.5 + 1800, accuracy: 1.5, "\(plain.stdout)\n\(limit.stdout)")
     }
+
+    /// GPTQ's Hessians count against each worker's memory: a 72B's down_proj alone takes
+    /// 29568² × 8 bytes (6.5 GiB), per linear more; workers that hold the model without
+    /// them are refused with them.
+    func testGPTQHessiansCountInThePlan() throws {
+        func memory(_ extra: [String]) throws -> [Double] {
+            let r = try mbq(["plan", "--preset", "qwen2-72b", "--workers", "8x128GiB@1000", "--scratch"] + extra)
+            XCTAssertEqual(r.status, 0, r.stderr)
+            // "  wN: layers ...  memory X GiB of Y GiB"
+            return r.stdout.split(separator: "\n").filter { $0.contains("memory") && $0.contains("GiB of") }.compactMap { line in
+                line.components(separatedBy: "memory ").last?.split(separator: " ").first.flatMap { Double($0) }
+            }
+        }
+        let plain = try memory([]), shared = try memory(["--gptq", "per-input"]), perLinear = try memory(["--gptq", "per-linear"])
+        XCTAssertEqual(plain.count, 8)
+        XCTAssertEqual(shared.count, 8)
+        // Shared: 8192² (q/k/v) + 8192² (o) + 8192² (gate/up) + 29568² (down) fp64, and the down factorization's working set.
+        let hessians = Double((3 * 8192 * 8192 + 29568 * 29568) * 8) / 1073741824
+        for (a, b) in zip(plain, shared) { XCTAssertGreaterThan(b - a, hessians - 0.1, "\(plain) vs \(shared)") }
+        for (b, c) in zip(shared, perLinear) { XCTAssertGreaterThan(c, b) }
+        let small = try mbq(["plan", "--preset", "qwen2-72b", "--workers", "8x24GiB@1000", "--scratch", "--gptq", "per-linear"])
+        XCTAssertNotEqual(small.status, 0)
+        XCTAssertTrue(small.stderr.contains("add workers or memory"), small.stderr)
+    }
 }
