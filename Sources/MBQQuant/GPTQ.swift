@@ -150,90 +150,104 @@ public enum GPTQ {
             }
             for (k, q) in staticParams.enumerated() { scales[k] = q.scale; zeros[k] = UInt8(q.zero) }
         }
-        let perm = f.perm, hinv = f.hinv
-        if s.actOrder { W = permuteColumns(W, rows: rows, cols: cols, perm) }
+        if s.actOrder { W = permuteColumns(W, rows: rows, cols: cols, f.perm) }
 
-        var codes = [UInt8](repeating: 0, count: rows * cols)      // permuted order
-        var lossPerRow = [Double](repeating: 0, count: rows)
-        var err = [Float](repeating: 0, count: rows * s.blockSize)
+        // Working buffers for the row-parallel loop (freed on return).
+        let pw = Buffer(W), ph = Buffer(f.hinv)
+        let pq = Buffer([UInt8](repeating: 0, count: rows * cols))      // codes, permuted order
+        let ps = Buffer(scales), pz = Buffer(zeros)
+        let pe = Buffer([Float](repeating: 0, count: rows * s.blockSize))  // Err1 [rows, block]
+        let pl = Buffer([Double](repeating: 0, count: rows))              // loss per row
+        defer { pw.free(); ph.free(); pq.free(); ps.free(); pz.free(); pe.free(); pl.free() }
+        let perm = f.perm
         for i1 in stride(from: 0, to: cols, by: s.blockSize) {
             let i2 = Swift.min(i1 + s.blockSize, cols), count = i2 - i1
-            W.withUnsafeMutableBufferPointer { pw in
-            hinv.withUnsafeBufferPointer { ph in
-            codes.withUnsafeMutableBufferPointer { pq in
-            scales.withUnsafeMutableBufferPointer { ps in
-            zeros.withUnsafeMutableBufferPointer { pz in
-            err.withUnsafeMutableBufferPointer { pe in
-            lossPerRow.withUnsafeMutableBufferPointer { pl in
-                let (pw, ph, pq, ps, pz, pe, pl) = (pw, ph, pq, ps, pz, pe, pl)
-                let staticParams = staticParams, rowParams = rowParams
-                parallelChunks(rows, minChunk: 16) { range in
-                    var w1 = [Float](repeating: 0, count: count)
-                    for r in range {
-                        let row = r * cols
-                        for i in 0..<count { w1[i] = pw[row + i1 + i] }
-                        // The group in force at the block's first column (a group longer
-                        // than a block began in an earlier one).
+            parallelChunks(rows, minChunk: 16) { range in
+                var w1 = [Float](repeating: 0, count: count)
+                for r in range {
+                    let row = r * cols
+                    for i in 0..<count { w1[i] = pw[row + i1 + i] }
+                    // The group in force at the block's first column (a group longer than a
+                    // block began in an earlier one); per channel, the row's.
+                    var quant: GPTQQuantizer
+                    if s.group <= 0 {
+                        quant = rowParams[r]
+                    } else {
                         let open = r * groupsPerRow + i1 / g
-                        var quant = s.group <= 0 || !staticParams.isEmpty ? (rowParams.isEmpty ? GPTQQuantizer(scale: 1, zero: 0, maxq: maxq) : rowParams[r])
-                            : GPTQQuantizer(scale: ps[open], zero: Float(pz[open]), maxq: maxq)
-                        var loss = 0.0
-                        for i in 0..<count {
-                            let col = i1 + i
-                            if !staticParams.isEmpty {
-                                quant = staticParams[r * groupsPerRow + perm[col] / g]
-                            } else if s.group > 0 && col % g == 0 {
-                                // From W as of this block's start, as the reference reads it.
-                                quant = GPTQQuantizer(UnsafeBufferPointer(start: pw.baseAddress! + row + col, count: g), maxq: maxq)
-                                ps[r * groupsPerRow + col / g] = quant.scale
-                                pz[r * groupsPerRow + col / g] = UInt8(quant.zero)
-                            }
-                            let x = w1[i]
-                            let code = quant.code(x)
-                            let q = quant.dequantize(code)
-                            pq[row + col] = UInt8(code)
-                            let d = ph[col * cols + col]
-                            let diff = x - q
-                            loss += Double(diff * diff / (d * d))
-                            let e = diff / d
-                            let hrow = col * cols + i1
-                            for k in i..<count {
-                                let t = e * ph[hrow + k]
-                                w1[k] -= t
-                            }
-                            pe[r * s.blockSize + i] = e
-                        }
-                        if s.group <= 0 {
-                            ps[r] = quant.scale
-                            pz[r] = UInt8(quant.zero)
-                        }
-                        pl[r] += loss / 2
+                        quant = GPTQQuantizer(scale: ps[open], zero: Float(pz[open]), maxq: maxq)
                     }
+                    var loss = 0.0
+                    for i in 0..<count {
+                        let col = i1 + i
+                        if !staticParams.isEmpty {
+                            quant = staticParams[r * groupsPerRow + perm[col] / g]
+                        } else if s.group > 0 && col % g == 0 {
+                            // From W as of this block's start, as the reference reads it.
+                            quant = GPTQQuantizer(UnsafeBufferPointer(start: pw.base + row + col, count: g), maxq: maxq)
+                            ps[r * groupsPerRow + col / g] = quant.scale
+                            pz[r * groupsPerRow + col / g] = UInt8(quant.zero)
+                        }
+                        let x = w1[i]
+                        let code = quant.code(x)
+                        let q = quant.dequantize(code)
+                        pq[row + col] = UInt8(code)
+                        let d = ph[col * cols + col]
+                        let diff = x - q
+                        loss += Double(diff * diff / (d * d))
+                        // W1[:, i:] -= err1 Hinv1[i, i:] (the product rounded, then the
+                        // difference, as torch computes it).
+                        let e = diff / d
+                        let hrow = col * cols + i1
+                        for k in i..<count {
+                            let t = e * ph[hrow + k]
+                            w1[k] -= t
+                        }
+                        pe[r * s.blockSize + i] = e
+                    }
+                    if s.group <= 0 {
+                        ps[r] = quant.scale
+                        pz[r] = UInt8(quant.zero)
+                    }
+                    pl[r] += loss / 2
                 }
-                // W[:, i2:] -= Err1 Hinv[i1:i2, i2:]
-                if i2 < cols {
-                    Float.gemm(transA: false, transB: false, m: rows, n: cols - i2, k: count, alpha: -1,
-                               a: UnsafePointer(pe.baseAddress!), lda: s.blockSize, b: ph.baseAddress! + i1 * cols + i2, ldb: cols,
-                               beta: 1, c: pw.baseAddress! + i2, ldc: cols)
-                }
             }
-            }
-            }
-            }
-            }
-            }
+            // W[:, i2:] -= Err1 Hinv[i1:i2, i2:]
+            if i2 < cols {
+                Float.gemm(transA: false, transB: false, m: rows, n: cols - i2, k: count, alpha: -1,
+                           a: UnsafePointer(pe.base), lda: s.blockSize, b: ph.base + i1 * cols + i2, ldb: cols,
+                           beta: 1, c: pw.base + i2, ldc: cols)
             }
         }
+        var codes = pq.array
+        scales = ps.array
+        zeros = pz.array
         var gIdx: [Int32]? = nil
         if s.actOrder {
             var inverse = [Int](repeating: 0, count: cols)
-            for (k, c) in perm.enumerated() { inverse[c] = k }
+            for (k, c) in f.perm.enumerated() { inverse[c] = k }
             codes = permuteColumns(codes, rows: rows, cols: cols, inverse)
             if s.group > 0 && !s.staticGroups { gIdx = inverse.map { Int32($0 / g) } }
         }
         return GPTQResult(codes: QuantizedWeight(rows: rows, cols: cols, bits: s.bits, group: g, symmetric: false,
                                                  codes: codes, scales: scales, zeros: zeros, gIdx: gIdx),
-                          loss: lossPerRow.reduce(0, +))
+                          loss: pl.array.reduce(0, +))
+    }
+
+    /// A copy of an array in manually managed memory, which the row chunks of the loop
+    /// write concurrently (disjoint rows) without the nested `withUnsafe…` closures.
+    struct Buffer<E>: @unchecked Sendable {
+        let raw: UnsafeMutableBufferPointer<E>
+        init(_ a: [E]) {
+            raw = .allocate(capacity: a.count)
+            _ = raw.initialize(from: a)
+        }
+        var base: UnsafeMutablePointer<E> { raw.baseAddress! }
+        subscript(i: Int) -> E {
+            get { raw[i] }
+            nonmutating set { raw[i] = newValue }
+        }
+        var array: [E] { Array(raw) }
+        func free() { raw.deallocate() }
     }
 
     /// out[r, k] = x[r, perm[k]]. x: [rows, cols]
