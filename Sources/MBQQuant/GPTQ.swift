@@ -162,11 +162,13 @@ public enum GPTQ {
         let perm = f.perm
         for i1 in stride(from: 0, to: cols, by: s.blockSize) {
             let i2 = Swift.min(i1 + s.blockSize, cols), count = i2 - i1
+            // Plain pointers in the hot loop (the optimizer keeps them in registers).
+            let w = pw.base, hinv = UnsafePointer(ph.base), q = pq.base, sc = ps.base, zp = pz.base, er = pe.base, ls = pl.base
             parallelChunks(rows, minChunk: 16) { range in
                 var w1 = [Float](repeating: 0, count: count)
                 for r in range {
                     let row = r * cols
-                    for i in 0..<count { w1[i] = pw[row + i1 + i] }
+                    for i in 0..<count { w1[i] = w[row + i1 + i] }
                     // The group in force at the block's first column (a group longer than a
                     // block began in an earlier one); per channel, the row's.
                     var quant: GPTQQuantizer
@@ -174,7 +176,7 @@ public enum GPTQ {
                         quant = rowParams[r]
                     } else {
                         let open = r * groupsPerRow + i1 / g
-                        quant = GPTQQuantizer(scale: ps[open], zero: Float(pz[open]), maxq: maxq)
+                        quant = GPTQQuantizer(scale: sc[open], zero: Float(zp[open]), maxq: maxq)
                     }
                     var loss = 0.0
                     for i in 0..<count {
@@ -183,32 +185,32 @@ public enum GPTQ {
                             quant = staticParams[r * groupsPerRow + perm[col] / g]
                         } else if s.group > 0 && col % g == 0 {
                             // From W as of this block's start, as the reference reads it.
-                            quant = GPTQQuantizer(UnsafeBufferPointer(start: pw.base + row + col, count: g), maxq: maxq)
-                            ps[r * groupsPerRow + col / g] = quant.scale
-                            pz[r * groupsPerRow + col / g] = UInt8(quant.zero)
+                            quant = GPTQQuantizer(UnsafeBufferPointer(start: w + row + col, count: g), maxq: maxq)
+                            sc[r * groupsPerRow + col / g] = quant.scale
+                            zp[r * groupsPerRow + col / g] = UInt8(quant.zero)
                         }
                         let x = w1[i]
                         let code = quant.code(x)
-                        let q = quant.dequantize(code)
-                        pq[row + col] = UInt8(code)
-                        let d = ph[col * cols + col]
-                        let diff = x - q
+                        let dq = quant.dequantize(code)
+                        q[row + col] = UInt8(code)
+                        let d = hinv[col * cols + col]
+                        let diff = x - dq
                         loss += Double(diff * diff / (d * d))
                         // W1[:, i:] -= err1 Hinv1[i, i:] (the product rounded, then the
                         // difference, as torch computes it).
                         let e = diff / d
                         let hrow = col * cols + i1
                         for k in i..<count {
-                            let t = e * ph[hrow + k]
+                            let t = e * hinv[hrow + k]
                             w1[k] -= t
                         }
-                        pe[r * s.blockSize + i] = e
+                        er[r * s.blockSize + i] = e
                     }
                     if s.group <= 0 {
-                        ps[r] = quant.scale
-                        pz[r] = UInt8(quant.zero)
+                        sc[r] = quant.scale
+                        zp[r] = UInt8(quant.zero)
                     }
-                    pl[r] += loss / 2
+                    ls[r] += loss / 2
                 }
             }
             // W[:, i2:] -= Err1 Hinv[i1:i2, i2:]

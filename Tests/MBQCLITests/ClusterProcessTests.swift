@@ -286,11 +286,20 @@ final class ClusterProcessTests: XCTestCase {
         XCTAssertEqual(events(log, "layer_searched").filter { $0["layer"] as? Int == 0 }.count, 1, "layer 0 searched once:\n\(text(log))")
     }
 
-    func testCoordinatorKilledMidSearchResumes() throws {
+    func testCoordinatorKilledMidSearchResumes() throws { try coordinatorKilledMidSearchResumes(options: ["--w-bit", "3"]) }
+
+    /// GPTQ's codes live with the worker that made them: after the coordinator's restart
+    /// the pipeline rounds the finished layers again (no new report for them) and the
+    /// output is the one-process output.
+    func testCoordinatorKilledMidGPTQResumes() throws {
+        try coordinatorKilledMidSearchResumes(options: ["--method", "gptq", "--hessian-weights", "modality", "--w-bit", "3"])
+    }
+
+    func coordinatorKilledMidSearchResumes(options: [String]) throws {
         let p = port()
         let out = tmp + "/out", job = tmp + "/job", clog1 = tmp + "/coord1.log", clog2 = tmp + "/coord2.log"
-        let args = ["coordinator", "--model", Self.model, "--calib", Self.calib, "--w-bit", "3", "--out", out,
-                    "--bind", "tcp://127.0.0.1:\(p)", "--workers", "1", "--job-dir", job, "--log-format", "json"]
+        let args = ["coordinator", "--model", Self.model, "--calib", Self.calib, "--out", out,
+                    "--bind", "tcp://127.0.0.1:\(p)", "--workers", "1", "--job-dir", job, "--log-format", "json"] + options
         let c1 = try spawn(args, log: clog1)
         let w = try spawn(["worker", "--connect", "tcp://127.0.0.1:\(p)", "--id", "w0", "--threads", "1"], log: tmp + "/w.log",
                           env: ["MBQ_TEST_PHASE_DELAY": "0.8"])
@@ -312,7 +321,7 @@ final class ClusterProcessTests: XCTestCase {
         XCTAssertTrue(hasEvent(clog2, "resumed") { Set($0["finished_layers"] as? [Int] ?? []).isSuperset(of: finishedBefore) }, text(clog2))
         let searchedAgain = Set(events(clog2, "layer_searched").compactMap { $0["layer"] as? Int }).intersection(finishedBefore)
         XCTAssertEqual(searchedAgain, [], "layers searched again after resume:\n\(text(clog2))")
-        try assertSameAsReference(out)
+        try assertSameAsReference(out, options: options)
     }
 
     func testCurveZMQAdmitsOnlyAuthorizedKeys() throws {

@@ -21,16 +21,20 @@ final class GPTQParityTests: XCTestCase {
         ("w3g32_act_static", 3, 32, 128, true, true),
     ]
 
-    func testEachCaseMatchesTheReference() throws {
+    /// The unit fixture and its Hessian: two samples of 150 tokens, added as the port adds them.
+    func unit() throws -> (SafetensorsFile, [Double]) {
         let f = try SafetensorsFile(path: Self.fixtures + "/unit.safetensors")
         let x = try f.floatTensor("x"), tw = try f.floatTensor("tw").data
-        // Two samples of 150 tokens, as the port adds them.
         var acc = HessianAccumulator(cols: x.cols)
         for half in [0..<150, 150..<300] {
             acc.add(Tensor(shape: [half.count, x.cols], data: Array(x.data[(half.lowerBound * x.cols)..<(half.upperBound * x.cols)])),
                     weights: Array(tw[half]))
         }
-        let h = acc.hessian
+        return (f, acc.hessian)
+    }
+
+    func testEachCaseMatchesTheReference() throws {
+        let (f, h) = try unit()
         var table: [String] = []
         for c in Self.unitCases {
             let w = try f.floatTensor(c.name + ".w")
@@ -64,12 +68,9 @@ final class GPTQParityTests: XCTestCase {
     /// The dead column is zero in the result, as the reference leaves it, and the
     /// dequantized weight follows g_idx (each column its own group's scale).
     func testDeadColumnsAndActivationOrderDequantize() throws {
-        let f = try SafetensorsFile(path: Self.fixtures + "/unit.safetensors")
-        let x = try f.floatTensor("x"), tw = try f.floatTensor("tw").data
-        var acc = HessianAccumulator(cols: x.cols)
-        acc.add(x, weights: tw)
+        let (f, h) = try unit()
         let w = try f.floatTensor("w4g128_act.w")
-        let r = try GPTQ.quantize(w, hessian: acc.hessian, settings: GPTQSettings(bits: 4, group: 128, actOrder: true))
+        let r = try GPTQ.quantize(w, hessian: h, settings: GPTQSettings(bits: 4, group: 128, actOrder: true))
         let q = r.codes.dequantized()
         for row in 0..<w.rows { XCTAssertEqual(q.data[row * w.cols + 5], 0, accuracy: r.codes.scales[row * 2] * 0.5 + 1e-6) }
         let gi = try XCTUnwrap(r.codes.gIdx)
@@ -86,14 +87,11 @@ final class GPTQParityTests: XCTestCase {
     /// GPTQ's error on its own Hessian is lower than round-to-nearest's (the reason it
     /// exists), on the unit input.
     func testLowersTheHessianWeightedError() throws {
-        let f = try SafetensorsFile(path: Self.fixtures + "/unit.safetensors")
-        let x = try f.floatTensor("x"), tw = try f.floatTensor("tw").data
-        var acc = HessianAccumulator(cols: x.cols)
-        acc.add(x, weights: tw)
+        let (f, h) = try unit()
         let w = try f.floatTensor("w3g128.w")
-        let r = try GPTQ.quantize(w, hessian: acc.hessian, settings: GPTQSettings(bits: 3, group: 128))
+        let r = try GPTQ.quantize(w, hessian: h, settings: GPTQSettings(bits: 3, group: 128))
         let rtn = QuantReference.groupAsymmetric(w, bits: 3, group: 128)
-        let before = GPTQ.weightedError(w, rtn, hessian: acc.hessian), after = GPTQ.weightedError(w, r.codes.dequantized(), hessian: acc.hessian)
+        let before = GPTQ.weightedError(w, rtn, hessian: h), after = GPTQ.weightedError(w, r.codes.dequantized(), hessian: h)
         XCTAssertLessThan(after, 0.8 * before, "GPTQ \(after) vs round-to-nearest \(before)")
     }
 }
