@@ -36,8 +36,10 @@ public enum DistributedJob {
         spec.memory = MemoryNeeds(shape: shape, inputRows: calib.samples.reduce(0) { $0 + $1.length }, tokens: tokens,
                                   weightBytes: weightBytes)
         if options.usesGPTQ {
-            // One layer's Hessians and GPTQ's working set, held while the layer is rounded.
+            // One layer's Hessians and GPTQ's working set, held while the layer is rounded;
+            // and each held layer's codes (a byte per weight) until the apply phase.
             spec.memory.fixedBytes += Double(LayerHessians.predictedBytes(cfg, perLinear: options.hessianWeights == .gradient))
+            spec.memory.layerWeightBytes += Double(cfg.linearShapes.reduce(0) { $0 + $1.shape[0] * $1.shape[1] })
         }
         spec.identity = identity
         let absOut = OutputGuard.absolute(out)

@@ -67,9 +67,9 @@ public final class Worker: @unchecked Sendable {
     /// Scales per layer and group (searched here, or sent by the coordinator).
     var results: [Int: [String: Mbq_GroupResult]] = [:]
     var quantOptions = QuantizeOptions()
-    /// GPTQ: each owned layer's rounded block and codes from this plan's search, for the
-    /// apply phase (they cannot be rebuilt from scales).
-    var gptqDone: [Int: (block: BackendBlock, codes: [String: QuantizedWeight])] = [:]
+    /// GPTQ: each owned layer's codes from this plan's search, for the apply phase (they
+    /// cannot be rebuilt from scales; a byte per weight, not the dequantized block).
+    var gptqDone: [Int: [String: QuantizedWeight]] = [:]
     /// GPTQ's gradient token weights of the owned layers: layer -> sample -> role -> [T].
     var tokenNorms: [Int: [Int: TokenWeightSet]] = [:]
     /// Tokens per search chunk for the current assignment.
@@ -356,8 +356,11 @@ public final class Worker: @unchecked Sendable {
         let lengths = bundle!.samples.prefix(Int(a.samples)).map(\.length)
         let tokens = lengths.max() ?? 0
         let stage = Double(lengths.reduce(0, +) * cfg.hiddenSize * 4)
+        // GPTQ: one layer's Hessians while it is rounded, and every owned layer's codes
+        // (a byte per weight) until the apply phase.
         let gptqBytes = quantOptions.usesGPTQ
-            ? Double(LayerHessians.predictedBytes(cfg, perLinear: quantOptions.hessianWeights == .gradient)) : 0
+            ? Double(LayerHessians.predictedBytes(cfg, perLinear: quantOptions.hessianWeights == .gradient)
+                     + range.count * cfg.linearShapes.reduce(0) { $0 + $1.shape[0] * $1.shape[1] }) : 0
         let fixed = MemoryNeeds.working(cfg, tokens: tokens) + Double(range.count * tokens * cfg.hiddenSize * 4) + gptqBytes
         let free = max(0, Double(options.maxMemoryBytes) - Double(weights) - fixed)
         let chunk = MemoryNeeds.searchChunk(cfg, free: options.scratch == nil ? max(0, free - 2 * stage) : free,

@@ -236,7 +236,7 @@ extension Worker {
                                                               caption: samples[i].caption, attnRatio: attn, mlpRatio: mlp,
                                                               gradientNorms: norms[i])
                                    }, options: quantOptions, backend: backend)
-        gptqDone[l] = (q.block, q.codes)
+        gptqDone[l] = q.codes
         return q
     }
 
@@ -265,17 +265,24 @@ extension Worker {
     func apply() throws {
         let shared = try outputIsShared()
         for l in range {
-            let q: (block: BackendBlock, codes: [String: QuantizedWeight])
+            let block: DecoderBlockWeights<Float>, codes: [String: QuantizedWeight]
             if quantOptions.usesGPTQ {
+                // The scaled block with each linear its GPTQ codes dequantized, as
+                // `GPTQLayer.quantize` made it.
                 guard let done = gptqDone.removeValue(forKey: l) else {
                     throw ProtocolError.malformed("apply: layer \(l)'s GPTQ codes were not made by this worker's search")
                 }
-                q = done
+                var b = try backend.downloadBlock(try scaledBlock(l))
+                for (role, path) in ApplyScales.linears {
+                    guard let c = done[role] else { throw ProtocolError.malformed("apply: layer \(l) has no GPTQ codes for \(role)") }
+                    b[keyPath: path] = c.dequantized(precision: quantOptions.scaleDType.scalePrecision)
+                }
+                (block, codes) = (b, done)
             } else {
-                q = try quantizedBlock(l)
+                let q = try quantizedBlock(l)
+                (block, codes) = (try backend.downloadBlock(q.block), q.codes)
             }
-            let shard = try QuantizedCheckpointWriter.layerShard(ckpt!, layer: l, block: try backend.downloadBlock(q.block), codes: q.codes,
-                                                                 options: quantOptions)
+            let shard = try QuantizedCheckpointWriter.layerShard(ckpt!, layer: l, block: block, codes: codes, options: quantOptions)
             if shared {
                 try QuantizedCheckpointWriter.writeShard(shard.file, shard.bytes, into: assignment.outputDir)
                 var b = Mbq_BlockWritten()

@@ -250,7 +250,7 @@ struct PlanCommand: ParsableCommand {
     @Option(help: "Share of rows the search loss reads (vision + caption tokens).") var lossRows = 0.6
     @Option(help: "Compute threads per worker (its non-GEMM loops use them on large tensors).") var workerThreads = 8
     @Flag(help: "Workers have --scratch: block inputs spill to disk instead of counting against memory.") var scratch = false
-    @Option(help: ArgumentHelp("GPTQ jobs: count a layer's Hessians, one per captured input (none, modality weights) or per linear (gradient weights).",
+    @Option(help: ArgumentHelp("GPTQ jobs: count a layer's Hessians, one per captured input (none, modality weights) or per linear (gradient weights), and each held layer's codes.",
                                valueName: "per-input|per-linear"))
     var gptq: String?
     @Option(help: "Take --samples and --tokens from this calibration bundle (its header only).") var calib: String?
@@ -296,6 +296,7 @@ struct PlanCommand: ParsableCommand {
                 needs.fixedBytes += Double(LayerHessians.predictedBytes(hidden: shape.hidden, intermediate: shape.intermediate,
                                                                         attention: shape.heads * shape.headDim, kv: shape.kvHeads * shape.headDim,
                                                                         perLinear: gptq == "per-linear"))
+                needs.layerWeightBytes += shape.paramsPerLayer   // each held layer's codes until the apply phase
             }
             let candidates = ws.enumerated().map { i, w in
                 ("\(i)", w.gflops, needs.capacity(memory: UInt64(w.memoryBytes), spills: scratch, layers: shape.layers))
