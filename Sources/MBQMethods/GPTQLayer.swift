@@ -133,8 +133,9 @@ public final class LayerHessians {
     public var bytes: Int { sums.values.reduce(0) { $0 + $1.sum.count * 8 } }
 
     /// What one layer's Hessians take at most, plus the largest linear's GPTQ working set:
-    /// its fp32 weight copy and, while factorizing, two [in, in] fp64 arrays (the damped
-    /// copy and the inverse; the fp32 factor replaces the first).
+    /// its fp32 weight copy and, while factorizing, three [in, in] fp64 arrays (the Hessian
+    /// taken from the sums, kept for the error report; its damped copy; the inverse — the
+    /// fp32 factor replaces the copy).
     public static func predictedBytes(_ cfg: LanguageModelConfig, perLinear: Bool) -> Int {
         predictedBytes(hidden: cfg.hiddenSize, intermediate: cfg.intermediateSize, attention: cfg.numHeads * cfg.headDim,
                        kv: cfg.numKVHeads * cfg.headDim, perLinear: perLinear)
@@ -147,7 +148,7 @@ public final class LayerHessians {
         var total = 0, work = 0
         for (cols, outs) in inputs {
             total += (perLinear ? outs.count : 1) * cols * cols * 8
-            for rows in outs { work = Swift.max(work, rows * cols * 4 + cols * cols * 16) }
+            for rows in outs { work = Swift.max(work, rows * cols * 4 + cols * cols * 24) }
         }
         return total + work
     }
