@@ -114,8 +114,9 @@ public struct QuantizeOptions: Sendable {
             if aBit != nil { throw no("GPTQ quantizes weights only: --a-bit is refused with --method gptq / --then gptq") }
             guard [2, 3, 4, 8].contains(wBit) else { throw no("GPTQ: --w-bit \(wBit); supported are 2, 3, 4 and 8 bits") }
             guard damp > 0 && damp < 1 else { throw no("--damp \(damp): a fraction of the mean Hessian diagonal in (0, 1)") }
-            guard blockSize > 0 && (group <= 0 || blockSize % group == 0) else {
-                throw no("--block-size \(blockSize): a positive multiple of the group size \(group)")
+            // Groups and blocks must nest: a block holds whole groups, or a group whole blocks.
+            guard blockSize > 0 && (group <= 0 || blockSize % group == 0 || group % blockSize == 0) else {
+                throw no("--block-size \(blockSize): a positive multiple or divisor of the group size \(group)")
             }
             if actOrder && resolvedFormat == .awq { throw no("--act-order: the AWQ format has no g_idx; use --format gptq or compressed-tensors") }
         } else {

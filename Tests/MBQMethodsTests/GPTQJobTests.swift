@@ -33,6 +33,8 @@ final class GPTQJobTests: XCTestCase {
         var ok = QuantizeOptions()
         ok.method = .mbq; ok.thenGPTQ = true; ok.hessianWeights = .gradient; ok.actOrder = true; ok.wBit = 3
         XCTAssertNoThrow(try ok.validate(for: model.config))
+        ok.blockSize = 32   // blocks inside a group of 128, as the reference allows
+        XCTAssertNoThrow(try ok.validate(for: model.config))
         XCTAssertTrue(ok.sequential && ok.needsGradientPass && ok.usesGPTQ)
     }
 
