@@ -129,9 +129,6 @@ public final class LayerHessians {
         return (a.hessian, a.tokens)
     }
 
-    /// Bytes held: one [C, C] fp64 per Hessian.
-    public var bytes: Int { sums.values.reduce(0) { $0 + $1.sum.count * 8 } }
-
     /// What one layer's Hessians take at most, plus the largest linear's GPTQ working set:
     /// its fp32 weight copy and, while factorizing, three [in, in] fp64 arrays (the Hessian
     /// taken from the sums, kept for the error report; its damped copy; the inverse — the

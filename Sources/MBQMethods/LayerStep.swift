@@ -93,15 +93,23 @@ public enum LayerStep {
 
     /// GPTQ on the scaled layer (docs/DESIGN.md §2.7): its Hessians from its captures on
     /// `input` (the quantized layers' outputs before it), read in chunks of at most
-    /// `chunkTokens` tokens, each sample's tokens weighted by `weights(i)`; the weights
-    /// the output holds, every linear's codes, each linear's report.
+    /// `chunkTokens` tokens, each sample's tokens weighted as `--hessian-weights` says
+    /// (`GPTQLayer.tokenWeights`: the layer's ratios, or sample i's gradient norms
+    /// `gradientNorms[i]`); the weights the output holds, every linear's codes, each
+    /// linear's report.
     public static func gptq(layer l: Int, scaled b: BackendBlock, samples: [CalibrationSample],
                             input: @escaping (Int) throws -> BackendTensor, rope: @escaping (CalibrationSample) -> RoPETable<Float>,
-                            chunkTokens: Int?, weights: @escaping (Int) -> TokenWeightSet, options: QuantizeOptions,
-                            backend: ComputeBackend) throws
+                            chunkTokens: Int?, attnRatio: Double, mlpRatio: Double, gradientNorms: [Int: TokenWeightSet],
+                            options: QuantizeOptions, backend: ComputeBackend) throws
         -> (block: BackendBlock, codes: [String: QuantizedWeight], reports: [GPTQLinearReport]) {
+        let mode = options.hessianWeights
         let read = captures(block: b, samples: samples, input: input, rope: rope, chunkTokens: chunkTokens, backend: backend) { _, _ in }
-            .map { (sample: $0.sample, weights: weights($0.index)) }
+            .map { c in
+                let s = samples[c.index]
+                return (sample: c.sample, weights: GPTQLayer.tokenWeights(mode, attention: s.attention, vision: s.vision, caption: s.caption,
+                                                                          attnRatio: attnRatio, mlpRatio: mlpRatio,
+                                                                          gradientNorms: gradientNorms[c.index]))
+            }
         return try backend.gptqLayer(l, b, samples: read, settings: options.gptqSettings, perLinear: options.hessianWeights == .gradient,
                                      rtn: options.weightQuantizer, precision: options.scaleDType.scalePrecision)
     }

@@ -136,14 +136,9 @@ public enum QuantizeJob {
             fp = nil
             let q: (block: BackendBlock, codes: [String: QuantizedWeight])
             if options.usesGPTQ {
-                let layerNorms = norms.removeValue(forKey: l) ?? [:]
-                let r = ratios.layers[l]
                 let g = try LayerStep.gptq(layer: l, scaled: scaled, samples: samples, input: walk.input, rope: rope, chunkTokens: chunkTokens,
-                                           weights: { i in
-                                               GPTQLayer.tokenWeights(options.hessianWeights, attention: samples[i].attention,
-                                                                      vision: samples[i].vision, caption: samples[i].caption,
-                                                                      attnRatio: r.attnRatio, mlpRatio: r.mlpRatio, gradientNorms: layerNorms[i])
-                                           }, options: options, backend: backend)
+                                           attnRatio: ratios.layers[l].attnRatio, mlpRatio: ratios.layers[l].mlpRatio,
+                                           gradientNorms: norms.removeValue(forKey: l) ?? [:], options: options, backend: backend)
                 q = (g.block, g.codes)
                 reports += g.reports
                 let gain = g.reports.map { $0.errorBefore / Swift.max($0.errorAfter, .leastNonzeroMagnitude) }

@@ -49,9 +49,6 @@ public struct QuantizedWeight: Sendable, Equatable {
         self.gIdx = gIdx
     }
 
-    /// Column c's group index: `gIdx[c]`, or c / group.
-    @inlinable public func groupIndex(column c: Int) -> Int { gIdx.map { Int($0[c]) } ?? c / group }
-
     /// g_idx as the GPTQ format stores it, [cols]: every column's group.
     public var groupIndices: [Int32] { gIdx ?? (0..<cols).map { Int32($0 / group) } }
 

@@ -229,13 +229,9 @@ extension Worker {
         if quantOptions.hessianWeights == .gradient && norms.isEmpty {
             throw ProtocolError.malformed("GPTQ with gradient weights, but this worker holds no token gradients of layer \(l) (no backward in this plan)")
         }
-        let mode = quantOptions.hessianWeights
         let q = try LayerStep.gptq(layer: l, scaled: try scaledBlock(l), samples: samples, input: walk.input, rope: rope,
-                                   chunkTokens: chunkTokens, weights: { i in
-                                       GPTQLayer.tokenWeights(mode, attention: samples[i].attention, vision: samples[i].vision,
-                                                              caption: samples[i].caption, attnRatio: attn, mlpRatio: mlp,
-                                                              gradientNorms: norms[i])
-                                   }, options: quantOptions, backend: backend)
+                                   chunkTokens: chunkTokens, attnRatio: attn, mlpRatio: mlp, gradientNorms: norms,
+                                   options: quantOptions, backend: backend)
         gptqDone[l] = q.codes
         return q
     }
