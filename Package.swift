@@ -47,7 +47,7 @@ let package = Package(
         .target(name: "MBQCoordinator", dependencies: ["MBQWire", "MBQMethods", "MBQFormats", "MBQTensor"]),
         // A worker: its link to the coordinator, the phases on its layers, cached inputs.
         .target(name: "MBQWorker", dependencies: [
-            "MBQWire", "MBQCoordinator", "MBQMethods", "MBQModel", "MBQFormats", "MBQQuant", "MBQTensor", "CZMQ",
+            "MBQWire", "MBQMethods", "MBQModel", "MBQFormats", "MBQQuant", "MBQTensor", "CZMQ",
             .product(name: "Logging", package: "swift-log"),
         ]),
         // The coordinator's shell (owns its socket) and the distributed job end to end.

@@ -32,7 +32,7 @@ public enum DistributedJob {
                            expectedWorkers: workers)
         let shape = CostModel.Shape(cfg)
         let tokens = calib.samples.map(\.length).max() ?? 0
-        let weightBytes = MemoryNeeds.heldWeightBytes(stored: ckpt.weightDType)
+        let weightBytes = MemoryBudget.heldWeightBytes(stored: ckpt.weightDType)
         spec.memory = MemoryNeeds(shape: shape, inputRows: calib.samples.reduce(0) { $0 + $1.length }, tokens: tokens,
                                   weightBytes: weightBytes)
         if options.usesGPTQ {
@@ -56,7 +56,7 @@ public enum DistributedJob {
         load.lossRowFraction = Double(rows.reduce(0, +)) / Double(max(1, calib.count * tokens))
         load.labelRows = Double(calib.samples.map { $0.labels.filter { $0 != -100 }.count }.reduce(0, +)) / Double(max(1, calib.count))
         load.needsStats = spec.needsStats
-        load.searchEvaluations = options.method == .rtn ? nil : (options.method == .smoothquant ? 0 : 21)
+        load.searchEvaluations = options.method == .rtn ? nil : (options.method == .smoothquant ? 0 : Double(SearchOptions.defaultGrid))
         load.distort = options.sequential
         load.weightBytes = weightBytes
         spec.workload = load

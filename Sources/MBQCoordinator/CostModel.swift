@@ -1,14 +1,14 @@
 import Foundation
 import MBQFormats
+import MBQMethods
 import MBQWire
 
 /// Predicts a distributed job's time per phase (memory: MemoryNeeds) from the model's
 /// shape, the calibration set and the workers' measured speeds.
 ///
 /// Every GEMM of a phase is counted (a block's q/k/v/o and MLP products, attention's
-/// per-head products, the loss head's on the labelled rows; the search's 20 grid points
-/// plus the fp baseline per group, the token-wise groups only on the rows the loss
-/// reads) and timed at the rate the worker measured for a GEMM of that size
+/// per-head products, the loss head's on the labelled rows; the search's grid points
+/// per group, the token-wise groups only on the rows the loss reads) and timed at the rate the worker measured for a GEMM of that size
 /// (`rates`, GFLOP/s on n x n x n for n in `curveSizes`, interpolated at the cube root
 /// of m·k·n), so small models pay for small GEMMs. Loops that are not GEMMs (norms,
 /// RoPE, softmax, SiLU, quantization) are charged as bytes at `elementwiseGBps`. Workers
@@ -16,7 +16,7 @@ import MBQWire
 /// against runs on this machine (README "Cost model").
 public struct CostModel: Sendable {
     /// The square GEMM sizes a worker measures at registration.
-    public static let curveSizes = [64, 128, 256, 512, 1024]
+    public static let curveSizes = GEMMRateSizes.all
     /// rate(n) / rate(512) measured here (one thread, OpenBLAS SkylakeX kernels), for
     /// workers known by one number (`mbq plan --workers 16x64GiB@1000`).
     public static let referenceCurve: [Double] = [1.05, 0.89, 1.04, 1.0, 1.0]
@@ -72,8 +72,10 @@ public struct CostModel: Sendable {
             let t = Double(tokens)
             return 2 * t * paramsPerLayer + 2 * 2 * t * (t / 2) * Double(heads * headDim)
         }
-        /// Without GQA the o_proj group is searched too.
-        var searchesO: Bool { kvHeads == heads && heads * headDim == hidden }
+        /// Whether the o_proj group is searched (`SearchGroupSpec.isSearched`).
+        var searchesO: Bool {
+            ScaleSearch.groups(vShape: [kvHeads * headDim, hidden], oShape: [hidden, heads * headDim]).contains(.o)
+        }
     }
 
     /// What the job computes on.
@@ -86,9 +88,10 @@ public struct CostModel: Sendable {
         /// Labelled rows per sample (the loss head's logits).
         public var labelRows = 0.0
         public var needsStats = true
-        /// Evaluations per group in the search phase: 21 for the grid search, 0 when the
-        /// phase only captures activations (SmoothQuant), nil when there is none (RTN).
-        public var searchEvaluations: Double? = 21
+        /// Evaluations per group in the search phase: the grid's points for the grid
+        /// search, 0 when the phase only captures activations (SmoothQuant), nil when there
+        /// is none (RTN).
+        public var searchEvaluations: Double? = Double(SearchOptions.defaultGrid)
         public var distort = false
         /// Bytes per weight the workers hold their blocks in: 2 when they keep a bf16
         /// checkpoint's linears as bf16 and widen them for every use.

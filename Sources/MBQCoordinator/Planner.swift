@@ -1,28 +1,36 @@
 import Foundation
 import MBQFormats
+import MBQMethods
 import MBQWire
 
-/// What a worker's memory must hold, per the plan (docs/DESIGN.md §1, memory): per held
+/// What a worker's memory must hold, per the plan (docs/DESIGN.md §1): per held
 /// layer its weights as stored and one sample's input to it (the backward recomputes the
 /// inputs the budget did not keep); two layers' inputs for every sample (the stage's
 /// first layer's, kept from the forward; in the search, the current layer's and the
 /// outputs it makes) unless it spills them to --scratch; and a fixed part: the final
 /// norm and lm_head for the last stage (reserved on every worker so any can be last),
 /// one sample's working set through one block, one layer's fp32 working copies and the
-/// search's smallest chunk (one sample).
+/// search's smallest chunk (one sample). The budget is split as the worker splits it
+/// (`MemoryBudget`).
 public struct MemoryNeeds: Sendable, Equatable {
     public var layerWeightBytes: Double = 0
     /// One layer's inputs for every calibration sample.
     public var stageInputBytes: Double = 0
     public var fixedBytes: Double = 0
-    /// The search's smallest chunk (one sample), part of `fixedBytes`.
-    public var minChunkBytes: Double = 0
+    /// The search chunk's bytes per token (`MemoryBudget.searchBytesPerToken`) and the
+    /// longest sample, the smallest chunk (part of `fixedBytes`).
+    public var chunkBytesPerToken: Double = 0
+    public var longestTokens = 0
 
-    public init(layerWeightBytes: Double = 0, stageInputBytes: Double = 0, fixedBytes: Double = 0, minChunkBytes: Double = 0) {
+    public var minChunkBytes: Double { chunkBytesPerToken * Double(longestTokens) }
+
+    public init(layerWeightBytes: Double = 0, stageInputBytes: Double = 0, fixedBytes: Double = 0,
+                chunkBytesPerToken: Double = 0, longestTokens: Int = 0) {
         self.layerWeightBytes = layerWeightBytes
         self.stageInputBytes = stageInputBytes
         self.fixedBytes = fixedBytes
-        self.minChunkBytes = minChunkBytes
+        self.chunkBytesPerToken = chunkBytesPerToken
+        self.longestTokens = longestTokens
     }
 
     /// For a model: block weights held as stored (`weightBytes` per parameter: 2 for a
@@ -30,45 +38,13 @@ public struct MemoryNeeds: Sendable, Equatable {
     /// one recomputed input of `tokens` per layer; `inputRows` rows (every sample's
     /// tokens) per layer's inputs; the fixed part at `tokens` per sample.
     public init(shape s: CostModel.Shape, inputRows: Int, tokens: Int, weightBytes: Int = 4) {
-        let chunk = Double(tokens) * Self.searchBytesPerToken(hidden: s.hidden, intermediate: s.intermediate)
+        let per = MemoryBudget.searchBytesPerToken(hidden: s.hidden, intermediate: s.intermediate)
         self.init(layerWeightBytes: s.paramsPerLayer * Double(weightBytes) + Double(2 * s.hidden * 4) + Double(tokens * s.hidden * 4),
                   stageInputBytes: Double(inputRows * s.hidden * 4),
-                  fixedBytes: Self.fixed(hidden: s.hidden, intermediate: s.intermediate, heads: s.heads, vocab: s.vocab, tokens: tokens)
-                      + Self.layerWorkingBytes(params: s.paramsPerLayer) + chunk,
-                  minChunkBytes: chunk)
-    }
-
-    /// Bytes per weight a worker holds a checkpoint's blocks in: its CPU backend keeps a
-    /// bf16 checkpoint's linears as bf16 (`CPUBackend(keepStoredPrecision:)`); fp16
-    /// values are generally not bf16 values, so anything else is held in fp32.
-    public static func heldWeightBytes(stored: DType) -> Int { stored == .bf16 ? 2 : 4 }
-
-    /// The fp32 copies of the layer being worked on: widened from storage, scaled,
-    /// quantized (the apply step holds all three at once).
-    public static func layerWorkingBytes(params: Double) -> Double { 3 * params * 4 }
-
-    /// What one process needs besides its held weights and the block inputs: the head,
-    /// one sample's working set at `tokens`, one layer's fp32 working copies.
-    public static func working(_ cfg: LanguageModelConfig, tokens: Int) -> Double {
-        fixed(hidden: cfg.hiddenSize, intermediate: cfg.intermediateSize, heads: cfg.numHeads, vocab: cfg.vocabSize, tokens: tokens)
-            + layerWorkingBytes(params: CostModel.Shape(cfg).paramsPerLayer)
-    }
-
-    /// Bytes per token of a search chunk: the captured inputs of q/k/v, o, gate/up and
-    /// down and the attention and MLP outputs ((5 C + I) floats), plus one group's rows
-    /// gathered for its GEMMs and their output (C + I floats at most).
-    public static func searchBytesPerToken(hidden: Int, intermediate: Int) -> Double {
-        Double(6 * hidden + 2 * intermediate) * 4
-    }
-
-    /// The search's chunk (`LayerStep.search`) in tokens, and what it takes: `chunkTokens`
-    /// when given, else what a quarter of `free` (the budget left after weights, working
-    /// set and block inputs) holds; at least one sample of `longest` tokens. One policy
-    /// for the one-process job and the workers.
-    public static func searchChunk(_ cfg: LanguageModelConfig, free: Double, chunkTokens: Int?, longest: Int) -> (tokens: Int, bytes: Double) {
-        let per = searchBytesPerToken(hidden: cfg.hiddenSize, intermediate: cfg.intermediateSize)
-        let tokens = max(longest, chunkTokens ?? Int(min(free / 4 / per, Double(Int32.max))))
-        return (tokens, Double(tokens) * per)
+                  fixedBytes: MemoryBudget.headAndActivations(hidden: s.hidden, intermediate: s.intermediate, heads: s.heads,
+                                                              vocab: s.vocab, tokens: tokens)
+                      + MemoryBudget.layerWorkingBytes(params: s.paramsPerLayer) + per * Double(tokens),
+                  chunkBytesPerToken: per, longestTokens: tokens)
     }
 
     /// What a worker holding `layers` layers needs in memory.
@@ -76,24 +52,15 @@ public struct MemoryNeeds: Sendable, Equatable {
         fixedBytes + Double(layers) * layerWeightBytes + (spills ? 0 : 2 * stageInputBytes)
     }
 
-    /// The fixed part for a model: head weights plus one sample's largest intermediates
-    /// through one block (q/k/v/o, MLP and the saved attention probabilities).
-    public static func fixed(hidden: Int, intermediate: Int, heads: Int, vocab: Int, tokens: Int) -> Double {
-        let t = Double(tokens)
-        let head = Double(vocab * hidden + hidden) * 4 + t * Double(vocab) * 4 * 2
-        let working = t * Double(8 * hidden + 4 * intermediate) * 4 + Double(heads) * t * t * 4
-        return head + working
-    }
-
     /// Of `layers` held layers, how many keep their block inputs from the forward to the
-    /// backward (the first always; the backward recomputes the others'): what is left of
-    /// `memory` once the search's default chunk (a quarter of what the weights, working
-    /// set and two layers' inputs leave) is set aside, as `Worker.assign` splits it.
+    /// backward (the first always; the backward recomputes the others'): what
+    /// `MemoryBudget.split` leaves for inputs once the search's default chunk is set aside.
     public func inputLayersKept(memory: Double, layers: Int, spills: Bool) -> Int {
         guard !spills, stageInputBytes > 0, layers > 0 else { return layers }
         let free = memory - (fixedBytes - minChunkBytes) - Double(layers) * layerWeightBytes
-        let chunk = max(minChunkBytes, (free - 2 * stageInputBytes) / 4)
-        return max(1, min(layers, Int((free - chunk) / stageInputBytes)))
+        let split = MemoryBudget.split(free: free, inMemoryInputs: 2 * stageInputBytes, chunkTokens: nil,
+                                       longest: longestTokens, bytesPerToken: chunkBytesPerToken)
+        return Swift.max(1, Swift.min(layers, Int(split.inputBytes / stageInputBytes)))
     }
 
     /// How many layers fit in `memory` bytes (everything when nothing is known).

@@ -18,29 +18,18 @@ public enum ApplyScales {
         for r in 0..<w.rows { for j in 0..<c { w.data[r * c + j] /= s[r] } }
     }
 
-    static func multiplyColumns(_ w: inout Tensor<Float>, _ s: [Float]) {
-        precondition(w.cols == s.count, "weight \(w.shape) vs scales \(s.count)")
-        let c = w.cols
-        for r in 0..<w.rows { for j in 0..<c { w.data[r * c + j] *= s[j] } }
-    }
-
-    /// Applies one group's scales to the block.
+    /// Applies one group's scales to the block (`SearchGroupSpec`: the previous op's
+    /// output divided, the scaled linears' columns multiplied).
     public static func apply(_ g: SearchGroup, scales s: [Float], to w: inout DecoderBlockWeights<Float>) {
-        switch g {
-        case .qkv:
-            divide(&w.inputNorm, s)
-            multiplyColumns(&w.q, s); multiplyColumns(&w.k, s); multiplyColumns(&w.v, s)
-        case .o:
-            divideRows(&w.v, s)
-            if w.vBias != nil { divide(&w.vBias!, s) }
-            multiplyColumns(&w.o, s)
-        case .gateUp:
-            divide(&w.postAttentionNorm, s)
-            multiplyColumns(&w.gate, s); multiplyColumns(&w.up, s)
-        case .down:
-            divideRows(&w.up, s)
-            multiplyColumns(&w.down, s)
+        let spec = g.spec
+        switch spec.previous {
+        case let .norm(path):
+            divide(&w[keyPath: path], s)
+        case let .linearRows(path, bias):
+            divideRows(&w[keyPath: path], s)
+            if let bias, var b = w[keyPath: bias] { divide(&b, s); w[keyPath: bias] = b }
         }
+        for (_, path) in spec.linears { scaleColumnsInPlace(&w[keyPath: path], by: s) }
     }
 
     /// The block's linears by role, in the order the output formats list them.

@@ -89,6 +89,13 @@ public struct BackendLayerSample: Sendable {
     }
 }
 
+/// The square GEMM sizes a worker measures at registration (`measureGEMMRates`): the
+/// cost model interpolates between them, the planner reads the rate at `planSize`.
+public enum GEMMRateSizes {
+    public static let all = [64, 128, 256, 512, 1024]
+    public static let planSize = 512
+}
+
 public protocol ComputeBackend: Sendable {
     var name: String { get }
 

@@ -37,9 +37,8 @@ public struct GPTQLinearReport: Sendable, Equatable {
 /// Per-token weights of one sample for one layer, by linear role ("q", ..., "down"). [T]
 public typealias TokenWeightSet = [String: [Float]]
 
-/// The linears that read each captured input.
-let gptqInputs: [(input: SearchGroup, roles: [String])] = [(.qkv, ["q", "k", "v"]), (.o, ["o"]), (.gateUp, ["gate", "up"]),
-                                                           (.down, ["down"])]
+/// The linears that read each captured input: the search groups' (`SearchGroupSpec`).
+var gptqInputs: [(input: SearchGroup, roles: [String])] { SearchGroupSpec.table.map { ($0.group, $0.roles) } }
 
 /// One Hessian summed sample by sample in fp64 (docs/DESIGN.md §2.7): each sample's
 /// weighted rows x·√w (fp32 products, as the reference scales its rows by √(2/n))
@@ -115,7 +114,7 @@ public final class LayerHessians {
     /// Adds one sample: its captures and its token weights ([T] per role).
     public func add(_ c: BlockCaptures<Float>, weights: TokenWeightSet) {
         for (input, roles) in gptqInputs {
-            let x = ScaleSearch.input(input, c)
+            let x = c[keyPath: input.spec.input]
             for key in Set(roles.map { keyOf[$0]! }).sorted() {
                 guard let w = weights[key] else { preconditionFailure("no token weights for \(key)") }
                 sums[key, default: HessianAccumulator(cols: x.cols)].add(x, weights: w)

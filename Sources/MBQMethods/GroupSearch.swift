@@ -40,8 +40,8 @@ struct LossRows {
     }
 
     init(_ g: SearchGroup, _ samples: [LayerSample], reweight: Bool) {
-        let pickInput = { (c: BlockCaptures<Float>) in ScaleSearch.input(g, c) }
-        let pickTarget = { (c: BlockCaptures<Float>) in g.isAttention ? c.attentionOutput : c.mlpOutput }
+        let pickInput = { (c: BlockCaptures<Float>) in c[keyPath: g.spec.input] }
+        let pickTarget = { (c: BlockCaptures<Float>) in c[keyPath: g.spec.judged] }
         var keep: [(Int, Int)] = []
         for (si, s) in samples.enumerated() {
             for r in 0..<s.attention.count where reweight ? (s.caption[r] || s.vision[r]) : s.attention[r] {
@@ -95,9 +95,10 @@ struct LossRows {
     /// As a sample the group's module runs on (every row attended).
     func sample(_ g: SearchGroup) -> LayerSample {
         let empty = Tensor<Float>(zeros: [count, 0])
-        let caps = BlockCaptures(qkvInput: empty, oInput: g == .o ? input : empty, gateUpInput: g == .gateUp ? input : empty,
-                                 downInput: g == .down ? input : empty,
-                                 attentionOutput: g.isAttention ? target : empty, mlpOutput: g.isAttention ? empty : target)
+        var caps = BlockCaptures(qkvInput: empty, oInput: empty, gateUpInput: empty, downInput: empty,
+                                 attentionOutput: empty, mlpOutput: empty)
+        caps[keyPath: g.spec.input] = input
+        caps[keyPath: g.spec.judged] = target
         let one = RoPETable<Float>(positions: [[0]], headDim: 2, theta: 1)
         return LayerSample(captures: caps, rope: one, attention: [Bool](repeating: true, count: count), vision: vision, caption: caption)
     }
@@ -142,10 +143,10 @@ struct GroupSearch {
         for k in 0..<options.grid {
             let s = scales(k)
             var q: [String: Tensor<Float>] = [:]
-            for (name, t) in ScaleSearch.linears(group, w) { q[name] = ScaleSearch.searchWeight(t, s, options) }
+            for (role, path) in group.spec.linears { q[role] = ScaleSearch.searchWeight(w[keyPath: path], s, options) }
             for sample in batch {
                 let out = ScaleSearch.runModule(group, w, s, sample: sample, options, quantized: q)
-                let ref = group.isAttention ? sample.captures.attentionOutput : sample.captures.mlpOutput
+                let ref = sample.captures[keyPath: group.spec.judged]
                 losses[k].add(out, ref, sample: sample, squared: options.loss == .mse)
             }
         }

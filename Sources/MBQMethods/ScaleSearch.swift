@@ -4,20 +4,6 @@ import MBQModel
 import MBQQuant
 import MBQTensor
 
-/// The four scaling groups of a Llama/Qwen2 block (docs/DESIGN.md §2).
-public enum SearchGroup: String, CaseIterable, Sendable {
-    /// input_layernorm -> q, k, v; compared on the whole self-attention.
-    case qkv
-    /// v_proj -> o_proj; compared on o_proj (only without GQA).
-    case o
-    /// post_attention_layernorm -> gate, up; compared on the whole MLP.
-    case gateUp = "gate_up"
-    /// up_proj -> down_proj; compared on down_proj.
-    case down
-
-    public var isAttention: Bool { self == .qkv || self == .o }
-}
-
 public enum SearchLoss: String, Sendable, CaseIterable {
     case mae, mse
 }
@@ -29,9 +15,14 @@ public struct SearchOptions: Sendable {
     public var loss: SearchLoss
     /// MBQ's modality reweighting; false = AWQ's uniform loss over non-padding positions.
     public var reweight: Bool
+    /// Grid points a = k / grid, k = 0 ..< grid: one candidate each.
     public var grid: Int
 
-    public init(weights: WeightQuantizer, actBits: Int? = nil, loss: SearchLoss = .mae, reweight: Bool, grid: Int = 20) {
+    /// The authors' grid (`n_grid = 20` in `auto_scale_block`): the search and the cost
+    /// model both read it.
+    public static let defaultGrid = 20
+
+    public init(weights: WeightQuantizer, actBits: Int? = nil, loss: SearchLoss = .mae, reweight: Bool, grid: Int = defaultGrid) {
         self.weights = weights; self.actBits = actBits; self.loss = loss; self.reweight = reweight; self.grid = grid
     }
 }
@@ -139,21 +130,19 @@ struct LossAccumulator {
 }
 
 public enum ScaleSearch {
-    /// Groups searched for a block: o only when v_proj and o_proj have the same shape (no GQA).
+    /// The groups searched in a block with these v_proj / o_proj shapes
+    /// (`SearchGroupSpec.isSearched`), in table order.
+    public static func groups(vShape: [Int], oShape: [Int]) -> [SearchGroup] {
+        SearchGroupSpec.table.filter { $0.isSearched(vShape: vShape, oShape: oShape) }.map(\.group)
+    }
+
     public static func groups(for w: DecoderBlockWeights<Float>) -> [SearchGroup] {
         groups(vShape: w.v.shape, oShape: w.o.shape)
     }
 
-    /// The rule itself (the authors' code): the o group only when v_proj and o_proj have
-    /// the same shape, i.e. no grouped-query attention.
-    public static func groups(vShape: [Int], oShape: [Int]) -> [SearchGroup] {
-        vShape == oShape ? [.qkv, .o, .gateUp, .down] : [.qkv, .gateUp, .down]
-    }
-
     /// The groups searched in a block of this model.
     public static func groups(for cfg: LanguageModelConfig) -> [SearchGroup] {
-        let shapes = Dictionary(uniqueKeysWithValues: cfg.linearShapes.map { ($0.role, $0.shape) })
-        return groups(vShape: shapes["v"]!, oShape: shapes["o"]!)
+        groups(vShape: [cfg.numKVHeads * cfg.headDim, cfg.hiddenSize], oShape: [cfg.hiddenSize, cfg.numHeads * cfg.headDim])
     }
 
     /// s = clamp(xMean^a, 1e-4); s /= sqrt(max(s) min(s)).
@@ -164,24 +153,10 @@ public enum ScaleSearch {
         return s
     }
 
-    /// W diag(s): w [out, in], s [in]
+    /// W diag(s) (or W diag(s)^-1): w [out, in], s [in]
     static func scaleColumns(_ w: Tensor<Float>, _ s: [Float], divide: Bool = false) -> Tensor<Float> {
         var o = w
-        let c = w.cols
-        o.data.withUnsafeMutableBufferPointer { p in
-            s.withUnsafeBufferPointer { ps in
-                let p = p, ps = ps
-                parallelChunks(w.rows, minChunk: 64) { rows in
-                    for r in rows {
-                        if divide {
-                            for j in 0..<c { p[r * c + j] /= ps[j] }
-                        } else {
-                            for j in 0..<c { p[r * c + j] *= ps[j] }
-                        }
-                    }
-                }
-            }
-        }
+        scaleColumnsInPlace(&o, by: s, divide: divide)
         return o
     }
 
@@ -205,39 +180,22 @@ public enum ScaleSearch {
     /// Runs group `g`'s module with scales `s` on one sample. -> module output [T, C]
     static func runModule(_ g: SearchGroup, _ w: DecoderBlockWeights<Float>, _ s: [Float], sample: LayerSample,
                           _ o: SearchOptions, quantized: [String: Tensor<Float>]) -> Tensor<Float> {
-        let c = sample.captures
-        func input(_ x: Tensor<Float>) -> Tensor<Float> {
-            o.actBits.map { quantizedScaledInput(x, s, bits: $0) } ?? x
+        let spec = g.spec
+        var x = sample.captures[keyPath: spec.input]
+        if let bits = o.actBits { x = quantizedScaledInput(x, s, bits: bits) }
+        func q(_ role: String) -> Tensor<Float> {
+            guard let t = quantized[role] else { preconditionFailure("no candidate weight for \(role)") }
+            return t
         }
-        switch g {
-        case .qkv:
+        switch spec.module {
+        case .attention:
             var wq = w
-            wq.q = quantized["q"]!; wq.k = quantized["k"]!; wq.v = quantized["v"]!
-            return selfAttentionForward(input(c.qkvInput), weights: wq, rope: sample.rope, mask: sample.attention).out
-        case .o:
-            return linearForward(input(c.oInput), weight: quantized["o"]!, bias: w.oBias)
-        case .gateUp:
-            return mlpForward(input(c.gateUpInput), gate: quantized["gate"]!, up: quantized["up"]!, down: w.down).y
-        case .down:
-            return linearForward(input(c.downInput), weight: quantized["down"]!)
-        }
-    }
-
-    static func linears(_ g: SearchGroup, _ w: DecoderBlockWeights<Float>) -> [(String, Tensor<Float>)] {
-        switch g {
-        case .qkv: return [("q", w.q), ("k", w.k), ("v", w.v)]
-        case .o: return [("o", w.o)]
-        case .gateUp: return [("gate", w.gate), ("up", w.up)]
-        case .down: return [("down", w.down)]
-        }
-    }
-
-    static func input(_ g: SearchGroup, _ c: BlockCaptures<Float>) -> Tensor<Float> {
-        switch g {
-        case .qkv: return c.qkvInput
-        case .o: return c.oInput
-        case .gateUp: return c.gateUpInput
-        case .down: return c.downInput
+            for (role, path) in spec.linears { wq[keyPath: path] = q(role) }
+            return selfAttentionForward(x, weights: wq, rope: sample.rope, mask: sample.attention).out
+        case let .linear(bias):
+            return linearForward(x, weight: q(spec.linears[0].role), bias: bias.flatMap { w[keyPath: $0] })
+        case .mlp:
+            return mlpForward(x, gate: q("gate"), up: q("up"), down: w.down).y
         }
     }
 
@@ -245,7 +203,7 @@ public enum ScaleSearch {
     public static func searchGroup(_ g: SearchGroup, layer: Int, weights w: DecoderBlockWeights<Float>,
                                    samples: [LayerSample], ratio: Double, options o: SearchOptions) -> GroupResult {
         var mean = ChannelMeanAbs()
-        mean.add(samples.map { input(g, $0.captures) }, masks: samples.map(\.attention))
+        mean.add(samples.map { $0.captures[keyPath: g.spec.input] }, masks: samples.map(\.attention))
         var search = GroupSearch(g, xMean: mean.mean, options: o)
         search.add(samples, weights: w, last: true)
         return search.result(layer: layer, ratio: ratio)
@@ -265,7 +223,7 @@ public enum ScaleSearch {
         var held: [LayerSample]? = nil
         for i in 0..<samples.count {
             let chunk = try samples.read(i)
-            for (k, g) in gs.enumerated() { means[k].add(chunk.map { input(g, $0.captures) }, masks: chunk.map(\.attention)) }
+            for (k, g) in gs.enumerated() { means[k].add(chunk.map { $0.captures[keyPath: g.spec.input] }, masks: chunk.map(\.attention)) }
             if samples.count == 1 { held = chunk }
         }
         var searches = gs.enumerated().map { k, g in GroupSearch(g, xMean: means[k].mean, options: o) }

@@ -44,3 +44,25 @@ public func allFinite<T: BLASScalar>(_ x: Tensor<T>) -> Bool {
 public func firstNonFinite<T: BLASScalar>(_ x: Tensor<T>) -> Int? {
     x.data.firstIndex { !$0.isFinite }
 }
+
+/// Multiplies (or divides) every column j of w by s[j]: W diag(s) or W diag(s)^-1, the
+/// one column scaling of the search's candidates, its scaled activations and the apply.
+/// Element by element, so the row chunks on threads change no bit. w: [R, C], s: [C]
+public func scaleColumnsInPlace(_ w: inout Tensor<Float>, by s: [Float], divide: Bool = false) {
+    precondition(w.cols == s.count, "columns of \(w.shape) vs \(s.count) scales")
+    let c = w.cols, rows = w.rows
+    w.data.withUnsafeMutableBufferPointer { p in
+        s.withUnsafeBufferPointer { ps in
+            let p = p, ps = ps
+            parallelChunks(rows, minChunk: 64) { chunk in
+                for r in chunk {
+                    if divide {
+                        for j in 0..<c { p[r * c + j] /= ps[j] }
+                    } else {
+                        for j in 0..<c { p[r * c + j] *= ps[j] }
+                    }
+                }
+            }
+        }
+    }
+}

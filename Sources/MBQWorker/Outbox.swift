@@ -1,5 +1,4 @@
 import Foundation
-import MBQCoordinator
 import MBQWire
 
 /// Messages the compute thread hands to the thread that owns the control socket

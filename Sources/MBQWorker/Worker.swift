@@ -1,7 +1,6 @@
 import CZMQ
 import Foundation
 import Logging
-import MBQCoordinator
 import MBQFormats
 import MBQMethods
 import MBQModel
@@ -132,8 +131,8 @@ public final class Worker: @unchecked Sendable {
     /// gone for `giveUpAfter` seconds (returns 2). The link's timing is `WorkerLink`'s.
     public func run() throws -> Int32 {
         var (control, monitor) = try openControl()
-        let rates = backend.measureGEMMRates(sizes: CostModel.curveSizes)
-        let gflops = rates[CostModel.curveSizes.firstIndex(of: 512)!]
+        let rates = backend.measureGEMMRates(sizes: GEMMRateSizes.all)
+        let gflops = zip(GEMMRateSizes.all, rates).first { $0.0 == GEMMRateSizes.planSize }?.1 ?? rates.last ?? 0
         var reg = Mbq_Register()
         reg.workerID = options.workerID
         reg.host = ProcessInfo.processInfo.hostName
@@ -350,7 +349,7 @@ public final class Worker: @unchecked Sendable {
         // set and one sample's input per layer (the backward recomputes those not kept)
         // are in: the search's chunk (a quarter of it unless --chunk-tokens says; without
         // --scratch, of what is left after two layers' inputs, which then stay in
-        // memory), then block inputs (MemoryNeeds, the plan's arithmetic).
+        // memory), then block inputs (`MemoryBudget.split`, the plan's arithmetic too).
         let cfg = c.config
         let weights = nb.values.reduce(0) { $0 + $1.residentBytes }
         let lengths = bundle!.samples.prefix(Int(a.samples)).map(\.length)
@@ -358,15 +357,13 @@ public final class Worker: @unchecked Sendable {
         let stage = Double(lengths.reduce(0, +) * cfg.hiddenSize * 4)
         // GPTQ: one layer's Hessians while it is rounded, and every owned layer's codes
         // (a byte per weight) until the apply phase.
-        let gptqBytes = quantOptions.usesGPTQ
-            ? Double(LayerHessians.predictedBytes(cfg, perLinear: quantOptions.hessianWeights == .gradient)
-                     + range.count * cfg.linearShapes.reduce(0) { $0 + $1.shape[0] * $1.shape[1] }) : 0
-        let fixed = MemoryNeeds.working(cfg, tokens: tokens) + Double(range.count * tokens * cfg.hiddenSize * 4) + gptqBytes
-        let free = max(0, Double(options.maxMemoryBytes) - Double(weights) - fixed)
-        let chunk = MemoryNeeds.searchChunk(cfg, free: options.scratch == nil ? max(0, free - 2 * stage) : free,
-                                            chunkTokens: options.chunkTokens, longest: tokens)
-        chunkTokens = chunk.tokens
-        let budget = max(0, Int(free - chunk.bytes))
+        let fixed = MemoryBudget.working(cfg, tokens: tokens) + Double(range.count * tokens * cfg.hiddenSize * 4)
+            + MemoryBudget.gptqBytes(cfg, options: quantOptions, heldLayers: range.count)
+        let split = MemoryBudget.split(free: max(0, Double(options.maxMemoryBytes) - Double(weights) - fixed),
+                                       inMemoryInputs: options.scratch == nil ? 2 * stage : 0, chunkTokens: options.chunkTokens,
+                                       longest: tokens, bytesPerToken: MemoryBudget.searchBytesPerToken(cfg))
+        chunkTokens = split.chunkTokens
+        let budget = Int(split.inputBytes)
         inputs = ActivationStore(budgetBytes: budget, scratch: options.scratch, owner: options.workerID)
         finalHidden = []
         results = [:]
@@ -381,7 +378,7 @@ public final class Worker: @unchecked Sendable {
         assignment = a
         let spill = options.scratch.map { " (block inputs past \(String(format: "%.1f", Double(budget) / 1048576)) MiB spill to \($0))" }
             ?? " (block inputs of layers past the first kept while \(String(format: "%.1f", Double(budget) / 1048576)) MiB holds them)"
-        logger.info("assigned layers \(range.lowerBound)..<\(range.upperBound) (epoch \(a.epoch)) in \(String(format: "%.2f", Self.now() - t0)) s; search chunks of at most \(chunk.tokens) tokens\(spill)")
+        logger.info("assigned layers \(range.lowerBound)..<\(range.upperBound) (epoch \(a.epoch)) in \(String(format: "%.2f", Self.now() - t0)) s; search chunks of at most \(split.chunkTokens) tokens\(spill)")
     }
 
     /// A PUSH socket to a neighbour's data endpoint, CURVE when the job uses it.

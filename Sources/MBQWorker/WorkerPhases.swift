@@ -1,5 +1,4 @@
 import Foundation
-import MBQCoordinator
 import MBQFormats
 import MBQMethods
 import MBQModel

@@ -265,11 +265,11 @@ struct PlanCommand: ParsableCommand {
                 (samples, tokens) = (shape[0], shape[1])
             }
             let shape: CostModel.Shape
-            var weightBytes = MemoryNeeds.heldWeightBytes(stored: .bf16)  // the presets are bf16 checkpoints
+            var weightBytes = MemoryBudget.heldWeightBytes(stored: .bf16)  // the presets are bf16 checkpoints
             if let model {
                 let ckpt = try Checkpoint(directory: model)
                 shape = CostModel.Shape(ckpt.config)
-                weightBytes = MemoryNeeds.heldWeightBytes(stored: ckpt.weightDType)
+                weightBytes = MemoryBudget.heldWeightBytes(stored: ckpt.weightDType)
             } else if let preset, let s = CostModel.presets[preset] {
                 shape = s
             } else {

@@ -127,10 +127,9 @@ struct QuantizeCommand: ParsableCommand {
             // GPTQ also holds the layer's Hessians (fp64, in x in per captured input, or per
             // linear with gradient weights).
             let tokens = bundle.samples.map(\.length).max() ?? 0
-            let hessians = options.usesGPTQ ? Double(LayerHessians.predictedBytes(cfg, perLinear: options.hessianWeights == .gradient)) : 0
-            let free = max(0, Double(budget) - MemoryNeeds.working(cfg, tokens: tokens) - hessians)
-            let chunk = MemoryNeeds.searchChunk(cfg, free: free, chunkTokens: chunkTokens, longest: tokens)
-            let inputBudget = max(0, Int(free - chunk.bytes))
+            let free = max(0, Double(budget) - MemoryBudget.working(cfg, tokens: tokens) - MemoryBudget.gptqBytes(cfg, options: options))
+            let split = MemoryBudget.split(free: free, chunkTokens: chunkTokens, longest: tokens, bytesPerToken: MemoryBudget.searchBytesPerToken(cfg))
+            let inputBudget = Int(split.inputBytes)
             let scratchDir = scratch ?? job.out + ".scratch"
             let inputs = ActivationStore(budgetBytes: inputBudget, scratch: scratchDir, owner: "quantize")
             defer {
@@ -138,12 +137,12 @@ struct QuantizeCommand: ParsableCommand {
                 if scratch == nil { try? FileManager.default.removeItem(atPath: scratchDir) }
             }
             let total = bundle.samples.reduce(0) { $0 + $1.length }
-            let chunks = LayerStep.chunks(lengths: bundle.samples.map(\.length), chunkTokens: chunk.tokens).count
-            logger.info("[load] \(cfg.modelType): \(cfg.numLayers) layers, read one at a time; \(bundle.count) calibration samples (\(total) tokens, searched in \(chunks) chunk(s) of at most \(chunk.tokens) tokens, \(String(format: "%.2f", chunk.bytes / 1073741824)) GiB); block inputs past \(String(format: "%.1f", Double(inputBudget) / 1073741824)) GiB go to \(scratchDir)")
+            let chunks = LayerStep.chunks(lengths: bundle.samples.map(\.length), chunkTokens: split.chunkTokens).count
+            logger.info("[load] \(cfg.modelType): \(cfg.numLayers) layers, read one at a time; \(bundle.count) calibration samples (\(total) tokens, searched in \(chunks) chunk(s) of at most \(split.chunkTokens) tokens, \(String(format: "%.2f", split.chunkBytes / 1073741824)) GiB); block inputs past \(String(format: "%.1f", Double(inputBudget) / 1073741824)) GiB go to \(scratchDir)")
             logger.info("[format] \(options.resolvedFormat.rawValue), scales in \(options.scaleDType.rawValue)")
             let t0 = Date()
             try QuantizedCheckpointWriter.write(source: ckpt, options: options, to: job.out, overwrite: job.overwrite) { sink in
-                try QuantizeJob.run(source: .checkpoint(ckpt), samples: bundle.samples, options: options, chunkTokens: chunk.tokens,
+                try QuantizeJob.run(source: .checkpoint(ckpt), samples: bundle.samples, options: options, chunkTokens: split.chunkTokens,
                                     inputs: inputs, logger: logger, sink: sink)
             } extras: { dir, result in
                 try ResultsFile.writeAll(result, into: dir)

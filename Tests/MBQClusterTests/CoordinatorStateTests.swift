@@ -182,13 +182,13 @@ final class CoordinatorStateTests: XCTestCase {
         XCTAssertNil(Planner.plan(layers: 5, workers: [("a", 1, 2), ("b", 1, 2)]))
         // Within budgets the plan is the speed-proportional one.
         XCTAssertEqual(Planner.plan(layers: 80, workers: [("fast", 300, 80), ("slow", 100, 80)])!.map(\.range), [0..<60, 60..<80])
-        let needs = MemoryNeeds(layerWeightBytes: 100, stageInputBytes: 50, fixedBytes: 1000)
+        let needs = MemoryNeeds(layerWeightBytes: 100, stageInputBytes: 50, fixedBytes: 1000, chunkBytesPerToken: 1, longestTokens: 1)
         XCTAssertEqual(needs.capacity(memory: 1000 + 450, spills: false, layers: 10), 3)
         XCTAssertEqual(needs.capacity(memory: 1000 + 450, spills: true, layers: 10), 4)
         XCTAssertEqual(needs.capacity(memory: 900, spills: true, layers: 10), 0)
         // Inputs kept from forward to backward: what is left past the weights, the fixed
         // part and the search's default chunk (a quarter of what two layers' inputs leave).
-        XCTAssertEqual(needs.inputLayersKept(memory: 1450, layers: 3, spills: false), 2)  // 150 free, 12.5 chunk
+        XCTAssertEqual(needs.inputLayersKept(memory: 1450, layers: 3, spills: false), 2)  // 151 free, 12-token chunk
         XCTAssertEqual(needs.inputLayersKept(memory: 1450, layers: 3, spills: true), 3)
         XCTAssertEqual(needs.inputLayersKept(memory: 2000, layers: 3, spills: false), 3)
         XCTAssertEqual(needs.inputLayersKept(memory: 1300, layers: 3, spills: false), 1, "the first layer's inputs always")

@@ -22,7 +22,7 @@ final class ChunkedSearchTests: XCTestCase {
         XCTAssertGreaterThan(samples.count * 52, TiledGEMM.rowTile)
         let backend = CPUBackend()
         let block = backend.loadBlock(model.blocks[0])
-        let inputs = try samples.map { try backend.upload($0.embeds) }
+        let inputs = samples.map { backend.upload($0.embeds) }
         let rope = { (s: CalibrationSample) in model.ropeTable(s.positions) }
         for (method, aBit) in [(QuantMethod.mbq, nil as Int?), (.awq, 8), (.smoothquant, 8)] {
             var o = QuantizeOptions()
