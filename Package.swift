@@ -4,7 +4,8 @@
 // GEMM, kernels), MBQFormats (safetensors, HF configs, checkpoints, calibration
 // bundles, packed checkpoint formats, decoder families), MBQQuant (quantizers, integer codes, bit packing),
 // MBQModel (decoder blocks, forward and backward), MBQMethods (backend seam, layer step, methods, writer),
-// MBQWire / MBQCoordinator / MBQWorker / MBQCluster (distribution), mbq (the CLI).
+// MBQWire (the protocol, below the compute stack) / MBQMessages (the job's types as wire
+// messages) / MBQCoordinator / MBQWorker / MBQCluster (distribution), mbq (the CLI).
 import PackageDescription
 
 let package = Package(
@@ -36,27 +37,30 @@ let package = Package(
         .target(name: "MBQMethods", dependencies: [
             "MBQTensor", "MBQFormats", "MBQQuant", "MBQModel", .product(name: "Logging", package: "swift-log"),
         ]),
-        // The protocol, its framing, sockets, CURVE, shared-secret auth, checksums.
+        // The protocol, its framing, sockets, CURVE, shared-secret auth, checksums: it
+        // knows nothing of what the job computes.
         .target(name: "MBQWire", dependencies: [
-            "MBQTensor", "MBQFormats", "MBQMethods", "CZMQ",
+            "MBQTensor", "CZMQ",
             .product(name: "SwiftProtobuf", package: "swift-protobuf"),
             .product(name: "Logging", package: "swift-log"),
         ]),
+        // The job's types (options, search results, GPTQ reports) as wire messages.
+        .target(name: "MBQMessages", dependencies: ["MBQWire", "MBQMethods", "MBQFormats"]),
         // The coordinator's policy: state machine, events, planner, cost model, journal.
         // No ZeroMQ here: it is tested without sockets.
-        .target(name: "MBQCoordinator", dependencies: ["MBQWire", "MBQMethods", "MBQFormats", "MBQTensor"]),
+        .target(name: "MBQCoordinator", dependencies: ["MBQWire", "MBQMessages", "MBQMethods", "MBQFormats", "MBQTensor"]),
         // A worker: its link to the coordinator, the phases on its layers, cached inputs.
         .target(name: "MBQWorker", dependencies: [
-            "MBQWire", "MBQMethods", "MBQModel", "MBQFormats", "MBQQuant", "MBQTensor", "CZMQ",
+            "MBQWire", "MBQMessages", "MBQMethods", "MBQModel", "MBQFormats", "MBQQuant", "MBQTensor", "CZMQ",
             .product(name: "Logging", package: "swift-log"),
         ]),
         // The coordinator's shell (owns its socket) and the distributed job end to end.
         .target(name: "MBQCluster", dependencies: [
-            "MBQWire", "MBQCoordinator", "MBQWorker", "MBQTensor", "MBQFormats", "MBQModel", "MBQMethods", "CZMQ",
+            "MBQWire", "MBQMessages", "MBQCoordinator", "MBQWorker", "MBQTensor", "MBQFormats", "MBQModel", "MBQMethods", "CZMQ",
             .product(name: "Logging", package: "swift-log"),
         ]),
         .executableTarget(name: "mbq", dependencies: [
-            "MBQCluster", "MBQWire", "MBQCoordinator", "MBQWorker",
+            "MBQCluster", "MBQWire", "MBQMessages", "MBQCoordinator", "MBQWorker",
             "MBQTensor", "MBQFormats", "MBQModel", "MBQQuant", "MBQMethods", "CBLAS", "CZMQ",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
@@ -67,9 +71,9 @@ let package = Package(
         // Reads its fixtures (and MBQModelTests') by path: Tests/MBQMethodsTests/Fixtures.
         .testTarget(name: "MBQMethodsTests", dependencies: ["MBQMethods", "MBQModel", "MBQFormats", "MBQQuant", "MBQTensor"],
                     exclude: ["Fixtures"]),
-        .testTarget(name: "MBQClusterTests", dependencies: ["MBQCluster", "MBQWire", "MBQCoordinator", "MBQWorker", "MBQMethods",
+        .testTarget(name: "MBQClusterTests", dependencies: ["MBQCluster", "MBQWire", "MBQMessages", "MBQCoordinator", "MBQWorker", "MBQMethods",
                                                             "MBQModel", "MBQFormats", "MBQTensor"]),
-        .testTarget(name: "MBQCLITests", dependencies: ["mbq", "MBQCluster", "MBQWire", "MBQCoordinator", "MBQWorker", "MBQFormats",
+        .testTarget(name: "MBQCLITests", dependencies: ["mbq", "MBQCluster", "MBQWire", "MBQMessages", "MBQCoordinator", "MBQWorker", "MBQFormats",
                                                         "MBQModel", "MBQTensor"]),
         .testTarget(name: "MBQModelTests", dependencies: ["MBQModel", "MBQFormats", "MBQTensor"],
                     resources: [.copy("Fixtures")]),

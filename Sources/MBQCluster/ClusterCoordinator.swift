@@ -3,6 +3,7 @@ import Foundation
 import Logging
 import MBQCoordinator
 import MBQFormats
+import MBQMessages
 import MBQMethods
 import MBQModel
 import MBQTensor
@@ -37,7 +38,7 @@ public final class ClusterCoordinator {
     public init(spec: JobSpec, bind: String, jobDir: String, resume: Bool, secret: String?,
                 logFormat: LogFormat = .text, curve: (secretKey: String, authorized: [String])? = nil) throws {
         try FileManager.default.createDirectory(atPath: jobDir, withIntermediateDirectories: true)
-        var resumed: (GradientStatistics?, [Int: [Mbq_GroupResult]])? = nil
+        var resumed: (GradientStatistics?, [Int: LayerResults])? = nil
         var epochBase: UInt32 = 0
         if resume {
             let j = try Journal.read(jobDir: jobDir)
@@ -112,8 +113,9 @@ public final class ClusterCoordinator {
     func predict() -> CostModel.Prediction? {
         let spec = state.spec
         guard let shape = spec.shape, let load = spec.workload, !state.plan.isEmpty else { return nil }
-        let ws = state.plan.map { p -> CostModel.Worker in
-            let i = state.workers[p.worker]!.info
+        let infos = state.plan.compactMap { state.workers[$0.worker]?.info }
+        guard infos.count == state.plan.count else { return nil }
+        let ws = infos.map { i -> CostModel.Worker in
             var w = CostModel.Worker(gflops: i.gemmGflops, memoryBytes: Double(i.maxMemoryBytes),
                                      rates: i.gemmRates.count == CostModel.curveSizes.count ? i.gemmRates : nil,
                                      host: i.host, threads: Int(i.threads), cores: Int(i.cores))
@@ -237,13 +239,13 @@ public final class ClusterCoordinator {
         var groups: [GroupResult] = []
         var gptq: [GPTQLinearReport] = []
         for l in 0..<state.spec.layers {
-            let all = state.results[l] ?? []
-            if let r = all.first(where: { $0.group == GPTQReport.group }) { gptq += try GPTQReport.reports(r) }
+            let done = state.results[l] ?? LayerResults()
+            if let r = done.gptq { gptq += try r.reports() }
             // SmoothQuant's scales travel as results but, as in one process, are not reported.
             guard options.method != .smoothquant else { continue }
             let order = SearchGroup.allCases
-            groups += try all.filter { $0.group != GPTQReport.group }.map { try $0.groupResult() }
-                .sorted { order.firstIndex(of: $0.group)! < order.firstIndex(of: $1.group)! }
+            groups += try done.groups.map { try $0.groupResult() }
+                .sorted { (order.firstIndex(of: $0.group) ?? 0) < (order.firstIndex(of: $1.group) ?? 0) }
         }
         return QuantizeResult(options: options, gradStats: state.stats, groups: groups, blocks: [], gptq: gptq, seconds: seconds)
     }

@@ -2,6 +2,7 @@ import Foundation
 import Logging
 import MBQCoordinator
 import MBQFormats
+import MBQMessages
 import MBQMethods
 import MBQModel
 import MBQTensor
@@ -13,7 +14,7 @@ import MBQWorker
 public enum DistributedJob {
     public static func spec(ckpt: Checkpoint, calib: CalibrationBundle, options: QuantizeOptions, workers: Int,
                             out: String, outputVia: String = "auto") throws -> JobSpec {
-        guard ["auto", "shared", "coordinator"].contains(outputVia) else {
+        guard let routing = Mbq_OutputRouting(option: outputVia) else {
             throw ClusterError.invalidOption("--output-via \(outputVia): use auto, shared or coordinator")
         }
         let cfg = ckpt.config
@@ -27,8 +28,7 @@ public enum DistributedJob {
         var spec = JobSpec(jobID: identity.jobID, modelDir: modelDir, calibPath: calibPath, options: opts, layers: cfg.numLayers,
                            samples: calib.count, needsStats: options.needsGradientPass,
                            needsForward: options.method != .rtn,
-                           groupsPerLayer: options.method == .smoothquant ? 2 : (options.method == .gptq ? 0 : ScaleSearch.groups(for: cfg).count)
-                               + (options.usesGPTQ ? 1 : 0),
+                           groupsPerLayer: options.method == .smoothquant ? 2 : (options.method == .gptq ? 0 : ScaleSearch.groups(for: cfg).count),
                            expectedWorkers: workers)
         let shape = CostModel.Shape(cfg)
         let tokens = calib.samples.map(\.length).max() ?? 0
@@ -45,7 +45,7 @@ public enum DistributedJob {
         let absOut = OutputGuard.absolute(out)
         spec.outputDir = absOut + ".partial-" + spec.jobID
         spec.outputToken = String(SHA256.hex(Array("\(spec.jobID)|\(UUID().uuidString)".utf8)).prefix(24))
-        spec.outputVia = outputVia
+        spec.outputVia = routing
         spec.distort = options.sequential
         spec.gptq = options.usesGPTQ
         spec.tokenGradients = options.usesGPTQ && options.hessianWeights == .gradient

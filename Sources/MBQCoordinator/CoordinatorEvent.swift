@@ -49,34 +49,6 @@ public enum CoordinatorEvent: Sendable, Equatable {
     case jobDone(layers: Int, writtenByWorkers: Int, streamed: Int, bytesMoved: UInt64, transferSeconds: Double,
                  workers: Int, wallSeconds: Double?)
 
-    /// The event's stable name (the JSON `event` field).
-    public var name: String {
-        switch self {
-        case .listening: return "listening"
-        case .resumed: return "resumed"
-        case .messageRejected: return "message_rejected"
-        case .messagesSuppressed: return "messages_suppressed"
-        case .curveAuth: return "curve_auth"
-        case .costModelPredicted: return "cost_model_predicted"
-        case .costModelMeasured: return "cost_model_measured"
-        case .wrote: return "wrote"
-        case .workerRegistered: return "worker_registered"
-        case .workerRefused: return "worker_refused"
-        case .workerLost: return "worker_lost"
-        case .workerSpare: return "worker_spare"
-        case .workerError: return "worker_error"
-        case .workerLateCompletion: return "worker_late_completion"
-        case .messageDropped: return "message_dropped"
-        case .planned: return "planned"
-        case .waitingForWorkers: return "waiting_for_workers"
-        case .waitingForMemory: return "waiting_for_memory"
-        case .phaseStarted: return "phase_started"
-        case .workerFinishedPhase: return "worker_finished_phase"
-        case .gradientStatistics: return "gradient_statistics"
-        case .layerSearched: return "layer_searched"
-        case .blockReceived: return "block_received"
-        case .blockWritten: return "block_written"
-        case .jobDone: return "job_done"
-        }
-    }
+    /// The event's stable name (the JSON `event` field; `CoordinatorEventLog.describe`).
+    public var name: String { CoordinatorEventLog.describe(self).name }
 }

@@ -1,4 +1,5 @@
 import Foundation
+import MBQMessages
 import MBQMethods
 import MBQTensor
 import MBQWire
@@ -17,6 +18,7 @@ public struct JobSpec: Sendable {
     public var needsStats: Bool
     /// rtn needs no activations at all.
     public var needsForward: Bool
+    /// Searched groups' results per layer (0 for GPTQ alone, 2 for SmoothQuant's scales).
     public var groupsPerLayer: Int
     public var expectedWorkers: Int
     public var heartbeatInterval: Double = 0.5
@@ -25,18 +27,18 @@ public struct JobSpec: Sendable {
     /// What each held layer costs a worker's memory; the plan keeps within budgets.
     public var memory = MemoryNeeds()
     /// The output's temporary directory, the token in its marker file, and how blocks
-    /// reach it: "auto" (workers that see the directory write their blocks there, the
-    /// others stream them here), "shared" or "coordinator".
+    /// reach it: auto (workers that see the directory write their blocks there, the
+    /// others stream them here), shared or coordinator.
     public var outputDir = ""
     public var outputToken = ""
-    public var outputVia = "auto"
+    public var outputVia = Mbq_OutputRouting.auto
     /// --distort: search runs as a pipeline; finished layers' scales go back to their
     /// owners at the start of the search, to recompute the quantized activations.
     public var distort = false
     /// GPTQ rounds the weights (--method gptq, --then gptq): a layer's codes exist only on
     /// the worker that made them, so the search pipeline always runs and redoes the
-    /// finished layers (their scales and reports known) before the apply phase; each
-    /// layer reports one extra result, `GPTQReport.group`.
+    /// finished layers (their scales and reports known) before the apply phase; a layer
+    /// is finished when its `GptqReport` is in too.
     public var gptq = false
     /// GPTQ with gradient token weights: each worker needs its own layers' per-token
     /// gradients, so the backward runs in every plan, not only the first.
@@ -56,6 +58,28 @@ public struct JobSpec: Sendable {
 
 public enum CoordinatorPhase: String, Sendable {
     case waiting, forward, backward, search, apply, done, failed
+
+    /// The phases workers run, as the wire names them (nil for the coordinator's own).
+    public var wire: Mbq_Phase? {
+        switch self {
+        case .forward: return .forward
+        case .backward: return .backward
+        case .search: return .search
+        case .apply: return .apply
+        case .waiting, .done, .failed: return nil
+        }
+    }
+
+    /// A phase in which workers hold a plan.
+    public var isRunning: Bool { wire != nil }
+}
+
+/// A finished layer: its searched groups' results and, with GPTQ, its rounding report.
+public struct LayerResults: Sendable {
+    public var groups: [Mbq_GroupResult]
+    public var gptq: Mbq_GptqReport?
+
+    public init(groups: [Mbq_GroupResult] = [], gptq: Mbq_GptqReport? = nil) { self.groups = groups; self.gptq = gptq }
 }
 
 /// What the shell must do.
@@ -71,13 +95,25 @@ public enum Directive {
     case failed(String)
 }
 
+/// Whether a registered worker takes part in the job.
+public enum Liveness: Sendable, Equatable {
+    case alive
+    /// Silent past the liveness timeout: its layers were re-planned; it may register again.
+    case lost
+    /// Dropped after a fatal error it reported: the same process (data endpoint) is not
+    /// admitted again, a new one under the same id is.
+    case dropped(why: String)
+}
+
 public struct WorkerEntry {
     public var identity: [UInt8]
     public var id: String
     public var info: Mbq_Register
     public var lastSeen: Double
-    public var alive: Bool
+    public var liveness: Liveness
     public var range: Range<Int>?
+
+    public var alive: Bool { liveness == .alive }
 }
 
 /// The coordinator's logic as a pure state machine (docs/DESIGN.md §3): messages and clock
@@ -89,8 +125,8 @@ public final class CoordinatorState {
     public private(set) var epoch: UInt32 = 0
     public private(set) var workers: [String: WorkerEntry] = [:]
     public private(set) var plan: [(worker: String, range: Range<Int>)] = []
-    /// Finished per-layer search results (journaled).
-    public private(set) var results: [Int: [Mbq_GroupResult]] = [:]
+    /// Finished layers' results (journaled).
+    public private(set) var results: [Int: LayerResults] = [:]
     /// Gradient statistics once complete (journaled).
     public private(set) var stats: GradientStatistics?
     /// Layers whose shard a worker streamed here (the shell wrote them).
@@ -98,7 +134,7 @@ public final class CoordinatorState {
     /// Blocks a worker wrote into the output directory itself (apply phase).
     public private(set) var written: [Int: Mbq_BlockWritten] = [:]
     var partialStats: [Int: Mbq_LayerStats] = [:]
-    var pendingGroups: [Int: [Mbq_GroupResult]] = [:]
+    var pending: [Int: LayerResults] = [:]
     var phaseDone: Set<String> = []
     /// Activation/gradient traffic reported by the workers, and when the first plan started.
     public private(set) var bytesMoved: UInt64 = 0
@@ -116,14 +152,12 @@ public final class CoordinatorState {
     let secret: String?
     let makeNonce: () -> [UInt8]
     var challenges: [[UInt8]: [UInt8]] = [:]
-    /// Workers dropped after an error: their process's data endpoint and the error.
-    var failed: [String: (endpoint: String, why: String)] = [:]
 
     /// `epochBase`: plans count up from here; a resumed coordinator starts above every
     /// epoch its predecessor used, so workers' traffic from before the crash is stale.
     /// `secret`: workers must answer a challenge (see `Auth`); `makeNonce` is injected
     /// so that tests can replay exactly.
-    public init(spec: JobSpec, resumed: (stats: GradientStatistics?, results: [Int: [Mbq_GroupResult]])? = nil,
+    public init(spec: JobSpec, resumed: (stats: GradientStatistics?, results: [Int: LayerResults])? = nil,
                 epochBase: UInt32 = 0, secret: String? = nil, makeNonce: @escaping () -> [UInt8] = Auth.nonce) {
         self.spec = spec
         self.secret = secret
@@ -155,6 +189,8 @@ public final class CoordinatorState {
 
     // MARK: inputs
 
+    /// One message from the worker at `identity`: checked against the job, then handed
+    /// to the handler of its kind.
     public func handle(identity: [UInt8], _ m: WireMessage, now: Double) -> [Directive] {
         // A worker learns the job id from the coordinator: its first messages carry none.
         guard m.envelope.jobID == spec.jobID || m.envelope.jobID.isEmpty else {
@@ -166,101 +202,135 @@ public final class CoordinatorState {
         }
         guard let body = m.envelope.body else { return [] }
         if case let .register(r) = body { return register(identity: identity, r, now: now) }
-        guard let id = workerID(identity), workers[id]!.alive else {
+        guard let id = workerID(identity), workers[id]?.alive == true else {
             // A worker of an earlier coordinator (or one declared lost): ask it to register
             // again rather than wait for it to notice the silence.
-            var hb = Mbq_Heartbeat()
-            hb.phase = "register-again"
-            return [.send(identity: identity, env(.heartbeat(hb))),
+            return [.send(identity: identity, env(.registerAgain(Mbq_RegisterAgain()))),
                     .event(.messageDropped(what: bodyName(body), from: nil, reason: "an unregistered peer; asked it to register"))]
         }
-        workers[id]!.lastSeen = now
-        var out: [Directive] = []
+        workers[id]?.lastSeen = now
         switch body {
-        case .heartbeat:
-            break
-        case let .phaseDone(p):
-            guard p.epoch == epoch, p.phase == phase.rawValue else {
-                return [.event(p.epoch == epoch ? .workerLateCompletion(worker: id, phase: p.phase)
-                                                : .messageDropped(what: "a \(p.phase) completion", from: id, reason: "stale (epoch \(p.epoch), current \(epoch))"))]
-            }
-            phaseDone.insert(id)
-            bytesMoved += p.bytesMoved
-            transferSeconds += p.transferSeconds
-            // Throughput in block-samples per second: the worker's layers times the samples.
-            let layers = workers[id]?.range?.count ?? 0
-            let rate = (phase == .forward || phase == .backward) && p.seconds > 0 ? Double(layers * spec.samples) / p.seconds : nil
-            out.append(.event(.workerFinishedPhase(phase: phase.rawValue, worker: id, seconds: p.seconds, blockSamplesPerSecond: rate,
-                                                   bytesMoved: p.bytesMoved, transferSeconds: p.transferSeconds,
-                                                   spilledBytes: phase == .forward ? p.spilledBytes : 0,
-                                                   done: phaseDone.count, of: plan.count)))
-            if Set(plan.map(\.worker)).isSubset(of: phaseDone) { out += advance(now: now) }
-        case let .layerStats(s):
-            guard phase == .backward, s.epoch == epoch else {
-                return [.event(.messageDropped(what: "layer statistics", from: id, reason: "stale (epoch \(s.epoch))"))]
-            }
-            guard owns(id, Int(s.layer)) else {
-                return [.event(.messageDropped(what: "statistics for layer \(s.layer)", from: id, reason: "it does not hold that layer"))]
-            }
-            partialStats[Int(s.layer)] = s
-        case let .groupResult(g):
-            guard phase == .search, g.epoch == epoch, Int(g.layer) < spec.layers, results[Int(g.layer)] == nil else {
-                return [.event(.messageDropped(what: "a result for layer \(g.layer)", from: id, reason: "finished already or not searching"))]
-            }
-            guard SearchGroup(rawValue: g.group) != nil || (spec.gptq && g.group == GPTQReport.group) else {
-                return [.event(.messageDropped(what: "a result for group '\(g.group)'", from: id, reason: "unknown group"))]
-            }
-            guard owns(id, Int(g.layer)) else {
-                return [.event(.messageDropped(what: "a result for layer \(g.layer)", from: id, reason: "it does not hold that layer"))]
-            }
-            let l = Int(g.layer)
-            pendingGroups[l, default: []].removeAll { $0.group == g.group }
-            pendingGroups[l, default: []].append(g)
-            if pendingGroups[l]!.count == spec.groupsPerLayer {
-                results[l] = pendingGroups.removeValue(forKey: l)
-                // Journal first: a layer the log calls finished must survive a crash.
-                out.append(.journal)
-                let searched = results.count - finishedBefore.count
-                let rate = now > phaseStarted && searched > 0 ? Double(searched) / (now - phaseStarted) * 60 : nil
-                out.append(.event(.layerSearched(layer: l, worker: id,
-                                                 alphas: Dictionary(results[l]!.filter { $0.group != GPTQReport.group }.map { ($0.group, $0.alpha) },
-                                                                    uniquingKeysWith: { a, _ in a }),
-                                                 groups: results[l]!.map(\.group), done: results.count, of: spec.layers, layersPerMinute: rate,
-                                                 etaSeconds: searchETA(now: now) ?? (results.count == spec.layers ? 0 : nil))))
-                if results.count == spec.layers { out += advance(now: now) }
-            }
-        case .tensor:
-            guard phase == .apply, let bytes = m.bytes, case let .tensor(h) = body else {
-                return [.event(.messageDropped(what: "a tensor", from: id, reason: "not a shard in the apply phase"))]
-            }
-            guard h.epoch == epoch else { return [.event(.messageDropped(what: "tensor \(h.name)", from: id, reason: "stale (epoch \(h.epoch))"))] }
-            let parts = h.name.split(separator: "/", omittingEmptySubsequences: false)
-            guard parts.count == 3, parts[0] == "shard", let l = Int(parts[1]), owns(id, l), !parts[2].isEmpty else {
-                return [.event(.messageDropped(what: "tensor '\(h.name)'", from: id, reason: "unexpected"))]
-            }
-            var b = Mbq_BlockWritten()
-            b.layer = UInt32(l); b.file = String(parts[2]); b.bytes = UInt64(bytes.count); b.epoch = epoch
-            written[l] = b
-            streamed.insert(l)
-            out.append(.storeShard(layer: l, file: b.file, bytes: bytes))
-            out.append(.event(.blockReceived(layer: l, worker: id, done: blocksDone, of: spec.layers)))
-            out += finishIfComplete(now: now)
-        case let .blockWritten(b):
-            guard phase == .apply, b.epoch == epoch, owns(id, Int(b.layer)) else {
-                return [.event(.messageDropped(what: "a block-written report for layer \(b.layer)", from: id,
-                                               reason: "stale, or a layer it does not hold"))]
-            }
-            written[Int(b.layer)] = b
-            streamed.remove(Int(b.layer))
-            out.append(.event(.blockWritten(layer: Int(b.layer), worker: id, file: b.file, bytes: b.bytes, done: blocksDone, of: spec.layers)))
-            out += finishIfComplete(now: now)
+        case .heartbeat: return []
+        case let .phaseDone(p): return phaseDone(p, from: id, now: now)
+        case let .layerStats(st): return layerStats(st, from: id)
+        case let .groupResult(g): return groupResult(g, from: id, now: now)
+        case let .gptqReport(r): return gptqReport(r, from: id, now: now)
+        case let .tensor(h): return shard(h, bytes: m.bytes, from: id, now: now)
+        case let .blockWritten(b): return blockWritten(b, from: id, now: now)
         case let .error(e):
-            out.append(.event(.workerError(worker: id, message: e.message, fatal: e.fatal)))
-            if e.fatal { out += drop(id, why: e.message, now: now) }
+            return [.event(.workerError(worker: id, message: e.message, fatal: e.fatal))] + (e.fatal ? drop(id, why: e.message, now: now) : [])
         default:
-            out.append(.event(.messageDropped(what: bodyName(body), from: id, reason: "unexpected")))
+            return [.event(.messageDropped(what: bodyName(body), from: id, reason: "unexpected"))]
         }
+    }
+
+    func phaseDone(_ p: Mbq_PhaseDone, from id: String, now: Double) -> [Directive] {
+        guard p.epoch == epoch, p.phase == phase.wire else {
+            return [.event(p.epoch == epoch ? .workerLateCompletion(worker: id, phase: p.phase.name)
+                                            : .messageDropped(what: "a \(p.phase.name) completion", from: id, reason: "stale (epoch \(p.epoch), current \(epoch))"))]
+        }
+        phaseDone.insert(id)
+        bytesMoved += p.bytesMoved
+        transferSeconds += p.transferSeconds
+        // Throughput in block-samples per second: the worker's layers times the samples.
+        let layers = workers[id]?.range?.count ?? 0
+        let rate = (phase == .forward || phase == .backward) && p.seconds > 0 ? Double(layers * spec.samples) / p.seconds : nil
+        var out: [Directive] = [.event(.workerFinishedPhase(phase: phase.rawValue, worker: id, seconds: p.seconds, blockSamplesPerSecond: rate,
+                                                            bytesMoved: p.bytesMoved, transferSeconds: p.transferSeconds,
+                                                            spilledBytes: phase == .forward ? p.spilledBytes : 0,
+                                                            done: phaseDone.count, of: plan.count))]
+        if Set(plan.map(\.worker)).isSubset(of: phaseDone) { out += advance(now: now) }
         return out
+    }
+
+    func layerStats(_ st: Mbq_LayerStats, from id: String) -> [Directive] {
+        guard phase == .backward, st.epoch == epoch else {
+            return [.event(.messageDropped(what: "layer statistics", from: id, reason: "stale (epoch \(st.epoch))"))]
+        }
+        guard owns(id, Int(st.layer)) else {
+            return [.event(.messageDropped(what: "statistics for layer \(st.layer)", from: id, reason: "it does not hold that layer"))]
+        }
+        partialStats[Int(st.layer)] = st
+        return []
+    }
+
+    /// Whether a layer's result from `id` counts now: searching, this epoch, a layer it
+    /// holds that is not finished. nil when it does; else why not.
+    func resultRefusal(layer: UInt32, epoch e: UInt32, from id: String) -> String? {
+        guard phase == .search, e == epoch, Int(layer) < spec.layers, results[Int(layer)] == nil else { return "finished already or not searching" }
+        guard owns(id, Int(layer)) else { return "it does not hold that layer" }
+        return nil
+    }
+
+    func groupResult(_ g: Mbq_GroupResult, from id: String, now: Double) -> [Directive] {
+        if let why = resultRefusal(layer: g.layer, epoch: g.epoch, from: id) {
+            return [.event(.messageDropped(what: "a result for layer \(g.layer)", from: id, reason: why))]
+        }
+        guard g.searchGroup != nil else {
+            return [.event(.messageDropped(what: "a result for group \(g.group)", from: id, reason: "unknown group"))]
+        }
+        let l = Int(g.layer)
+        pending[l, default: LayerResults()].groups.removeAll { $0.group == g.group }
+        pending[l, default: LayerResults()].groups.append(g)
+        return layerIfFinished(l, by: id, now: now)
+    }
+
+    func gptqReport(_ r: Mbq_GptqReport, from id: String, now: Double) -> [Directive] {
+        if let why = resultRefusal(layer: r.layer, epoch: r.epoch, from: id) {
+            return [.event(.messageDropped(what: "a GPTQ report for layer \(r.layer)", from: id, reason: why))]
+        }
+        guard spec.gptq, (try? r.reports()) != nil else {
+            return [.event(.messageDropped(what: "a GPTQ report for layer \(r.layer)", from: id,
+                                           reason: spec.gptq ? "it does not list the block's linears" : "this job does not use GPTQ"))]
+        }
+        pending[Int(r.layer), default: LayerResults()].gptq = r
+        return layerIfFinished(Int(r.layer), by: id, now: now)
+    }
+
+    /// Layer `l` is finished when every searched group's result and, with GPTQ, its
+    /// report are in: journaled, then announced.
+    func layerIfFinished(_ l: Int, by id: String, now: Double) -> [Directive] {
+        guard let done = pending[l], done.groups.count == spec.groupsPerLayer, !spec.gptq || done.gptq != nil else { return [] }
+        pending[l] = nil
+        results[l] = done
+        // Journal first: a layer the log calls finished must survive a crash.
+        var out: [Directive] = [.journal]
+        let searched = results.count - finishedBefore.count
+        let rate = now > phaseStarted && searched > 0 ? Double(searched) / (now - phaseStarted) * 60 : nil
+        let named = done.groups.map { ($0.searchGroup?.rawValue ?? "\($0.group)", $0.alpha) }
+        out.append(.event(.layerSearched(layer: l, worker: id, alphas: Dictionary(named, uniquingKeysWith: { a, _ in a }),
+                                         groups: named.map(\.0) + (done.gptq != nil ? ["gptq"] : []), done: results.count, of: spec.layers,
+                                         layersPerMinute: rate, etaSeconds: searchETA(now: now) ?? (results.count == spec.layers ? 0 : nil))))
+        if results.count == spec.layers { out += advance(now: now) }
+        return out
+    }
+
+    /// A layer's shard streamed here in the apply phase (`TensorName.shard`).
+    func shard(_ h: Mbq_TensorHeader, bytes: [UInt8]?, from id: String, now: Double) -> [Directive] {
+        guard phase == .apply, let bytes else {
+            return [.event(.messageDropped(what: "a tensor", from: id, reason: "not a shard in the apply phase"))]
+        }
+        guard h.epoch == epoch else { return [.event(.messageDropped(what: "tensor \(h.name)", from: id, reason: "stale (epoch \(h.epoch))"))] }
+        guard case let .shard(l, file)? = TensorName(wire: h.name), owns(id, l) else {
+            return [.event(.messageDropped(what: "tensor '\(h.name)'", from: id, reason: "unexpected"))]
+        }
+        var b = Mbq_BlockWritten()
+        b.layer = UInt32(l); b.file = file; b.bytes = UInt64(bytes.count); b.epoch = epoch
+        written[l] = b
+        streamed.insert(l)
+        return [.storeShard(layer: l, file: file, bytes: bytes), .event(.blockReceived(layer: l, worker: id, done: blocksDone, of: spec.layers))]
+            + finishIfComplete(now: now)
+    }
+
+    func blockWritten(_ b: Mbq_BlockWritten, from id: String, now: Double) -> [Directive] {
+        guard phase == .apply, b.epoch == epoch, owns(id, Int(b.layer)) else {
+            return [.event(.messageDropped(what: "a block-written report for layer \(b.layer)", from: id,
+                                           reason: "stale, or a layer it does not hold"))]
+        }
+        written[Int(b.layer)] = b
+        streamed.remove(Int(b.layer))
+        return [.event(.blockWritten(layer: Int(b.layer), worker: id, file: b.file, bytes: b.bytes, done: blocksDone, of: spec.layers))]
+            + finishIfComplete(now: now)
     }
 
     /// A worker that reported an error it cannot recover from (it cannot read the model,
@@ -269,10 +339,9 @@ public final class CoordinatorState {
     /// admitted again (`failed`); a new process under the same id is.
     func drop(_ id: String, why: String, now: Double) -> [Directive] {
         guard let w = workers[id] else { return [] }
-        workers[id]!.alive = false
-        failed[id] = (w.info.dataEndpoint, why)
+        workers[id]?.liveness = .dropped(why: why)
         var out: [Directive] = [.send(identity: w.identity, refusal("dropped from the job after its error: \(why)"))]
-        guard [.forward, .backward, .search, .apply].contains(phase), plan.contains(where: { $0.worker == id }) else { return out }
+        guard phase.isRunning, plan.contains(where: { $0.worker == id }) else { return out }
         guard workers.values.contains(where: \.alive) else {
             phase = .failed
             return out + [.failed("worker \(id): \(why) (no other worker is left)")]
@@ -299,7 +368,7 @@ public final class CoordinatorState {
 
     /// Adds the running phase's time to its total (a re-plan runs some phases twice).
     func closePhase(now: Double) {
-        if [.forward, .backward, .search, .apply].contains(phase) { phaseSeconds[phase.rawValue, default: 0] += now - phaseStarted }
+        if phase.isRunning { phaseSeconds[phase.rawValue, default: 0] += now - phaseStarted }
     }
 
     func finishIfComplete(now: Double) -> [Directive] {
@@ -319,19 +388,17 @@ public final class CoordinatorState {
         var out: [Directive] = []
         if now - lastHeartbeatSent >= spec.heartbeatInterval {
             lastHeartbeatSent = now
-            var hb = Mbq_Heartbeat()
-            hb.phase = phase.rawValue
-            for w in workers.values where w.alive { out.append(.send(identity: w.identity, env(.heartbeat(hb)))) }
+            for w in workers.values where w.alive { out.append(.send(identity: w.identity, env(.heartbeat(Mbq_Heartbeat())))) }
         }
         var lost: [String] = []
         for (id, w) in workers where w.alive && now - w.lastSeen > spec.livenessTimeout {
-            workers[id]!.alive = false
+            workers[id]?.liveness = .lost
             lost.append(id)
         }
         for id in lost.sorted() {
-            out.append(.event(.workerLost(worker: id, silentSeconds: spec.livenessTimeout, layers: workers[id]!.range)))
+            out.append(.event(.workerLost(worker: id, silentSeconds: spec.livenessTimeout, layers: workers[id]?.range)))
         }
-        if !lost.isEmpty && [.forward, .backward, .search, .apply].contains(phase)
+        if !lost.isEmpty && phase.isRunning
             && lost.contains(where: { id in plan.contains { $0.worker == id } }) {
             out += replan(now: now, reason: "lost \(lost.joined(separator: ", "))")
         }
@@ -371,11 +438,10 @@ public final class CoordinatorState {
         if let known, known.alive, known.identity != identity, known.info.dataEndpoint != r.dataEndpoint {
             return refuse("worker id '\(r.workerID)' is taken by a live worker on \(known.info.host) (\(known.info.dataEndpoint)): give each worker its own --id")
         }
-        if let f = failed[r.workerID], f.endpoint == r.dataEndpoint {
-            return refuse("dropped from the job after its error: \(f.why)")
+        if let known, case let .dropped(why) = known.liveness, known.info.dataEndpoint == r.dataEndpoint {
+            return refuse("dropped from the job after its error: \(why)")
         }
-        failed[r.workerID] = nil
-        workers[r.workerID] = WorkerEntry(identity: identity, id: r.workerID, info: r, lastSeen: now, alive: true, range: nil)
+        workers[r.workerID] = WorkerEntry(identity: identity, id: r.workerID, info: r, lastSeen: now, liveness: .alive, range: nil)
         var out: [Directive] = [.event(.workerRegistered(worker: r.workerID, host: r.host, threads: Int(r.threads), cores: Int(r.cores),
                                                          gflops: r.gemmGflops, gemmRates: r.gemmRates, loopGBps: r.loopGbps, memoryBytes: r.maxMemoryBytes,
                                                          scratchBytes: r.scratchBytes, reconnect: known != nil))]
@@ -399,9 +465,9 @@ public final class CoordinatorState {
 
     func replan(now: Double, reason: String) -> [Directive] {
         let alive = workers.values.filter(\.alive).sorted { $0.id < $1.id }
-        for id in workers.keys { workers[id]!.range = nil }
+        for id in workers.keys { workers[id]?.range = nil }
         partialStats = [:]
-        pendingGroups = [:]
+        pending = [:]
         streamed = []
         written = [:]
         phaseDone = []
@@ -427,19 +493,20 @@ public final class CoordinatorState {
         var out: [Directive] = [.event(.planned(epoch: epoch, reason: reason,
                                                 plan: plan.map { CoordinatorEvent.PlanEntry(worker: $0.worker, layers: $0.range) })), .journal]
         for (i, p) in plan.enumerated() {
-            workers[p.worker]!.range = p.range
+            guard let w = workers[p.worker] else { preconditionFailure("planned \(p.worker), which is not registered") }
+            workers[p.worker]?.range = p.range
             var a = Mbq_Assignment()
             a.firstLayer = UInt32(p.range.lowerBound)
             a.endLayer = UInt32(p.range.upperBound)
             a.modelDir = spec.modelDir
             a.calibPath = spec.calibPath
-            if i > 0 {
-                a.upstreamEndpoint = workers[plan[i - 1].worker]!.info.dataEndpoint
-                a.upstreamCurveKey = workers[plan[i - 1].worker]!.info.dataCurveKey
+            if i > 0, let up = workers[plan[i - 1].worker] {
+                a.upstreamEndpoint = up.info.dataEndpoint
+                a.upstreamCurveKey = up.info.dataCurveKey
             }
-            if i < plan.count - 1 {
-                a.downstreamEndpoint = workers[plan[i + 1].worker]!.info.dataEndpoint
-                a.downstreamCurveKey = workers[plan[i + 1].worker]!.info.dataCurveKey
+            if i < plan.count - 1, let down = workers[plan[i + 1].worker] {
+                a.downstreamEndpoint = down.info.dataEndpoint
+                a.downstreamCurveKey = down.info.dataCurveKey
             }
             a.outputDir = spec.outputDir
             a.outputToken = spec.outputToken
@@ -448,7 +515,7 @@ public final class CoordinatorState {
             a.options = spec.options
             a.samples = UInt32(spec.samples)
             a.epoch = epoch
-            out.append(.send(identity: workers[p.worker]!.identity, env(.assignment(a))))
+            out.append(.send(identity: w.identity, env(.assignment(a))))
         }
         let first: CoordinatorPhase = allFinished || !spec.needsForward ? .apply : .forward
         out += start(first, now: now)
@@ -462,24 +529,26 @@ public final class CoordinatorState {
         phaseDone = []
         phaseStarted = now
         var out: [Directive] = [.event(.phaseStarted(phase: p.rawValue, epoch: epoch, workers: plan.count))]
+        let planned = plan.compactMap { p in workers[p.worker].map { (identity: $0.identity, range: p.range) } }
         if p == .apply || (p == .search && spec.distort) {
             // Every worker gets the scales of its layers, whoever searched them (in a
             // --distort search, those finished before a re-plan or a restart).
-            for (w, range) in plan {
-                for l in range { for g in results[l] ?? [] { out.append(.send(identity: workers[w]!.identity, env(.groupResult(g)))) } }
+            for (identity, range) in planned {
+                for l in range { for g in results[l]?.groups ?? [] { out.append(.send(identity: identity, env(.groupResult(g)))) } }
             }
         }
+        guard let wirePhase = p.wire else { preconditionFailure("start(\(p)): not a phase workers run") }
         var run = Mbq_RunPhase()
-        run.phase = p.rawValue
+        run.phase = wirePhase
         run.epoch = epoch
         if p == .search { run.skipLayers = finishedLayers.map(UInt32.init) }
         if p == .search, let s = stats {
             var r = Mbq_Ratios()
             r.attn = s.layers.map(\.attnRatio)
             r.mlp = s.layers.map(\.mlpRatio)
-            for (w, _) in plan { out.append(.send(identity: workers[w]!.identity, env(.ratios(r)))) }
+            for w in planned { out.append(.send(identity: w.identity, env(.ratios(r)))) }
         }
-        for (w, _) in plan { out.append(.send(identity: workers[w]!.identity, env(.runPhase(run)))) }
+        for w in planned { out.append(.send(identity: w.identity, env(.runPhase(run)))) }
         return out
     }
 
@@ -508,9 +577,10 @@ public final class CoordinatorState {
                 phase = .failed
                 return [.failed("no usable calibration samples: every sample lacks vision or caption positions")]
             }
-            stats = GradientStatistics.finalize(sums: sums, used: used, skipped: skipped)
-            return [.journal, .event(.gradientStatistics(samples: used, attnRatios: stats!.layers.map(\.attnRatio),
-                                                         mlpRatios: stats!.layers.map(\.mlpRatio)))]
+            let finished = GradientStatistics.finalize(sums: sums, used: used, skipped: skipped)
+            stats = finished
+            return [.journal, .event(.gradientStatistics(samples: used, attnRatios: finished.layers.map(\.attnRatio),
+                                                         mlpRatios: finished.layers.map(\.mlpRatio)))]
                 + start(allFinished ? .apply : .search, now: now)
         case .search:
             return start(.apply, now: now)

@@ -17,23 +17,22 @@ import MBQWire
 public struct CostModel: Sendable {
     /// The square GEMM sizes a worker measures at registration.
     public static let curveSizes = GEMMRateSizes.all
-    /// rate(n) / rate(512) measured here (one thread, OpenBLAS SkylakeX kernels), for
-    /// workers known by one number (`mbq plan --workers 16x64GiB@1000`).
+    /// rate(n) / rate(512) of a CPU worker (docs/BENCHMARKS.md, "Cost model constants"),
+    /// for workers known by one number (`mbq plan --workers 16x64GiB@1000`).
     public static let referenceCurve: [Double] = [1.05, 0.89, 1.04, 1.0, 1.0]
 
     /// Bytes per second that non-GEMM loops move, per thread, on the machine the
     /// constants were calibrated on (a worker that measured its loops runs at
-    /// `loopGBps / referenceLoopGBps` of this). Calibrated: a block of hidden 256 on 128
-    /// tokens takes 3.6 ms on one thread, 1.3 ms of it GEMM.
+    /// `loopGBps / referenceLoopGBps` of this).
     public var elementwiseGBps = 1.35
     /// What `ComputeBackend.measureLoopGBps` gave on the machine the loop constants
-    /// below (load, widen, apply) were last fitted on (an Intel Xeon, 2 cores).
+    /// below (load, widen, apply) were last fitted on.
     public var referenceLoopGBps = 2.55
     /// Bytes moved per weight element each time the search quantizes a candidate
-    /// (scale, group min/max, round, unscale): 90 ms per layer of the demo model.
+    /// (scale, group min/max, round, unscale).
     public var quantizeBytesPerWeight = 8.0
     /// Backward phase per block and sample, in forwards: the recompute with saved
-    /// activations plus the input gradients (measured: 2.12 on a 7B block).
+    /// activations plus the input gradients.
     public var backwardFactor = 2.1
     /// Fixed cost per phase (commands, ZeroMQ round trips, thread wake-up), seconds.
     public var phaseOverhead = 0.03

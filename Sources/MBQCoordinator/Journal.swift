@@ -1,28 +1,33 @@
 import Foundation
 import MBQFormats
+import MBQMessages
 import MBQMethods
 import MBQTensor
 import MBQWire
 
 /// The job directory's record of finished work: gradient statistics and every finished
-/// layer's search results. Written atomically after each change, with a SHA-256 of its
+/// layer's results (its searched groups' and, with GPTQ, its report). Written atomically after each change, with a SHA-256 of its
 /// body so that a torn or edited file is detected on resume rather than trusted.
 public enum Journal {
     public struct Contents {
         public var jobID: String
         public var stats: GradientStatistics?
-        public var results: [Int: [Mbq_GroupResult]]
+        public var results: [Int: LayerResults]
         public var epoch: UInt32 = 0
         /// The job's identity (empty in journals written before it was recorded).
         public var identity = JobIdentity(fields: [:])
 
-        public init(jobID: String, stats: GradientStatistics?, results: [Int: [Mbq_GroupResult]], epoch: UInt32 = 0,
+        public init(jobID: String, stats: GradientStatistics?, results: [Int: LayerResults], epoch: UInt32 = 0,
                     identity: JobIdentity = JobIdentity(fields: [:])) {
             self.jobID = jobID; self.stats = stats; self.results = results; self.epoch = epoch; self.identity = identity
         }
     }
 
     public static func path(_ jobDir: String) -> String { jobDir + "/journal.json" }
+
+    /// 2: a layer is an object with its groups (named as `SearchGroup` spells them) and
+    /// its GPTQ report; 1 (before the GPTQ report was its own message) is not read.
+    static let version = 2
 
     // Numbers are stored as the hex of their bit patterns: JSON's decimal form does not
     // round-trip every double, and a resumed job must continue from exactly these values.
@@ -36,11 +41,16 @@ public enum Journal {
                           "layers": s.layers.map { [$0.attnVis, $0.attnCap, $0.mlpVis, $0.mlpCap].map(hex) }] as [String: Any]
         }
         var r: [String: Any] = [:]
-        for (l, groups) in c.results {
-            r[String(l)] = groups.map { g in
-                ["group": g.group, "best_idx": g.bestIdx, "alpha": hex(g.alpha), "loss": g.loss.map(hex), "ratio": hex(g.ratio),
-                 "scales": g.scales.map { $0.bitPattern }] as [String: Any]
+        for (l, done) in c.results {
+            var layer: [String: Any] = ["groups": done.groups.map { g in
+                ["group": g.searchGroup?.rawValue ?? "", "best_idx": g.bestIdx, "alpha": hex(g.alpha), "loss": g.loss.map(hex),
+                 "ratio": hex(g.ratio), "scales": g.scales.map { $0.bitPattern }] as [String: Any]
+            }]
+            if let q = done.gptq {
+                layer["gptq"] = q.linears.map { ["role": $0.role, "tokens": $0.tokens, "error_before": hex($0.errorBefore),
+                                                 "error_after": hex($0.errorAfter)] as [String: Any] }
             }
+            r[String(l)] = layer
         }
         b["results"] = r
         return b
@@ -52,7 +62,7 @@ public enum Journal {
 
     public static func write(_ c: Contents, jobDir: String) throws {
         let bodyData = try JSONSerialization.data(withJSONObject: body(c), options: [.sortedKeys])
-        let doc: [String: Any] = ["format": "mbq-journal", "version": 1, "sha256": digest(bodyData),
+        let doc: [String: Any] = ["format": "mbq-journal", "version": version, "sha256": digest(bodyData),
                                   "body": String(decoding: bodyData, as: UTF8.self)]
         try AtomicFile.write(data: try JSONSerialization.data(withJSONObject: doc, options: [.sortedKeys]), to: path(jobDir))
     }
@@ -65,6 +75,9 @@ public enum Journal {
         guard let doc = (try? JSONSerialization.jsonObject(with: data)) as? [String: Any],
               doc["format"] as? String == "mbq-journal", let bodyText = doc["body"] as? String, let sum = doc["sha256"] as? String else {
             throw CoordinatorError.journal(path: p, reason: "not an mbq journal (torn write?)")
+        }
+        guard (doc["version"] as? NSNumber)?.intValue == version else {
+            throw CoordinatorError.journal(path: p, reason: "journal version \(doc["version"] ?? "?") was written by another mbq release (this one reads \(version)): finish it with that release, or start a new --job-dir")
         }
         let bodyData = Data(bodyText.utf8)
         guard digest(bodyData) == sum else {
@@ -85,13 +98,19 @@ public enum Journal {
             let f = GradientStatistics.finalize(sums: sums, used: 1, skipped: s["skipped"] as? [String] ?? [])
             stats = GradientStatistics(layers: f.layers, samplesUsed: (s["samples_used"] as? NSNumber)?.intValue ?? 0, skipped: f.skipped)
         }
-        var results: [Int: [Mbq_GroupResult]] = [:]
+        var results: [Int: LayerResults] = [:]
         for (k, v) in b["results"] as? [String: Any] ?? [:] {
-            guard let l = Int(k), let groups = v as? [[String: Any]] else { continue }
-            results[l] = groups.map { g in
+            guard let l = Int(k), let layer = v as? [String: Any], let groups = layer["groups"] as? [[String: Any]] else {
+                throw CoordinatorError.journal(path: p, reason: "layer '\(k)' is not a layer's results")
+            }
+            var done = LayerResults()
+            done.groups = try groups.map { g in
                 var m = Mbq_GroupResult()
                 m.layer = UInt32(l)
-                m.group = g["group"] as? String ?? ""
+                guard let group = (g["group"] as? String).flatMap(SearchGroup.init(rawValue:)) else {
+                    throw CoordinatorError.journal(path: p, reason: "layer \(l): unknown group \(g["group"] ?? "?")")
+                }
+                m.group = group.wire
                 m.bestIdx = (g["best_idx"] as? NSNumber)?.uint32Value ?? 0
                 m.alpha = unhex(g["alpha"]) ?? 0
                 m.loss = doubles(g["loss"]) ?? []
@@ -99,6 +118,20 @@ public enum Journal {
                 m.scales = ((g["scales"] as? [Any]) ?? []).compactMap { ($0 as? NSNumber)?.uint32Value }.map { Float(bitPattern: $0) }
                 return m
             }
+            if let q = layer["gptq"] as? [[String: Any]] {
+                var report = Mbq_GptqReport()
+                report.layer = UInt32(l)
+                report.linears = q.map { e in
+                    var m = Mbq_LinearError()
+                    m.role = e["role"] as? String ?? ""
+                    m.tokens = (e["tokens"] as? NSNumber)?.uint64Value ?? 0
+                    m.errorBefore = unhex(e["error_before"]) ?? .nan
+                    m.errorAfter = unhex(e["error_after"]) ?? .nan
+                    return m
+                }
+                done.gptq = report
+            }
+            results[l] = done
         }
         return Contents(jobID: job, stats: stats, results: results, epoch: (b["epoch"] as? NSNumber)?.uint32Value ?? 0,
                         identity: JobIdentity(fields: b["identity"] as? [String: String] ?? [:]))

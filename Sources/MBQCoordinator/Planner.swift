@@ -82,7 +82,7 @@ public enum Planner {
         guard ws.reduce(0, { $0 + $1.capacity }) >= layers, layers > 0 else { return nil }
         let p = proportional(layers: layers, workers: ws.map { ($0.id, $0.gflops) })
         let cap = Dictionary(uniqueKeysWithValues: ws.map { ($0.id, $0.capacity) })
-        if p.allSatisfy({ $0.range.count <= cap[$0.worker]! }) { return p }
+        if p.allSatisfy({ $0.range.count <= (cap[$0.worker] ?? 0) }) { return p }
         return bottleneck(layers: layers, workers: ws)
     }
 

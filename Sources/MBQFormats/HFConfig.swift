@@ -50,6 +50,24 @@ public struct HFTextConfig: Codable, Sendable {
     }
 }
 
+extension HFTextConfig {
+    /// The RoPE settings in force: transformers 5's `rope_parameters`, else 4's
+    /// `rope_scaling` (the one place either is read).
+    public var rope: RopeParameters? { ropeParameters ?? ropeScaling }
+
+    /// The rope type: `rope_type` (or the older `type`); "default" when neither is set.
+    public var ropeType: String { rope?.ropeType ?? rope?.type ?? "default" }
+
+    /// The rope type, when `family` runs it (one of `supported`); else a config error.
+    public func ropeType(supported: [String], family: ModelFamily, path: String) throws -> String {
+        let type = ropeType
+        guard supported.contains(type) else {
+            throw FormatsError.invalidConfig(path: path, reason: "rope type '\(type)' is not supported for \(family.rawValue) (\(supported.joined(separator: ", ")))")
+        }
+        return type
+    }
+}
+
 /// The top level of `config.json`, just enough to find the language model.
 public struct HFModelConfig: Codable, Sendable {
     public var modelType: String
@@ -165,8 +183,7 @@ public struct LanguageModelConfig: Sendable, Equatable {
             throw FormatsError.invalidConfig(path: path, reason: "head_dim \(headDim) must be positive and even")
         }
         let mrope = try arch.mropeSection(text, headDim: headDim, path: path)
-        let rope = text.ropeParameters ?? text.ropeScaling
-        let theta = text.ropeParameters?.ropeTheta ?? text.ropeTheta ?? rope?.ropeTheta ?? 10000
+        let theta = text.ropeParameters?.ropeTheta ?? text.ropeTheta ?? text.rope?.ropeTheta ?? 10000
         let eps = text.rmsNormEps ?? 1e-6
         let (qkvBias, oBias) = try arch.biases(text, path: path)
         return LanguageModelConfig(

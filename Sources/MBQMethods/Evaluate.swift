@@ -30,25 +30,35 @@ public struct EvalResult: Sendable {
 
 public enum Evaluate {
     /// `actBits`/`referenceActBits`: per-token activation quantization of W-A checkpoints.
+    /// The decoder blocks run through `backend` (`GradientPass.forward`, the arithmetic of
+    /// every other pass); the head's log-probabilities on the host.
     public static func run(model: LanguageModel<Float>, actBits: Int?, samples: [CalibrationSample],
-                           reference: LanguageModel<Float>? = nil, referenceActBits: Int? = nil) throws -> EvalResult {
+                           reference: LanguageModel<Float>? = nil, referenceActBits: Int? = nil,
+                           backend: ComputeBackend = CPUBackend()) throws -> EvalResult {
         var ce = 0.0, capTokens = 0, correct = 0, klAll = 0.0, klCap = 0.0, positions = 0
-        let eps = Float(model.config.rmsNormEps)
+        let blocks = try model.blocks.map { try backend.loadBlock($0) }
+        let referenceBlocks = try reference.map { r in try r.blocks.map { try backend.loadBlock($0) } }
+        /// The final hidden states of sample `s` through `blocks` ([T, C]).
+        func hidden(_ m: LanguageModel<Float>, _ blocks: [BackendBlock], _ s: CalibrationSample, actBits: Int?) throws -> Tensor<Float> {
+            try m.check(SequenceInput(s))
+            let y = try GradientPass.forward(try backend.upload(s.embeds), layers: 0..<blocks.count, blocks: { blocks[$0] },
+                                             rope: m.ropeTable(s.positions), mask: s.attention, backend: backend, actBits: actBits)
+            return try backend.download(y)
+        }
         for s in samples {
             let t = s.length
             // Next-token positions: t predicts t+1, both real tokens.
             let rows = (0..<max(0, t - 1)).filter { s.attention[$0] && s.attention[$0 + 1] }
             guard !rows.isEmpty else { continue }
-            let input = SequenceInput(s)
-            let h = try model.forward(input, actBits: actBits).last!
-            let lp = logProbabilities(h, rows: rows, norm: model.finalNorm, lmHead: model.lmHead, eps: eps)
-            let vocab = lp.cols
+            let h = try hidden(model, blocks, s, actBits: actBits)
+            let lp = logProbabilities(h, rows: rows, norm: model.finalNorm, lmHead: model.lmHead, eps: Float(model.config.rmsNormEps))
             var refLP: Tensor<Float>? = nil
-            if let reference {
-                let hr = try reference.forward(input, actBits: referenceActBits).last!
+            if let reference, let referenceBlocks {
+                let hr = try hidden(reference, referenceBlocks, s, actBits: referenceActBits)
                 refLP = logProbabilities(hr, rows: rows, norm: reference.finalNorm, lmHead: reference.lmHead,
                                          eps: Float(reference.config.rmsNormEps))
             }
+            let vocab = lp.cols
             for (r, pos) in rows.enumerated() {
                 let label = s.labels[pos + 1]
                 let isCaption = label != -100

@@ -9,14 +9,15 @@ import MBQTensor
 /// backward, so that memory holds one layer's saved forward at a time, not all of them.
 public enum GradientPass {
     /// x: [T, C], the input of `layers.lowerBound`. Each layer's input is handed to `keep`
-    /// before the layer runs. -> the output of the last layer.
+    /// before the layer runs. `actBits`: per-token activation quantization of every
+    /// linear's input (evaluating a W-A model). -> the output of the last layer.
     public static func forward(_ x: BackendTensor, layers: Range<Int>, blocks: (Int) -> BackendBlock, rope: RoPETable<Float>,
-                               mask: [Bool], backend: ComputeBackend,
-                               keep: (Int, BackendTensor) throws -> Void) throws -> BackendTensor {
+                               mask: [Bool], backend: ComputeBackend, actBits: Int? = nil,
+                               keep: (Int, BackendTensor) throws -> Void = { _, _ in }) throws -> BackendTensor {
         var x = x
         for l in layers {
             try keep(l, x)
-            x = try backend.blockForward(x, blocks(l), rope: rope, mask: mask, save: false, capture: false, actBits: nil).output
+            x = try backend.blockForward(x, blocks(l), rope: rope, mask: mask, save: false, capture: false, actBits: actBits).output
             guard try backend.allFinite(x) else { throw ModelError.nonFinite(what: "block output", layer: l) }
         }
         return x

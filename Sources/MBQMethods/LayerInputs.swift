@@ -2,7 +2,7 @@ import MBQFormats
 import MBQModel
 import MBQTensor
 
-/// The search's walk over consecutive layers (docs/DESIGN.md §1, memory): the inputs of
+/// The search's walk over consecutive layers (docs/DESIGN.md §1): the inputs of
 /// the layer being searched, every sample's, and the outputs it makes, which are the next
 /// layer's inputs. Both live in an `ActivationStore` (in memory within its budget, past it
 /// in --scratch), so that a job holds two layers' inputs at most, however many layers it

@@ -58,16 +58,11 @@ public func attentionCoreForward<T: BLASScalar>(q: Tensor<T>, k: Tensor<T>, v: T
                  "attention: q \(q.shape), k \(k.shape), v \(v.shape), mask \(mask.count)")
     let scale = T(shape.scale)
     let rb = Swift.max(1, Swift.min(rowBlock, t))
-    var ctx = Tensor<T>(zeros: [t, ldq])
-    var lse = [T](repeating: -T.infinity, count: shape.heads * t)
-    var scores = [T](repeating: 0, count: rb * t)
-    q.data.withUnsafeBufferPointer { pq in
-    k.data.withUnsafeBufferPointer { pk in
-    v.data.withUnsafeBufferPointer { pv in
-    ctx.data.withUnsafeMutableBufferPointer { pc in
-    scores.withUnsafeMutableBufferPointer { ps in
-    lse.withUnsafeMutableBufferPointer { pl in
-        let ps = ps, pl = pl
+    // ctx [T, heads*D], lse [heads, T], scores [rb, T] (one row block's)
+    var out = [[T]](arrayLiteral: [T](repeating: 0, count: t * ldq), [T](repeating: -T.infinity, count: shape.heads * t),
+                    [T](repeating: 0, count: rb * t))
+    withBuffers([q.data, k.data, v.data], writing: &out) { r, w in
+        let (pq, pk, pv) = (r[0], r[1], r[2]), (pc, pl, ps) = (w[0], w[1], w[2])
         for h in 0..<shape.heads {
             let g = h / shape.groupSize
             for r0 in stride(from: 0, to: t, by: rb) {
@@ -109,8 +104,8 @@ public func attentionCoreForward<T: BLASScalar>(q: Tensor<T>, k: Tensor<T>, v: T
                        beta: 0, c: pc.baseAddress! + r0 * ldq + h * d, ldc: ldq)
             }
         }
-    }}}}}}
-    return (ctx, lse)
+    }
+    return (Tensor(shape: [t, ldq], data: out[0]), out[1])
 }
 
 /// dctx: [T, heads*D] -> dq: [T, heads*D], dk, dv: [T, kvHeads*D] (gradients w.r.t. the
@@ -126,23 +121,12 @@ public func attentionCoreBackward<T: BLASScalar>(dctx: Tensor<T>, saved: Attenti
     precondition(dctx.shape == saved.ctx.shape, "attention backward: dctx \(dctx.shape) vs ctx \(saved.ctx.shape)")
     let scale = T(shape.scale)
     let rb = Swift.max(1, Swift.min(rowBlock, t))
-    var dq = Tensor<T>(zeros: [t, ldq])
-    var dk = Tensor<T>(zeros: [t, ldk])
-    var dv = Tensor<T>(zeros: [t, ldk])
-    var p = [T](repeating: 0, count: rb * t)
-    var dp = [T](repeating: 0, count: rb * t)
-    saved.q.data.withUnsafeBufferPointer { pq in
-    saved.k.data.withUnsafeBufferPointer { pk in
-    saved.v.data.withUnsafeBufferPointer { pv in
-    saved.ctx.data.withUnsafeBufferPointer { pc in
-    saved.lse.withUnsafeBufferPointer { pl in
-    dctx.data.withUnsafeBufferPointer { pdc in
-    dq.data.withUnsafeMutableBufferPointer { pdq in
-    dk.data.withUnsafeMutableBufferPointer { pdk in
-    dv.data.withUnsafeMutableBufferPointer { pdv in
-    p.withUnsafeMutableBufferPointer { pp in
-    dp.withUnsafeMutableBufferPointer { pdp in
-        let pp = pp, pdp = pdp
+    // dq [T, heads*D], dk and dv [T, kvHeads*D], P and dP [rb, T] (one row block's)
+    var out = [[T]](arrayLiteral: [T](repeating: 0, count: t * ldq), [T](repeating: 0, count: t * ldk),
+                    [T](repeating: 0, count: t * ldk), [T](repeating: 0, count: rb * t), [T](repeating: 0, count: rb * t))
+    withBuffers([saved.q.data, saved.k.data, saved.v.data, saved.ctx.data, saved.lse, dctx.data], writing: &out) { r, w in
+        let (pq, pk, pv, pc, pl, pdc) = (r[0], r[1], r[2], r[3], r[4], r[5])
+        let (pdq, pdk, pdv, pp, pdp) = (w[0], w[1], w[2], w[3], w[4])
         for h in 0..<shape.heads {
             let g = h / shape.groupSize
             for r0 in stride(from: 0, to: t, by: rb) {
@@ -192,6 +176,6 @@ public func attentionCoreBackward<T: BLASScalar>(dctx: Tensor<T>, saved: Attenti
                        beta: 1, c: pdk.baseAddress! + g * d, ldc: ldk)
             }
         }
-    }}}}}}}}}}}
-    return (dq, dk, dv)
+    }
+    return (Tensor(shape: [t, ldq], data: out[0]), Tensor(shape: [t, ldk], data: out[1]), Tensor(shape: [t, ldk], data: out[2]))
 }

@@ -18,18 +18,14 @@ public struct MLPSaved<T: BLASScalar>: Sendable {
 @inlinable
 public func swiglu<T: BLASScalar>(gate: Tensor<T>, up: Tensor<T>) -> Tensor<T> {
     precondition(gate.shape == up.shape, "swiglu: \(gate.shape) vs \(up.shape)")
-    var a = Tensor<T>(zeros: gate.shape)
-    gate.data.withUnsafeBufferPointer { pg in
-        up.data.withUnsafeBufferPointer { pu in
-            a.data.withUnsafeMutableBufferPointer { pa in
-                let pg = pg, pu = pu, pa = pa
-                parallelChunks(pa.count, minChunk: 1 << 14) { r in
-                    for i in r { pa[i] = pg[i] * sigmoid(pg[i]) * pu[i] }
-                }
-            }
+    var out = [[T]](arrayLiteral: [T](repeating: 0, count: gate.count))
+    withBuffers([gate.data, up.data], writing: &out) { r, w in
+        let (pg, pu, pa) = (r[0], r[1], w[0])
+        parallelChunks(pa.count, minChunk: 1 << 14) { r in
+            for i in r { pa[i] = pg[i] * sigmoid(pg[i]) * pu[i] }
         }
     }
-    return a
+    return Tensor(shape: gate.shape, data: out[0])
 }
 
 /// x: [T, C], gate/up: [I, C], down: [C, I] -> y: [T, C], downInput: [T, I]
@@ -51,14 +47,9 @@ public func mlpForward<T: BLASScalar>(_ x: Tensor<T>, gate: Tensor<T>, up: Tenso
 public func mlpBackward<T: BLASScalar>(_ dy: Tensor<T>, saved: MLPSaved<T>, gate: Tensor<T>, up: Tensor<T>,
                                        down: Tensor<T>, outputGradients: ((String, Tensor<T>) -> Void)? = nil) -> Tensor<T> {
     let da = linearBackward(dy, weight: down)
-    var dg = Tensor<T>(zeros: da.shape)
-    var du = Tensor<T>(zeros: da.shape)
-    da.data.withUnsafeBufferPointer { pda in
-    saved.gate.data.withUnsafeBufferPointer { pg in
-    saved.up.data.withUnsafeBufferPointer { pu in
-    dg.data.withUnsafeMutableBufferPointer { pdg in
-    du.data.withUnsafeMutableBufferPointer { pdu in
-        let pda = pda, pg = pg, pu = pu, pdg = pdg, pdu = pdu
+    var out = [[T]](arrayLiteral: [T](repeating: 0, count: da.count), [T](repeating: 0, count: da.count))  // dg, du
+    withBuffers([da.data, saved.gate.data, saved.up.data], writing: &out) { r, w in
+        let (pda, pg, pu) = (r[0], r[1], r[2]), (pdg, pdu) = (w[0], w[1])
         parallelChunks(pda.count, minChunk: 1 << 14) { r in
             for i in r {
                 let g = pg[i], s = sigmoid(g)
@@ -66,7 +57,8 @@ public func mlpBackward<T: BLASScalar>(_ dy: Tensor<T>, saved: MLPSaved<T>, gate
                 pdu[i] = pda[i] * g * s
             }
         }
-    }}}}}
+    }
+    let dg = Tensor(shape: da.shape, data: out[0]), du = Tensor(shape: da.shape, data: out[1])
     outputGradients?("gate", dg)
     outputGradients?("up", du)
     var dx = linearBackward(dg, weight: gate)

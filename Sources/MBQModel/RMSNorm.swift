@@ -8,28 +8,21 @@ import MBQTensor
 public func rmsNormForward<T: BLASScalar>(_ x: Tensor<T>, weight: Tensor<T>, eps: T) -> (y: Tensor<T>, invRms: [T]) {
     let rows = x.rows, c = x.cols
     precondition(weight.count == c, "rmsNorm: weight \(weight.shape) vs input \(x.shape)")
-    var y = Tensor<T>(zeros: x.shape)
-    var inv = [T](repeating: 0, count: rows)
-    x.data.withUnsafeBufferPointer { px in
-        weight.data.withUnsafeBufferPointer { pw in
-            y.data.withUnsafeMutableBufferPointer { py in
-                inv.withUnsafeMutableBufferPointer { pinv in
-                    let px = px, pw = pw, py = py, pinv = pinv
-                    parallelChunks(rows, minChunk: 16) { range in
-                        for r in range {
-                            let base = r * c
-                            var ss: T = 0
-                            for j in 0..<c { ss += px[base + j] * px[base + j] }
-                            let ri = 1 / (ss / T(c) + eps).squareRoot()
-                            pinv[r] = ri
-                            for j in 0..<c { py[base + j] = pw[j] * (px[base + j] * ri) }
-                        }
-                    }
-                }
+    var out = [[T]](arrayLiteral: [T](repeating: 0, count: x.count), [T](repeating: 0, count: rows))  // y, invRms
+    withBuffers([x.data, weight.data], writing: &out) { r, w in
+        let (px, pw) = (r[0], r[1]), (py, pinv) = (w[0], w[1])
+        parallelChunks(rows, minChunk: 16) { range in
+            for r in range {
+                let base = r * c
+                var ss: T = 0
+                for j in 0..<c { ss += px[base + j] * px[base + j] }
+                let ri = 1 / (ss / T(c) + eps).squareRoot()
+                pinv[r] = ri
+                for j in 0..<c { py[base + j] = pw[j] * (px[base + j] * ri) }
             }
         }
     }
-    return (y, inv)
+    return (Tensor(shape: x.shape, data: out[0]), out[1])
 }
 
 /// dy: [T, C], x: [T, C], weight: [C], invRms: [T] -> dx: [T, C]
@@ -38,25 +31,19 @@ public func rmsNormForward<T: BLASScalar>(_ x: Tensor<T>, weight: Tensor<T>, eps
 public func rmsNormBackward<T: BLASScalar>(_ dy: Tensor<T>, x: Tensor<T>, weight: Tensor<T>, invRms: [T]) -> Tensor<T> {
     let rows = x.rows, c = x.cols
     precondition(dy.shape == x.shape && invRms.count == rows, "rmsNormBackward: shapes \(dy.shape), \(x.shape)")
-    var dx = Tensor<T>(zeros: x.shape)
-    x.data.withUnsafeBufferPointer { px in
-        dy.data.withUnsafeBufferPointer { pdy in
-            weight.data.withUnsafeBufferPointer { pw in
-                dx.data.withUnsafeMutableBufferPointer { pdx in
-                    let px = px, pdy = pdy, pw = pw, pdx = pdx
-                    parallelChunks(rows, minChunk: 16) { range in
-                        for r in range {
-                            let base = r * c
-                            let ri = invRms[r]
-                            var dot: T = 0
-                            for j in 0..<c { dot += pw[j] * pdy[base + j] * px[base + j] }
-                            let k = ri * ri * ri * dot / T(c)
-                            for j in 0..<c { pdx[base + j] = ri * pw[j] * pdy[base + j] - px[base + j] * k }
-                        }
-                    }
-                }
+    var out = [[T]](arrayLiteral: [T](repeating: 0, count: x.count))  // dx
+    withBuffers([x.data, dy.data, weight.data, invRms], writing: &out) { r, w in
+        let (px, pdy, pw, pinv) = (r[0], r[1], r[2], r[3]), pdx = w[0]
+        parallelChunks(rows, minChunk: 16) { range in
+            for r in range {
+                let base = r * c
+                let ri = pinv[r]
+                var dot: T = 0
+                for j in 0..<c { dot += pw[j] * pdy[base + j] * px[base + j] }
+                let k = ri * ri * ri * dot / T(c)
+                for j in 0..<c { pdx[base + j] = ri * pw[j] * pdy[base + j] - px[base + j] * k }
             }
         }
     }
-    return dx
+    return Tensor(shape: x.shape, data: out[0])
 }

@@ -56,7 +56,7 @@ public enum TransportBenchmark {
         try push.configureForTensors()
         try push.setInt(17 /* ZMQ_LINGER */, -1)  // queued frames still go out after close
         try push.connect(endpoint)
-        for i in 0..<count { try Wire.send(push, job: "bench", name: "act/\(i)", tensor: t, epoch: 1) }
+        for i in 0..<count { try Wire.send(push, job: "bench", name: .activation(sample: i), tensor: t, epoch: 1) }
     }
 
     static func receiveOne(_ s: ZMQSocket) throws -> Tensor<Float> {

@@ -3,7 +3,7 @@ import MBQTensor
 import SwiftProtobuf
 
 /// The protocol version every envelope carries; peers with another version are refused.
-public let protocolVersion: UInt32 = 1
+public let protocolVersion: UInt32 = 2
 
 /// Largest raw frame accepted, and the chunk size tensors are cut into (ZeroMQ moves
 /// 1 MiB frames about twice as fast as one 64 MiB frame over loopback).
@@ -56,10 +56,10 @@ public enum Wire {
     }
 
     /// The envelope frame of a tensor message: its TensorHeader (checksum of the bytes).
-    public static func tensorHeader(job: String, name: String, tensor t: Tensor<Float>, epoch: UInt32,
+    public static func tensorHeader(job: String, name: TensorName, tensor t: Tensor<Float>, epoch: UInt32,
                                     secret: String? = nil) throws -> [UInt8] {
         var h = Mbq_TensorHeader()
-        h.name = name
+        h.name = name.wire
         h.dtype = "F32"
         h.shape = t.shape.map(UInt64.init)
         h.byteCount = UInt64(t.count * 4)
@@ -72,9 +72,9 @@ public enum Wire {
 
     /// Frames of a byte message (dtype U8, shape [count]): the envelope with its
     /// TensorHeader, then the bytes cut into `tensorChunkBytes` frames.
-    public static func encode(job: String, name: String, bytes: [UInt8], epoch: UInt32, secret: String? = nil) throws -> [[UInt8]] {
+    public static func encode(job: String, name: TensorName, bytes: [UInt8], epoch: UInt32, secret: String? = nil) throws -> [[UInt8]] {
         var h = Mbq_TensorHeader()
-        h.name = name
+        h.name = name.wire
         h.dtype = "U8"
         h.shape = [UInt64(bytes.count)]
         h.byteCount = UInt64(bytes.count)
@@ -93,7 +93,7 @@ public enum Wire {
 
     /// Frames of a tensor message: the envelope with its TensorHeader, then the raw fp32
     /// bytes cut into `tensorChunkBytes` frames.
-    public static func encode(job: String, name: String, tensor t: Tensor<Float>, epoch: UInt32) throws -> [[UInt8]] {
+    public static func encode(job: String, name: TensorName, tensor t: Tensor<Float>, epoch: UInt32) throws -> [[UInt8]] {
         let head = try tensorHeader(job: job, name: name, tensor: t, epoch: epoch)
         return t.data.withUnsafeBytes { bytes in
             var chunks: [[UInt8]] = [head]
@@ -116,7 +116,7 @@ public enum Wire {
     /// The pointer stays valid after `withUnsafeBytes` returns because the box holds the
     /// array's one heap buffer, which is never mutated (a write elsewhere would copy it
     /// first) and is freed only when ZeroMQ releases the box.
-    public static func send(_ sock: ZMQSocket, job: String, name: String, tensor t: Tensor<Float>, epoch: UInt32,
+    public static func send(_ sock: ZMQSocket, job: String, name: TensorName, tensor t: Tensor<Float>, epoch: UInt32,
                             secret: String? = nil) throws {
         let head = try tensorHeader(job: job, name: name, tensor: t, epoch: epoch, secret: secret)
         let box = PinnedStorage(t.data)

@@ -2,6 +2,7 @@ import CZMQ
 import Foundation
 import Logging
 import MBQFormats
+import MBQMessages
 import MBQMethods
 import MBQModel
 import MBQQuant
@@ -64,7 +65,7 @@ public final class Worker: @unchecked Sendable {
     var finalHidden: [BackendTensor] = []
     var ratios: (attn: [Double], mlp: [Double])?
     /// Scales per layer and group (searched here, or sent by the coordinator).
-    var results: [Int: [String: Mbq_GroupResult]] = [:]
+    var results: [Int: [SearchGroup: Mbq_GroupResult]] = [:]
     var quantOptions = QuantizeOptions()
     /// GPTQ: each owned layer's codes from this plan's search, for the apply phase (they
     /// cannot be rebuilt from scales; a byte per weight, not the dequantized block).
@@ -188,7 +189,7 @@ public final class Worker: @unchecked Sendable {
                 continue
             }
             var registerAgain = false
-            if case let .heartbeat(h) = m.envelope.body, h.phase == "register-again" {
+            if case .registerAgain = m.envelope.body {
                 logger.info("coordinator does not know this worker (restarted?): registering again")
                 registerAgain = true
             }
@@ -204,13 +205,13 @@ public final class Worker: @unchecked Sendable {
                 reg.authToken = Data(Auth.token(secret: s, jobID: m.envelope.jobID, workerID: options.workerID, nonce: Array(c.nonce)))
                 try control.send(try Wire.encode(Wire.envelope(job: jobID, .register(reg))))
                 link.registerSent(now: now)
-            case .heartbeat where !registerAgain:
+            case .heartbeat:
                 // The coordinator heartbeats only the workers it registered.
                 if !registered {
                     registered = true
                     logger.info("registered with the coordinator at \(options.connect) (job \(m.envelope.jobID)) as \(options.workerID)")
                 }
-            case .heartbeat:
+            case .registerAgain:
                 registered = false
             case let .refused(r):
                 logger.error("refused by the coordinator: \(r.reason)")
@@ -271,19 +272,21 @@ public final class Worker: @unchecked Sendable {
                 throw ProtocolError.malformed("ratios for \(r.attn.count)/\(r.mlp.count) layers (the model has \(ckpt?.config.numLayers ?? 0))")
             }
             ratios = (r.attn, r.mlp)
-        case let .groupResult(g): results[Int(g.layer), default: [:]][g.group] = g
+        case let .groupResult(g):
+            guard let group = g.searchGroup else { throw ProtocolError.malformed("scales for an unknown group \(g.group) of layer \(g.layer)") }
+            results[Int(g.layer), default: [:]][group] = g
         case let .runPhase(p):
             guard p.epoch == assignment.epoch, p.epoch == currentEpoch else { return }
-            try testDelay(p.phase)
+            try testDelay(p.phase.name)
             let t0 = Self.now()
             var moved: UInt64 = 0
             var transfer = 0.0
             switch p.phase {
-            case "forward": (moved, transfer) = try forward()
-            case "backward": (moved, transfer) = try backward()
-            case "search": (moved, transfer) = try search(skip: Set(p.skipLayers.map(Int.init)))
-            case "apply": try apply(); return
-            default: throw ProtocolError.malformed("unknown phase '\(p.phase)'")
+            case .forward: (moved, transfer) = try forward()
+            case .backward: (moved, transfer) = try backward()
+            case .search: (moved, transfer) = try search(skip: Set(p.skipLayers.map(Int.init)))
+            case .apply: try apply(); return
+            case .unspecified, .UNRECOGNIZED: throw ProtocolError.malformed("unknown phase \(p.phase)")
             }
             var d = Mbq_PhaseDone()
             d.phase = p.phase

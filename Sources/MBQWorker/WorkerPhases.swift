@@ -1,5 +1,6 @@
 import Foundation
 import MBQFormats
+import MBQMessages
 import MBQMethods
 import MBQModel
 import MBQQuant
@@ -22,7 +23,7 @@ extension Worker {
     /// Waits for tensor `name` of the current epoch on the data socket.
     /// -> the tensor and the seconds spent moving it (taking it off the socket and
     /// checking it; time waiting for the upstream stage to compute is not counted).
-    func receive(_ name: String, what: String) throws -> (Tensor<Float>, Double) {
+    func receive(_ name: TensorName, what: String) throws -> (Tensor<Float>, Double) {
         while true {
             if currentEpoch != assignment.epoch { throw Aborted(what: what) }
             guard let raw = try pull.receiveRaw(timeoutMs: 200, maxFrameBytes: maxFrameBytes) else { continue }
@@ -41,12 +42,12 @@ extension Worker {
                 continue
             }
             if h.epoch != assignment.epoch { continue }  // stale traffic from an earlier plan
-            guard h.name == name else { throw ProtocolError.tensor(name: h.name, reason: "expected '\(name)'") }
+            guard TensorName(wire: h.name) == name else { throw ProtocolError.tensor(name: h.name, reason: "expected '\(name)'") }
             return (t, moving)
         }
     }
 
-    func send(_ sock: ZMQSocket, _ name: String, _ t: Tensor<Float>) throws -> (UInt64, Double) {
+    func send(_ sock: ZMQSocket, _ name: TensorName, _ t: Tensor<Float>) throws -> (UInt64, Double) {
         let t0 = Self.now()
         try Wire.send(sock, job: jobID, name: name, tensor: t, epoch: assignment.epoch, secret: options.secret)
         return (UInt64(t.count * 4), Self.now() - t0)
@@ -65,7 +66,7 @@ extension Worker {
             if range.lowerBound == 0 {
                 x = sample.embeds
             } else {
-                let (t, dt) = try receive("act/\(s)", what: "forward")
+                let (t, dt) = try receive(.activation(sample: s), what: "forward")
                 x = t
                 transfer += dt
             }
@@ -83,7 +84,7 @@ extension Worker {
                 }
             }
             if let down {
-                let (b, dt) = try send(down, "act/\(s)", try backend.download(y))
+                let (b, dt) = try send(down, .activation(sample: s), try backend.download(y))
                 moved += b; transfer += dt
             } else {
                 finalHidden.append(y)
@@ -114,7 +115,7 @@ extension Worker {
             if let h = head {
                 dy = try backend.lossGradient(finalHidden[s], h, labels: sample.labels).grad
             } else {
-                let (t, dt) = try receive("grad/\(s)", what: "backward")
+                let (t, dt) = try receive(.gradient(sample: s), what: "backward")
                 dy = try backend.upload(t)
                 transfer += dt
             }
@@ -128,7 +129,7 @@ extension Worker {
                                            sample: sample, rope: r, backend: backend, sums: &sums,
                                            outputNorms: keepNorms ? { l, n in self.tokenNorms[l, default: [:]][s] = n } : nil)
             if let up {
-                let (b, dt) = try send(up, "grad/\(s)", try backend.download(dy))
+                let (b, dt) = try send(up, .gradient(sample: s), try backend.download(dy))
                 moved += b; transfer += dt
             }
         }
@@ -157,7 +158,7 @@ extension Worker {
                 if first == 0 {
                     try inputs.put(layer: first, sample: s, sample.embeds)
                 } else {
-                    let (t, dt) = try receive("dist/\(s)", what: "search")
+                    let (t, dt) = try receive(.distorted(sample: s), what: "search")
                     try inputs.put(layer: first, sample: s, t)
                     transfer += dt
                 }
@@ -192,14 +193,12 @@ extension Worker {
                                              options: quantOptions, backend: backend)
             for g in found {
                 let m = Mbq_GroupResult(g, epoch: assignment.epoch)
-                results[l, default: [:]][m.group] = m
+                results[l, default: [:]][g.group] = m
                 post(.groupResult(m))
             }
             if quantOptions.usesGPTQ {
                 let q = try gptqLayer(l, walk: walk)
-                let m = GPTQReport.message(layer: l, q.reports, epoch: assignment.epoch)
-                results[l, default: [:]][m.group] = m
-                post(.groupResult(m))
+                post(.gptqReport(Mbq_GptqReport(layer: l, q.reports, epoch: assignment.epoch)))
                 if next { try LayerStep.distort(q.block, inputs: walk, samples: samples, rope: rope, options: quantOptions) }
             } else if distort {
                 try LayerStep.distort(try quantizedBlock(l).block, inputs: walk, samples: samples, rope: rope, options: quantOptions)
@@ -208,7 +207,7 @@ extension Worker {
         }
         if distort, let down {
             for s in samples.indices {
-                let (b, dt) = try send(down, "dist/\(s)", try backend.download(try walk.input(s)))
+                let (b, dt) = try send(down, .distorted(sample: s), try backend.download(try walk.input(s)))
                 moved += b; transfer += dt
             }
         }
@@ -238,10 +237,7 @@ extension Worker {
     /// Block `l` with its scales applied, before quantization (`LayerStep.applied`).
     func scaledBlock(_ l: Int) throws -> BackendBlock {
         var scales: [SearchGroup: [Float]] = [:]
-        for (name, r) in results[l] ?? [:] where name != GPTQReport.group {
-            guard let g = SearchGroup(rawValue: name) else { throw ProtocolError.malformed("unknown group '\(name)'") }
-            scales[g] = r.scales
-        }
+        for (g, r) in results[l] ?? [:] { scales[g] = r.scales }
         return try LayerStep.applied(blocks[l]!, scales: scales, backend: backend)
     }
 
@@ -284,7 +280,7 @@ extension Worker {
                 b.layer = UInt32(l); b.file = shard.file; b.bytes = UInt64(shard.bytes.count); b.epoch = assignment.epoch
                 post(.blockWritten(b))
             } else {
-                outbox.post(try Wire.encode(job: jobID, name: "shard/\(l)/\(shard.file)", bytes: shard.bytes, epoch: assignment.epoch))
+                outbox.post(try Wire.encode(job: jobID, name: .shard(layer: l, file: shard.file), bytes: shard.bytes, epoch: assignment.epoch))
             }
         }
     }
@@ -292,10 +288,10 @@ extension Worker {
     /// The output directory is shared when its marker file holds this job's token.
     func outputIsShared() throws -> Bool {
         let a = assignment
-        if a.outputVia == "coordinator" || a.outputDir.isEmpty { return false }
+        if a.outputVia == .coordinator || a.outputDir.isEmpty { return false }
         let marker = a.outputDir + "/" + OutputMarker.name
         let seen = (try? String(contentsOfFile: marker, encoding: .utf8)) == a.outputToken
-        if !seen && a.outputVia == "shared" {
+        if !seen && a.outputVia == .shared {
             throw WorkerError.output(path: a.outputDir, reason: "--output-via shared, but this worker does not see the coordinator's output directory (no \(OutputMarker.name) with this job's token)")
         }
         if !seen { logger.info("output directory \(a.outputDir) not visible here: streaming blocks to the coordinator") }

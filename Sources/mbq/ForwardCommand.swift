@@ -77,43 +77,40 @@ struct ModelRun {
         r.layers = lm.config.numLayers
         let samples = Array(bundle.samples.prefix(limit ?? bundle.count))
         logger.info("loaded \(modelDir) (\(lm.config.modelType), \(lm.config.numLayers) layers) and \(samples.count) samples in \(String(format: "%.2f", loadT)) s")
-        var sums = [LayerStats](repeating: LayerStats(), count: lm.config.numLayers)
-        var statSamples = 0
+        // The caption loss of every sample through the backend (`GradientPass.forward`, the
+        // passes' arithmetic); with --gradients the statistics as the job computes them
+        // (`GradientStatistics.compute`, which skips samples without vision or caption).
+        let backend = CPUBackend()
         var lossSum = 0.0
         let (_, runT) = try timed {
+            let blocks = try lm.blocks.map { try backend.loadBlock($0) }
+            let head = try backend.loadHead(norm: lm.finalNorm, lmHead: lm.lmHead, eps: Float(lm.config.rmsNormEps))
             for (i, s) in samples.enumerated() {
                 let t0 = DispatchTime.now().uptimeNanoseconds
-                let input = SequenceInput(s)
-                if gradients {
-                    let g = try lm.lossAndGradients(input)
-                    lossSum += Double(g.loss) * Double(g.count)
-                    r.lossTokens += g.count
-                    if let why = GradientStatistics.skipReason(s) {
-                        r.skipped.append("sample \(i): \(why)")
-                    } else {
-                        let vis = s.attendedVision, cap = s.attendedCaption
-                        statSamples += 1
-                        for l in 0..<lm.config.numLayers {
-                            sums[l].accumulate(attentionGrad: g.attentionOutput[l], mlpGrad: g.mlpOutput[l], vision: vis, caption: cap)
-                        }
-                    }
-                } else {
-                    let outs = try lm.forward(input)
-                    let (loss, count, _) = lossHeadForward(outs.last!, norm: lm.finalNorm, lmHead: lm.lmHead,
-                                                           labels: s.labels, eps: Float(lm.config.rmsNormEps))
-                    lossSum += Double(loss) * Double(count)
-                    r.lossTokens += count
-                }
+                try lm.check(SequenceInput(s))
+                let h = try GradientPass.forward(try backend.upload(s.embeds), layers: 0..<blocks.count, blocks: { blocks[$0] },
+                                                 rope: lm.ropeTable(s.positions), mask: s.attention, backend: backend)
+                let (loss, count, _) = try backend.lossGradient(h, head, labels: s.labels)
+                lossSum += Double(loss) * Double(count)
+                r.lossTokens += count
                 let dt = Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9
                 logger.info("sample \(i + 1)/\(samples.count): \(String(format: "%.2f", dt)) s, ETA \(String(format: "%.1f", dt * Double(samples.count - i - 1))) s")
+            }
+            if gradients {
+                do {
+                    let stats = try GradientStatistics.compute(model: lm, samples: samples, backend: backend) { phase, done, of in
+                        logger.info("gradient statistics: \(phase) layer \(done)/\(of)")
+                    }
+                    r.stats = stats.layers
+                    r.skipped = stats.skipped
+                } catch let MethodsError.noUsableSamples(why) {
+                    r.skipped = ["every sample: \(why)"]   // the loss above still stands
+                }
             }
         }
         r.runSeconds = runT
         r.samples = samples.count
         r.meanLoss = r.lossTokens > 0 ? lossSum / Double(r.lossTokens) : .nan
-        if statSamples > 0 {
-            r.stats = GradientStatistics.finalize(sums: sums, used: statSamples, skipped: r.skipped).layers
-        }
         return r
     }
 

@@ -60,6 +60,7 @@ final class CoordinatorSafetyTests: XCTestCase {
         let e1 = s.epoch
         let d = s.handle(identity: [2], error("/m/calib.safetensors: cannot read"), now: 1)
         XCTAssertEqual(refusals(d).map(\.identity), [[2]], "told to stop")
+        XCTAssertEqual(s.workers["b"]?.liveness, .dropped(why: "/m/calib.safetensors: cannot read"))
         XCTAssertEqual(s.epoch, e1 + 1)
         XCTAssertEqual(s.plan.map(\.worker), ["a"])
         XCTAssertEqual(s.plan.map(\.range), [0..<4])

@@ -1,6 +1,7 @@
 import Foundation
 import MBQCluster
 import MBQCoordinator
+import MBQMessages
 import MBQMethods
 import MBQTensor
 import MBQWire
@@ -33,7 +34,7 @@ final class CoordinatorStateTests: XCTestCase {
 
     func done(_ phase: String, epoch: UInt32) -> Mbq_Envelope {
         var p = Mbq_PhaseDone()
-        p.phase = phase
+        p.phase = CoordinatorPhase(rawValue: phase)?.wire ?? .unspecified
         p.epoch = epoch
         return Wire.envelope(job: "job", .phaseDone(p))
     }
@@ -86,6 +87,12 @@ final class CoordinatorStateTests: XCTestCase {
         XCTAssertEqual(s.plan.map(\.range), [0..<4])
         XCTAssertEqual(s.phase, .forward)
         XCTAssertTrue(events(d).contains { if case .workerLost(worker: "b", _, _) = $0 { return true } else { return false } }, "\(events(d))")
+        XCTAssertEqual(s.workers["b"]?.liveness, .lost)
+        XCTAssertEqual(s.workers["a"]?.liveness, .alive)
+        // The lost worker's next message is answered with a request to register again.
+        let again = sends(s.handle(identity: [2], msg(Wire.envelope(job: "job", .heartbeat(Mbq_Heartbeat()))), now: 3.55))
+        XCTAssertEqual(again.count, 1)
+        XCTAssertTrue(again.allSatisfy { if case .registerAgain = $0.body { return true } else { return false } }, "\(again)")
         // A newly joined worker waits as a spare until the next plan.
         _ = s.handle(identity: [3], msg(Self.register("c")), now: 3.6)
         XCTAssertEqual(s.plan.map(\.worker), ["a"])
@@ -99,8 +106,8 @@ final class CoordinatorStateTests: XCTestCase {
 
     func testFinishedLayersAreNotSearchedAgainAfterResume() {
         var g = Mbq_GroupResult()
-        g.layer = 1; g.group = "qkv"
-        let s = CoordinatorState(spec: Self.spec(workers: 1, layers: 3), resumed: (stats: nil, results: [1: [g, g, g]]), epochBase: 1000)
+        g.layer = 1; g.group = .qkv
+        let s = CoordinatorState(spec: Self.spec(workers: 1, layers: 3), resumed: (stats: nil, results: [1: LayerResults(groups: [g, g, g])]), epochBase: 1000)
         let d = sends(s.handle(identity: [1], msg(Self.register("a")), now: 0))
         XCTAssertEqual(s.epoch, 1001)
         // The resumed job is planned whole (its finished layer is still held, for apply).
@@ -242,17 +249,23 @@ final class JournalTests: XCTestCase {
         }
         let stats = GradientStatistics.finalize(sums: sums, used: 1, skipped: ["sample 3: no vision positions"])
         var g = Mbq_GroupResult()
-        g.layer = 2; g.group = "down"; g.bestIdx = 7; g.alpha = 0.35; g.loss = [0.5, 0.25, 0]; g.ratio = 0.3
+        g.layer = 2; g.group = .down; g.bestIdx = 7; g.alpha = 0.35; g.loss = [0.5, 0.25, 0]; g.ratio = 0.3
         g.scales = [1.5, 0.1, 3e-5]
-        try Journal.write(Journal.Contents(jobID: "j", stats: stats, results: [2: [g]], epoch: 3), jobDir: dir)
+        let reports = ApplyScales.linears.enumerated().map { i, l in
+            GPTQLinearReport(layer: 2, role: l.role, tokens: 40 + i, errorBefore: 0.1 / Double(i + 3), errorAfter: 1e-3 * Double(i))
+        }
+        let report = Mbq_GptqReport(layer: 2, reports, epoch: 3)
+        try Journal.write(Journal.Contents(jobID: "j", stats: stats, results: [2: LayerResults(groups: [g], gptq: report)], epoch: 3), jobDir: dir)
         let r = try Journal.read(jobDir: dir)
         XCTAssertEqual(r.jobID, "j")
         XCTAssertEqual(r.epoch, 3)
         XCTAssertEqual(r.stats?.layers, stats.layers)
         XCTAssertEqual(r.stats?.skipped, stats.skipped)
-        XCTAssertEqual(r.results[2]?.first?.scales, g.scales)
-        XCTAssertEqual(r.results[2]?.first?.loss, g.loss)
-        XCTAssertEqual(r.results[2]?.first?.bestIdx, 7)
+        XCTAssertEqual(r.results[2]?.groups.first?.scales, g.scales)
+        XCTAssertEqual(r.results[2]?.groups.first?.loss, g.loss)
+        XCTAssertEqual(r.results[2]?.groups.first?.bestIdx, 7)
+        XCTAssertEqual(r.results[2]?.groups.first?.group, .down)
+        XCTAssertEqual(try r.results[2]?.gptq?.reports(), reports, "the GPTQ report round-trips bit for bit")
         // A torn write (the file cut short) and an edited one are both refused.
         let path = Journal.path(dir)
         let data = try Data(contentsOf: URL(fileURLWithPath: path))

@@ -10,7 +10,7 @@ final class WireTests: XCTestCase {
     func testTensorRoundTripInChunks() throws {
         var rng = SeededRandom(seed: 1)
         let t: Tensor<Float> = rng.normalTensor([700, 1000])  // 2.8 MB: three 1 MiB chunks
-        let frames = try Wire.encode(job: "j", name: "act/3", tensor: t, epoch: 7)
+        let frames = try Wire.encode(job: "j", name: .activation(sample: 3), tensor: t, epoch: 7)
         XCTAssertEqual(frames.count, 1 + 3)
         let m = try Wire.decode(frames)
         XCTAssertEqual(m.tensor?.data, t.data)
@@ -20,9 +20,21 @@ final class WireTests: XCTestCase {
         XCTAssertEqual(h.epoch, 7)
     }
 
+    /// Tensor names are written and parsed in one place; anything else is not a name.
+    func testTensorNamesRoundTripAndRejectOthers() {
+        let names: [TensorName] = [.activation(sample: 0), .gradient(sample: 17), .distorted(sample: 3),
+                                   .shard(layer: 12, file: "model-00001-of-00002.safetensors")]
+        XCTAssertEqual(names.map(\.wire), ["act/0", "grad/17", "dist/3", "shard/12/model-00001-of-00002.safetensors"])
+        for n in names { XCTAssertEqual(TensorName(wire: n.wire), n) }
+        for bad in ["", "act", "act/", "act/-1", "act/x", "act/1/2", "grad/1/", "shard/1", "shard/1/", "shard/1/a/b",
+                    "shard/x/f", "block/0/q", "ACT/1"] {
+            XCTAssertNil(TensorName(wire: bad), "'\(bad)' is not a tensor name")
+        }
+    }
+
     func testCorruptionIsDetected() throws {
         let t = Tensor<Float>(shape: [2, 3], data: [1, 2, 3, 4, 5, 6])
-        var frames = try Wire.encode(job: "j", name: "x", tensor: t, epoch: 1)
+        var frames = try Wire.encode(job: "j", name: .gradient(sample: 0), tensor: t, epoch: 1)
         func expect(_ f: [[UInt8]], _ needle: String) {
             XCTAssertThrowsError(try Wire.decode(f)) { e in XCTAssert("\(e)".contains(needle), "\(needle) not in \(e)") }
         }
@@ -52,7 +64,7 @@ final class WireTests: XCTestCase {
     func testSharedSecretTagsTensorMessages() throws {
         var rng = SeededRandom(seed: 5)
         let t: Tensor<Float> = rng.normalTensor([3, 5])
-        let head = try Wire.tensorHeader(job: "j", name: "act/0", tensor: t, epoch: 2, secret: "s3cret")
+        let head = try Wire.tensorHeader(job: "j", name: .activation(sample: 0), tensor: t, epoch: 2, secret: "s3cret")
         let m = try Wire.decode([head] + [t.data.withUnsafeBytes { Array($0) }])
         guard case let .tensor(h) = m.envelope.body else { return XCTFail("not a tensor") }
         XCTAssertTrue(Wire.verifyTag(h, job: "j", secret: "s3cret"))
@@ -61,7 +73,7 @@ final class WireTests: XCTestCase {
         var renamed = h
         renamed.name = "act/1"
         XCTAssertFalse(Wire.verifyTag(renamed, job: "j", secret: "s3cret"), "a replayed tensor under another name")
-        let untagged = try Wire.tensorHeader(job: "j", name: "act/0", tensor: t, epoch: 2)
+        let untagged = try Wire.tensorHeader(job: "j", name: .activation(sample: 0), tensor: t, epoch: 2)
         guard case let .tensor(u) = try Wire.decode([untagged] + [t.data.withUnsafeBytes { Array($0) }]).envelope.body else { return XCTFail() }
         XCTAssertFalse(Wire.verifyTag(u, job: "j", secret: "s3cret"), "no tag")
     }
@@ -94,7 +106,7 @@ final class WireTests: XCTestCase {
     /// A shard travels as bytes (dtype U8) in 1 MiB frames, checked like a tensor.
     func testShardBytesRoundTrip() throws {
         let bytes = (0..<(2 * tensorChunkBytes + 5)).map { UInt8(truncatingIfNeeded: $0 &* 31) }
-        var frames = try Wire.encode(job: "j", name: "shard/2/model-00003-of-00004.safetensors", bytes: bytes, epoch: 4)
+        var frames = try Wire.encode(job: "j", name: .shard(layer: 2, file: "model-00003-of-00004.safetensors"), bytes: bytes, epoch: 4)
         XCTAssertEqual(frames.count, 4, "header and three chunks")
         let m = try Wire.decode(frames)
         XCTAssertEqual(m.bytes, bytes)
@@ -130,14 +142,14 @@ final class WireTests: XCTestCase {
         var rng = SeededRandom(seed: 2024)
         let state = CoordinatorState(spec: CoordinatorStateTests.spec(workers: 2))
         let seeds: [[[UInt8]]] = [
-            try Wire.encode(job: "job", name: "block/0/q", tensor: Tensor(shape: [2, 2], data: [1, 2, 3, 4]), epoch: 1),
+            try Wire.encode(job: "job", name: .distorted(sample: 0), tensor: Tensor(shape: [2, 2], data: [1, 2, 3, 4]), epoch: 1),
             try Wire.encode(CoordinatorStateTests.register("w0")),
             try Wire.encode(Wire.envelope(job: "job", .heartbeat(Mbq_Heartbeat()))),
             try Wire.encode(Wire.envelope(job: "job", .groupResult(Mbq_GroupResult()))),
             try Wire.encode(Wire.envelope(job: "job", .phaseDone(Mbq_PhaseDone()))),
             try Wire.encode(Wire.envelope(job: "job", .layerStats(Mbq_LayerStats()))),
             try Wire.encode(Wire.envelope(job: "job", .blockWritten(Mbq_BlockWritten()))),
-            [try Wire.tensorHeader(job: "job", name: "act/0", tensor: Tensor(shape: [1, 2], data: [5, 6]), epoch: 1, secret: "s"),
+            [try Wire.tensorHeader(job: "job", name: .activation(sample: 0), tensor: Tensor(shape: [1, 2], data: [5, 6]), epoch: 1, secret: "s"),
              Tensor<Float>(shape: [1, 2], data: [5, 6]).data.withUnsafeBytes { Array($0) }],
         ]
         var decoded = 0, rejected = 0
@@ -186,8 +198,8 @@ final class WireTests: XCTestCase {
         // the phases reached are counted.
         var st = CoordinatorState(spec: CoordinatorStateTests.spec(workers: 2))
         var reached: [String: Int] = [:]
-        let phases = ["forward", "backward", "search", "apply", "bogus"]
-        let groups = ["qkv", "o", "gate_up", "down", "nope"]
+        let phases: [Mbq_Phase] = [.forward, .backward, .search, .apply, .unspecified]
+        let groups: [Mbq_Group] = [.qkv, .o, .gateUp, .down, .UNRECOGNIZED(9)]
         func small() -> UInt32 { UInt32(rng.next() % 6) }
         for i in 0..<100_000 {
             let body: Mbq_Envelope.OneOf_Body
@@ -199,12 +211,12 @@ final class WireTests: XCTestCase {
             case 1: var g = Mbq_GroupResult(); g.layer = small(); g.group = groups[Int(rng.next() % 5)]; g.epoch = epochNow; body = .groupResult(g)
             case 2:
                 var p = Mbq_PhaseDone()
-                p.phase = rng.next() % 3 == 0 ? phases[Int(rng.next() % 5)] : st.phase.rawValue
+                p.phase = rng.next() % 3 == 0 ? phases[Int(rng.next() % 5)] : (st.phase.wire ?? .unspecified)
                 p.epoch = epochNow
                 body = .phaseDone(p)
             case 3: var l = Mbq_LayerStats(); l.layer = small(); l.epoch = epochNow; l.samples = small(); l.attnVis = rng.normal(); body = .layerStats(l)
             case 4: var b = Mbq_BlockWritten(); b.layer = small(); b.epoch = epochNow; body = .blockWritten(b)
-            case 5: var h = Mbq_TensorHeader(); h.name = "block/\(small())/\(["q", "k", "x"][Int(rng.next() % 3)])"; h.epoch = epochNow; body = .tensor(h)
+            case 5: var h = Mbq_TensorHeader(); let k = small(); h.name = ["shard/\(k)/x", "act/\(k)", "block/\(k)/q"][Int(rng.next() % 3)]; h.epoch = epochNow; body = .tensor(h)
             case 6: var e = Mbq_ErrorReport(); e.fatal = rng.next() % 5000 == 0; body = .error(e)
             default: body = .heartbeat(Mbq_Heartbeat())
             }

@@ -33,11 +33,7 @@ extension DecoderArchitecture {
 
     /// 1-D RoPE: only the default rope type.
     public static func defaultRoPE(_ text: HFTextConfig, path: String) throws -> [Int]? {
-        let rope = text.ropeParameters ?? text.ropeScaling
-        let type = rope?.ropeType ?? rope?.type ?? "default"
-        guard type == "default" else {
-            throw FormatsError.invalidConfig(path: path, reason: "rope type '\(type)' is not supported for \(family.rawValue) (default)")
-        }
+        _ = try text.ropeType(supported: ["default"], family: family, path: path)
         return nil
     }
 }

@@ -22,18 +22,13 @@ public enum InternLM2Architecture: DecoderArchitecture {
     }
 
     public static func mropeSection(_ text: HFTextConfig, headDim: Int, path: String) throws -> [Int]? {
-        let rope = text.ropeParameters ?? text.ropeScaling
-        let type = rope?.ropeType ?? rope?.type ?? "default"
-        guard type == "default" || type == "dynamic" else {
-            throw FormatsError.invalidConfig(path: path, reason: "rope type '\(type)' is not supported for internlm2 (default, dynamic)")
-        }
+        _ = try text.ropeType(supported: ["default", "dynamic"], family: family, path: path)
         return nil
     }
 
     /// Dynamic NTK scaling leaves sequences up to max_position_embeddings unscaled.
     public static func unscaledRoPETokens(_ text: HFTextConfig, path: String) throws -> Int? {
-        let rope = text.ropeParameters ?? text.ropeScaling
-        guard (rope?.ropeType ?? rope?.type) == "dynamic" else { return nil }
+        guard text.ropeType == "dynamic" else { return nil }
         guard let limit = text.maxPositionEmbeddings, limit > 0 else {
             throw FormatsError.invalidConfig(path: path, reason: "dynamic rope scaling needs max_position_embeddings")
         }

@@ -9,8 +9,7 @@ public enum Qwen2VLArchitecture: DecoderArchitecture {
     public static func biases(_ text: HFTextConfig, path: String) -> (qkv: Bool, o: Bool) { (true, false) }
 
     public static func mropeSection(_ text: HFTextConfig, headDim: Int, path: String) throws -> [Int]? {
-        let rope = text.ropeParameters ?? text.ropeScaling
-        let m = rope?.mropeSection ?? [16, 24, 24]
+        let m = text.rope?.mropeSection ?? [16, 24, 24]
         guard m.count == 3, m.reduce(0, +) == headDim / 2 else {
             throw FormatsError.invalidConfig(path: path, reason: "mrope_section \(m) must have 3 entries summing to head_dim/2 = \(headDim / 2)")
         }

@@ -34,6 +34,233 @@ fileprivate nonisolated struct _GeneratedWithProtocGenSwiftVersion: SwiftProtobu
   typealias Version = _2
 }
 
+/// The job's closed vocabularies: each proto enum has one Swift counterpart, converted in
+/// Sources/MBQMessages/ProtoConversions.swift (an unknown value is refused there).
+public nonisolated enum Mbq_Phase: SwiftProtobuf.Enum, Swift.CaseIterable {
+  public typealias RawValue = Int
+  case unspecified // = 0
+  case forward // = 1
+  case backward // = 2
+  case search // = 3
+  case apply // = 4
+  case UNRECOGNIZED(Int)
+
+  public init() {
+    self = .unspecified
+  }
+
+  public init?(rawValue: Int) {
+    switch rawValue {
+    case 0: self = .unspecified
+    case 1: self = .forward
+    case 2: self = .backward
+    case 3: self = .search
+    case 4: self = .apply
+    default: self = .UNRECOGNIZED(rawValue)
+    }
+  }
+
+  public var rawValue: Int {
+    switch self {
+    case .unspecified: return 0
+    case .forward: return 1
+    case .backward: return 2
+    case .search: return 3
+    case .apply: return 4
+    case .UNRECOGNIZED(let i): return i
+    }
+  }
+
+  // The compiler won't synthesize support with the UNRECOGNIZED case.
+  public static let allCases: [Mbq_Phase] = [
+    .unspecified,
+    .forward,
+    .backward,
+    .search,
+    .apply,
+  ]
+
+}
+
+public nonisolated enum Mbq_Method: SwiftProtobuf.Enum, Swift.CaseIterable {
+  public typealias RawValue = Int
+  case unspecified // = 0
+  case rtn // = 1
+  case awq // = 2
+  case mbq // = 3
+  case smoothquant // = 4
+  case gptq // = 5
+  case UNRECOGNIZED(Int)
+
+  public init() {
+    self = .unspecified
+  }
+
+  public init?(rawValue: Int) {
+    switch rawValue {
+    case 0: self = .unspecified
+    case 1: self = .rtn
+    case 2: self = .awq
+    case 3: self = .mbq
+    case 4: self = .smoothquant
+    case 5: self = .gptq
+    default: self = .UNRECOGNIZED(rawValue)
+    }
+  }
+
+  public var rawValue: Int {
+    switch self {
+    case .unspecified: return 0
+    case .rtn: return 1
+    case .awq: return 2
+    case .mbq: return 3
+    case .smoothquant: return 4
+    case .gptq: return 5
+    case .UNRECOGNIZED(let i): return i
+    }
+  }
+
+  // The compiler won't synthesize support with the UNRECOGNIZED case.
+  public static let allCases: [Mbq_Method] = [
+    .unspecified,
+    .rtn,
+    .awq,
+    .mbq,
+    .smoothquant,
+    .gptq,
+  ]
+
+}
+
+public nonisolated enum Mbq_Loss: SwiftProtobuf.Enum, Swift.CaseIterable {
+  public typealias RawValue = Int
+  case unspecified // = 0
+  case mae // = 1
+  case mse // = 2
+  case UNRECOGNIZED(Int)
+
+  public init() {
+    self = .unspecified
+  }
+
+  public init?(rawValue: Int) {
+    switch rawValue {
+    case 0: self = .unspecified
+    case 1: self = .mae
+    case 2: self = .mse
+    default: self = .UNRECOGNIZED(rawValue)
+    }
+  }
+
+  public var rawValue: Int {
+    switch self {
+    case .unspecified: return 0
+    case .mae: return 1
+    case .mse: return 2
+    case .UNRECOGNIZED(let i): return i
+    }
+  }
+
+  // The compiler won't synthesize support with the UNRECOGNIZED case.
+  public static let allCases: [Mbq_Loss] = [
+    .unspecified,
+    .mae,
+    .mse,
+  ]
+
+}
+
+public nonisolated enum Mbq_Group: SwiftProtobuf.Enum, Swift.CaseIterable {
+  public typealias RawValue = Int
+  case unspecified // = 0
+  case qkv // = 1
+  case o // = 2
+  case gateUp // = 3
+  case down // = 4
+  case UNRECOGNIZED(Int)
+
+  public init() {
+    self = .unspecified
+  }
+
+  public init?(rawValue: Int) {
+    switch rawValue {
+    case 0: self = .unspecified
+    case 1: self = .qkv
+    case 2: self = .o
+    case 3: self = .gateUp
+    case 4: self = .down
+    default: self = .UNRECOGNIZED(rawValue)
+    }
+  }
+
+  public var rawValue: Int {
+    switch self {
+    case .unspecified: return 0
+    case .qkv: return 1
+    case .o: return 2
+    case .gateUp: return 3
+    case .down: return 4
+    case .UNRECOGNIZED(let i): return i
+    }
+  }
+
+  // The compiler won't synthesize support with the UNRECOGNIZED case.
+  public static let allCases: [Mbq_Group] = [
+    .unspecified,
+    .qkv,
+    .o,
+    .gateUp,
+    .down,
+  ]
+
+}
+
+/// How quantized blocks reach the output directory.
+public nonisolated enum Mbq_OutputRouting: SwiftProtobuf.Enum, Swift.CaseIterable {
+  public typealias RawValue = Int
+
+  /// workers that see the directory write there, others stream
+  case auto // = 0
+
+  /// every worker writes there
+  case shared // = 1
+
+  /// every worker streams its blocks to the coordinator
+  case coordinator // = 2
+  case UNRECOGNIZED(Int)
+
+  public init() {
+    self = .auto
+  }
+
+  public init?(rawValue: Int) {
+    switch rawValue {
+    case 0: self = .auto
+    case 1: self = .shared
+    case 2: self = .coordinator
+    default: self = .UNRECOGNIZED(rawValue)
+    }
+  }
+
+  public var rawValue: Int {
+    switch self {
+    case .auto: return 0
+    case .shared: return 1
+    case .coordinator: return 2
+    case .UNRECOGNIZED(let i): return i
+    }
+  }
+
+  // The compiler won't synthesize support with the UNRECOGNIZED case.
+  public static let allCases: [Mbq_OutputRouting] = [
+    .auto,
+    .shared,
+    .coordinator,
+  ]
+
+}
+
 public nonisolated struct Mbq_Envelope: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
@@ -159,6 +386,22 @@ public nonisolated struct Mbq_Envelope: Sendable {
     set {body = .challenge(newValue)}
   }
 
+  public var registerAgain: Mbq_RegisterAgain {
+    get {
+      if case .registerAgain(let v)? = body {return v}
+      return Mbq_RegisterAgain()
+    }
+    set {body = .registerAgain(newValue)}
+  }
+
+  public var gptqReport: Mbq_GptqReport {
+    get {
+      if case .gptqReport(let v)? = body {return v}
+      return Mbq_GptqReport()
+    }
+    set {body = .gptqReport(newValue)}
+  }
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public nonisolated enum OneOf_Body: Equatable, Sendable {
@@ -176,6 +419,8 @@ public nonisolated struct Mbq_Envelope: Sendable {
     case refused(Mbq_Refused)
     case blockWritten(Mbq_BlockWritten)
     case challenge(Mbq_Challenge)
+    case registerAgain(Mbq_RegisterAgain)
+    case gptqReport(Mbq_GptqReport)
 
   }
 
@@ -246,6 +491,7 @@ public nonisolated struct Mbq_Challenge: Sendable {
   public init() {}
 }
 
+/// Liveness, both ways; carries nothing else.
 public nonisolated struct Mbq_Heartbeat: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
@@ -253,8 +499,17 @@ public nonisolated struct Mbq_Heartbeat: Sendable {
 
   public var workerID: String = String()
 
-  /// coordinator -> worker: "register-again" when it does not know the sender
-  public var phase: String = String()
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+/// Coordinator -> a peer it has not registered (a worker of an earlier coordinator, or
+/// one declared lost): register again instead of waiting for the silence to show.
+public nonisolated struct Mbq_RegisterAgain: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -341,8 +596,7 @@ public nonisolated struct Mbq_Assignment: @unchecked Sendable {
     set {_uniqueStorage()._outputToken = newValue}
   }
 
-  /// "auto" (shared when seen), "shared", "coordinator"
-  public var outputVia: String {
+  public var outputVia: Mbq_OutputRouting {
     get {_storage._outputVia}
     set {_uniqueStorage()._outputVia = newValue}
   }
@@ -364,14 +618,13 @@ public nonisolated struct Mbq_Assignment: @unchecked Sendable {
   fileprivate var _storage = _StorageClass.defaultInstance
 }
 
-/// The job's QuantizeOptions (conversions: Sources/MBQWire/ProtoConversions.swift).
+/// The job's QuantizeOptions (conversions: Sources/MBQMessages/ProtoConversions.swift).
 public nonisolated struct Mbq_JobOptions: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
-  /// "rtn", "awq", "mbq", "smoothquant", "gptq"
-  public var method: String = String()
+  public var method: Mbq_Method = .unspecified
 
   public var wBit: UInt32 = 0
 
@@ -381,8 +634,7 @@ public nonisolated struct Mbq_JobOptions: Sendable {
   /// 0: weight-only
   public var aBit: UInt32 = 0
 
-  /// "mae", "mse"
-  public var loss: String = String()
+  public var loss: Mbq_Loss = .unspecified
 
   /// unset: on for mbq, off otherwise
   public var reweight: Bool {
@@ -427,8 +679,7 @@ public nonisolated struct Mbq_RunPhase: Sendable {
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
-  /// "forward", "backward", "search", "apply"
-  public var phase: String = String()
+  public var phase: Mbq_Phase = .unspecified
 
   public var epoch: UInt32 = 0
 
@@ -518,7 +769,7 @@ public nonisolated struct Mbq_GroupResult: Sendable {
 
   public var layer: UInt32 = 0
 
-  public var group: String = String()
+  public var group: Mbq_Group = .unspecified
 
   public var bestIdx: UInt32 = 0
 
@@ -538,12 +789,51 @@ public nonisolated struct Mbq_GroupResult: Sendable {
   public init() {}
 }
 
+/// Worker -> coordinator: a layer's GPTQ rounding, one entry per linear in the block's
+/// order (q, k, v, o, gate, up, down); journaled with the layer's search results.
+public nonisolated struct Mbq_GptqReport: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var layer: UInt32 = 0
+
+  public var linears: [Mbq_LinearError] = []
+
+  public var epoch: UInt32 = 0
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Mbq_LinearError: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var role: String = String()
+
+  /// tokens with a weight above 0 in its Hessian
+  public var tokens: UInt64 = 0
+
+  /// Hessian-weighted error of round-to-nearest
+  public var errorBefore: Double = 0
+
+  /// ... of GPTQ
+  public var errorAfter: Double = 0
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
 public nonisolated struct Mbq_PhaseDone: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
-  public var phase: String = String()
+  public var phase: Mbq_Phase = .unspecified
 
   public var epoch: UInt32 = 0
 
@@ -623,9 +913,29 @@ public nonisolated struct Mbq_Shutdown: Sendable {
 
 fileprivate nonisolated let _protobuf_package = "mbq"
 
+nonisolated extension Mbq_Phase: SwiftProtobuf._ProtoNameProviding {
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{2}\0PHASE_UNSPECIFIED\0\u{1}PHASE_FORWARD\0\u{1}PHASE_BACKWARD\0\u{1}PHASE_SEARCH\0\u{1}PHASE_APPLY\0")
+}
+
+nonisolated extension Mbq_Method: SwiftProtobuf._ProtoNameProviding {
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{2}\0METHOD_UNSPECIFIED\0\u{1}METHOD_RTN\0\u{1}METHOD_AWQ\0\u{1}METHOD_MBQ\0\u{1}METHOD_SMOOTHQUANT\0\u{1}METHOD_GPTQ\0")
+}
+
+nonisolated extension Mbq_Loss: SwiftProtobuf._ProtoNameProviding {
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{2}\0LOSS_UNSPECIFIED\0\u{1}LOSS_MAE\0\u{1}LOSS_MSE\0")
+}
+
+nonisolated extension Mbq_Group: SwiftProtobuf._ProtoNameProviding {
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{2}\0GROUP_UNSPECIFIED\0\u{1}GROUP_QKV\0\u{1}GROUP_O\0\u{1}GROUP_GATE_UP\0\u{1}GROUP_DOWN\0")
+}
+
+nonisolated extension Mbq_OutputRouting: SwiftProtobuf._ProtoNameProviding {
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{2}\0OUTPUT_ROUTING_AUTO\0\u{1}OUTPUT_ROUTING_SHARED\0\u{1}OUTPUT_ROUTING_COORDINATOR\0")
+}
+
 nonisolated extension Mbq_Envelope: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Envelope"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}version\0\u{3}job_id\0\u{2}\u{8}register\0\u{1}heartbeat\0\u{1}assignment\0\u{3}run_phase\0\u{1}tensor\0\u{3}layer_stats\0\u{3}group_result\0\u{3}phase_done\0\u{1}error\0\u{1}shutdown\0\u{1}ratios\0\u{1}refused\0\u{3}block_written\0\u{1}challenge\0\u{c}\u{3}\u{1}")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}version\0\u{3}job_id\0\u{2}\u{8}register\0\u{1}heartbeat\0\u{1}assignment\0\u{3}run_phase\0\u{1}tensor\0\u{3}layer_stats\0\u{3}group_result\0\u{3}phase_done\0\u{1}error\0\u{1}shutdown\0\u{1}ratios\0\u{1}refused\0\u{3}block_written\0\u{1}challenge\0\u{3}register_again\0\u{3}gptq_report\0\u{c}\u{3}\u{1}")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -817,6 +1127,32 @@ nonisolated extension Mbq_Envelope: SwiftProtobuf.Message, SwiftProtobuf._Messag
           self.body = .challenge(v)
         }
       }()
+      case 24: try {
+        var v: Mbq_RegisterAgain?
+        var hadOneofValue = false
+        if let current = self.body {
+          hadOneofValue = true
+          if case .registerAgain(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.body = .registerAgain(v)
+        }
+      }()
+      case 25: try {
+        var v: Mbq_GptqReport?
+        var hadOneofValue = false
+        if let current = self.body {
+          hadOneofValue = true
+          if case .gptqReport(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.body = .gptqReport(v)
+        }
+      }()
       default: break
       }
     }
@@ -889,6 +1225,14 @@ nonisolated extension Mbq_Envelope: SwiftProtobuf.Message, SwiftProtobuf._Messag
     case .challenge?: try {
       guard case .challenge(let v)? = self.body else { preconditionFailure() }
       try visitor.visitSingularMessageField(value: v, fieldNumber: 23)
+    }()
+    case .registerAgain?: try {
+      guard case .registerAgain(let v)? = self.body else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 24)
+    }()
+    case .gptqReport?: try {
+      guard case .gptqReport(let v)? = self.body else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 25)
     }()
     case nil: break
     }
@@ -1031,7 +1375,7 @@ nonisolated extension Mbq_Challenge: SwiftProtobuf.Message, SwiftProtobuf._Messa
 
 nonisolated extension Mbq_Heartbeat: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Heartbeat"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}worker_id\0\u{1}phase\0\u{c}\u{3}\u{1}")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}worker_id\0\u{c}\u{2}\u{1}\u{c}\u{3}\u{1}")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -1040,7 +1384,6 @@ nonisolated extension Mbq_Heartbeat: SwiftProtobuf.Message, SwiftProtobuf._Messa
       // enabled. https://github.com/apple/swift-protobuf/issues/1034
       switch fieldNumber {
       case 1: try { try decoder.decodeSingularStringField(value: &self.workerID) }()
-      case 2: try { try decoder.decodeSingularStringField(value: &self.phase) }()
       default: break
       }
     }
@@ -1050,15 +1393,30 @@ nonisolated extension Mbq_Heartbeat: SwiftProtobuf.Message, SwiftProtobuf._Messa
     if !self.workerID.isEmpty {
       try visitor.visitSingularStringField(value: self.workerID, fieldNumber: 1)
     }
-    if !self.phase.isEmpty {
-      try visitor.visitSingularStringField(value: self.phase, fieldNumber: 2)
-    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
   public static func ==(lhs: Mbq_Heartbeat, rhs: Mbq_Heartbeat) -> Bool {
     if lhs.workerID != rhs.workerID {return false}
-    if lhs.phase != rhs.phase {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Mbq_RegisterAgain: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".RegisterAgain"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap()
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    // Load everything into unknown fields
+    while try decoder.nextFieldNumber() != nil {}
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Mbq_RegisterAgain, rhs: Mbq_RegisterAgain) -> Bool {
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -1082,7 +1440,7 @@ nonisolated extension Mbq_Assignment: SwiftProtobuf.Message, SwiftProtobuf._Mess
     var _downstreamCurveKey: String = String()
     var _outputDir: String = String()
     var _outputToken: String = String()
-    var _outputVia: String = String()
+    var _outputVia: Mbq_OutputRouting = .auto
     var _options: Mbq_JobOptions? = nil
 
       // This property is used as the initial default value for new instances of the type.
@@ -1140,7 +1498,7 @@ nonisolated extension Mbq_Assignment: SwiftProtobuf.Message, SwiftProtobuf._Mess
         case 12: try { try decoder.decodeSingularStringField(value: &_storage._downstreamCurveKey) }()
         case 13: try { try decoder.decodeSingularStringField(value: &_storage._outputDir) }()
         case 14: try { try decoder.decodeSingularStringField(value: &_storage._outputToken) }()
-        case 15: try { try decoder.decodeSingularStringField(value: &_storage._outputVia) }()
+        case 15: try { try decoder.decodeSingularEnumField(value: &_storage._outputVia) }()
         case 16: try { try decoder.decodeSingularMessageField(value: &_storage._options) }()
         default: break
         }
@@ -1193,8 +1551,8 @@ nonisolated extension Mbq_Assignment: SwiftProtobuf.Message, SwiftProtobuf._Mess
       if !_storage._outputToken.isEmpty {
         try visitor.visitSingularStringField(value: _storage._outputToken, fieldNumber: 14)
       }
-      if !_storage._outputVia.isEmpty {
-        try visitor.visitSingularStringField(value: _storage._outputVia, fieldNumber: 15)
+      if _storage._outputVia != .auto {
+        try visitor.visitSingularEnumField(value: _storage._outputVia, fieldNumber: 15)
       }
       try { if let v = _storage._options {
         try visitor.visitSingularMessageField(value: v, fieldNumber: 16)
@@ -1242,11 +1600,11 @@ nonisolated extension Mbq_JobOptions: SwiftProtobuf.Message, SwiftProtobuf._Mess
       // allocates stack space for every case branch when no optimizations are
       // enabled. https://github.com/apple/swift-protobuf/issues/1034
       switch fieldNumber {
-      case 1: try { try decoder.decodeSingularStringField(value: &self.method) }()
+      case 1: try { try decoder.decodeSingularEnumField(value: &self.method) }()
       case 2: try { try decoder.decodeSingularUInt32Field(value: &self.wBit) }()
       case 3: try { try decoder.decodeSingularInt32Field(value: &self.group) }()
       case 4: try { try decoder.decodeSingularUInt32Field(value: &self.aBit) }()
-      case 5: try { try decoder.decodeSingularStringField(value: &self.loss) }()
+      case 5: try { try decoder.decodeSingularEnumField(value: &self.loss) }()
       case 6: try { try decoder.decodeSingularBoolField(value: &self._reweight) }()
       case 7: try { try decoder.decodeSingularBoolField(value: &self.distort) }()
       case 8: try { try decoder.decodeSingularStringField(value: &self.format) }()
@@ -1266,8 +1624,8 @@ nonisolated extension Mbq_JobOptions: SwiftProtobuf.Message, SwiftProtobuf._Mess
     // allocates stack space for every if/case branch local when no optimizations
     // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
     // https://github.com/apple/swift-protobuf/issues/1182
-    if !self.method.isEmpty {
-      try visitor.visitSingularStringField(value: self.method, fieldNumber: 1)
+    if self.method != .unspecified {
+      try visitor.visitSingularEnumField(value: self.method, fieldNumber: 1)
     }
     if self.wBit != 0 {
       try visitor.visitSingularUInt32Field(value: self.wBit, fieldNumber: 2)
@@ -1278,8 +1636,8 @@ nonisolated extension Mbq_JobOptions: SwiftProtobuf.Message, SwiftProtobuf._Mess
     if self.aBit != 0 {
       try visitor.visitSingularUInt32Field(value: self.aBit, fieldNumber: 4)
     }
-    if !self.loss.isEmpty {
-      try visitor.visitSingularStringField(value: self.loss, fieldNumber: 5)
+    if self.loss != .unspecified {
+      try visitor.visitSingularEnumField(value: self.loss, fieldNumber: 5)
     }
     try { if let v = self._reweight {
       try visitor.visitSingularBoolField(value: v, fieldNumber: 6)
@@ -1341,7 +1699,7 @@ nonisolated extension Mbq_RunPhase: SwiftProtobuf.Message, SwiftProtobuf._Messag
       // allocates stack space for every case branch when no optimizations are
       // enabled. https://github.com/apple/swift-protobuf/issues/1034
       switch fieldNumber {
-      case 1: try { try decoder.decodeSingularStringField(value: &self.phase) }()
+      case 1: try { try decoder.decodeSingularEnumField(value: &self.phase) }()
       case 2: try { try decoder.decodeSingularUInt32Field(value: &self.epoch) }()
       case 3: try { try decoder.decodeRepeatedUInt32Field(value: &self.skipLayers) }()
       default: break
@@ -1350,8 +1708,8 @@ nonisolated extension Mbq_RunPhase: SwiftProtobuf.Message, SwiftProtobuf._Messag
   }
 
   public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
-    if !self.phase.isEmpty {
-      try visitor.visitSingularStringField(value: self.phase, fieldNumber: 1)
+    if self.phase != .unspecified {
+      try visitor.visitSingularEnumField(value: self.phase, fieldNumber: 1)
     }
     if self.epoch != 0 {
       try visitor.visitSingularUInt32Field(value: self.epoch, fieldNumber: 2)
@@ -1547,7 +1905,7 @@ nonisolated extension Mbq_GroupResult: SwiftProtobuf.Message, SwiftProtobuf._Mes
       // enabled. https://github.com/apple/swift-protobuf/issues/1034
       switch fieldNumber {
       case 1: try { try decoder.decodeSingularUInt32Field(value: &self.layer) }()
-      case 2: try { try decoder.decodeSingularStringField(value: &self.group) }()
+      case 2: try { try decoder.decodeSingularEnumField(value: &self.group) }()
       case 3: try { try decoder.decodeSingularUInt32Field(value: &self.bestIdx) }()
       case 4: try { try decoder.decodeSingularDoubleField(value: &self.alpha) }()
       case 5: try { try decoder.decodeRepeatedDoubleField(value: &self.loss) }()
@@ -1563,8 +1921,8 @@ nonisolated extension Mbq_GroupResult: SwiftProtobuf.Message, SwiftProtobuf._Mes
     if self.layer != 0 {
       try visitor.visitSingularUInt32Field(value: self.layer, fieldNumber: 1)
     }
-    if !self.group.isEmpty {
-      try visitor.visitSingularStringField(value: self.group, fieldNumber: 2)
+    if self.group != .unspecified {
+      try visitor.visitSingularEnumField(value: self.group, fieldNumber: 2)
     }
     if self.bestIdx != 0 {
       try visitor.visitSingularUInt32Field(value: self.bestIdx, fieldNumber: 3)
@@ -1601,6 +1959,91 @@ nonisolated extension Mbq_GroupResult: SwiftProtobuf.Message, SwiftProtobuf._Mes
   }
 }
 
+nonisolated extension Mbq_GptqReport: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".GptqReport"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}layer\0\u{1}linears\0\u{1}epoch\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularUInt32Field(value: &self.layer) }()
+      case 2: try { try decoder.decodeRepeatedMessageField(value: &self.linears) }()
+      case 3: try { try decoder.decodeSingularUInt32Field(value: &self.epoch) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if self.layer != 0 {
+      try visitor.visitSingularUInt32Field(value: self.layer, fieldNumber: 1)
+    }
+    if !self.linears.isEmpty {
+      try visitor.visitRepeatedMessageField(value: self.linears, fieldNumber: 2)
+    }
+    if self.epoch != 0 {
+      try visitor.visitSingularUInt32Field(value: self.epoch, fieldNumber: 3)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Mbq_GptqReport, rhs: Mbq_GptqReport) -> Bool {
+    if lhs.layer != rhs.layer {return false}
+    if lhs.linears != rhs.linears {return false}
+    if lhs.epoch != rhs.epoch {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Mbq_LinearError: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".LinearError"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}role\0\u{1}tokens\0\u{3}error_before\0\u{3}error_after\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.role) }()
+      case 2: try { try decoder.decodeSingularUInt64Field(value: &self.tokens) }()
+      case 3: try { try decoder.decodeSingularDoubleField(value: &self.errorBefore) }()
+      case 4: try { try decoder.decodeSingularDoubleField(value: &self.errorAfter) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.role.isEmpty {
+      try visitor.visitSingularStringField(value: self.role, fieldNumber: 1)
+    }
+    if self.tokens != 0 {
+      try visitor.visitSingularUInt64Field(value: self.tokens, fieldNumber: 2)
+    }
+    if self.errorBefore.bitPattern != 0 {
+      try visitor.visitSingularDoubleField(value: self.errorBefore, fieldNumber: 3)
+    }
+    if self.errorAfter.bitPattern != 0 {
+      try visitor.visitSingularDoubleField(value: self.errorAfter, fieldNumber: 4)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Mbq_LinearError, rhs: Mbq_LinearError) -> Bool {
+    if lhs.role != rhs.role {return false}
+    if lhs.tokens != rhs.tokens {return false}
+    if lhs.errorBefore != rhs.errorBefore {return false}
+    if lhs.errorAfter != rhs.errorAfter {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
 nonisolated extension Mbq_PhaseDone: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".PhaseDone"
   public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}phase\0\u{1}epoch\0\u{1}seconds\0\u{3}bytes_moved\0\u{3}transfer_seconds\0\u{3}spilled_bytes\0")
@@ -1611,7 +2054,7 @@ nonisolated extension Mbq_PhaseDone: SwiftProtobuf.Message, SwiftProtobuf._Messa
       // allocates stack space for every case branch when no optimizations are
       // enabled. https://github.com/apple/swift-protobuf/issues/1034
       switch fieldNumber {
-      case 1: try { try decoder.decodeSingularStringField(value: &self.phase) }()
+      case 1: try { try decoder.decodeSingularEnumField(value: &self.phase) }()
       case 2: try { try decoder.decodeSingularUInt32Field(value: &self.epoch) }()
       case 3: try { try decoder.decodeSingularDoubleField(value: &self.seconds) }()
       case 4: try { try decoder.decodeSingularUInt64Field(value: &self.bytesMoved) }()
@@ -1623,8 +2066,8 @@ nonisolated extension Mbq_PhaseDone: SwiftProtobuf.Message, SwiftProtobuf._Messa
   }
 
   public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
-    if !self.phase.isEmpty {
-      try visitor.visitSingularStringField(value: self.phase, fieldNumber: 1)
+    if self.phase != .unspecified {
+      try visitor.visitSingularEnumField(value: self.phase, fieldNumber: 1)
     }
     if self.epoch != 0 {
       try visitor.visitSingularUInt32Field(value: self.epoch, fieldNumber: 2)
