@@ -7,18 +7,21 @@ APT_PKGS   := libopenblas-dev libzmq3-dev pkg-config
 CPU_FLAGS  := $(shell grep -q ' avx2 ' /proc/cpuinfo 2>/dev/null && echo "-Xswiftc -target-cpu -Xswiftc haswell")
 RELEASE    := -c release $(CPU_FLAGS)
 MBQ        := .build/release/mbq
+VERSION    := $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 
-.PHONY: demo test deps build release bench fixtures demo-model check-formats proto cluster-test clean
+.PHONY: demo test deps build release bench fixtures demo-model check-formats proto cluster-test dist clean
 
 ## Installs what is missing, builds in release, quantizes the committed demo VLM (Demo/)
 ## nine ways and compares held-out caption accuracy (docs/DEMO.md).
 demo: release
 	$(MBQ) demo --data Demo --out demo-out
 
-## Installs what is missing, builds, runs every test.
+## Installs what is missing, builds, runs every test; then builds the relocatable bundle
+## and checks it under `env -i` (`make dist`).
 test: deps
 	$(SWIFT) build --build-tests
 	$(SWIFT) test
+	$(MAKE) dist
 
 ## System libraries from Debian (apt-get when root; otherwise says what to install).
 deps:
@@ -72,6 +75,13 @@ check-formats: release
 cluster-test: release
 	bash Cluster/slurm-test.sh $(MBQ)
 
+## A relocatable bundle for machines without Swift (cluster workers): dist/mbq-VERSION-
+## linux-x86_64.tar.xz, the release binary with the Swift runtime linked in and OpenBLAS,
+## libzmq and their libraries under lib/; unpacked and checked under `env -i`
+## (Scripts/make-dist.sh, Scripts/dist-test.sh; docs/OPERATIONS.md).
+dist: release
+	bash Scripts/make-dist.sh $(VERSION) $(CPU_FLAGS)
+
 ## Regenerates Sources/MBQWire/Generated from Proto/mbq.proto: Debian's protoc and
 ## protoc-gen-swift built from the swift-protobuf package copy SwiftPM resolved (1.39.0).
 proto: deps
@@ -83,4 +93,4 @@ proto: deps
 	  --swift_out=Sources/MBQWire/Generated -I Proto Proto/mbq.proto
 
 clean:
-	rm -rf .build demo-out
+	rm -rf .build .build-dist dist demo-out

@@ -60,7 +60,7 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         .executableTarget(name: "mbq", dependencies: [
-            "MBQCluster", "MBQWire", "MBQMessages", "MBQCoordinator", "MBQWorker",
+            "MBQCluster", "MBQWire", "MBQCoordinator", "MBQWorker",
             "MBQTensor", "MBQFormats", "MBQModel", "MBQQuant", "MBQMethods", "CBLAS", "CZMQ",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
