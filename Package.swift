@@ -37,6 +37,9 @@ let package = Package(
         .target(name: "MBQMethods", dependencies: [
             "MBQTensor", "MBQFormats", "MBQQuant", "MBQModel", .product(name: "Logging", package: "swift-log"),
         ]),
+        // GPUs as the CUDA backend sees them: one small protocol over the driver, cuBLAS and
+        // NVRTC (resolved with dlopen at run time), and an emulated device on the host.
+        .target(name: "MBQDevice", dependencies: ["MBQTensor"]),
         // The protocol, its framing, sockets, CURVE, shared-secret auth, checksums: it
         // knows nothing of what the job computes.
         .target(name: "MBQWire", dependencies: [
@@ -66,6 +69,7 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         .testTarget(name: "MBQTensorTests", dependencies: ["MBQTensor"]),
+        .testTarget(name: "MBQDeviceTests", dependencies: ["MBQDevice", "MBQTensor"]),
         .testTarget(name: "MBQFormatsTests", dependencies: ["MBQFormats", "MBQTensor", "MBQModel", "MBQQuant"]),
         .testTarget(name: "MBQQuantTests", dependencies: ["MBQQuant", "MBQTensor"]),
         // Reads its fixtures (and MBQModelTests') by path: Tests/MBQMethodsTests/Fixtures.
