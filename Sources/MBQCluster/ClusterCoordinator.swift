@@ -139,7 +139,7 @@ public final class ClusterCoordinator {
         let st = state
         let eta = st.searchETA(now: now)
         let workers: [[String: Any]] = st.workers.values.sorted { $0.id < $1.id }.map { w in
-            var o: [String: Any] = ["id": w.id, "host": w.info.host, "alive": w.alive, "gflops": w.info.gemmGflops,
+            var o: [String: Any] = ["id": w.id, "host": w.info.host, "device": w.info.device, "alive": w.alive, "gflops": w.info.gemmGflops,
                                     "threads": w.info.threads, "seconds_since_heard": max(0, now - w.lastSeen)]
             if let r = w.range { o["layers"] = [r.lowerBound, r.upperBound] }
             return o

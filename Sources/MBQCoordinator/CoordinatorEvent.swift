@@ -26,7 +26,7 @@ public enum CoordinatorEvent: Sendable, Equatable {
     case wrote(path: String, seconds: Double)
 
     // The state machine's
-    case workerRegistered(worker: String, host: String, threads: Int, cores: Int, gflops: Double, gemmRates: [Double],
+    case workerRegistered(worker: String, host: String, device: String, threads: Int, cores: Int, gflops: Double, gemmRates: [Double],
                           loopGBps: Double, memoryBytes: UInt64, scratchBytes: UInt64, reconnect: Bool)
     case workerRefused(worker: String, host: String, reason: String)
     case workerLost(worker: String, silentSeconds: Double, layers: Range<Int>?)

@@ -57,14 +57,14 @@ public enum CoordinatorEventLog {
                          }.joined(separator: ", ") + String(format: "; total %.2f s (predicted %.2f, %+.0f%%)", total, predictedTotal, pct(total, predictedTotal)))
         case let .wrote(path, seconds):
             return event("wrote", [("path", str(path)), ("seconds", d(seconds))], "wrote \(path) in \(String(format: "%.1f", seconds)) s total")
-        case let .workerRegistered(worker, host, threads, cores, gflops, rates, loop, memory, scratch, reconnect):
+        case let .workerRegistered(worker, host, device, threads, cores, gflops, rates, loop, memory, scratch, reconnect):
             let curve = rates.isEmpty ? "" : " (GEMM 64..1024: " + rates.map { String(format: "%.0f", $0) }.joined(separator: "/") + ")"
             let sc = scratch > 0 ? String(format: ", scratch %.0f GiB free", Double(scratch) / 1073741824) : ""
             let l = loop > 0 ? String(format: ", loops %.2f GB/s per thread", loop) : ""
-            return event("worker_registered", [("worker", str(worker)), ("host", str(host)), ("threads", i(threads)), ("cores", i(cores)),
+            return event("worker_registered", [("worker", str(worker)), ("host", str(host)), ("device", str(device)), ("threads", i(threads)), ("cores", i(cores)),
                                                ("gflops", d(gflops)), ("gemm_rates", doubles(rates)), ("loop_gbps", d(loop)),
                                                ("memory_bytes", i(memory)), ("scratch_bytes", i(scratch)), ("reconnect", .bool(reconnect))],
-                         String(format: "worker=%@ registered from %@: %d threads of %d cores, %.0f GFLOP/s%@%@, %.1f GiB%@%@", worker, host,
+                         String(format: "worker=%@ registered from %@ (%@): %d threads of %d cores, %.0f GFLOP/s%@%@, %.1f GiB%@%@", worker, host, device.isEmpty ? "device not reported" : device,
                                 threads, cores, gflops, curve, l, Double(memory) / 1073741824, sc, reconnect ? " (reconnect: its state is gone)" : ""))
         case let .workerRefused(worker, host, reason):
             return event("worker_refused", [("worker", str(worker)), ("host", str(host)), ("reason", str(reason))],

@@ -442,7 +442,7 @@ public final class CoordinatorState {
             return refuse("dropped from the job after its error: \(why)")
         }
         workers[r.workerID] = WorkerEntry(identity: identity, id: r.workerID, info: r, lastSeen: now, liveness: .alive, range: nil)
-        var out: [Directive] = [.event(.workerRegistered(worker: r.workerID, host: r.host, threads: Int(r.threads), cores: Int(r.cores),
+        var out: [Directive] = [.event(.workerRegistered(worker: r.workerID, host: r.host, device: r.device, threads: Int(r.threads), cores: Int(r.cores),
                                                          gflops: r.gemmGflops, gemmRates: r.gemmRates, loopGBps: r.loopGbps, memoryBytes: r.maxMemoryBytes,
                                                          scratchBytes: r.scratchBytes, reconnect: known != nil))]
         switch phase {

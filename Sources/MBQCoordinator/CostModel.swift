@@ -295,6 +295,16 @@ public struct CostModel: Sendable {
         return Prediction(plan: plan, seconds: seconds, transferBytes: transfer)
     }
 
+    /// GPUs `mbq plan --workers 8xH100` knows by name: the memory they are sold with, and
+    /// a fp32 GEMM rate (strict fp32, no TF32: about three quarters of the FP32 peak) and
+    /// a memory bandwidth for the loops that are STATED, not measured: no GPU backend has
+    /// run here yet (docs/BENCHMARKS.md, "GPU workers in the plan").
+    public static let gpuKinds: [String: (memoryBytes: Double, gflops: Double, loopGBps: Double)] = [
+        "H100": (80 * 1073741824, 50_000, 2_000),
+        "H200": (141 * 1073741824, 50_000, 3_000),
+        "A100": (80 * 1073741824, 14_500, 1_300),
+    ]
+
     public static let presets: [String: Shape] = [
         "llama-7b": Shape(layers: 32, hidden: 4096, intermediate: 11008, heads: 32, kvHeads: 32, headDim: 128, vocab: 32000),
         "qwen2-7b": Shape(layers: 28, hidden: 3584, intermediate: 18944, heads: 28, kvHeads: 4, headDim: 128, vocab: 152064),

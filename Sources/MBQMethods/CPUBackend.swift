@@ -19,6 +19,15 @@ public struct CPUBackend: ComputeBackend {
     public init(keepStoredPrecision: Bool = false) { self.keepStoredPrecision = keepStoredPrecision }
     public var name: String { "cpu" }
 
+    /// The CPU's model name (/proc/cpuinfo) and its cores.
+    public var device: String {
+        let info = (try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8)) ?? ""
+        let model = info.split(separator: "\n").first { $0.hasPrefix("model name") }
+            .flatMap { $0.split(separator: ":", maxSplits: 1).last }
+            .map { $0.trimmingCharacters(in: .whitespaces) } ?? "unknown CPU"
+        return "\(model) (\(ProcessInfo.processInfo.activeProcessorCount) cores)"
+    }
+
     final class HostTensor: BackendTensor {
         let value: Tensor<Float>
         init(_ value: Tensor<Float>) { self.value = value }

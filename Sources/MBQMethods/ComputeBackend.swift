@@ -98,6 +98,8 @@ public enum GEMMRateSizes {
 
 public protocol ComputeBackend: Sendable {
     var name: String { get }
+    /// What it computes on, as a worker registers it ("AMD EPYC 9B14 (2 cores)", a GPU's name).
+    var device: String { get }
 
     // MARK: memory
 

@@ -142,6 +142,7 @@ public final class Worker: @unchecked Sendable {
         reg.gemmGflops = gflops
         reg.dataEndpoint = dataEndpoint
         reg.backend = backend.name
+        reg.device = backend.device
         reg.dataCurveKey = dataKeys?.public ?? ""
         reg.gemmRates = rates
         reg.loopGbps = backend.measureLoopGBps()

@@ -225,8 +225,8 @@ struct StatusCommand: ParsableCommand {
             for w in o["workers"] as? [[String: Any]] ?? [] {
                 let r = (w["layers"] as? [Int]).map { "layers \($0[0])..<\($0[1])" } ?? "no layers"
                 let alive = (w["alive"] as? Bool) != true ? "lost" : coordinatorUp ? "alive" : "last known alive"
-                print(String(format: "  %@ on %@: %@, %@, %.0f GFLOP/s, heard %.1f s ago", (w["id"] as? String ?? "?"),
-                             (w["host"] as? String ?? "?"), alive, r, w["gflops"] as? Double ?? 0,
+                print(String(format: "  %@ on %@ (%@): %@, %@, %.0f GFLOP/s, heard %.1f s ago", (w["id"] as? String ?? "?"),
+                             (w["host"] as? String ?? "?"), (w["device"] as? String ?? "?"), alive, r, w["gflops"] as? Double ?? 0,
                              (w["seconds_since_heard"] as? Double ?? 0) + (age ?? 0)))
             }
         }
@@ -242,7 +242,7 @@ struct PlanCommand: ParsableCommand {
 
     @Option(help: "Model directory (config and headers only).") var model: String?
     @Option(help: "A shape instead of a model: \(CostModel.presets.keys.sorted().joined(separator: ", ")).") var preset: String?
-    @Option(help: "Workers: COUNTxMEMORY@GFLOPS, e.g. 16x64GiB@1000 (comma-separate different kinds).") var workers = "1x20GiB@200"
+    @Option(help: "Workers: COUNTxMEMORY@GFLOPS, e.g. 16x64GiB@1000, or COUNTxGPU for \(CostModel.gpuKinds.keys.sorted().joined(separator: ", ")) (stated rates, not measured), e.g. 8xH100 (comma-separate different kinds).") var workers = "1x20GiB@200"
     @Option(help: "Network bandwidth between workers, Gbit/s.") var bandwidthGbit = 10.0
     @Option(help: "Calibration samples.") var samples = 128
     @Option(help: "Tokens per sample.") var tokens = 2048
@@ -276,12 +276,24 @@ struct PlanCommand: ParsableCommand {
                 throw MethodsError.invalidOptions("give --model DIR or --preset (\(CostModel.presets.keys.sorted().joined(separator: ", ")))")
             }
             var ws: [CostModel.Worker] = []
+            var stated: [String] = []
             for part in workers.split(separator: ",") {
                 let a = part.split(separator: "x", maxSplits: 1), b = a.count == 2 ? a[1].split(separator: "@") : []
-                guard a.count == 2, let n = Int(a[0]), n > 0, b.count == 2, let mem = parseBytes(String(b[0])), let g = Double(b[1]) else {
-                    throw MethodsError.invalidOptions("--workers '\(part)': expected COUNTxMEMORY@GFLOPS, e.g. 16x64GiB@1000")
+                var w: CostModel.Worker
+                if a.count == 2, let n = Int(a[0]), n > 0, let gpu = CostModel.gpuKinds[String(a[1]).uppercased()] {
+                    // One process per GPU; its loops run on the GPU at the stated bandwidth.
+                    w = CostModel.Worker(gflops: gpu.gflops, memoryBytes: gpu.memoryBytes, threads: 1)
+                    w.loopGBps = gpu.loopGBps
+                    stated.append(String(format: "%@: %.0f GiB, %.0f GFLOP/s fp32 GEMM, %.0f GB/s (stated, not measured)",
+                                         String(a[1]).uppercased(), gpu.memoryBytes / 1073741824, gpu.gflops, gpu.loopGBps))
+                    w.spills = scratch
+                    ws += Array(repeating: w, count: n)
+                    continue
                 }
-                var w = CostModel.Worker(gflops: g, memoryBytes: Double(mem), threads: workerThreads)
+                guard a.count == 2, let n = Int(a[0]), n > 0, b.count == 2, let mem = parseBytes(String(b[0])), let g = Double(b[1]) else {
+                    throw MethodsError.invalidOptions("--workers '\(part)': expected COUNTxMEMORY@GFLOPS, e.g. 16x64GiB@1000, or COUNTxGPU (\(CostModel.gpuKinds.keys.sorted().joined(separator: ", ")))")
+                }
+                w = CostModel.Worker(gflops: g, memoryBytes: Double(mem), threads: workerThreads)
                 w.spills = scratch
                 ws += Array(repeating: w, count: n)
             }
@@ -318,6 +330,7 @@ struct PlanCommand: ParsableCommand {
             }
             print("model: \(shape.layers) layers, hidden \(shape.hidden), intermediate \(shape.intermediate), \(shape.heads) heads / \(shape.kvHeads) kv; \(String(format: "%.2f", shape.paramsPerLayer * Double(shape.layers) / 1e9))B decoder parameters")
             print("calibration: \(samples) samples x \(tokens) tokens; \(ws.count) workers; \(bandwidthGbit) Gbit/s")
+            for s in Set(stated).sorted() { print("  GPU \(s)") }
             for (i, r) in p.plan.enumerated() {
                 let inputs = scratch ? 2 * needs.stageInputBytes : 0
                 let kept = needs.inputLayersKept(memory: used[i].memoryBytes, layers: r.count, spills: scratch)

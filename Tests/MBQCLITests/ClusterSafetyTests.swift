@@ -69,6 +69,9 @@ extension ClusterProcessTests {
         let first = try spawn(["worker", "--connect", "tcp://127.0.0.1:\(p)", "--id", "same", "--threads", "1"], log: tmp + "/first.log")
         defer { for x in [coord, first] where x.isRunning { x.terminate() } }
         XCTAssertTrue(waitForEvent(clog, "worker_registered") { $0["worker"] as? String == "same" }, text(clog))
+        // It registers what it computes on: the CPU's model and its cores.
+        let device = events(clog, "worker_registered").first { $0["worker"] as? String == "same" }?["device"] as? String ?? ""
+        XCTAssertTrue(device.hasSuffix(" (\(ProcessInfo.processInfo.activeProcessorCount) cores)") && device.count > 10, device)
         let (status, log) = try run(["worker", "--connect", "tcp://127.0.0.1:\(p)", "--id", "same", "--threads", "1"], log: tmp + "/second.log",
                                     timeout: 30)
         XCTAssertEqual(status, 1, log)

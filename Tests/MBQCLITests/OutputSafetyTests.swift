@@ -230,4 +230,24 @@ final class PlanTimeLimitTests: XCTestCase {
         XCTAssertNotEqual(small.status, 0)
         XCTAssertTrue(small.stderr.contains("add workers or memory"), small.stderr)
     }
+
+    /// GPUs by name: 8xH100 is eight 80 GiB workers whose rates are stated as such; a
+    /// 72B's 80 layers do not fit on two of them, and an unknown kind is refused naming
+    /// the known ones.
+    func testGPUWorkersByName() throws {
+        let eight = try mbq(["plan", "--preset", "qwen2-72b", "--workers", "8xH100"])
+        XCTAssertEqual(eight.status, 0, eight.stderr)
+        XCTAssertTrue(eight.stdout.contains("GPU H100: 80 GiB, 50000 GFLOP/s fp32 GEMM, 2000 GB/s (stated, not measured)"), eight.stdout)
+        let lines = eight.stdout.split(separator: "\n").filter { $0.contains("GiB of 80.0 GiB") }
+        XCTAssertEqual(lines.count, 8, eight.stdout)
+        // The same memory and rates as numbers give the same plan and times.
+        let numbers = try mbq(["plan", "--preset", "qwen2-72b", "--workers", "8x80GiB@50000", "--worker-threads", "1"])
+        XCTAssertEqual(numbers.stdout.split(separator: "\n").filter { $0.contains("GiB of") }, lines)
+        let two = try mbq(["plan", "--preset", "qwen2-72b", "--workers", "2xh100"])
+        XCTAssertNotEqual(two.status, 0)
+        XCTAssertTrue(two.stderr.contains("memory holds 50 of 80 layers"), two.stderr)
+        let unknown = try mbq(["plan", "--preset", "qwen2-72b", "--workers", "8xB300"])
+        XCTAssertNotEqual(unknown.status, 0)
+        XCTAssertTrue(unknown.stderr.contains("COUNTxGPU (A100, H100, H200)"), unknown.stderr)
+    }
 }

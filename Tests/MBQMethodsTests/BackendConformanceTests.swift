@@ -15,6 +15,7 @@ final class BackendConformanceTests: XCTestCase {
         let cpu = CPUBackend()
         let where_: String
         var name: String { "perturbed-\(where_)" }
+        var device: String { cpu.device }
         func nudged(_ x: BackendTensor, _ change: (inout Tensor<Float>) -> Void) -> BackendTensor {
             var t = cpu.download(x)
             change(&t)

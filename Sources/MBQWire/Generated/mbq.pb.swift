@@ -261,145 +261,154 @@ public nonisolated enum Mbq_OutputRouting: SwiftProtobuf.Enum, Swift.CaseIterabl
 
 }
 
-public nonisolated struct Mbq_Envelope: Sendable {
+public nonisolated struct Mbq_Envelope: @unchecked Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
   /// PROTOCOL_VERSION; a mismatch is refused
-  public var version: UInt32 = 0
+  public var version: UInt32 {
+    get {_storage._version}
+    set {_uniqueStorage()._version = newValue}
+  }
 
   /// empty in a worker's messages until it has heard from the coordinator
-  public var jobID: String = String()
+  public var jobID: String {
+    get {_storage._jobID}
+    set {_uniqueStorage()._jobID = newValue}
+  }
 
-  public var body: Mbq_Envelope.OneOf_Body? = nil
+  public var body: OneOf_Body? {
+    get {return _storage._body}
+    set {_uniqueStorage()._body = newValue}
+  }
 
   public var register: Mbq_Register {
     get {
-      if case .register(let v)? = body {return v}
+      if case .register(let v)? = _storage._body {return v}
       return Mbq_Register()
     }
-    set {body = .register(newValue)}
+    set {_uniqueStorage()._body = .register(newValue)}
   }
 
   public var heartbeat: Mbq_Heartbeat {
     get {
-      if case .heartbeat(let v)? = body {return v}
+      if case .heartbeat(let v)? = _storage._body {return v}
       return Mbq_Heartbeat()
     }
-    set {body = .heartbeat(newValue)}
+    set {_uniqueStorage()._body = .heartbeat(newValue)}
   }
 
   public var assignment: Mbq_Assignment {
     get {
-      if case .assignment(let v)? = body {return v}
+      if case .assignment(let v)? = _storage._body {return v}
       return Mbq_Assignment()
     }
-    set {body = .assignment(newValue)}
+    set {_uniqueStorage()._body = .assignment(newValue)}
   }
 
   public var runPhase: Mbq_RunPhase {
     get {
-      if case .runPhase(let v)? = body {return v}
+      if case .runPhase(let v)? = _storage._body {return v}
       return Mbq_RunPhase()
     }
-    set {body = .runPhase(newValue)}
+    set {_uniqueStorage()._body = .runPhase(newValue)}
   }
 
   public var tensor: Mbq_TensorHeader {
     get {
-      if case .tensor(let v)? = body {return v}
+      if case .tensor(let v)? = _storage._body {return v}
       return Mbq_TensorHeader()
     }
-    set {body = .tensor(newValue)}
+    set {_uniqueStorage()._body = .tensor(newValue)}
   }
 
   public var layerStats: Mbq_LayerStats {
     get {
-      if case .layerStats(let v)? = body {return v}
+      if case .layerStats(let v)? = _storage._body {return v}
       return Mbq_LayerStats()
     }
-    set {body = .layerStats(newValue)}
+    set {_uniqueStorage()._body = .layerStats(newValue)}
   }
 
   public var groupResult: Mbq_GroupResult {
     get {
-      if case .groupResult(let v)? = body {return v}
+      if case .groupResult(let v)? = _storage._body {return v}
       return Mbq_GroupResult()
     }
-    set {body = .groupResult(newValue)}
+    set {_uniqueStorage()._body = .groupResult(newValue)}
   }
 
   public var phaseDone: Mbq_PhaseDone {
     get {
-      if case .phaseDone(let v)? = body {return v}
+      if case .phaseDone(let v)? = _storage._body {return v}
       return Mbq_PhaseDone()
     }
-    set {body = .phaseDone(newValue)}
+    set {_uniqueStorage()._body = .phaseDone(newValue)}
   }
 
   public var error: Mbq_ErrorReport {
     get {
-      if case .error(let v)? = body {return v}
+      if case .error(let v)? = _storage._body {return v}
       return Mbq_ErrorReport()
     }
-    set {body = .error(newValue)}
+    set {_uniqueStorage()._body = .error(newValue)}
   }
 
   public var shutdown: Mbq_Shutdown {
     get {
-      if case .shutdown(let v)? = body {return v}
+      if case .shutdown(let v)? = _storage._body {return v}
       return Mbq_Shutdown()
     }
-    set {body = .shutdown(newValue)}
+    set {_uniqueStorage()._body = .shutdown(newValue)}
   }
 
   public var ratios: Mbq_Ratios {
     get {
-      if case .ratios(let v)? = body {return v}
+      if case .ratios(let v)? = _storage._body {return v}
       return Mbq_Ratios()
     }
-    set {body = .ratios(newValue)}
+    set {_uniqueStorage()._body = .ratios(newValue)}
   }
 
   public var refused: Mbq_Refused {
     get {
-      if case .refused(let v)? = body {return v}
+      if case .refused(let v)? = _storage._body {return v}
       return Mbq_Refused()
     }
-    set {body = .refused(newValue)}
+    set {_uniqueStorage()._body = .refused(newValue)}
   }
 
   public var blockWritten: Mbq_BlockWritten {
     get {
-      if case .blockWritten(let v)? = body {return v}
+      if case .blockWritten(let v)? = _storage._body {return v}
       return Mbq_BlockWritten()
     }
-    set {body = .blockWritten(newValue)}
+    set {_uniqueStorage()._body = .blockWritten(newValue)}
   }
 
   public var challenge: Mbq_Challenge {
     get {
-      if case .challenge(let v)? = body {return v}
+      if case .challenge(let v)? = _storage._body {return v}
       return Mbq_Challenge()
     }
-    set {body = .challenge(newValue)}
+    set {_uniqueStorage()._body = .challenge(newValue)}
   }
 
   public var registerAgain: Mbq_RegisterAgain {
     get {
-      if case .registerAgain(let v)? = body {return v}
+      if case .registerAgain(let v)? = _storage._body {return v}
       return Mbq_RegisterAgain()
     }
-    set {body = .registerAgain(newValue)}
+    set {_uniqueStorage()._body = .registerAgain(newValue)}
   }
 
   public var gptqReport: Mbq_GptqReport {
     get {
-      if case .gptqReport(let v)? = body {return v}
+      if case .gptqReport(let v)? = _storage._body {return v}
       return Mbq_GptqReport()
     }
-    set {body = .gptqReport(newValue)}
+    set {_uniqueStorage()._body = .gptqReport(newValue)}
   }
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
@@ -425,6 +434,8 @@ public nonisolated struct Mbq_Envelope: Sendable {
   }
 
   public init() {}
+
+  fileprivate var _storage = _StorageClass.defaultInstance
 }
 
 /// Worker -> coordinator on every (re)connect.
@@ -470,6 +481,9 @@ public nonisolated struct Mbq_Register: Sendable {
 
   /// GB/s of one thread's non-GEMM loops (ComputeBackend.measureLoopGBps)
   public var loopGbps: Double = 0
+
+  /// what the backend computes on: "AMD EPYC 9B14 (2 cores)", a GPU's name
+  public var device: String = String()
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -937,312 +951,352 @@ nonisolated extension Mbq_Envelope: SwiftProtobuf.Message, SwiftProtobuf._Messag
   public static let protoMessageName: String = _protobuf_package + ".Envelope"
   public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}version\0\u{3}job_id\0\u{2}\u{8}register\0\u{1}heartbeat\0\u{1}assignment\0\u{3}run_phase\0\u{1}tensor\0\u{3}layer_stats\0\u{3}group_result\0\u{3}phase_done\0\u{1}error\0\u{1}shutdown\0\u{1}ratios\0\u{1}refused\0\u{3}block_written\0\u{1}challenge\0\u{3}register_again\0\u{3}gptq_report\0\u{c}\u{3}\u{1}")
 
+  fileprivate class _StorageClass {
+    var _version: UInt32 = 0
+    var _jobID: String = String()
+    var _body: Mbq_Envelope.OneOf_Body?
+
+      // This property is used as the initial default value for new instances of the type.
+      // The type itself is protecting the reference to its storage via CoW semantics.
+      // This will force a copy to be made of this reference when the first mutation occurs;
+      // hence, it is safe to mark this as `nonisolated(unsafe)`.
+      static nonisolated(unsafe) let defaultInstance = _StorageClass()
+
+    private init() {}
+
+    init(copying source: _StorageClass) {
+      _version = source._version
+      _jobID = source._jobID
+      _body = source._body
+    }
+  }
+
+  fileprivate mutating func _uniqueStorage() -> _StorageClass {
+    if !isKnownUniquelyReferenced(&_storage) {
+      _storage = _StorageClass(copying: _storage)
+    }
+    return _storage
+  }
+
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
-    while let fieldNumber = try decoder.nextFieldNumber() {
-      // The use of inline closures is to circumvent an issue where the compiler
-      // allocates stack space for every case branch when no optimizations are
-      // enabled. https://github.com/apple/swift-protobuf/issues/1034
-      switch fieldNumber {
-      case 1: try { try decoder.decodeSingularUInt32Field(value: &self.version) }()
-      case 2: try { try decoder.decodeSingularStringField(value: &self.jobID) }()
-      case 10: try {
-        var v: Mbq_Register?
-        var hadOneofValue = false
-        if let current = self.body {
-          hadOneofValue = true
-          if case .register(let m) = current {v = m}
+    _ = _uniqueStorage()
+    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
+      while let fieldNumber = try decoder.nextFieldNumber() {
+        // The use of inline closures is to circumvent an issue where the compiler
+        // allocates stack space for every case branch when no optimizations are
+        // enabled. https://github.com/apple/swift-protobuf/issues/1034
+        switch fieldNumber {
+        case 1: try { try decoder.decodeSingularUInt32Field(value: &_storage._version) }()
+        case 2: try { try decoder.decodeSingularStringField(value: &_storage._jobID) }()
+        case 10: try {
+          var v: Mbq_Register?
+          var hadOneofValue = false
+          if let current = _storage._body {
+            hadOneofValue = true
+            if case .register(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._body = .register(v)
+          }
+        }()
+        case 11: try {
+          var v: Mbq_Heartbeat?
+          var hadOneofValue = false
+          if let current = _storage._body {
+            hadOneofValue = true
+            if case .heartbeat(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._body = .heartbeat(v)
+          }
+        }()
+        case 12: try {
+          var v: Mbq_Assignment?
+          var hadOneofValue = false
+          if let current = _storage._body {
+            hadOneofValue = true
+            if case .assignment(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._body = .assignment(v)
+          }
+        }()
+        case 13: try {
+          var v: Mbq_RunPhase?
+          var hadOneofValue = false
+          if let current = _storage._body {
+            hadOneofValue = true
+            if case .runPhase(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._body = .runPhase(v)
+          }
+        }()
+        case 14: try {
+          var v: Mbq_TensorHeader?
+          var hadOneofValue = false
+          if let current = _storage._body {
+            hadOneofValue = true
+            if case .tensor(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._body = .tensor(v)
+          }
+        }()
+        case 15: try {
+          var v: Mbq_LayerStats?
+          var hadOneofValue = false
+          if let current = _storage._body {
+            hadOneofValue = true
+            if case .layerStats(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._body = .layerStats(v)
+          }
+        }()
+        case 16: try {
+          var v: Mbq_GroupResult?
+          var hadOneofValue = false
+          if let current = _storage._body {
+            hadOneofValue = true
+            if case .groupResult(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._body = .groupResult(v)
+          }
+        }()
+        case 17: try {
+          var v: Mbq_PhaseDone?
+          var hadOneofValue = false
+          if let current = _storage._body {
+            hadOneofValue = true
+            if case .phaseDone(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._body = .phaseDone(v)
+          }
+        }()
+        case 18: try {
+          var v: Mbq_ErrorReport?
+          var hadOneofValue = false
+          if let current = _storage._body {
+            hadOneofValue = true
+            if case .error(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._body = .error(v)
+          }
+        }()
+        case 19: try {
+          var v: Mbq_Shutdown?
+          var hadOneofValue = false
+          if let current = _storage._body {
+            hadOneofValue = true
+            if case .shutdown(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._body = .shutdown(v)
+          }
+        }()
+        case 20: try {
+          var v: Mbq_Ratios?
+          var hadOneofValue = false
+          if let current = _storage._body {
+            hadOneofValue = true
+            if case .ratios(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._body = .ratios(v)
+          }
+        }()
+        case 21: try {
+          var v: Mbq_Refused?
+          var hadOneofValue = false
+          if let current = _storage._body {
+            hadOneofValue = true
+            if case .refused(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._body = .refused(v)
+          }
+        }()
+        case 22: try {
+          var v: Mbq_BlockWritten?
+          var hadOneofValue = false
+          if let current = _storage._body {
+            hadOneofValue = true
+            if case .blockWritten(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._body = .blockWritten(v)
+          }
+        }()
+        case 23: try {
+          var v: Mbq_Challenge?
+          var hadOneofValue = false
+          if let current = _storage._body {
+            hadOneofValue = true
+            if case .challenge(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._body = .challenge(v)
+          }
+        }()
+        case 24: try {
+          var v: Mbq_RegisterAgain?
+          var hadOneofValue = false
+          if let current = _storage._body {
+            hadOneofValue = true
+            if case .registerAgain(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._body = .registerAgain(v)
+          }
+        }()
+        case 25: try {
+          var v: Mbq_GptqReport?
+          var hadOneofValue = false
+          if let current = _storage._body {
+            hadOneofValue = true
+            if case .gptqReport(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._body = .gptqReport(v)
+          }
+        }()
+        default: break
         }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.body = .register(v)
-        }
-      }()
-      case 11: try {
-        var v: Mbq_Heartbeat?
-        var hadOneofValue = false
-        if let current = self.body {
-          hadOneofValue = true
-          if case .heartbeat(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.body = .heartbeat(v)
-        }
-      }()
-      case 12: try {
-        var v: Mbq_Assignment?
-        var hadOneofValue = false
-        if let current = self.body {
-          hadOneofValue = true
-          if case .assignment(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.body = .assignment(v)
-        }
-      }()
-      case 13: try {
-        var v: Mbq_RunPhase?
-        var hadOneofValue = false
-        if let current = self.body {
-          hadOneofValue = true
-          if case .runPhase(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.body = .runPhase(v)
-        }
-      }()
-      case 14: try {
-        var v: Mbq_TensorHeader?
-        var hadOneofValue = false
-        if let current = self.body {
-          hadOneofValue = true
-          if case .tensor(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.body = .tensor(v)
-        }
-      }()
-      case 15: try {
-        var v: Mbq_LayerStats?
-        var hadOneofValue = false
-        if let current = self.body {
-          hadOneofValue = true
-          if case .layerStats(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.body = .layerStats(v)
-        }
-      }()
-      case 16: try {
-        var v: Mbq_GroupResult?
-        var hadOneofValue = false
-        if let current = self.body {
-          hadOneofValue = true
-          if case .groupResult(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.body = .groupResult(v)
-        }
-      }()
-      case 17: try {
-        var v: Mbq_PhaseDone?
-        var hadOneofValue = false
-        if let current = self.body {
-          hadOneofValue = true
-          if case .phaseDone(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.body = .phaseDone(v)
-        }
-      }()
-      case 18: try {
-        var v: Mbq_ErrorReport?
-        var hadOneofValue = false
-        if let current = self.body {
-          hadOneofValue = true
-          if case .error(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.body = .error(v)
-        }
-      }()
-      case 19: try {
-        var v: Mbq_Shutdown?
-        var hadOneofValue = false
-        if let current = self.body {
-          hadOneofValue = true
-          if case .shutdown(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.body = .shutdown(v)
-        }
-      }()
-      case 20: try {
-        var v: Mbq_Ratios?
-        var hadOneofValue = false
-        if let current = self.body {
-          hadOneofValue = true
-          if case .ratios(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.body = .ratios(v)
-        }
-      }()
-      case 21: try {
-        var v: Mbq_Refused?
-        var hadOneofValue = false
-        if let current = self.body {
-          hadOneofValue = true
-          if case .refused(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.body = .refused(v)
-        }
-      }()
-      case 22: try {
-        var v: Mbq_BlockWritten?
-        var hadOneofValue = false
-        if let current = self.body {
-          hadOneofValue = true
-          if case .blockWritten(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.body = .blockWritten(v)
-        }
-      }()
-      case 23: try {
-        var v: Mbq_Challenge?
-        var hadOneofValue = false
-        if let current = self.body {
-          hadOneofValue = true
-          if case .challenge(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.body = .challenge(v)
-        }
-      }()
-      case 24: try {
-        var v: Mbq_RegisterAgain?
-        var hadOneofValue = false
-        if let current = self.body {
-          hadOneofValue = true
-          if case .registerAgain(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.body = .registerAgain(v)
-        }
-      }()
-      case 25: try {
-        var v: Mbq_GptqReport?
-        var hadOneofValue = false
-        if let current = self.body {
-          hadOneofValue = true
-          if case .gptqReport(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.body = .gptqReport(v)
-        }
-      }()
-      default: break
       }
     }
   }
 
   public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
-    // The use of inline closures is to circumvent an issue where the compiler
-    // allocates stack space for every if/case branch local when no optimizations
-    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
-    // https://github.com/apple/swift-protobuf/issues/1182
-    if self.version != 0 {
-      try visitor.visitSingularUInt32Field(value: self.version, fieldNumber: 1)
-    }
-    if !self.jobID.isEmpty {
-      try visitor.visitSingularStringField(value: self.jobID, fieldNumber: 2)
-    }
-    switch self.body {
-    case .register?: try {
-      guard case .register(let v)? = self.body else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 10)
-    }()
-    case .heartbeat?: try {
-      guard case .heartbeat(let v)? = self.body else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 11)
-    }()
-    case .assignment?: try {
-      guard case .assignment(let v)? = self.body else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 12)
-    }()
-    case .runPhase?: try {
-      guard case .runPhase(let v)? = self.body else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 13)
-    }()
-    case .tensor?: try {
-      guard case .tensor(let v)? = self.body else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 14)
-    }()
-    case .layerStats?: try {
-      guard case .layerStats(let v)? = self.body else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 15)
-    }()
-    case .groupResult?: try {
-      guard case .groupResult(let v)? = self.body else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 16)
-    }()
-    case .phaseDone?: try {
-      guard case .phaseDone(let v)? = self.body else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 17)
-    }()
-    case .error?: try {
-      guard case .error(let v)? = self.body else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 18)
-    }()
-    case .shutdown?: try {
-      guard case .shutdown(let v)? = self.body else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 19)
-    }()
-    case .ratios?: try {
-      guard case .ratios(let v)? = self.body else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 20)
-    }()
-    case .refused?: try {
-      guard case .refused(let v)? = self.body else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 21)
-    }()
-    case .blockWritten?: try {
-      guard case .blockWritten(let v)? = self.body else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 22)
-    }()
-    case .challenge?: try {
-      guard case .challenge(let v)? = self.body else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 23)
-    }()
-    case .registerAgain?: try {
-      guard case .registerAgain(let v)? = self.body else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 24)
-    }()
-    case .gptqReport?: try {
-      guard case .gptqReport(let v)? = self.body else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 25)
-    }()
-    case nil: break
+    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every if/case branch local when no optimizations
+      // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+      // https://github.com/apple/swift-protobuf/issues/1182
+      if _storage._version != 0 {
+        try visitor.visitSingularUInt32Field(value: _storage._version, fieldNumber: 1)
+      }
+      if !_storage._jobID.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._jobID, fieldNumber: 2)
+      }
+      switch _storage._body {
+      case .register?: try {
+        guard case .register(let v)? = _storage._body else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 10)
+      }()
+      case .heartbeat?: try {
+        guard case .heartbeat(let v)? = _storage._body else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 11)
+      }()
+      case .assignment?: try {
+        guard case .assignment(let v)? = _storage._body else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 12)
+      }()
+      case .runPhase?: try {
+        guard case .runPhase(let v)? = _storage._body else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 13)
+      }()
+      case .tensor?: try {
+        guard case .tensor(let v)? = _storage._body else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 14)
+      }()
+      case .layerStats?: try {
+        guard case .layerStats(let v)? = _storage._body else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 15)
+      }()
+      case .groupResult?: try {
+        guard case .groupResult(let v)? = _storage._body else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 16)
+      }()
+      case .phaseDone?: try {
+        guard case .phaseDone(let v)? = _storage._body else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 17)
+      }()
+      case .error?: try {
+        guard case .error(let v)? = _storage._body else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 18)
+      }()
+      case .shutdown?: try {
+        guard case .shutdown(let v)? = _storage._body else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 19)
+      }()
+      case .ratios?: try {
+        guard case .ratios(let v)? = _storage._body else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 20)
+      }()
+      case .refused?: try {
+        guard case .refused(let v)? = _storage._body else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 21)
+      }()
+      case .blockWritten?: try {
+        guard case .blockWritten(let v)? = _storage._body else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 22)
+      }()
+      case .challenge?: try {
+        guard case .challenge(let v)? = _storage._body else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 23)
+      }()
+      case .registerAgain?: try {
+        guard case .registerAgain(let v)? = _storage._body else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 24)
+      }()
+      case .gptqReport?: try {
+        guard case .gptqReport(let v)? = _storage._body else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 25)
+      }()
+      case nil: break
+      }
     }
     try unknownFields.traverse(visitor: &visitor)
   }
 
   public static func ==(lhs: Mbq_Envelope, rhs: Mbq_Envelope) -> Bool {
-    if lhs.version != rhs.version {return false}
-    if lhs.jobID != rhs.jobID {return false}
-    if lhs.body != rhs.body {return false}
+    if lhs._storage !== rhs._storage {
+      let storagesAreEqual: Bool = withExtendedLifetime((lhs._storage, rhs._storage)) { (_args: (_StorageClass, _StorageClass)) in
+        let _storage = _args.0
+        let rhs_storage = _args.1
+        if _storage._version != rhs_storage._version {return false}
+        if _storage._jobID != rhs_storage._jobID {return false}
+        if _storage._body != rhs_storage._body {return false}
+        return true
+      }
+      if !storagesAreEqual {return false}
+    }
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -1250,7 +1304,7 @@ nonisolated extension Mbq_Envelope: SwiftProtobuf.Message, SwiftProtobuf._Messag
 
 nonisolated extension Mbq_Register: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Register"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}worker_id\0\u{1}host\0\u{3}max_memory_bytes\0\u{1}threads\0\u{3}gemm_gflops\0\u{3}data_endpoint\0\u{3}auth_token\0\u{1}backend\0\u{3}data_curve_key\0\u{3}scratch_bytes\0\u{1}cores\0\u{3}gemm_rates\0\u{1}nonce\0\u{3}loop_gbps\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}worker_id\0\u{1}host\0\u{3}max_memory_bytes\0\u{1}threads\0\u{3}gemm_gflops\0\u{3}data_endpoint\0\u{3}auth_token\0\u{1}backend\0\u{3}data_curve_key\0\u{3}scratch_bytes\0\u{1}cores\0\u{3}gemm_rates\0\u{1}nonce\0\u{3}loop_gbps\0\u{1}device\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -1272,6 +1326,7 @@ nonisolated extension Mbq_Register: SwiftProtobuf.Message, SwiftProtobuf._Messag
       case 12: try { try decoder.decodeRepeatedDoubleField(value: &self.gemmRates) }()
       case 13: try { try decoder.decodeSingularBytesField(value: &self.nonce) }()
       case 14: try { try decoder.decodeSingularDoubleField(value: &self.loopGbps) }()
+      case 15: try { try decoder.decodeSingularStringField(value: &self.device) }()
       default: break
       }
     }
@@ -1320,6 +1375,9 @@ nonisolated extension Mbq_Register: SwiftProtobuf.Message, SwiftProtobuf._Messag
     if self.loopGbps.bitPattern != 0 {
       try visitor.visitSingularDoubleField(value: self.loopGbps, fieldNumber: 14)
     }
+    if !self.device.isEmpty {
+      try visitor.visitSingularStringField(value: self.device, fieldNumber: 15)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -1338,6 +1396,7 @@ nonisolated extension Mbq_Register: SwiftProtobuf.Message, SwiftProtobuf._Messag
     if lhs.gemmRates != rhs.gemmRates {return false}
     if lhs.nonce != rhs.nonce {return false}
     if lhs.loopGbps != rhs.loopGbps {return false}
+    if lhs.device != rhs.device {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
