@@ -23,7 +23,6 @@ public enum SearchGroup: String, CaseIterable, Sendable {
 
     /// Judged on the attention's output (its loss takes the attention's modality ratio).
     public var isAttention: Bool { spec.judged == \BlockCaptures<Float>.attentionOutput }
-
 }
 
 /// One search group as a row of a table (docs/DESIGN.md §2, after the authors'
@@ -60,26 +59,24 @@ public struct SearchGroupSpec {
     /// The captured fp output the candidates are compared with. [T, C]
     public let judged: WritableKeyPath<BlockCaptures<Float>, Tensor<Float>>
 
-    /// Whether a block with these v_proj / o_proj shapes searches this group: the
-    /// authors search o only when v_proj and o_proj have the same shape (no grouped-query
-    /// attention); every other group always.
     /// The roles of the linears the group scales, in `DecoderBlockWeights.linears` order.
     public var roles: [String] { linears.map(\.role) }
 
+    /// Whether a block with these v_proj / o_proj shapes searches this group: the
+    /// authors search o only when v_proj and o_proj have the same shape (no grouped-query
+    /// attention); every other group always.
     public func isSearched(vShape: [Int], oShape: [Int]) -> Bool {
         group != .o || vShape == oShape
     }
 
     public static var table: [SearchGroupSpec] {
-        [
-        SearchGroupSpec(group: .qkv, linears: [("q", \.q), ("k", \.k), ("v", \.v)], previous: .norm(\.inputNorm),
-                        input: \.qkvInput, module: .attention, judged: \.attentionOutput),
-        SearchGroupSpec(group: .o, linears: [("o", \.o)], previous: .linearRows(\.v, bias: \.vBias),
-                        input: \.oInput, module: .linear(bias: \.oBias), judged: \.attentionOutput),
-        SearchGroupSpec(group: .gateUp, linears: [("gate", \.gate), ("up", \.up)], previous: .norm(\.postAttentionNorm),
-                        input: \.gateUpInput, module: .mlp, judged: \.mlpOutput),
-        SearchGroupSpec(group: .down, linears: [("down", \.down)], previous: .linearRows(\.up, bias: nil),
-                        input: \.downInput, module: .linear(bias: nil), judged: \.mlpOutput),
-        ]
+        [SearchGroupSpec(group: .qkv, linears: [("q", \.q), ("k", \.k), ("v", \.v)], previous: .norm(\.inputNorm),
+                         input: \.qkvInput, module: .attention, judged: \.attentionOutput),
+         SearchGroupSpec(group: .o, linears: [("o", \.o)], previous: .linearRows(\.v, bias: \.vBias),
+                         input: \.oInput, module: .linear(bias: \.oBias), judged: \.attentionOutput),
+         SearchGroupSpec(group: .gateUp, linears: [("gate", \.gate), ("up", \.up)], previous: .norm(\.postAttentionNorm),
+                         input: \.gateUpInput, module: .mlp, judged: \.mlpOutput),
+         SearchGroupSpec(group: .down, linears: [("down", \.down)], previous: .linearRows(\.up, bias: nil),
+                         input: \.downInput, module: .linear(bias: nil), judged: \.mlpOutput)]
     }
 }
