@@ -4,7 +4,7 @@
 # identity"). Usage: Scripts/compare-outputs.sh OLD_MBQ NEW_MBQ [WORKDIR]
 # Jobs: the demo VLM (Demo/) with calibration seed 0, in one process, one per option set
 # below, and `mbq eval --json` of each output on the held-out bundle against the fp model;
-# the first three option sets and the eighth (GPTQ) again with 2 and 3 local workers (new binary only,
+# the first three option sets and the eighth (GPTQ) again with 1, 2 and 3 local workers (new binary only,
 # compared with the old one-process output). Every file of each output is
 # compared except mbq_results.json and report.md, which hold run times; what they
 # report (scales, grid points) is folded into the shards compared.
@@ -46,7 +46,7 @@ for s in "${sets[@]}"; do
   "$new" eval --model "$work/new-$i" --calib Demo/heldout.safetensors --reference $model --json >"$work/new-$i.eval" 2>/dev/null
   if cmp -s "$work/old-$i.eval" "$work/new-$i.eval"; then echo "compared set $i: mbq eval output identical"; else echo "DIFFER  set $i: mbq eval"; fail=1; fi
   if [ $i -le 3 ] || [ $i = 8 ]; then
-    for w in 2 3; do
+    for w in 1 2 3; do
       "$new" quantize --model $model --calib $calib --out "$work/new-$i-w$w" --workers $w $s >/dev/null 2>"$work/new-$i-w$w.log"
       compare "$work/old-$i" "$work/new-$i-w$w" "set $i, $w workers"
     done
