@@ -19,32 +19,47 @@ public enum BackendConformance {
         /// maxAbs relative to the reference's largest magnitude.
         public var rel: Double
         public var tolerance: Double
+        /// Where it first deviated past the tolerance: "[row, col]" of the tensor (or
+        /// "[i]" of a vector), with both values; nil when it did not.
+        public var firstDeviation: String? = nil
         public var passed: Bool { rel <= tolerance && maxAbs.isFinite }
         public var description: String {
             "\(passed ? "ok  " : "FAIL") \(name): max abs \(String(format: "%.3e", maxAbs)), rel \(String(format: "%.3e", rel)) (tolerance \(tolerance))"
+                + (passed ? "" : firstDeviation.map { ", first at \($0)" } ?? "")
         }
     }
 
-    /// Accumulates the largest difference per named quantity.
+    /// Accumulates the largest difference per named quantity, and where it first went
+    /// past `tolerance` times the reference's scale (checked per call, against the scale
+    /// seen so far).
     struct Diffs {
+        var tolerance = 0.0
         var byName: [String: (maxAbs: Double, scale: Double)] = [:]
+        var first: [String: String] = [:]
         /// Counts of things that must be equal exactly (grid points, codes): name -> (mismatches, total).
         var exact: [String: (bad: Int, total: Int)] = [:]
 
-        mutating func compare(_ name: String, _ got: [Float], _ want: [Float]) {
+        /// `cols`: the row length, to name a deviation [row, col] (0: a vector, [i]).
+        mutating func compare(_ name: String, _ got: [Float], _ want: [Float], cols: Int = 0) {
             var d = byName[name] ?? (0, 0)
             if got.count != want.count {
                 d.maxAbs = .infinity
+                if first[name] == nil { first[name] = "the shape: \(got.count) values, the reference \(want.count)" }
             } else {
-                for (a, b) in zip(got, want) {
-                    d.maxAbs = max(d.maxAbs, Double(abs(a - b)))
-                    d.scale = max(d.scale, Double(abs(b)))
+                for b in want { d.scale = max(d.scale, Double(abs(b))) }
+                let limit = tolerance * max(d.scale, 1e-30)
+                for (i, (a, b)) in zip(got, want).enumerated() {
+                    let diff = Double(abs(a - b))
+                    d.maxAbs = max(d.maxAbs, diff.isNaN ? .infinity : diff)
+                    if first[name] == nil, !(diff <= limit) {
+                        first[name] = (cols > 0 ? "[\(i / cols), \(i % cols)]" : "[\(i)]") + " (\(a) vs \(b))"
+                    }
                 }
             }
             byName[name] = d
         }
         mutating func compare(_ name: String, _ got: Tensor<Float>, _ want: Tensor<Float>) {
-            compare(name, got.shape == want.shape ? got.data : [], want.data)
+            compare(name, got.shape == want.shape ? got.data : [], want.data, cols: want.shape.count == 2 ? want.cols : 0)
         }
         mutating func compare(_ name: String, _ got: Double, _ want: Double) {
             compare(name, [Float(got)], [Float(want)])
@@ -66,7 +81,7 @@ public enum BackendConformance {
     /// `tolerance`: relative to each tensor's scale; grid points and codes must be identical.
     public static func run(_ backend: ComputeBackend, reference: ComputeBackend = CPUBackend(), model: LanguageModel<Float>,
                            samples: [CalibrationSample], tolerance: Double = 1e-5) throws -> [Check] {
-        var d = Diffs()
+        var d = Diffs(tolerance: tolerance)
         var rng = SeededRandom(seed: 17)
         let search = SearchOptions(weights: .groupAsymmetric(bits: 4, group: 128), reweight: true)
         let quantizer = WeightQuantizer.groupAsymmetric(bits: 4, group: 128)
@@ -156,7 +171,7 @@ public enum BackendConformance {
         d.count("allFinite", equal: okFinite && !okNaN)
 
         var checks = d.byName.sorted { $0.key < $1.key }.map { name, v in
-            Check(name: name, maxAbs: v.maxAbs, rel: v.maxAbs / max(v.scale, 1e-30), tolerance: tolerance)
+            Check(name: name, maxAbs: v.maxAbs, rel: v.maxAbs / max(v.scale, 1e-30), tolerance: tolerance, firstDeviation: d.first[name])
         }
         for (name, e) in d.exact.sorted(by: { $0.key < $1.key }) {
             checks.append(Check(name: "\(name): \(e.total - e.bad) of \(e.total) identical", maxAbs: Double(e.bad), rel: Double(e.bad),

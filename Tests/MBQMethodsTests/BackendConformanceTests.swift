@@ -148,4 +148,20 @@ final class BackendConformanceTests: XCTestCase {
             XCTAssertTrue(failed.contains { $0.name.contains(needle) }, "\(where_): \(failed)")
         }
     }
+
+    /// A failing check names the first element past the tolerance, as [row, col] of the
+    /// tensor: the perturbed forward changed element 3 of the block output (row 0), the
+    /// perturbed backward element 1 of dL/dx, the perturbed load element 5 of down_proj.
+    func testADeviationIsLocated() throws {
+        let (model, bundle) = try fixture("onevision_mha")
+        let samples = Array(bundle.samples.prefix(1))
+        for (where_, name, at) in [("forward", "block output", "[0, 3]"), ("backward", "backward dL/dx", "[0, 1]"),
+                                   ("load", "block loaded and read back", "[0, 5]")] {
+            let checks = try BackendConformance.run(Perturbed(where_: where_), model: model, samples: samples)
+            let c = checks.first { $0.name == name }
+            XCTAssertEqual(c?.passed, false, "\(where_)")
+            XCTAssertTrue(c?.firstDeviation?.hasPrefix(at + " (") == true, "\(where_): \(String(describing: c))")
+            XCTAssertTrue(c?.description.contains("first at \(at)") == true, "\(where_): \(String(describing: c))")
+        }
+    }
 }
