@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the same quantize jobs with two mbq binaries and compares every output file byte
-# for byte (cmp), for refactors that must change no result (docs/BENCHMARKS.md, "Byte
-# identity"). Usage: Scripts/compare-outputs.sh OLD_MBQ NEW_MBQ [WORKDIR]
+# for byte (cmp), for refactors that must change no result (docs/BENCHMARKS.md, "Refactors
+# that change no result"). Usage: Scripts/compare-outputs.sh OLD_MBQ NEW_MBQ [NEW-WORKDIR]
 # Jobs: the demo VLM (Demo/) with calibration seed 0, in one process, one per option set
 # below, and `mbq eval --json` of each output on the held-out bundle against the fp model;
 # the first three option sets and the eighth (GPTQ) again with 1, 2 and 3 local workers (new binary only,
@@ -9,8 +9,15 @@
 # compared except mbq_results.json and report.md, which hold run times; what they
 # report (scales, grid points) is folded into the shards compared.
 set -euo pipefail
-old=$(realpath "$1"); new=$(realpath "$2"); work=${3:-/tmp/mbq-compare}
-rm -rf "$work"; mkdir -p "$work"
+old=$(realpath "$1"); new=$(realpath "$2")
+# A fresh folder: never one that exists (nothing of the user's is removed or mixed in).
+if [ -n "${3:-}" ]; then
+  [ ! -e "$3" ] || { echo "compare-outputs: $3 exists; give a folder that does not" >&2; exit 2; }
+  work=$3; mkdir -p "$work"
+else
+  work=$(mktemp -d /tmp/mbq-compare.XXXXXX)
+fi
+echo "outputs under $work"
 model=Demo/model; calib=Demo/calib-seed0.safetensors
 sets=(
   "--method mbq --w-bit 3 --group 128"

@@ -38,12 +38,8 @@ public enum Evaluate {
         var ce = 0.0, capTokens = 0, correct = 0, klAll = 0.0, klCap = 0.0, positions = 0
         let blocks = try model.blocks.map { try backend.loadBlock($0) }
         let referenceBlocks = try reference.map { r in try r.blocks.map { try backend.loadBlock($0) } }
-        /// The final hidden states of sample `s` through `blocks` ([T, C]).
         func hidden(_ m: LanguageModel<Float>, _ blocks: [BackendBlock], _ s: CalibrationSample, actBits: Int?) throws -> Tensor<Float> {
-            try m.check(SequenceInput(s))
-            let y = try GradientPass.forward(try backend.upload(s.embeds), layers: 0..<blocks.count, blocks: { blocks[$0] },
-                                             rope: m.ropeTable(s.positions), mask: s.attention, backend: backend, actBits: actBits)
-            return try backend.download(y)
+            try backend.download(try GradientPass.modelForward(s, model: m, blocks: blocks, backend: backend, actBits: actBits))
         }
         for s in samples {
             let t = s.length

@@ -23,6 +23,16 @@ public enum GradientPass {
         return x
     }
 
+    /// Sample `s` through every block of `model` (loaded in `backend` as `blocks`), after
+    /// checking its shapes against the model: what `mbq eval` and `mbq forward` read the
+    /// head from. -> the final hidden states [T, C]
+    public static func modelForward(_ s: CalibrationSample, model: LanguageModel<Float>, blocks: [BackendBlock],
+                                    backend: ComputeBackend, actBits: Int? = nil) throws -> BackendTensor {
+        try model.check(SequenceInput(s))
+        return try forward(try backend.upload(s.embeds), layers: 0..<blocks.count, blocks: { blocks[$0] },
+                           rope: model.ropeTable(s.positions), mask: s.attention, backend: backend, actBits: actBits)
+    }
+
     /// Sample `sample`'s inputs of `layers` for the backward: each layer's from `cached` when
     /// it has it, else recomputed by running the layer below on its input, as `forward`
     /// did (a worker keeps its first layer's inputs and as many others as its budget

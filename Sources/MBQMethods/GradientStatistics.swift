@@ -93,10 +93,12 @@ public struct GradientStatistics: Sendable, Equatable {
     /// the one-stage pipeline's, in the same order, so the statistics are identical.
     /// `tokenNorms(layer, sample, norms)`: when given, every used sample's per-token
     /// squared output-gradient norms of each linear of each layer (sample: its index in
-    /// `samples`).
+    /// `samples`). `losses(sample, loss, tokens)`: when given, every used sample's mean
+    /// caption cross-entropy and its token count, from the head's step.
     public static func compute(source: ModelSource, samples: [CalibrationSample], backend: ComputeBackend = CPUBackend(),
                                inputs: ActivationStore = ActivationStore(budgetBytes: .max, scratch: nil, owner: "grad"),
                                tokenNorms: ((Int, Int, [String: [Float]]) -> Void)? = nil,
+                               losses: ((Int, Float, Int) -> Void)? = nil,
                                progress: ((String, Int, Int) -> Void)? = nil) throws -> GradientStatistics {
         let nl = source.config.numLayers
         var skipped: [String] = []
@@ -126,7 +128,9 @@ public struct GradientStatistics: Sendable, Equatable {
         do {
             let head = try source.head(into: backend)
             for (k, u) in used.enumerated() {
-                dys.append(try backend.download(try backend.lossGradient(try backend.upload(xs[k]), head, labels: u.sample.labels).grad))
+                let g = try backend.lossGradient(try backend.upload(xs[k]), head, labels: u.sample.labels)
+                losses?(u.index, g.loss, g.count)
+                dys.append(try backend.download(g.grad))
             }
         }
         xs = []
@@ -149,9 +153,10 @@ public struct GradientStatistics: Sendable, Equatable {
 
     /// The same on a model in memory.
     public static func compute(model: LanguageModel<Float>, samples: [CalibrationSample], backend: ComputeBackend = CPUBackend(),
+                               losses: ((Int, Float, Int) -> Void)? = nil,
                                progress: ((String, Int, Int) -> Void)? = nil) throws -> GradientStatistics {
         for s in samples where skipReason(s) == nil { try model.check(SequenceInput(s)) }
-        return try compute(source: .model(model), samples: samples, backend: backend, progress: progress)
+        return try compute(source: .model(model), samples: samples, backend: backend, losses: losses, progress: progress)
     }
 
     /// Averages, divides and clamps. `sums` hold per-sample means summed over samples.

@@ -77,36 +77,40 @@ struct ModelRun {
         r.layers = lm.config.numLayers
         let samples = Array(bundle.samples.prefix(limit ?? bundle.count))
         logger.info("loaded \(modelDir) (\(lm.config.modelType), \(lm.config.numLayers) layers) and \(samples.count) samples in \(String(format: "%.2f", loadT)) s")
-        // The caption loss of every sample through the backend (`GradientPass.forward`, the
-        // passes' arithmetic); with --gradients the statistics as the job computes them
-        // (`GradientStatistics.compute`, which skips samples without vision or caption).
+        // With --gradients the statistics as the job computes them (`GradientStatistics.compute`,
+        // which skips samples without vision or caption) and, from its head step, those
+        // samples' caption losses; every other sample's loss from a forward through the
+        // backend (`GradientPass.modelForward`). The mean sums them in sample order.
         let backend = CPUBackend()
-        var lossSum = 0.0
+        var perSample = [(loss: Float, count: Int)?](repeating: nil, count: samples.count)
         let (_, runT) = try timed {
-            let blocks = try lm.blocks.map { try backend.loadBlock($0) }
-            let head = try backend.loadHead(norm: lm.finalNorm, lmHead: lm.lmHead, eps: Float(lm.config.rmsNormEps))
-            for (i, s) in samples.enumerated() {
-                let t0 = DispatchTime.now().uptimeNanoseconds
-                try lm.check(SequenceInput(s))
-                let h = try GradientPass.forward(try backend.upload(s.embeds), layers: 0..<blocks.count, blocks: { blocks[$0] },
-                                                 rope: lm.ropeTable(s.positions), mask: s.attention, backend: backend)
-                let (loss, count, _) = try backend.lossGradient(h, head, labels: s.labels)
-                lossSum += Double(loss) * Double(count)
-                r.lossTokens += count
-                let dt = Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9
-                logger.info("sample \(i + 1)/\(samples.count): \(String(format: "%.2f", dt)) s, ETA \(String(format: "%.1f", dt * Double(samples.count - i - 1))) s")
-            }
             if gradients {
                 do {
-                    let stats = try GradientStatistics.compute(model: lm, samples: samples, backend: backend) { phase, done, of in
+                    let stats = try GradientStatistics.compute(model: lm, samples: samples, backend: backend,
+                                                               losses: { perSample[$0] = ($1, $2) }) { phase, done, of in
                         logger.info("gradient statistics: \(phase) layer \(done)/\(of)")
                     }
                     r.stats = stats.layers
                     r.skipped = stats.skipped
                 } catch let MethodsError.noUsableSamples(why) {
-                    r.skipped = ["every sample: \(why)"]   // the loss above still stands
+                    r.skipped = ["every sample: \(why)"]   // the losses below still stand
                 }
             }
+            let blocks = try lm.blocks.map { try backend.loadBlock($0) }
+            let head = try backend.loadHead(norm: lm.finalNorm, lmHead: lm.lmHead, eps: Float(lm.config.rmsNormEps))
+            for (i, s) in samples.enumerated() where perSample[i] == nil {
+                let t0 = DispatchTime.now().uptimeNanoseconds
+                let h = try GradientPass.modelForward(s, model: lm, blocks: blocks, backend: backend)
+                let (loss, count, _) = try backend.lossGradient(h, head, labels: s.labels)
+                perSample[i] = (loss, count)
+                let dt = Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9
+                logger.info("sample \(i + 1)/\(samples.count): \(String(format: "%.2f", dt)) s")
+            }
+        }
+        var lossSum = 0.0
+        for case let (loss, count)? in perSample {
+            lossSum += Double(loss) * Double(count)
+            r.lossTokens += count
         }
         r.runSeconds = runT
         r.samples = samples.count
