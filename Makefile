@@ -7,9 +7,10 @@ APT_PKGS   := libopenblas-dev libzmq3-dev pkg-config
 CPU_FLAGS  := $(shell grep -q ' avx2 ' /proc/cpuinfo 2>/dev/null && echo "-Xswiftc -target-cpu -Xswiftc haswell")
 RELEASE    := -c release $(CPU_FLAGS)
 MBQ        := .build/release/mbq
+CUDA_TOOLS := .cuda-tools
 VERSION    := $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 
-.PHONY: demo test deps build release bench fixtures demo-model check-formats proto cluster-test dist clean
+.PHONY: demo test deps cuda-tools build release bench fixtures demo-model check-formats proto cluster-test dist clean
 
 ## Installs what is missing, builds in release, quantizes the committed demo VLM (Demo/)
 ## nine ways and compares held-out caption accuracy (docs/DEMO.md).
@@ -18,10 +19,15 @@ demo: release
 
 ## Installs what is missing, builds, runs every test; then builds the relocatable bundle
 ## and checks it under `env -i` (`make dist`).
-test: deps
+test: deps cuda-tools
 	$(SWIFT) build --build-tests
-	$(SWIFT) test
+	MBQ_CUDA_LIBS=$(CURDIR)/$(CUDA_TOOLS)/lib MBQ_REQUIRE_NVRTC=1 $(SWIFT) test
 	$(MAKE) dist
+
+## NVRTC from the nvidia-cuda-nvrtc wheel (PyPI), unpacked into .cuda-tools/ once: the
+## kernel-compile test builds every kernel for sm_80 and sm_90 with it (no GPU, no toolkit).
+cuda-tools:
+	Scripts/install-nvrtc.sh $(CUDA_TOOLS)
 
 ## System libraries from Debian (apt-get when root; otherwise says what to install).
 deps:

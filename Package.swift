@@ -39,7 +39,10 @@ let package = Package(
         ]),
         // GPUs as the CUDA backend sees them: one small protocol over the driver, cuBLAS and
         // NVRTC (resolved with dlopen at run time), and an emulated device on the host.
-        .target(name: "MBQDevice", dependencies: ["MBQTensor"]),
+        // NVRTC compiles kernels/mbq_kernels.cuh for the GPU; this target compiles the same
+        // source for the host (the emulated device) and embeds its text.
+        .target(name: "CMBQKernels", path: "Sources/CMBQKernels", exclude: ["kernels"]),
+        .target(name: "MBQDevice", dependencies: ["MBQTensor", "MBQModel", "MBQQuant", "CMBQKernels"]),
         // The protocol, its framing, sockets, CURVE, shared-secret auth, checksums: it
         // knows nothing of what the job computes.
         .target(name: "MBQWire", dependencies: [
@@ -63,13 +66,13 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         .executableTarget(name: "mbq", dependencies: [
-            "MBQCluster", "MBQWire", "MBQCoordinator", "MBQWorker",
+            "MBQCluster", "MBQWire", "MBQCoordinator", "MBQWorker", "MBQDevice",
             "MBQTensor", "MBQFormats", "MBQModel", "MBQQuant", "MBQMethods", "CBLAS", "CZMQ",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ]),
         .testTarget(name: "MBQTensorTests", dependencies: ["MBQTensor"]),
-        .testTarget(name: "MBQDeviceTests", dependencies: ["MBQDevice", "MBQTensor"]),
+        .testTarget(name: "MBQDeviceTests", dependencies: ["MBQDevice", "MBQTensor", "MBQModel", "MBQQuant", "CMBQKernels"]),
         .testTarget(name: "MBQFormatsTests", dependencies: ["MBQFormats", "MBQTensor", "MBQModel", "MBQQuant"]),
         .testTarget(name: "MBQQuantTests", dependencies: ["MBQQuant", "MBQTensor"]),
         // Reads its fixtures (and MBQModelTests') by path: Tests/MBQMethodsTests/Fixtures.

@@ -78,6 +78,9 @@ public protocol Device: AnyObject, Sendable {
     /// cublasGemmStridedBatchedEx: `batch` products, operand i at a + i·strideA elements
     /// (and b, c likewise).
     func gemmStridedBatched(_ g: GEMM, strideA: Int, strideB: Int, strideC: Int, batch: Int) throws
+    /// cuLaunchKernel of one of the source's kernels (`Kernel`, compiled by NVRTC on a
+    /// GPU, for the host on the emulated device) on the device's stream.
+    func launch(_ kernel: Kernel, _ shape: LaunchShape, _ arguments: [KernelArgument]) throws
     /// cuMemGetInfo.
     func memoryInfo() throws -> DeviceMemoryInfo
     /// cuStreamSynchronize on the device's stream.

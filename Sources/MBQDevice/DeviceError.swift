@@ -8,6 +8,8 @@ public enum DeviceError: Error, CustomStringConvertible, Equatable {
     case outOfBounds(op: String, address: UInt64, bytes: Int)
     case invalidArgument(op: String, reason: String)
     case outOfMemory(requested: Int, free: Int)
+    /// NVRTC refused the kernel source; its log says where.
+    case compile(architecture: String, log: String)
 
     public var description: String {
         switch self {
@@ -18,6 +20,7 @@ public enum DeviceError: Error, CustomStringConvertible, Equatable {
             return "\(op): \(bytes) bytes at 0x\(String(address, radix: 16)) are not inside one allocation"
         case let .invalidArgument(op, reason): return "\(op): \(reason)"
         case let .outOfMemory(requested, free): return "device allocation of \(requested) bytes failed (\(free) bytes free)"
+        case let .compile(arch, log): return "NVRTC could not compile the kernels for \(arch):\n\(log)"
         }
     }
 }

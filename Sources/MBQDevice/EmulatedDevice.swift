@@ -1,3 +1,4 @@
+import CMBQKernels
 import Foundation
 import MBQTensor
 
@@ -103,6 +104,24 @@ public final class EmulatedDevice: Device, @unchecked Sendable {
                        a: UnsafePointer(b.assumingMemoryBound(to: Float.self)), lda: g.ldb,
                        b: UnsafePointer(a.assumingMemoryBound(to: Float.self)), ldb: g.lda,
                        beta: g.beta, c: pc, ldc: g.ldc)
+        }
+    }
+
+    /// Runs the kernel's own source compiled for the host (CMBQKernels) over every block,
+    /// blocks in parallel (they share nothing: kernels/mbq_kernels.cuh), each block's threads
+    /// in order. Every pointer argument must be null or inside a live allocation.
+    public func launch(_ kernel: Kernel, _ shape: LaunchShape, _ arguments: [KernelArgument]) throws {
+        let index = mbq_host_kernel_index(kernel.rawValue)
+        guard index >= 0 else { throw DeviceError.invalidArgument(op: "launch", reason: "no kernel \(kernel.rawValue) compiled for the host") }
+        for (i, a) in arguments.enumerated() {
+            if case .pointer(let p) = a, p != 0 { _ = try resolve("launch \(kernel.rawValue) argument \(i)", p, 1) }
+        }
+        let blockSize = UInt32(shape.blockSize)
+        withKernelParameters(arguments) { params in
+            parallelChunks(shape.blocks, minChunk: 1) { range in
+                mbq_host_launch(index, UInt32(shape.blocks), 1, 1, blockSize, 1, 1,
+                                UInt64(range.lowerBound), UInt64(range.upperBound), params)
+            }
         }
     }
 

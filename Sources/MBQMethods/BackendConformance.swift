@@ -34,29 +34,13 @@ public enum BackendConformance {
     /// seen so far).
     struct Diffs {
         var tolerance = 0.0
-        var byName: [String: (maxAbs: Double, scale: Double)] = [:]
-        var first: [String: String] = [:]
+        var byName: [String: Deviation] = [:]
         /// Counts of things that must be equal exactly (grid points, codes): name -> (mismatches, total).
         var exact: [String: (bad: Int, total: Int)] = [:]
 
         /// `cols`: the row length, to name a deviation [row, col] (0: a vector, [i]).
         mutating func compare(_ name: String, _ got: [Float], _ want: [Float], cols: Int = 0) {
-            var d = byName[name] ?? (0, 0)
-            if got.count != want.count {
-                d.maxAbs = .infinity
-                if first[name] == nil { first[name] = "the shape: \(got.count) values, the reference \(want.count)" }
-            } else {
-                for b in want { d.scale = max(d.scale, Double(abs(b))) }
-                let limit = tolerance * max(d.scale, 1e-30)
-                for (i, (a, b)) in zip(got, want).enumerated() {
-                    let diff = Double(abs(a - b))
-                    d.maxAbs = max(d.maxAbs, diff.isNaN ? .infinity : diff)
-                    if first[name] == nil, !(diff <= limit) {
-                        first[name] = (cols > 0 ? "[\(i / cols), \(i % cols)]" : "[\(i)]") + " (\(a) vs \(b))"
-                    }
-                }
-            }
-            byName[name] = d
+            byName[name, default: Deviation()].add(got, want, cols: cols, tolerance: tolerance)
         }
         mutating func compare(_ name: String, _ got: Tensor<Float>, _ want: Tensor<Float>) {
             compare(name, got.shape == want.shape ? got.data : [], want.data, cols: want.shape.count == 2 ? want.cols : 0)
@@ -171,7 +155,7 @@ public enum BackendConformance {
         d.count("allFinite", equal: okFinite && !okNaN)
 
         var checks = d.byName.sorted { $0.key < $1.key }.map { name, v in
-            Check(name: name, maxAbs: v.maxAbs, rel: v.maxAbs / max(v.scale, 1e-30), tolerance: tolerance, firstDeviation: d.first[name])
+            Check(name: name, maxAbs: v.maxAbs, rel: v.rel, tolerance: tolerance, firstDeviation: v.first)
         }
         for (name, e) in d.exact.sorted(by: { $0.key < $1.key }) {
             checks.append(Check(name: "\(name): \(e.total - e.bad) of \(e.total) identical", maxAbs: Double(e.bad), rel: Double(e.bad),
