@@ -39,6 +39,15 @@ public struct CPUBackend: ComputeBackend {
         init(_ weights: DecoderBlockWeights<Float>) { self.weights = weights }
         var parameterCount: Int { weights.parameterCount }
         var residentBytes: Int { weights.parameterCount * 4 }
+        var linearShapes: [String: [Int]] {
+            Dictionary(uniqueKeysWithValues: DecoderBlockWeights<Float>.linears.map { ($0.role, weights[keyPath: $0.path].shape) })
+        }
+    }
+
+    /// A search candidate's weights by role.
+    final class HostCandidate: BackendCandidate {
+        let weights: [String: Tensor<Float>]
+        init(_ weights: [String: Tensor<Float>]) { self.weights = weights }
     }
 
     /// A block whose seven linears are held as bf16 bits (norms and biases stay fp32).
@@ -76,6 +85,9 @@ public struct CPUBackend: ComputeBackend {
         }
 
         var residentBytes: Int { parameterCount * 4 - linears.reduce(0) { $0 + $1.count } * 2 }
+        var linearShapes: [String: [Int]] {
+            Dictionary(uniqueKeysWithValues: zip(DecoderBlockWeights<Float>.linears.map(\.role), shapes).map { ($0, $1) })
+        }
 
         /// The fp32 block (exact), its linears written into `old`'s arrays where no one
         /// else holds them and the shapes agree: into fresh pages, widening a 72B-shaped
@@ -142,6 +154,14 @@ public struct CPUBackend: ComputeBackend {
         if let h = b as? BF16Block { return widened.weights(of: h) }
         preconditionFailure("a \(type(of: b)) handed to the CPU backend")
     }
+    /// A host sample as the backend's handles (wrapping, no copy).
+    func handles(_ s: LayerSample) -> BackendLayerSample {
+        let c = s.captures
+        return BackendLayerSample(captures: BackendCaptures(qkvInput: HostTensor(c.qkvInput), oInput: HostTensor(c.oInput),
+                                                            gateUpInput: HostTensor(c.gateUpInput), downInput: HostTensor(c.downInput),
+                                                            attentionOutput: HostTensor(c.attentionOutput), mlpOutput: HostTensor(c.mlpOutput)),
+                                  rope: s.rope, attention: s.attention, vision: s.vision, caption: s.caption)
+    }
     func host(_ s: BackendLayerSample) -> LayerSample {
         let c = s.captures
         return LayerSample(captures: BlockCaptures(qkvInput: host(c.qkvInput), oInput: host(c.oInput), gateUpInput: host(c.gateUpInput),
@@ -201,10 +221,72 @@ public struct CPUBackend: ComputeBackend {
 
     // MARK: the method
 
-    public func searchLayer(_ l: Int, _ b: BackendBlock, samples: SampleChunks<BackendLayerSample>, attnRatio: Double, mlpRatio: Double,
-                            options: SearchOptions) throws -> [GroupResult] {
-        try ScaleSearch.searchLayer(l, weights: host(b), samples: samples.map(host), attnRatio: attnRatio, mlpRatio: mlpRatio,
-                                    options: options)
+    public func addColumnAbsSums(_ x: BackendTensor, rows: [Bool], into sums: inout [Double]) {
+        let t = host(x), c = t.cols
+        precondition(sums.count == c && rows.count == t.rows, "column sums: \(sums.count) sums, \(rows.count) rows for \(t.shape)")
+        t.data.withUnsafeBufferPointer { p in
+            for r in 0..<t.rows where rows[r] {
+                for j in 0..<c { sums[j] += Double(Swift.abs(p[r * c + j])) }
+            }
+        }
+    }
+
+    public func gatherRows(_ parts: [(BackendTensor, [Int])]) -> BackendTensor {
+        let cols = parts.first.map { host($0.0).cols } ?? 0
+        var out = Tensor<Float>(uninitialized: [parts.reduce(0) { $0 + $1.1.count }, cols])
+        out.data.withUnsafeMutableBufferPointer { po in
+            var k = 0
+            for (x, rows) in parts {
+                host(x).data.withUnsafeBufferPointer { pi in
+                    for r in rows {
+                        for j in 0..<cols { po[k * cols + j] = pi[r * cols + j] }
+                        k += 1
+                    }
+                }
+            }
+        }
+        return HostTensor(out)
+    }
+
+    public func concatRows(_ a: BackendTensor, _ b: BackendTensor) -> BackendTensor {
+        let x = host(a), y = host(b)
+        return HostTensor(Tensor(shape: [x.rows + y.rows, x.cols], data: x.data + y.data))
+    }
+
+    public func splitRows(_ x: BackendTensor, at n: Int) -> (BackendTensor, BackendTensor) {
+        let t = host(x), c = t.cols
+        return (HostTensor(Tensor(shape: [n, c], data: Array(t.data.prefix(n * c)))),
+                HostTensor(Tensor(shape: [t.rows - n, c], data: Array(t.data.dropFirst(n * c)))))
+    }
+
+    public func candidateWeights(_ g: SearchGroup, _ b: BackendBlock, scales: [Float], options: SearchOptions) -> BackendCandidate {
+        let w = host(b)
+        var q: [String: Tensor<Float>] = [:]
+        for (role, path) in g.spec.linears { q[role] = ScaleSearch.searchWeight(w[keyPath: path], scales, options) }
+        return HostCandidate(q)
+    }
+
+    public func runCandidate(_ g: SearchGroup, _ b: BackendBlock, _ c: BackendCandidate, input x: BackendTensor, scales: [Float],
+                             rope: RoPETable<Float>?, mask: [Bool], options: SearchOptions) -> BackendTensor {
+        guard let q = c as? HostCandidate else { preconditionFailure("a \(type(of: c)) handed to the CPU backend") }
+        return HostTensor(ScaleSearch.runModule(g, host(b), scales, input: host(x), rope: rope, mask: mask, options, quantized: q.weights))
+    }
+
+    public func rowErrors(_ a: BackendTensor, _ b: BackendTensor, squared: Bool) -> [Float] {
+        let out = host(a), ref = host(b), c = out.cols
+        precondition(out.shape == ref.shape, "row errors: \(out.shape) vs \(ref.shape)")
+        return out.data.withUnsafeBufferPointer { po in
+            ref.data.withUnsafeBufferPointer { pr in
+                (0..<out.rows).map { r in
+                    var rs: Float = 0
+                    for j in 0..<c {
+                        let d = po[r * c + j] - pr[r * c + j]
+                        rs += squared ? d * d : Swift.abs(d)
+                    }
+                    return rs
+                }
+            }
+        }
     }
 
     public func smoothQuantScales(_ b: BackendBlock, samples: SampleChunks<BackendLayerSample>) throws -> (qkv: [Float], gateUp: [Float]) {

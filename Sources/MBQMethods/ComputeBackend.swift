@@ -24,7 +24,12 @@ public protocol BackendBlock: AnyObject, Sendable {
     var parameterCount: Int { get }
     /// Bytes the block holds while loaded (for memory accounting).
     var residentBytes: Int { get }
+    /// Each linear's weight shape [out, in] by role ("q", ..., "down").
+    var linearShapes: [String: [Int]] { get }
 }
+
+/// One grid point's weights of a search group's linears (`ComputeBackend.candidateWeights`).
+public protocol BackendCandidate: AnyObject, Sendable {}
 
 /// The final norm and output projection loaded into a backend (the stage holding the
 /// last layer computes the caption loss's gradient with it).
@@ -47,6 +52,19 @@ public struct BackendCaptures: Sendable {
                 attentionOutput: BackendTensor, mlpOutput: BackendTensor) {
         self.qkvInput = qkvInput; self.oInput = oInput; self.gateUpInput = gateUpInput; self.downInput = downInput
         self.attentionOutput = attentionOutput; self.mlpOutput = mlpOutput
+    }
+
+    /// The capture a search group names (`SearchGroupSpec.input`, `.judged`).
+    public subscript(_ path: WritableKeyPath<BlockCaptures<Float>, Tensor<Float>>) -> BackendTensor {
+        switch path {
+        case \BlockCaptures<Float>.qkvInput: return qkvInput
+        case \BlockCaptures<Float>.oInput: return oInput
+        case \BlockCaptures<Float>.gateUpInput: return gateUpInput
+        case \BlockCaptures<Float>.downInput: return downInput
+        case \BlockCaptures<Float>.attentionOutput: return attentionOutput
+        case \BlockCaptures<Float>.mlpOutput: return mlpOutput
+        default: preconditionFailure("BlockCaptures has no capture \(path)")
+        }
     }
 }
 
@@ -130,11 +148,29 @@ public protocol ComputeBackend: Sendable {
 
     // MARK: the method
 
-    /// Every searched group of layer `l` (docs/DESIGN.md §2.2): losses of the 20 grid
-    /// points, the best, its scales. The samples come in chunks (`SampleChunks`): the
-    /// result must not depend on how they are chunked.
-    func searchLayer(_ l: Int, _ b: BackendBlock, samples: SampleChunks<BackendLayerSample>, attnRatio: Double, mlpRatio: Double,
-                     options: SearchOptions) throws -> [GroupResult]
+    // The MBQ search's ops: `ScaleSearch.searchLayer` runs the grid, the batching and the
+    // loss over them, the same code for every backend (docs/DESIGN.md §2.2).
+
+    /// sums[j] += Σ |x[r, j]| over the rows where `rows` is true, in Double, rows in order
+    /// (x: [T, C]; the search's channel means).
+    func addColumnAbsSums(_ x: BackendTensor, rows: [Bool], into sums: inout [Double]) throws
+    /// The listed rows of each tensor, in order, stacked: [Σ rows, C] (the loss rows).
+    func gatherRows(_ parts: [(BackendTensor, [Int])]) throws -> BackendTensor
+    /// a's rows followed by b's.
+    func concatRows(_ a: BackendTensor, _ b: BackendTensor) throws -> BackendTensor
+    /// The first n rows and the rest.
+    func splitRows(_ x: BackendTensor, at n: Int) throws -> (BackendTensor, BackendTensor)
+    /// Group g's linears as the search sees them with scales s (`ScaleSearch.searchWeight`):
+    /// weight-only Q(W diag(s)) diag(s)⁻¹, W-A Q(W diag(s)).
+    func candidateWeights(_ g: SearchGroup, _ b: BackendBlock, scales: [Float], options: SearchOptions) throws -> BackendCandidate
+    /// Group g's module (`SearchGroupSpec.module`) with the candidate's weights on x (the
+    /// group's captured input, [T, C_in]; with activation bits divided by s and quantized
+    /// per token first) -> [T, C]. `rope` and `mask` for the attention group's whole samples.
+    func runCandidate(_ g: SearchGroup, _ b: BackendBlock, _ c: BackendCandidate, input x: BackendTensor, scales: [Float],
+                      rope: RoPETable<Float>?, mask: [Bool], options: SearchOptions) throws -> BackendTensor
+    /// Each row's Σ (a − b)² (`squared`) or Σ |a − b|, in fp32 and column order ([T], on the host).
+    func rowErrors(_ a: BackendTensor, _ b: BackendTensor, squared: Bool) throws -> [Float]
+
     /// SmoothQuant's migration scales (alpha 0.5) for norm -> q/k/v and norm -> gate/up.
     func smoothQuantScales(_ b: BackendBlock, samples: SampleChunks<BackendLayerSample>) throws -> (qkv: [Float], gateUp: [Float])
     /// A new block: `b` with each group's scales folded in, in the order given.
@@ -163,6 +199,15 @@ public protocol ComputeBackend: Sendable {
 }
 
 extension ComputeBackend {
+    /// Every searched group of layer `l` (docs/DESIGN.md §2.2): losses of the 20 grid
+    /// points, the best, its scales (`ScaleSearch.searchLayer` over this backend's ops).
+    /// The samples come in chunks (`SampleChunks`): the result does not depend on how
+    /// they are chunked.
+    public func searchLayer(_ l: Int, _ b: BackendBlock, samples: SampleChunks<BackendLayerSample>, attnRatio: Double, mlpRatio: Double,
+                            options: SearchOptions) throws -> [GroupResult] {
+        try ScaleSearch.searchLayer(l, b, samples: samples, attnRatio: attnRatio, mlpRatio: mlpRatio, options: options, backend: self)
+    }
+
     public func blockBackward(_ dy: BackendTensor, _ saved: BackendSaved, _ b: BackendBlock,
                               rope: RoPETable<Float>, mask: [Bool]) throws -> BackendGradients {
         try blockBackward(dy, saved, b, rope: rope, mask: mask, outputNorms: false)

@@ -2,21 +2,19 @@ import MBQModel
 import MBQTensor
 
 /// Per input channel sum of |x| over non-padding rows, added sample by sample (Double,
-/// in the order given, so chunking the samples changes no bit).
+/// in the order given, so chunking the samples changes no bit). The sums are the
+/// backend's op (`ComputeBackend.addColumnAbsSums`); the rows are counted here.
 struct ChannelMeanAbs {
     var sum: [Double] = []
     var rows = 0
 
     /// inputs: one [T, C] per sample; masks: the rows that count.
-    mutating func add(_ inputs: [Tensor<Float>], masks: [[Bool]]) {
+    mutating func add(_ inputs: [BackendTensor], masks: [[Bool]], backend: ComputeBackend) throws {
         guard let first = inputs.first else { return }
-        let c = first.cols
-        if sum.isEmpty { sum = [Double](repeating: 0, count: c) }
+        if sum.isEmpty { sum = [Double](repeating: 0, count: first.shape[1]) }
         for (x, m) in zip(inputs, masks) {
-            for r in 0..<x.rows where m[r] {
-                for j in 0..<c { sum[j] += Double(Swift.abs(x.data[r * c + j])) }
-                rows += 1
-            }
+            try backend.addColumnAbsSums(x, rows: m, into: &sum)
+            rows += m.reduce(0) { $0 + ($1 ? 1 : 0) }
         }
     }
 
@@ -27,85 +25,82 @@ struct ChannelMeanAbs {
 /// The rows of one token-wise group (o, gate_up, down) that enter its loss: caption and
 /// vision rows with reweighting, every non-padding row without, gathered from samples
 /// into one batch (one GEMM per linear instead of one per sample, none for ignored rows).
+/// The gathered tensors are the backend's.
 struct LossRows {
-    var input: Tensor<Float>     // [R, C_in]
-    var target: Tensor<Float>    // [R, C]: the fp module output
+    var input: BackendTensor?     // [R, C_in]; nil while empty
+    var target: BackendTensor?    // [R, C]: the fp module output
     var vision: [Bool] = []
     var caption: [Bool] = []
 
     var count: Int { vision.count }
 
-    init(columns inCols: Int, _ outCols: Int) {
-        input = Tensor(zeros: [0, inCols]); target = Tensor(zeros: [0, outCols])
-    }
+    init() {}
 
-    init(_ g: SearchGroup, _ samples: [LayerSample], reweight: Bool) {
-        let pickInput = { (c: BlockCaptures<Float>) in c[keyPath: g.spec.input] }
-        let pickTarget = { (c: BlockCaptures<Float>) in c[keyPath: g.spec.judged] }
-        var keep: [(Int, Int)] = []
-        for (si, s) in samples.enumerated() {
-            for r in 0..<s.attention.count where reweight ? (s.caption[r] || s.vision[r]) : s.attention[r] {
-                keep.append((si, r))
-            }
+    init(_ g: SearchGroup, _ samples: [BackendLayerSample], reweight: Bool, backend: ComputeBackend) throws {
+        var picks: [[Int]] = []
+        for s in samples {
+            let rows = (0..<s.attention.count).filter { reweight ? (s.caption[$0] || s.vision[$0]) : s.attention[$0] }
+            picks.append(rows)
+            vision += rows.map { s.vision[$0] }
+            caption += rows.map { s.caption[$0] }
         }
-        func gather(_ pick: (BlockCaptures<Float>) -> Tensor<Float>, cols: Int) -> Tensor<Float> {
-            var out = Tensor<Float>(uninitialized: [keep.count, cols])
-            out.data.withUnsafeMutableBufferPointer { po in
-                for (k, (si, r)) in keep.enumerated() {
-                    pick(samples[si].captures).data.withUnsafeBufferPointer { pi in
-                        for j in 0..<cols { po[k * cols + j] = pi[r * cols + j] }
-                    }
-                }
-            }
-            return out
-        }
-        let c0 = samples.first?.captures
-        input = gather(pickInput, cols: c0.map { pickInput($0).cols } ?? 0)
-        target = gather(pickTarget, cols: c0.map { pickTarget($0).cols } ?? 0)
-        vision = keep.map { samples[$0.0].vision[$0.1] }
-        caption = keep.map { samples[$0.0].caption[$0.1] }
+        guard count > 0 else { return }
+        input = try backend.gatherRows(zip(samples, picks).map { ($0.captures[g.spec.input], $1) })
+        target = try backend.gatherRows(zip(samples, picks).map { ($0.captures[g.spec.judged], $1) })
     }
 
     /// These rows followed by `next`'s.
-    mutating func append(_ next: LossRows) {
+    mutating func append(_ next: LossRows, backend: ComputeBackend) throws {
         guard next.count > 0 else { return }
-        guard count > 0 else { self = next; return }
-        input = Tensor(shape: [count + next.count, input.cols], data: input.data + next.input.data)
-        target = Tensor(shape: [count + next.count, target.cols], data: target.data + next.target.data)
+        guard count > 0, let input, let target, let ni = next.input, let nt = next.target else { self = next; return }
+        self.input = try backend.concatRows(input, ni)
+        self.target = try backend.concatRows(target, nt)
         vision += next.vision; caption += next.caption
     }
 
     /// The first `n` rows; these keep the rest.
-    mutating func takePrefix(_ n: Int) -> LossRows {
-        if n == count {  // all of them: hand the buffers over, no copy
+    mutating func takePrefix(_ n: Int, backend: ComputeBackend) throws -> LossRows {
+        if n == count {  // all of them: hand the handles over, no copy
             let all = self
-            self = LossRows(columns: input.cols, target.cols)
+            self = LossRows()
             return all
         }
-        var head = self
-        head.input = Tensor(shape: [n, input.cols], data: Array(input.data.prefix(n * input.cols)))
-        head.target = Tensor(shape: [n, target.cols], data: Array(target.data.prefix(n * target.cols)))
+        var head = LossRows()
+        guard n > 0, let input, let target else { return head }
+        (head.input, self.input) = try backend.splitRows(input, at: n)
+        (head.target, self.target) = try backend.splitRows(target, at: n)
         head.vision = Array(vision.prefix(n)); head.caption = Array(caption.prefix(n))
-        input = Tensor(shape: [count - n, input.cols], data: Array(input.data.dropFirst(n * input.cols)))
-        target = Tensor(shape: [count - n, target.cols], data: Array(target.data.dropFirst(n * target.cols)))
         vision = Array(vision.dropFirst(n)); caption = Array(caption.dropFirst(n))
         return head
     }
+}
 
-    /// As a sample the group's module runs on (every row attended).
-    func sample(_ g: SearchGroup) -> LayerSample {
-        let empty = Tensor<Float>(zeros: [count, 0])
-        var caps = BlockCaptures(qkvInput: empty, oInput: empty, gateUpInput: empty, downInput: empty,
-                                 attentionOutput: empty, mlpOutput: empty)
-        caps[keyPath: g.spec.input] = input
-        caps[keyPath: g.spec.judged] = target
-        let one = RoPETable<Float>(positions: [[0]], headDim: 2, theta: 1)
-        return LayerSample(captures: caps, rope: one, attention: [Bool](repeating: true, count: count), vision: vision, caption: caption)
+/// What one candidate runs on: a whole sample (attention mixes its rows), or a batch of
+/// gathered loss rows (every row attended; no positions needed).
+struct SearchBatch {
+    var input: BackendTensor
+    var target: BackendTensor
+    var rope: RoPETable<Float>?
+    var attention: [Bool]
+    var vision: [Bool]
+    var caption: [Bool]
+
+    init(_ s: BackendLayerSample, _ g: SearchGroup) {
+        input = s.captures[g.spec.input]; target = s.captures[g.spec.judged]
+        rope = s.rope; attention = s.attention; vision = s.vision; caption = s.caption
+    }
+
+    init?(_ rows: LossRows) {
+        guard let input = rows.input, let target = rows.target else { return nil }
+        self.input = input; self.target = target
+        rope = nil; attention = [Bool](repeating: true, count: rows.count); vision = rows.vision; caption = rows.caption
     }
 }
 
 /// One group's search over chunks of samples (docs/DESIGN.md §2.2): the loss of every
-/// grid point a = k / grid, added chunk by chunk; the lowest wins, first on ties.
+/// grid point a = k / grid, added chunk by chunk; the lowest wins, first on ties. The
+/// arithmetic of a candidate is the backend's (`candidateWeights`, `runCandidate`,
+/// `rowErrors`); the grid, the batching and the loss are this one code for every backend.
 ///
 /// Chunking changes no bit. Attention (qkv) mixes rows, so it runs on whole samples in
 /// order. The token-wise groups' rows are run in batches whose bounds fall on multiples
@@ -117,7 +112,7 @@ struct GroupSearch {
     let xMean: [Float]
     let options: SearchOptions
     var losses: [LossAccumulator]
-    var pending: LossRows?
+    var pending = LossRows()
 
     init(_ g: SearchGroup, xMean: [Float], options: SearchOptions) {
         group = g; self.xMean = xMean; self.options = options
@@ -127,27 +122,24 @@ struct GroupSearch {
     func scales(_ k: Int) -> [Float] { ScaleSearch.scales(xMean, alpha: Float(k) / Float(options.grid)) }
 
     /// Adds one chunk's samples to every grid point's loss. `last`: no chunk follows.
-    mutating func add(_ chunk: [LayerSample], weights w: DecoderBlockWeights<Float>, last: Bool) {
-        let batch: [LayerSample]
+    mutating func add(_ chunk: [BackendLayerSample], block b: BackendBlock, last: Bool, backend: ComputeBackend) throws {
+        let batch: [SearchBatch]
         if group == .qkv {
-            batch = chunk
+            batch = chunk.map { SearchBatch($0, group) }
         } else {
-            var rows = pending ?? LossRows(columns: 0, 0)
-            rows.append(LossRows(group, chunk, reweight: options.reweight))
-            let ready = last ? rows.count : rows.count / TiledGEMM.rowTile * TiledGEMM.rowTile
-            let now = rows.takePrefix(ready)
-            pending = rows
-            batch = now.count > 0 ? [now.sample(group)] : []
+            try pending.append(LossRows(group, chunk, reweight: options.reweight, backend: backend), backend: backend)
+            let ready = last ? pending.count : pending.count / TiledGEMM.rowTile * TiledGEMM.rowTile
+            batch = SearchBatch(try pending.takePrefix(ready, backend: backend)).map { [$0] } ?? []
         }
         guard !batch.isEmpty else { return }
         for k in 0..<options.grid {
             let s = scales(k)
-            var q: [String: Tensor<Float>] = [:]
-            for (role, path) in group.spec.linears { q[role] = ScaleSearch.searchWeight(w[keyPath: path], s, options) }
-            for sample in batch {
-                let out = ScaleSearch.runModule(group, w, s, sample: sample, options, quantized: q)
-                let ref = sample.captures[keyPath: group.spec.judged]
-                losses[k].add(out, ref, sample: sample, squared: options.loss == .mse)
+            let candidate = try backend.candidateWeights(group, b, scales: s, options: options)
+            for x in batch {
+                let out = try backend.runCandidate(group, b, candidate, input: x.input, scales: s, rope: x.rope, mask: x.attention,
+                                                   options: options)
+                losses[k].add(try backend.rowErrors(out, x.target, squared: options.loss == .mse), cols: x.target.shape[1],
+                              attention: x.attention, vision: x.vision, caption: x.caption)
             }
         }
     }

@@ -95,22 +95,16 @@ struct LossAccumulator {
     var visSum = 0.0, visCount = 0
     var allSum = 0.0, allCount = 0
 
-    mutating func add(_ out: Tensor<Float>, _ ref: Tensor<Float>, sample s: LayerSample, squared: Bool) {
-        let c = out.cols
-        out.data.withUnsafeBufferPointer { po in
-            ref.data.withUnsafeBufferPointer { pr in
-                for r in 0..<out.rows where s.attention[r] {
-                    var rs: Float = 0
-                    for j in 0..<c {
-                        let d = po[r * c + j] - pr[r * c + j]
-                        rs += squared ? d * d : Swift.abs(d)
-                    }
-                    let v = Double(rs)
-                    allSum += v; allCount += c
-                    if s.caption[r] { capSum += v; capCount += c }
-                    if s.vision[r] { visSum += v; visCount += c }
-                }
-            }
+    /// One batch's per-row errors (`ComputeBackend.rowErrors`: each row's sum in fp32),
+    /// added in row order to the sums their masks select.
+    /// One batch's per-row errors over `cols` columns (`ComputeBackend.rowErrors`: each
+    /// row's sum in fp32, in column order), added in row order to the sums their masks select.
+    mutating func add(_ rowErrors: [Float], cols c: Int, attention: [Bool], vision: [Bool], caption: [Bool]) {
+        for r in 0..<rowErrors.count where attention[r] {
+            let v = Double(rowErrors[r])
+            allSum += v; allCount += c
+            if caption[r] { capSum += v; capCount += c }
+            if vision[r] { visSum += v; visCount += c }
         }
     }
 
@@ -177,11 +171,13 @@ public enum ScaleSearch {
         return o.actBits == nil ? scaleColumns(q, s, divide: true) : q
     }
 
-    /// Runs group `g`'s module with scales `s` on one sample. -> module output [T, C]
-    static func runModule(_ g: SearchGroup, _ w: DecoderBlockWeights<Float>, _ s: [Float], sample: LayerSample,
-                          _ o: SearchOptions, quantized: [String: Tensor<Float>]) -> Tensor<Float> {
+    /// Runs group `g`'s module with scales `s` and the candidate's weights (`quantized`,
+    /// by role) on x (the group's captured input; [T, C_in]) -> module output [T, C]. The
+    /// CPU backend's `runCandidate`; `rope` only for the attention group.
+    static func runModule(_ g: SearchGroup, _ w: DecoderBlockWeights<Float>, _ s: [Float], input: Tensor<Float>,
+                          rope: RoPETable<Float>?, mask: [Bool], _ o: SearchOptions, quantized: [String: Tensor<Float>]) -> Tensor<Float> {
         let spec = g.spec
-        var x = sample.captures[keyPath: spec.input]
+        var x = input
         if let bits = o.actBits { x = quantizedScaledInput(x, s, bits: bits) }
         func q(_ role: String) -> Tensor<Float> {
             guard let t = quantized[role] else { preconditionFailure("no candidate weight for \(role)") }
@@ -189,9 +185,10 @@ public enum ScaleSearch {
         }
         switch spec.module {
         case .attention:
+            guard let rope else { preconditionFailure("the attention group runs on whole samples, with their positions") }
             var wq = w
             for (role, path) in spec.linears { wq[keyPath: path] = q(role) }
-            return selfAttentionForward(x, weights: wq, rope: sample.rope, mask: sample.attention).out
+            return selfAttentionForward(x, weights: wq, rope: rope, mask: mask).out
         case let .linear(bias):
             return linearForward(x, weight: q(spec.linears[0].role), bias: bias.flatMap { w[keyPath: $0] })
         case .mlp:
@@ -199,37 +196,52 @@ public enum ScaleSearch {
         }
     }
 
-    /// Searches one group on samples held in memory (one chunk).
+    /// Searches one group on host samples held in memory (one chunk), on the CPU backend
+    /// (`mbq bench` times one group this way).
     public static func searchGroup(_ g: SearchGroup, layer: Int, weights w: DecoderBlockWeights<Float>,
-                                   samples: [LayerSample], ratio: Double, options o: SearchOptions) -> GroupResult {
+                                   samples: [LayerSample], ratio: Double, options o: SearchOptions) throws -> GroupResult {
+        let cpu = CPUBackend(), b = cpu.loadBlock(w)
+        let held = samples.map(cpu.handles)
         var mean = ChannelMeanAbs()
-        mean.add(samples.map { $0.captures[keyPath: g.spec.input] }, masks: samples.map(\.attention))
+        try mean.add(held.map { $0.captures[g.spec.input] }, masks: held.map(\.attention), backend: cpu)
         var search = GroupSearch(g, xMean: mean.mean, options: o)
-        search.add(samples, weights: w, last: true)
+        try search.add(held, block: b, last: true, backend: cpu)
         return search.result(layer: layer, ratio: ratio)
     }
 
-    /// Searches every group of a layer against the unscaled fp block, reading the samples
-    /// chunk by chunk: a first pass sums each group's mean |x| (in sample order), a
-    /// second runs every grid point of every group on each chunk and adds to that grid
-    /// point's loss. With one chunk the samples are read once. Any chunking gives the
-    /// same bits as one chunk: every sum runs in the same order, attention sees whole
-    /// samples, and the token-wise groups' rows go through their GEMMs in blocks aligned
-    /// to the GEMM's fixed row tiles (`GroupSearch`).
+    /// `searchLayer` on host weights and samples, on the CPU backend.
     public static func searchLayer(_ layer: Int, weights w: DecoderBlockWeights<Float>, samples: SampleChunks<LayerSample>,
                                    attnRatio: Double, mlpRatio: Double, options o: SearchOptions) throws -> [GroupResult] {
-        let gs = groups(for: w)
+        let cpu = CPUBackend()
+        return try searchLayer(layer, cpu.loadBlock(w), samples: samples.map(cpu.handles), attnRatio: attnRatio, mlpRatio: mlpRatio,
+                               options: o, backend: cpu)
+    }
+
+    /// Searches every group of a layer against the unscaled fp block, reading the samples
+    /// chunk by chunk, on any backend (issue 25: the grid, the batching and the loss are
+    /// written once; a backend supplies the ops): a first pass sums each group's mean |x|
+    /// (in sample order), a second runs every grid point of every group on each chunk
+    /// and adds to that grid point's loss. With one chunk the samples are read once. Any
+    /// chunking gives the same bits as one chunk: every sum runs in the same order,
+    /// attention sees whole samples, and the token-wise groups' rows go through their
+    /// GEMMs in blocks aligned to the GEMM's fixed row tiles (`GroupSearch`).
+    public static func searchLayer(_ layer: Int, _ b: BackendBlock, samples: SampleChunks<BackendLayerSample>,
+                                   attnRatio: Double, mlpRatio: Double, options o: SearchOptions,
+                                   backend: ComputeBackend) throws -> [GroupResult] {
+        let gs = groups(vShape: b.linearShapes["v"] ?? [], oShape: b.linearShapes["o"] ?? [])
         var means = gs.map { _ in ChannelMeanAbs() }
-        var held: [LayerSample]? = nil
+        var held: [BackendLayerSample]? = nil
         for i in 0..<samples.count {
             let chunk = try samples.read(i)
-            for (k, g) in gs.enumerated() { means[k].add(chunk.map { $0.captures[keyPath: g.spec.input] }, masks: chunk.map(\.attention)) }
+            for (k, g) in gs.enumerated() {
+                try means[k].add(chunk.map { $0.captures[g.spec.input] }, masks: chunk.map(\.attention), backend: backend)
+            }
             if samples.count == 1 { held = chunk }
         }
         var searches = gs.enumerated().map { k, g in GroupSearch(g, xMean: means[k].mean, options: o) }
         for i in 0..<samples.count {
             let chunk = try held ?? samples.read(i)
-            for k in searches.indices { searches[k].add(chunk, weights: w, last: i == samples.count - 1) }
+            for k in searches.indices { try searches[k].add(chunk, block: b, last: i == samples.count - 1, backend: backend) }
         }
         return searches.map { $0.result(layer: layer, ratio: $0.group.isAttention ? attnRatio : mlpRatio) }
     }

@@ -266,7 +266,7 @@ struct BenchCommand: ParsableCommand {
         let options = SearchOptions(weights: .groupAsymmetric(bits: 4, group: 128), reweight: true)
         var groupTimes: [(SearchGroup, Double)] = []
         for g in ScaleSearch.groups(for: w) {
-            let (_, t) = timed { ScaleSearch.searchGroup(g, layer: 0, weights: w, samples: [sample], ratio: 0.5, options: options) }
+            let (_, t) = try timed { try ScaleSearch.searchGroup(g, layer: 0, weights: w, samples: [sample], ratio: 0.5, options: options) }
             groupTimes.append((g, t))
         }
         let total = groupTimes.map(\.1).reduce(0, +)

@@ -22,7 +22,7 @@ struct MBQ: ParsableCommand {
         discussion: "Start with `mbq demo`. Numbers are fp32 on the CPU through OpenBLAS.",
         subcommands: [DemoCommand.self, QuantizeCommand.self, EvalCommand.self, CoordinatorCommand.self, WorkerCommand.self,
                       StatusCommand.self, PlanCommand.self, KeygenCommand.self,
-                      ForwardCommand.self, InspectCommand.self, BenchCommand.self, SynthCommand.self])
+                      ForwardCommand.self, InspectCommand.self, BenchCommand.self, SynthCommand.self, DeviceCommand.self])
 }
 
 /// Options every command shares.

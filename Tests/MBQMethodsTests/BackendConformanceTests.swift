@@ -52,12 +52,21 @@ final class BackendConformanceTests: XCTestCase {
         }
         func meanAbs(_ x: BackendTensor, rows: [Bool]) -> Double { cpu.meanAbs(x, rows: rows) * (where_ == "means" ? 1.01 : 1) }
         func allFinite(_ x: BackendTensor) -> Bool { where_ == "finite" ? true : cpu.allFinite(x) }
-        func searchLayer(_ l: Int, _ b: BackendBlock, samples: SampleChunks<BackendLayerSample>, attnRatio: Double, mlpRatio: Double,
-                         options: SearchOptions) throws -> [GroupResult] {
-            var r = try cpu.searchLayer(l, b, samples: samples, attnRatio: attnRatio, mlpRatio: mlpRatio, options: options)
-            if where_ == "search" { r[0].bestIndex = (r[0].bestIndex + 1) % 20 }
-            return r
+        func addColumnAbsSums(_ x: BackendTensor, rows: [Bool], into sums: inout [Double]) {
+            cpu.addColumnAbsSums(x, rows: rows, into: &sums)
         }
+        func gatherRows(_ parts: [(BackendTensor, [Int])]) -> BackendTensor { cpu.gatherRows(parts) }
+        func concatRows(_ a: BackendTensor, _ b: BackendTensor) -> BackendTensor { cpu.concatRows(a, b) }
+        func splitRows(_ x: BackendTensor, at n: Int) -> (BackendTensor, BackendTensor) { cpu.splitRows(x, at: n) }
+        // Deviating search: each candidate built with its scales in reverse channel order.
+        func candidateWeights(_ g: SearchGroup, _ b: BackendBlock, scales: [Float], options: SearchOptions) -> BackendCandidate {
+            cpu.candidateWeights(g, b, scales: where_ == "search" ? scales.reversed() : scales, options: options)
+        }
+        func runCandidate(_ g: SearchGroup, _ b: BackendBlock, _ c: BackendCandidate, input x: BackendTensor, scales: [Float],
+                          rope: RoPETable<Float>?, mask: [Bool], options: SearchOptions) -> BackendTensor {
+            cpu.runCandidate(g, b, c, input: x, scales: scales, rope: rope, mask: mask, options: options)
+        }
+        func rowErrors(_ a: BackendTensor, _ b: BackendTensor, squared: Bool) -> [Float] { cpu.rowErrors(a, b, squared: squared) }
         func smoothQuantScales(_ b: BackendBlock, samples: SampleChunks<BackendLayerSample>) throws -> (qkv: [Float], gateUp: [Float]) {
             var s = try cpu.smoothQuantScales(b, samples: samples)
             if where_ == "smoothquant" { s.gateUp[0] *= 1.1 }
@@ -141,7 +150,7 @@ final class BackendConformanceTests: XCTestCase {
         let samples = Array(bundle.samples.prefix(1))
         for (where_, needle) in [("load", "block loaded"), ("forward", "block output"), ("capture", "captured down input"),
                                  ("backward", "backward dL/dx"), ("head", "caption loss gradient"), ("means", "gradient means"),
-                                 ("finite", "allFinite"), ("distort", "8-bit activations"), ("search", "grid points"),
+                                 ("finite", "allFinite"), ("distort", "8-bit activations"), ("search", "search loss curves"),
                                  ("smoothquant", "SmoothQuant"), ("apply", "scales applied"), ("codes", "quantized codes"),
                                  ("norms", "output-gradient norms"), ("gptq", "GPTQ codes")] {
             let failed = try BackendConformance.run(Perturbed(where_: where_), model: model, samples: samples).filter { !$0.passed }
