@@ -43,6 +43,9 @@ let package = Package(
         // source for the host (the emulated device) and embeds its text.
         .target(name: "CMBQKernels", path: "Sources/CMBQKernels", exclude: ["kernels"]),
         .target(name: "MBQDevice", dependencies: ["MBQTensor", "MBQModel", "MBQQuant", "CMBQKernels"]),
+        // The compute backend on a device (a GPU through CUDA, or the emulated device): the
+        // block passes and the search's ops on device memory, mirroring the CPU's calls.
+        .target(name: "MBQCUDABackend", dependencies: ["MBQDevice", "MBQMethods", "MBQModel", "MBQQuant", "MBQTensor"]),
         // The protocol, its framing, sockets, CURVE, shared-secret auth, checksums: it
         // knows nothing of what the job computes.
         .target(name: "MBQWire", dependencies: [
@@ -66,13 +69,16 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         .executableTarget(name: "mbq", dependencies: [
-            "MBQCluster", "MBQWire", "MBQCoordinator", "MBQWorker", "MBQDevice",
+            "MBQCluster", "MBQWire", "MBQCoordinator", "MBQWorker", "MBQDevice", "MBQCUDABackend",
             "MBQTensor", "MBQFormats", "MBQModel", "MBQQuant", "MBQMethods", "CBLAS", "CZMQ",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ]),
         .testTarget(name: "MBQTensorTests", dependencies: ["MBQTensor"]),
         .testTarget(name: "MBQDeviceTests", dependencies: ["MBQDevice", "MBQTensor", "MBQModel", "MBQQuant", "CMBQKernels"]),
+        // Reads MBQMethodsTests' fixtures by path.
+        .testTarget(name: "MBQCUDABackendTests", dependencies: ["MBQCUDABackend", "MBQDevice", "MBQMethods", "MBQModel", "MBQFormats",
+                                                                "MBQQuant", "MBQTensor"]),
         .testTarget(name: "MBQFormatsTests", dependencies: ["MBQFormats", "MBQTensor", "MBQModel", "MBQQuant"]),
         .testTarget(name: "MBQQuantTests", dependencies: ["MBQQuant", "MBQTensor"]),
         // Reads its fixtures (and MBQModelTests') by path: Tests/MBQMethodsTests/Fixtures.

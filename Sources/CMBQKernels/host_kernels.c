@@ -52,7 +52,14 @@ static void k_fake_quant_groups(void **args) {
 }
 static void k_scale_columns(void **args) { scale_columns(P(0, float *), P(1, cf), P(2, ll), P(3, ll), P(4, int)); }
 static void k_add_inplace(void **args) { add_inplace(P(0, float *), P(1, cf), P(2, ll)); }
-static void k_add_bias(void **args) { add_bias(P(0, float *), P(1, cf), P(2, ll), P(3, ll)); }
+static void k_broadcast_rows(void **args) { broadcast_rows(P(0, float *), P(1, cf), P(2, ll), P(3, ll)); }
+static void k_fill(void **args) { fill(P(0, float *), P(1, float), P(2, ll)); }
+static void k_gather_rows(void **args) { gather_rows(P(0, float *), P(1, cf), P(2, const long long *), P(3, ll), P(4, ll)); }
+static void k_column_abs_sums(void **args) { column_abs_sums(P(0, double *), P(1, cf), P(2, const int *), P(3, ll), P(4, ll)); }
+static void k_attention_backward_rows(void **args) {
+    attention_backward_rows(P(0, float *), P(1, float *), P(2, cf), P(3, cf), P(4, cf), P(5, const int *), P(6, ll), P(7, ll),
+                            P(8, ll), P(9, ll), P(10, ll), P(11, ll));
+}
 static void k_row_error(void **args) { row_error(P(0, float *), P(1, cf), P(2, cf), P(3, ll), P(4, ll), P(5, int)); }
 #undef P
 
@@ -61,9 +68,10 @@ static const struct { const char *name; void (*run)(void **); } kernels[] = {
     {"rmsnorm_forward", k_rmsnorm_forward}, {"rmsnorm_backward", k_rmsnorm_backward},
     {"rope_forward", k_rope_forward}, {"rope_backward", k_rope_backward},
     {"swiglu_forward", k_swiglu_forward}, {"swiglu_backward", k_swiglu_backward},
-    {"softmax_causal", k_softmax_causal},
+    {"softmax_causal", k_softmax_causal}, {"attention_backward_rows", k_attention_backward_rows},
     {"fake_quant_rows", k_fake_quant_rows}, {"fake_quant_groups", k_fake_quant_groups},
-    {"scale_columns", k_scale_columns}, {"add_inplace", k_add_inplace}, {"add_bias", k_add_bias},
+    {"scale_columns", k_scale_columns}, {"add_inplace", k_add_inplace},
+    {"broadcast_rows", k_broadcast_rows}, {"fill", k_fill}, {"gather_rows", k_gather_rows}, {"column_abs_sums", k_column_abs_sums},
     {"row_error", k_row_error},
 };
 

@@ -1,3 +1,5 @@
+import MBQModel
+
 /// The primitive ops of a decoder block and of the MBQ search over a `Device` (issue 25,
 /// item 1's list): each one a kernel launch or a cuBLAS GEMM on fp32 row-major tensors,
 /// with the CPU function it must agree with named (`OpConformance` holds it to that).
@@ -22,20 +24,52 @@ public struct DeviceOps: Sendable {
         try launch(bf16 ? .widenBF16 : .widenF16, threads: n, [.pointer(out), .pointer(bits), .int64(n)])
     }
 
-    // MARK: linears
+    // MARK: GEMMs as the CPU calls them
 
-    /// y: [T, out] = x: [T, in] · Wᵀ (W: [out, in], PyTorch's layout) + bias ([out] or 0).
-    /// (MBQTensor `linearForward`)
-    public func linear(_ x: DevicePointer, weight w: DevicePointer, bias: DevicePointer = 0, into y: DevicePointer,
-                       rows t: Int, inFeatures k: Int, outFeatures n: Int) throws {
-        try device.gemm(GEMM(transA: .transpose, transB: .none, m: n, n: t, k: k, a: w, lda: k, b: x, ldb: k, c: y, ldc: n))
-        if bias != 0 { try launch(.addBias, threads: t * n, [.pointer(y), .pointer(bias), .int64(t), .int64(n)]) }
+    /// Row-major C [m, n] = alpha op(A) op(B) + beta C, the call `BLASScalar.gemm` makes on
+    /// the CPU, as cuBLAS's column-major product: Cᵀ = op(B)ᵀ op(A)ᵀ over the same memory,
+    /// so the operands swap and each keeps its flag. On the emulated device this is the
+    /// very call the CPU makes (EmulatedDevice swaps back), which is why the CUDA backend
+    /// mirrors the CPU's products one for one.
+    public func rowMajorGEMM(transA: Bool, transB: Bool, m: Int, n: Int, k: Int, alpha: Float = 1,
+                             a: DevicePointer, lda: Int, b: DevicePointer, ldb: Int,
+                             beta: Float = 0, c: DevicePointer, ldc: Int) throws {
+        try device.gemm(GEMM(transA: transB ? .transpose : .none, transB: transA ? .transpose : .none, m: n, n: m, k: k, alpha: alpha,
+                             a: b, lda: ldb, b: a, ldb: lda, beta: beta, c: c, ldc: ldc))
     }
 
-    /// dx: [T, in] = dy: [T, out] · W (W: [out, in]). (MBQTensor `linearBackward`)
+    // MARK: linears
+
+    /// y: [T, out] = x: [T, in] · Wᵀ (W: [out, in], PyTorch's layout) + bias ([out] or 0):
+    /// the bias laid down first and the product added onto it (MBQTensor `linearForward`).
+    public func linear(_ x: DevicePointer, weight w: DevicePointer, bias: DevicePointer = 0, into y: DevicePointer,
+                       rows t: Int, inFeatures k: Int, outFeatures n: Int) throws {
+        if bias != 0 { try launch(.broadcastRows, threads: t * n, [.pointer(y), .pointer(bias), .int64(t), .int64(n)]) }
+        try rowMajorGEMM(transA: false, transB: true, m: t, n: n, k: k, a: x, lda: k, b: w, ldb: k, beta: bias != 0 ? 1 : 0, c: y, ldc: n)
+    }
+
+    /// dx: [T, in] = dy: [T, out] · W (W: [out, in]), or dx += with `accumulate`.
+    /// (MBQTensor `linearBackward`, `linearBackwardAccumulate`)
     public func linearBackward(_ dy: DevicePointer, weight w: DevicePointer, into dx: DevicePointer,
-                               rows t: Int, inFeatures k: Int, outFeatures n: Int) throws {
-        try device.gemm(GEMM(transA: .none, transB: .none, m: k, n: t, k: n, a: w, lda: k, b: dy, ldb: n, c: dx, ldc: k))
+                               rows t: Int, inFeatures k: Int, outFeatures n: Int, accumulate: Bool = false) throws {
+        try rowMajorGEMM(transA: false, transB: false, m: t, n: k, k: n, a: dy, lda: n, b: w, ldb: k, beta: accumulate ? 1 : 0, c: dx, ldc: k)
+    }
+
+    // MARK: memory
+
+    /// x[0 ..< n] = v.
+    public func fill(_ x: DevicePointer, with v: Float, count n: Int) throws {
+        try launch(.fill, threads: n, [.pointer(x), .float(v), .int64(n)])
+    }
+
+    /// out: [n, C] = x's rows idx (int64 on the device, [n]).
+    public func gatherRows(_ x: DevicePointer, indices idx: DevicePointer, count n: Int, cols: Int, into out: DevicePointer) throws {
+        try launch(.gatherRows, threads: n * cols, [.pointer(out), .pointer(x), .pointer(idx), .int64(n), .int64(cols)])
+    }
+
+    /// sums ([C] fp64 on the device) += Σ |x[r, ·]| over rows with mask[r] != 0, rows in order.
+    public func columnAbsSums(_ x: DevicePointer, mask: DevicePointer, rows: Int, cols: Int, into sums: DevicePointer) throws {
+        try launch(.columnAbsSums, threads: cols, [.pointer(sums), .pointer(x), .pointer(mask), .int64(rows), .int64(cols)])
     }
 
     // MARK: RMSNorm, RoPE, SwiGLU
@@ -75,34 +109,69 @@ public struct DeviceOps: Sendable {
 
     // MARK: attention
 
-    /// Causal attention with a padding mask over one sequence (MBQModel
-    /// `attentionCoreForward`): q: [T, heads*D], k, v: [T, kvHeads*D] post-RoPE, mask: [T]
-    /// int32 (0 = padding) -> ctx: [T, heads*D], lse: [heads, T]. Per kv head g, its
-    /// heads' scores Sₕ = scale qₕ k_gᵀ ([T, T] each, `scores` holds heads/kvHeads of them)
-    /// in one strided-batched GEMM, the row softmax over visible keys, ctxₕ = Pₕ v_g in a
-    /// second one.
+    /// Causal attention with a padding mask over one sequence, MBQModel
+    /// `attentionCoreForward` product for product: q: [T, heads*D], k, v: [T, kvHeads*D]
+    /// post-RoPE, mask: [T] int32 (0 = padding) -> ctx: [T, heads*D], lse: [heads, T].
+    /// Per head and block of `rowBlock` query rows [r0, r1): S = scale q_h k_gᵀ over keys
+    /// [0, r1) into `scores` ([rowBlock, T] at least), the row softmax over visible keys,
+    /// ctx_h = P v_g.
     public func attentionForward(q: DevicePointer, k: DevicePointer, v: DevicePointer, mask: DevicePointer,
                                  into ctx: DevicePointer, lse: DevicePointer, scores: DevicePointer,
-                                 rows t: Int, heads: Int, kvHeads: Int, headDim d: Int) throws {
+                                 rows t: Int, heads: Int, kvHeads: Int, headDim d: Int, rowBlock: Int = attentionRowBlock) throws {
         let group = heads / kvHeads, ldq = heads * d, ldk = kvHeads * d
         let scale = Float(1 / Double(d).squareRoot())
-        for g in 0..<kvHeads {
-            let h0 = g * group
-            // Column-major Sₕᵀ [T_k, T_q] = k_g qₕᵀ: A = k_g ([D, T] column-major, transposed), B = qₕ.
-            try device.gemmStridedBatched(
-                GEMM(transA: .transpose, transB: .none, m: t, n: t, k: d, alpha: scale,
-                     a: k + UInt64(g * d * 4), lda: ldk, b: q + UInt64(h0 * d * 4), ldb: ldq, c: scores, ldc: t),
-                strideA: 0, strideB: d, strideC: t * t, batch: group)
-            try launch(.softmaxCausal, threads: group * t,
-                       [.pointer(scores), .pointer(lse + UInt64(h0 * t * 4)), .pointer(mask), .int64(group), .int64(t),
-                        .int64(t), .int64(0), .int64(t)])
-            // Column-major ctxₕᵀ [D, T_q] = v_gᵀ Pₕᵀ: A = v_g ([D, T]), B = Pₕ ([T_k, T_q]).
-            try device.gemmStridedBatched(
-                GEMM(transA: .none, transB: .none, m: d, n: t, k: t,
-                     a: v + UInt64(g * d * 4), lda: ldk, b: scores, ldb: t, c: ctx + UInt64(h0 * d * 4), ldc: ldq),
-                strideA: 0, strideB: t * t, strideC: d, batch: group)
+        let rb = max(1, min(rowBlock, t))
+        try fill(lse, with: -.infinity, count: heads * t)
+        for h in 0..<heads {
+            let g = h / group
+            for r0 in stride(from: 0, to: t, by: rb) {
+                let r1 = min(t, r0 + rb), m = r1 - r0, n = r1
+                try rowMajorGEMM(transA: false, transB: true, m: m, n: n, k: d, alpha: scale, a: q + f(r0 * ldq + h * d), lda: ldq,
+                                 b: k + f(g * d), ldb: ldk, c: scores, ldc: n)
+                try launch(.softmaxCausal, threads: m, [.pointer(scores), .pointer(lse + f(h * t)), .pointer(mask), .int64(1), .int64(m),
+                                                        .int64(n), .int64(r0), .int64(t)])
+                try rowMajorGEMM(transA: false, transB: false, m: m, n: d, k: n, a: scores, lda: n, b: v + f(g * d), ldb: ldk,
+                                 c: ctx + f(r0 * ldq + h * d), ldc: ldq)
+            }
         }
     }
+
+    /// MBQModel `attentionCoreBackward`, product for product: dctx: [T, heads*D] and the
+    /// forward's q, k, v, ctx, lse -> dq: [T, heads*D], dk, dv: [T, kvHeads*D]. `p`, `dp`:
+    /// scratch of [rowBlock, T] each.
+    public func attentionBackward(dctx: DevicePointer, q: DevicePointer, k: DevicePointer, v: DevicePointer, ctx: DevicePointer,
+                                  lse: DevicePointer, mask: DevicePointer, dq: DevicePointer, dk: DevicePointer, dv: DevicePointer,
+                                  p: DevicePointer, dp: DevicePointer, rows t: Int, heads: Int, kvHeads: Int, headDim d: Int,
+                                  rowBlock: Int = attentionRowBlock) throws {
+        let group = heads / kvHeads, ldq = heads * d, ldk = kvHeads * d
+        let scale = Float(1 / Double(d).squareRoot())
+        let rb = max(1, min(rowBlock, t))
+        try fill(dq, with: 0, count: t * ldq)
+        try fill(dk, with: 0, count: t * ldk)
+        try fill(dv, with: 0, count: t * ldk)
+        for h in 0..<heads {
+            let g = h / group
+            for r0 in stride(from: 0, to: t, by: rb) {
+                let r1 = min(t, r0 + rb), m = r1 - r0, n = r1
+                try rowMajorGEMM(transA: false, transB: true, m: m, n: n, k: d, alpha: scale, a: q + f(r0 * ldq + h * d), lda: ldq,
+                                 b: k + f(g * d), ldb: ldk, c: p, ldc: n)
+                try rowMajorGEMM(transA: false, transB: true, m: m, n: n, k: d, a: dctx + f(r0 * ldq + h * d), lda: ldq,
+                                 b: v + f(g * d), ldb: ldk, c: dp, ldc: n)
+                try launch(.attentionBackwardRows, threads: m,
+                           [.pointer(p), .pointer(dp), .pointer(lse + f(h * t)), .pointer(dctx), .pointer(ctx), .pointer(mask),
+                            .int64(m), .int64(n), .int64(r0), .int64(ldq), .int64(h * d), .int64(d)])
+                try rowMajorGEMM(transA: true, transB: false, m: n, n: d, k: m, a: p, lda: n, b: dctx + f(r0 * ldq + h * d), ldb: ldq,
+                                 beta: 1, c: dv + f(g * d), ldc: ldk)
+                try rowMajorGEMM(transA: false, transB: false, m: m, n: d, k: n, alpha: scale, a: dp, lda: n, b: k + f(g * d), ldb: ldk,
+                                 c: dq + f(r0 * ldq + h * d), ldc: ldq)
+                try rowMajorGEMM(transA: true, transB: false, m: n, n: d, k: m, alpha: scale, a: dp, lda: n,
+                                 b: q + f(r0 * ldq + h * d), ldb: ldq, beta: 1, c: dk + f(g * d), ldc: ldk)
+            }
+        }
+    }
+
+    /// Bytes of `elements` fp32 values, as a pointer offset.
+    func f(_ elements: Int) -> UInt64 { UInt64(elements * 4) }
 
     // MARK: quantizers and the search's arithmetic
 

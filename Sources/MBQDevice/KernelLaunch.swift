@@ -24,9 +24,10 @@ public enum Kernel: String, CaseIterable, Sendable {
     case rmsNormForward = "rmsnorm_forward", rmsNormBackward = "rmsnorm_backward"
     case ropeForward = "rope_forward", ropeBackward = "rope_backward"
     case swigluForward = "swiglu_forward", swigluBackward = "swiglu_backward"
-    case softmaxCausal = "softmax_causal"
+    case softmaxCausal = "softmax_causal", attentionBackwardRows = "attention_backward_rows"
     case fakeQuantRows = "fake_quant_rows", fakeQuantGroups = "fake_quant_groups"
-    case scaleColumns = "scale_columns", addInPlace = "add_inplace", addBias = "add_bias"
+    case scaleColumns = "scale_columns", addInPlace = "add_inplace", broadcastRows = "broadcast_rows", fill
+    case gatherRows = "gather_rows", columnAbsSums = "column_abs_sums"
     case rowError = "row_error"
 
     /// The source NVRTC compiles and the emulated device runs (compiled for the host).

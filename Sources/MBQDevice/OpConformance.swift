@@ -58,6 +58,7 @@ public enum OpConformance {
         try suite.scaleColumns(rows: 37, cols: 96)
         for squared in [true, false] { try suite.rowError(rows: 45, cols: 96, squared: squared) }
         try suite.add(count: 1001)
+        try suite.gatherAndColumnSums(rows: 45, cols: 96)
         return suite.checks
     }
 
@@ -155,15 +156,27 @@ public enum OpConformance {
         }
 
         mutating func attention(rows t: Int, heads: Int, kvHeads: Int, headDim d: Int, padding: Int) throws {
-            let q = random([t, heads * d]), k = random([t, kvHeads * d]), v = random([t, kvHeads * d])
+            let shape = AttentionShape(heads: heads, kvHeads: kvHeads, headDim: d)
+            let q = random([t, heads * d]), k = random([t, kvHeads * d]), v = random([t, kvHeads * d]), dctx = random([t, heads * d])
             let mask = (0..<t).map { $0 >= padding }
-            let want = attentionCoreForward(q: q, k: k, v: v, mask: mask, shape: AttentionShape(heads: heads, kvHeads: kvHeads, headDim: d))
+            // Row blocks of 16 so that these short sequences cross block bounds as 2048-token ones do at 256.
+            let rb = 16
+            let want = attentionCoreForward(q: q, k: k, v: v, mask: mask, shape: shape, rowBlock: rb)
             let dq = try put(q), dk = try put(k), dv = try put(v), dm = try DeviceArray(device, int32: mask.map { $0 ? 1 : 0 })
-            let ctx = try empty(t * heads * d), lse = try empty(heads * t), scores = try empty((heads / kvHeads) * t * t)
+            let ctx = try empty(t * heads * d), lse = try empty(heads * t), scores = try empty(rb * t), scores2 = try empty(rb * t)
             try ops.attentionForward(q: dq.pointer, k: dk.pointer, v: dv.pointer, mask: dm.pointer, into: ctx.pointer, lse: lse.pointer,
-                                     scores: scores.pointer, rows: t, heads: heads, kvHeads: kvHeads, headDim: d)
-            check("attention forward", "[\(t)], \(heads) heads on \(kvHeads) kv, D \(d), \(padding) padded",
-                  tolerance: OpConformance.gemm, [(try ctx.download(), want.ctx.data, heads * d), (try lse.download(), want.lse, t)])
+                                     scores: scores.pointer, rows: t, heads: heads, kvHeads: kvHeads, headDim: d, rowBlock: rb)
+            let shapes = "[\(t)], \(heads) heads on \(kvHeads) kv, D \(d), \(padding) padded"
+            check("attention forward", shapes, tolerance: OpConformance.gemm,
+                  [(try ctx.download(), want.ctx.data, heads * d), (try lse.download(), want.lse, t)])
+            let saved = AttentionSaved(q: q, k: k, v: v, ctx: want.ctx, lse: want.lse)
+            let g = attentionCoreBackward(dctx: dctx, saved: saved, mask: mask, shape: shape, rowBlock: rb)
+            let dc = try put(dctx), gq = try empty(t * heads * d), gk = try empty(t * kvHeads * d), gv = try empty(t * kvHeads * d)
+            try ops.attentionBackward(dctx: dc.pointer, q: dq.pointer, k: dk.pointer, v: dv.pointer, ctx: ctx.pointer, lse: lse.pointer,
+                                      mask: dm.pointer, dq: gq.pointer, dk: gk.pointer, dv: gv.pointer, p: scores.pointer, dp: scores2.pointer,
+                                      rows: t, heads: heads, kvHeads: kvHeads, headDim: d, rowBlock: rb)
+            check("attention backward", shapes, tolerance: OpConformance.gemm,
+                  [(try gq.download(), g.dq.data, heads * d), (try gk.download(), g.dk.data, kvHeads * d), (try gv.download(), g.dv.data, kvHeads * d)])
         }
 
         mutating func fakeQuantRows(rows t: Int, cols c: Int, bits: Int) throws {
@@ -212,6 +225,36 @@ public enum OpConformance {
             }
             check("row \(squared ? "squared" : "absolute") error", "[\(t), \(c)]", tolerance: OpConformance.exact,
                   [(try out.download(), want, 0)])
+        }
+
+        mutating func gatherAndColumnSums(rows t: Int, cols c: Int) throws {
+            let x = random([t, c])
+            let idx = [44, 0, 7, 7, 31, 12]
+            let dx = try put(x), out = try empty(idx.count * c)
+            let di = try DeviceArray(device, count: idx.count * 2)
+            try idx.map(Int64.init).withUnsafeBytes { try device.copy($0, to: di.pointer) }
+            try ops.gatherRows(dx.pointer, indices: di.pointer, count: idx.count, cols: c, into: out.pointer)
+            check("gather rows", "\(idx.count) of [\(t), \(c)]", tolerance: OpConformance.exact,
+                  [(try out.download(), idx.flatMap { x.data[$0 * c ..< ($0 + 1) * c] }, c)])
+            let mask = (0..<t).map { $0 % 3 != 1 }
+            var want = (0..<c).map { Double($0) * 0.125 }   // sums already holding something
+            let sums = try DeviceArray(device, count: c * 2), dm = try DeviceArray(device, int32: mask.map { $0 ? 1 : 0 })
+            try want.withUnsafeBytes { try device.copy($0, to: sums.pointer) }
+            try ops.columnAbsSums(dx.pointer, mask: dm.pointer, rows: t, cols: c, into: sums.pointer)
+            for r in 0..<t where mask[r] { for j in 0..<c { want[j] += Double(Swift.abs(x.data[r * c + j])) } }
+            var got = [Double](repeating: 0, count: c)
+            try got.withUnsafeMutableBytes { try device.copy(sums.pointer, to: $0) }
+            try device.synchronize()
+            // fp64 sums in the CPU's order: equal, bit for bit.
+            let first = zip(got, want).enumerated().first { $0.element.0 != $0.element.1 }
+            checks.append(Check(op: "column |x| sums (fp64)", shapes: "[\(t), \(c)]",
+                                maxAbs: zip(got, want).map { Swift.abs($0 - $1) }.max() ?? 0,
+                                rel: (zip(got, want).map { Swift.abs($0 - $1) }.max() ?? 0) / max(want.map(Swift.abs).max() ?? 0, 1e-300),
+                                tolerance: OpConformance.exact,
+                                firstDeviation: first.map { "[\($0.offset)] (\($0.element.0) vs \($0.element.1))" }))
+            let filled = try empty(77)
+            try ops.fill(filled.pointer, with: -.infinity, count: 77)
+            check("fill", "[77]", tolerance: OpConformance.exact, [(try filled.download(), [Float](repeating: -.infinity, count: 77), 0)])
         }
 
         mutating func add(count n: Int) throws {

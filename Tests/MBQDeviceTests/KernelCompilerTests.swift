@@ -19,13 +19,13 @@ final class KernelCompilerTests: XCTestCase {
     func testEveryKernelCompilesForSM80AndSM90WithoutSpills() throws {
         let nvrtc = try compiler()
         print("NVRTC \(nvrtc.version) from \(nvrtc.folder ?? "the system's library paths"), options \(KernelCompiler.options.joined(separator: " "))")
-        print("kernel               arch   registers  spill stores  spill loads  stack  ptxas ms")
+        print("kernel                   arch   registers  spill stores  spill loads  stack  ptxas ms")
         for arch in ["sm_80", "sm_90"] {
             let out = try nvrtc.compile(architecture: arch)
             XCTAssertEqual(Array(out.cubin.prefix(4)), [0x7F, 0x45, 0x4C, 0x46], "a cubin is an ELF file")
             XCTAssertEqual(Set(out.kernels.map(\.kernel)), Set(Kernel.allCases.map(\.rawValue)), out.log)
             for k in out.kernels.sorted(by: { $0.kernel < $1.kernel }) {
-                print(k.kernel.padding(toLength: 20, withPad: " ", startingAt: 0), arch,
+                print(k.kernel.padding(toLength: 24, withPad: " ", startingAt: 0), arch,
                       String(format: "%9d  %12d  %11d  %5d  %8.1f", k.registers, k.spillStores, k.spillLoads, k.stackFrame, k.compileMilliseconds))
                 XCTAssertGreaterThan(k.registers, 0, "\(k.kernel) \(arch)")
                 XCTAssertLessThanOrEqual(k.registers, 64, "\(k.kernel) \(arch): occupancy")

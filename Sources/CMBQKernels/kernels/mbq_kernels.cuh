@@ -173,6 +173,37 @@ MBQ_KERNEL softmax_causal(float* scores, float* lse, const int* mask, long long 
     lse[b * t + q] = mx + logf(sum);
 }
 
+// The middle of attention backward for one head and one block of query rows
+// (MBQModel/Attention.swift attentionCoreBackward): p holds the block's scores S (rows x
+// n, row r is query row0 + r) and becomes P = exp(S - lse); dp holds dctx v^T and becomes
+// dS = P * (dP - rowsum(dctx * ctx)). dctx, ctx: [t, ldq], this head's columns from
+// `col`; lse: this head's [t]. One thread per row.
+MBQ_KERNEL attention_backward_rows(float* p, float* dp, const float* lse, const float* dctx, const float* ctx, const int* mask,
+                                   long long rows, long long n, long long row0, long long ldq, long long col, long long d) {
+    long long r = mbq_thread();
+    if (r >= rows) return;
+    long long q = row0 + r;
+    float* row = p + r * n;
+    float* drow = dp + r * n;
+    float l = lse[q];
+    if (l == mbq_neg_inf()) {
+        for (long long j = 0; j < n; j++) { row[j] = 0.0f; drow[j] = 0.0f; }
+        return;
+    }
+    float dot = 0.0f;
+    for (long long c = 0; c < d; c++) dot += dctx[q * ldq + col + c] * ctx[q * ldq + col + c];
+    for (long long j = 0; j <= q; j++) {
+        if (mask[j]) {
+            float pr = expf(row[j] - l);
+            row[j] = pr;
+            drow[j] = pr * (drow[j] - dot);
+        } else {
+            row[j] = 0.0f; drow[j] = 0.0f;
+        }
+    }
+    for (long long j = q + 1; j < n; j++) { row[j] = 0.0f; drow[j] = 0.0f; }
+}
+
 // ---- quantizers (MBQQuant/Quantize.swift) -----------------------------------------------
 
 // Per-row symmetric fake quantization in place (W-A schemes' activations): scale =
@@ -237,11 +268,36 @@ MBQ_KERNEL add_inplace(float* x, const float* y, long long n) {
     x[i] += y[i];
 }
 
-// y[r, j] += bias[j] (q/k/v biases of Qwen2); y: [rows, cols].
-MBQ_KERNEL add_bias(float* y, const float* bias, long long rows, long long cols) {
+// y[r, j] = v[j]; y: [rows, cols] (a bias laid down before the GEMM adds x W^T onto
+// it, as MBQTensor `linearForward` does).
+MBQ_KERNEL broadcast_rows(float* y, const float* v, long long rows, long long cols) {
     long long i = mbq_thread();
     if (i >= rows * cols) return;
-    y[i] += bias[i % cols];
+    y[i] = v[i % cols];
+}
+
+// x[i] = v over n elements.
+MBQ_KERNEL fill(float* x, float v, long long n) {
+    long long i = mbq_thread();
+    if (i >= n) return;
+    x[i] = v;
+}
+
+// out[k, :] = x[idx[k], :]; out: [n, cols]. One thread per element (the search's loss rows).
+MBQ_KERNEL gather_rows(float* out, const float* x, const long long* idx, long long n, long long cols) {
+    long long i = mbq_thread();
+    if (i >= n * cols) return;
+    out[i] = x[idx[i / cols] * cols + i % cols];
+}
+
+// sums[j] += |x[r, j]| over the rows r with mask[r] != 0, in double, rows in order (the
+// search's channel means, MBQMethods/GroupSearch.swift ChannelMeanAbs). One thread per column.
+MBQ_KERNEL column_abs_sums(double* sums, const float* x, const int* mask, long long rows, long long cols) {
+    long long j = mbq_thread();
+    if (j >= cols) return;
+    double s = sums[j];
+    for (long long r = 0; r < rows; r++) if (mask[r]) s += (double)fabsf(x[r * cols + j]);
+    sums[j] = s;
 }
 
 // out[r] = sum_j (a - b)^2 (squared != 0) or |a - b| over row r, in fp32 and in column
