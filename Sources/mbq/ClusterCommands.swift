@@ -1,4 +1,5 @@
 import ArgumentParser
+import MBQDevice
 import Foundation
 import Logging
 import MBQCluster
@@ -22,7 +23,7 @@ struct WorkerCommand: ParsableCommand {
     @Option(help: "Memory budget, e.g. 20GiB: the plan gives this worker no more layers than fit.") var maxMemory = "20GiB"
     @Option(help: "Directory for block inputs past --max-memory (local disk; default: they stay in memory and count against the budget).")
     var scratch: String?
-    @Option(help: "Compute device (cpu).") var device = "cpu"
+    @Option(help: "Compute device: cpu, cuda (GPU 0), cuda:N, or cuda-emulated (the CUDA backend on the host, for checks).") var device = "cpu"
     @Option(help: "Seconds without any coordinator before the worker exits (it registers again every 3 s meanwhile).")
     var giveUpAfter = 600.0
     @OptionGroup var secret: SecretOptions
@@ -34,7 +35,7 @@ struct WorkerCommand: ParsableCommand {
         if (curveServerKey == nil) != (curveKey == nil) {
             throw ValidationError("--curve-server-key and --curve-key go together")
         }
-        guard device == "cpu" else { throw ValidationError("--device \(device): only cpu is built in") }
+        do { _ = try DeviceSelection(parsing: device) } catch { throw ValidationError("\(error)") }
         guard parseBytes(maxMemory) != nil else { throw ValidationError("--max-memory \(maxMemory): use e.g. 64GiB, 512MiB") }
     }
 
@@ -60,7 +61,7 @@ struct WorkerCommand: ParsableCommand {
                 let (pub, sec) = try Curve.readKeypair(keyFile)
                 o.curve = (try Curve.readKey(serverKey), pub, sec)
             }
-            status = try Worker(options: o).run()
+            status = try Worker(options: o, backend: try computeBackend(device, storedPrecision: true)).run()
         }
         if status != 0 { throw ExitCode(status) }
     }

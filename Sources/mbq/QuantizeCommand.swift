@@ -91,6 +91,8 @@ struct QuantizeCommand: ParsableCommand {
 
     @OptionGroup var job: QuantizeArguments
     @Option(help: "Start N local worker processes and run distributed (0: in this process).") var workers = 0
+    @Option(help: "Compute device: cpu, cuda (GPU 0; with --workers N, worker i on GPU i), cuda:N, or cuda-emulated (the CUDA backend run on the host, for checks).")
+    var device = "cpu"
     @Option(help: "With --workers: each local worker's memory budget (block inputs past it spill to JOB-DIR/scratch).")
     var workerMaxMemory = "20GiB"
     @Option(help: "In this process: the memory budget (default: 3/4 of physical memory); block inputs kept for the gradient pass past what it leaves go to --scratch.")
@@ -106,6 +108,9 @@ struct QuantizeCommand: ParsableCommand {
         common.apply()
         try runReportingErrors {
             let logger = Logger(label: "mbq.quantize")
+            // The device first: without a driver, one line and nothing read or written.
+            let backend = try computeBackend(workers > 0 ? "cpu" : device, storedPrecision: false)
+            if workers > 0 { _ = try computeBackend(try localWorkerDevice(device, worker: 0), storedPrecision: true) }
             let (ckpt, bundle) = try job.prepare()
             if workers > 0 {
                 try runLocalCluster(ckpt: ckpt, bundle: bundle)
@@ -142,7 +147,8 @@ struct QuantizeCommand: ParsableCommand {
             logger.info("[format] \(options.resolvedFormat.rawValue), scales in \(options.scaleDType.rawValue)")
             let t0 = Date()
             try QuantizedCheckpointWriter.write(source: ckpt, options: options, to: job.out, overwrite: job.overwrite) { sink in
-                try QuantizeJob.run(source: .checkpoint(ckpt), samples: bundle.samples, options: options, chunkTokens: split.chunkTokens,
+                try QuantizeJob.run(source: .checkpoint(ckpt), samples: bundle.samples, options: options, backend: backend,
+                                    chunkTokens: split.chunkTokens,
                                     inputs: inputs, logger: logger, sink: sink)
             } extras: { dir, result in
                 try ResultsFile.writeAll(result, into: dir)
@@ -185,7 +191,7 @@ struct QuantizeCommand: ParsableCommand {
             let scratch = jobDir + "/scratch-w\(i)"
             try FileManager.default.createDirectory(atPath: scratch, withIntermediateDirectories: true)
             p.arguments = ["worker", "--connect", coord.endpoint, "--id", "w\(i)", "--threads", "\(threads)",
-                           "--max-memory", workerMaxMemory, "--scratch", scratch]
+                           "--max-memory", workerMaxMemory, "--scratch", scratch, "--device", try localWorkerDevice(device, worker: i)]
                 + (chunkTokens.map { ["--chunk-tokens", "\($0)"] } ?? [])
             p.environment = ProcessInfo.processInfo.environment.merging([SharedSecret.environmentVariable: secret]) { $1 }
             try p.run()

@@ -131,6 +131,35 @@ final class ClusterProcessTests: XCTestCase {
         }
     }
 
+    /// The CUDA backend on the emulated device (its kernels' source and cuBLAS's contract
+    /// run on the host): in one process, and as one of two workers beside a CPU worker,
+    /// the output is the one-process CPU output, bit for bit; the worker registers its device.
+    func testEmulatedCUDAWorkerBesideACPUWorkerGivesTheSingleProcessOutput() throws {
+        let single = tmp + "/out-emulated"
+        let q = try spawn(["quantize", "--model", Self.model, "--calib", Self.calib, "--w-bit", "3", "--out", single,
+                           "--device", "cuda-emulated"], log: tmp + "/q-emulated.log")
+        XCTAssertTrue(waitExit(q), text(tmp + "/q-emulated.log"))
+        XCTAssertEqual(q.terminationStatus, 0, text(tmp + "/q-emulated.log"))
+        try assertSameAsReference(single)
+
+        let p = port()
+        let out = tmp + "/out", clog = tmp + "/coord.log"
+        let coord = try spawn(["coordinator", "--model", Self.model, "--calib", Self.calib, "--w-bit", "3", "--out", out,
+                               "--bind", "tcp://127.0.0.1:\(p)", "--workers", "2", "--job-dir", tmp + "/job", "--log-format", "json"], log: clog)
+        let w0 = try spawn(["worker", "--connect", "tcp://127.0.0.1:\(p)", "--id", "w0", "--threads", "1", "--device", "cuda-emulated"],
+                           log: tmp + "/w0.log")
+        let w1 = try spawn(["worker", "--connect", "tcp://127.0.0.1:\(p)", "--id", "w1", "--threads", "1"], log: tmp + "/w1.log")
+        defer { for x in [coord, w0, w1] where x.isRunning { x.terminate() } }
+        XCTAssertTrue(waitExit(coord), text(clog))
+        XCTAssertEqual(coord.terminationStatus, 0, text(clog))
+        XCTAssertTrue(hasEvent(clog, "worker_registered") { $0["worker"] as? String == "w0" && ($0["device"] as? String ?? "").hasPrefix("emulated CUDA device on ") },
+                      text(clog))
+        XCTAssertTrue(hasEvent(clog, "worker_registered") { $0["worker"] as? String == "w1" && !($0["device"] as? String ?? "emulated").contains("emulated") },
+                      text(clog))
+        XCTAssertTrue(hasEvent(clog, "planned") { Self.plan($0).count == 2 }, text(clog))
+        try assertSameAsReference(out)
+    }
+
     /// GPTQ with MBQ's modality token weights: each worker builds the Hessians of its own
     /// layers from the inputs it holds, the stages run as a pipeline (each layer reads the
     /// quantized layers' outputs), and 1, 2 and 3 workers write the one-process output.

@@ -1,0 +1,19 @@
+import MBQCUDABackend
+import MBQDevice
+import MBQMethods
+
+/// The compute backend `--device` names: cpu (OpenBLAS), cuda / cuda:N (a GPU through
+/// libcuda, cuBLAS and NVRTC, found at run time) or cuda-emulated (the CUDA backend's
+/// kernels and products run on the host). The device opens here, before anything is
+/// read or written, so that a machine without a driver gets one line naming libcuda and
+/// MBQ_CUDA_LIBS, and nothing else happens. `storedPrecision`: the CPU keeps a bf16
+/// checkpoint's layers in bf16 (the workers, which hold their layers for the whole job).
+func computeBackend(_ device: String, storedPrecision: Bool) throws -> ComputeBackend {
+    guard let d = try DeviceSelection(parsing: device).open() else { return CPUBackend(keepStoredPrecision: storedPrecision) }
+    return CUDABackend(device: d)
+}
+
+/// The --device of local worker `i` of a one-machine cluster: with `cuda`, worker i on GPU i.
+func localWorkerDevice(_ device: String, worker i: Int) throws -> String {
+    try DeviceSelection(parsing: device) == .cuda(ordinal: 0) && device == "cuda" ? "cuda:\(i)" : device
+}
