@@ -10,7 +10,7 @@ MBQ        := .build/release/mbq
 CUDA_TOOLS := .cuda-tools
 VERSION    := $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 
-.PHONY: demo test deps cuda-tools build release bench fixtures demo-model check-formats proto cluster-test dist clean
+.PHONY: demo test deps cuda-tools device-check build release bench fixtures demo-model check-formats proto cluster-test dist clean
 
 ## Installs what is missing, builds in release, quantizes the committed demo VLM (Demo/)
 ## nine ways and compares held-out caption accuracy (docs/DEMO.md).
@@ -100,3 +100,8 @@ proto: deps
 
 clean:
 	rm -rf .build .build-dist dist demo-out
+
+## The GPU check, packed for a machine with an NVIDIA GPU and no Swift (Scripts/device-check.sh):
+## dist/device-check/ and its tarball; there, Scripts/device-run.sh writes OUT/device-check.json.
+device-check: dist
+	Scripts/device-check.sh $(VERSION)

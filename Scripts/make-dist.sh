@@ -3,6 +3,8 @@
 # workers of a cluster; docs/OPERATIONS.md, "Copying mbq to workers"):
 #   dist/mbq-VERSION-linux-x86_64.tar.xz
 #     mbq-VERSION-linux-x86_64/mbq        release build, Swift runtime and Foundation linked in
+#     mbq-VERSION-linux-x86_64/kernels/   the CUDA backend's kernel source (also compiled into mbq,
+#                                         which NVRTC builds for the GPU it finds at run time)
 #     mbq-VERSION-linux-x86_64/lib/       OpenBLAS, libzmq and what they load, found through
 #                                         the binary's rpath $ORIGIN/lib (DT_RPATH, so it
 #                                         also serves the libraries' own dependencies)
@@ -32,6 +34,8 @@ ldd "$stage/$name/mbq" | awk '$2 == "=>" && $3 ~ /^\// { print $3 }' | while rea
   esac
 done
 cp README.md "$stage/$name/"
+mkdir -p "$stage/$name/kernels"
+cp Sources/CMBQKernels/kernels/mbq_kernels.cuh "$stage/$name/kernels/"
 mkdir -p dist
 tar -C "$stage" -cJf "dist/$name.tar.xz.tmp" "$name"
 mv "dist/$name.tar.xz.tmp" "dist/$name.tar.xz"

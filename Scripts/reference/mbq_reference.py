@@ -144,8 +144,8 @@ def sample_inputs(calib, s):
 
 def eager_mask(mask):
     t = mask.shape[0]
-    allowed = torch.tril(torch.ones(t, t, dtype=torch.bool)) & mask.bool()[None, :]
-    m = torch.zeros(t, t)
+    allowed = torch.tril(torch.ones(t, t, dtype=torch.bool, device=mask.device)) & mask.bool()[None, :]
+    m = torch.zeros(t, t, device=mask.device)
     m[~allowed] = torch.finfo(torch.float32).min
     return m[None, None]
 
@@ -333,40 +333,50 @@ def run_config(model_dir, calib_path, method, bits, gsize, abits, keep_weights):
     return out
 
 
-def bench(threads, tokens, hidden=4096, intermediate=11008, heads=32):
-    """The authors' search on one Llama-7B-shaped block (W4 g128, mbq loss), timed."""
+def bench(threads, tokens, hidden=4096, intermediate=11008, heads=32, device="cpu"):
+    """The authors' search on one Llama-7B-shaped block (W4 g128, mbq loss), timed, on the
+    CPU or a GPU (`device` "cuda": the layer, its inputs and every capture there; each
+    phase timed after torch.cuda.synchronize())."""
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
     torch.set_num_threads(threads)
     cfg = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_attention_heads=heads, num_key_value_heads=heads,
                       num_hidden_layers=1, max_position_embeddings=4096)
     cfg._attn_implementation = "eager"
-    layer = LlamaDecoderLayer(cfg, 0).float().eval()
+    layer = LlamaDecoderLayer(cfg, 0).float().eval().to(device)
     for p in layer.parameters():
         p.requires_grad_(False)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, tokens, hidden, generator=g)
-    mask = torch.ones(tokens, dtype=torch.int64)
-    vis = torch.zeros(tokens, dtype=torch.bool)
+    x = torch.randn(1, tokens, hidden, generator=g).to(device)
+    mask = torch.ones(tokens, dtype=torch.int64, device=device)
+    vis = torch.zeros(tokens, dtype=torch.bool, device=device)
     vis[16:16 + tokens // 2] = True
-    cap = torch.zeros(tokens, dtype=torch.bool)
+    cap = torch.zeros(tokens, dtype=torch.bool, device=device)
     cap[-tokens // 8:] = True
-    rope = LlamaRotaryEmbedding(cfg)
-    pos = torch.arange(tokens)[None]
+    rope = LlamaRotaryEmbedding(cfg).to(device)
+    pos = torch.arange(tokens, device=device)[None]
+
+    def sync():
+        if device != "cpu":
+            torch.cuda.synchronize()
     # Captures of the fp block.
     lm_stub = type("LM", (), {"rotary_emb": rope})()
     calib = {"attention_mask": mask[None], "position_ids": pos, "vision_mask": vis[None].long(),
              "labels": torch.where(cap, 1, -100)[None], "inputs_embeds": x}
+    sync()
     t0 = time.perf_counter()
     caps, _ = layer_captures(lm_stub, layer, [x], calib)
+    sync()
     fwd = time.perf_counter() - t0
     times = {}
     for grp in ["qkv", "o", "gate_up", "down"]:
+        sync()
         t0 = time.perf_counter()
         search_group(layer, grp, caps, 0.5, 4, 128, None, "mae", True)
+        sync()
         times[grp] = time.perf_counter() - t0
     import json
-    print(json.dumps({"torch": torch.__version__, "threads": threads, "tokens": tokens, "forward_s": fwd,
+    print(json.dumps({"torch": torch.__version__, "device": device, "threads": threads, "tokens": tokens, "forward_s": fwd,
                       "search_s": sum(times.values()), "groups_s": times}))
 
 
@@ -382,9 +392,10 @@ def main():
     ap.add_argument("--hidden", type=int, default=4096)
     ap.add_argument("--intermediate", type=int, default=11008)
     ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--device", default="cpu", help="--bench on cpu or cuda")
     a = ap.parse_args()
     if a.bench:
-        return bench(a.threads, a.tokens, a.hidden, a.intermediate, a.heads)
+        return bench(a.threads, a.tokens, a.hidden, a.intermediate, a.heads, a.device)
     torch.set_num_threads(1)
     for arch in a.arch:
         d = os.path.join(a.fixtures, arch)

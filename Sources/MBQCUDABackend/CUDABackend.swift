@@ -21,8 +21,12 @@ public struct CUDABackend: ComputeBackend {
     /// The device it computes on.
     public var accelerator: Device { ops.device }
     let cpu = CPUBackend()
+    let widened: WidenedLinears
 
-    public init(device: Device) { ops = DeviceOps(device: device) }
+    public init(device: Device) {
+        ops = DeviceOps(device: device)
+        widened = WidenedLinears(ops: ops)
+    }
 
     public var name: String { accelerator is EmulatedDevice ? "cuda-emulated" : "cuda" }
 
@@ -47,13 +51,33 @@ public struct CUDABackend: ComputeBackend {
 
     // MARK: memory
 
+    /// Norms and biases in fp32; the linears as bf16 or fp16 bits when every one of their
+    /// values is exactly one (a bf16 or fp16 checkpoint's, widened exactly when read), else fp32.
     public func loadBlock(_ w: DecoderBlockWeights<Float>) throws -> BackendBlock {
         var arrays: [String: DeviceArray] = [:], shapes: [String: [Int]] = [:]
         func put(_ key: String, _ t: Tensor<Float>) throws { arrays[key] = try DeviceArray(accelerator, t.data); shapes[key] = t.shape }
         for (key, path) in DeviceBlock.norms { try put(key, w[keyPath: path]) }
-        for (role, path) in DecoderBlockWeights<Float>.linears { try put(role, w[keyPath: path]) }
         for (key, path) in DeviceBlock.biases { if let t = w[keyPath: path] { try put(key, t) } }
-        return DeviceBlock(arrays: arrays, shapes: shapes, attention: w.shape, rmsNormEps: w.rmsNormEps)
+        let linears = DecoderBlockWeights<Float>.linears.map { ($0.role, w[keyPath: $0.path]) }
+        for (dtype, narrowed) in [(DeviceBlock.Narrow.bf16, HalfPrecision.floatToBF16), (.fp16, HalfPrecision.floatToFP16)] {
+            let widen = dtype == .bf16 ? HalfPrecision.bf16ToFloat : HalfPrecision.fp16ToFloat
+            var bits: [String: [UInt16]] = [:]
+            for (role, t) in linears {
+                let b = t.data.map(narrowed)
+                guard zip(b, t.data).allSatisfy({ widen($0).bitPattern == $1.bitPattern }) else { break }
+                bits[role] = b
+            }
+            guard bits.count == linears.count else { continue }
+            var stored: [String: DeviceArray] = [:]
+            for (role, t) in linears {
+                stored[role] = try DeviceArray(accelerator, bits: bits[role]!)
+                shapes[role] = t.shape
+            }
+            return DeviceBlock(arrays: arrays, narrow: (dtype, stored), shapes: shapes, attention: w.shape, rmsNormEps: w.rmsNormEps,
+                               widened: widened)
+        }
+        for (role, t) in linears { try put(role, t) }
+        return DeviceBlock(arrays: arrays, narrow: nil, shapes: shapes, attention: w.shape, rmsNormEps: w.rmsNormEps, widened: widened)
     }
 
     public func loadHead(norm: Tensor<Float>, lmHead: Tensor<Float>, eps: Float) -> BackendHead {
@@ -70,8 +94,9 @@ public struct CUDABackend: ComputeBackend {
     public func downloadBlock(_ b: BackendBlock) throws -> DecoderBlockWeights<Float> {
         let d = block(b)
         func get(_ key: String) throws -> Tensor<Float> {
-            guard let a = d.arrays[key], let shape = d.shapes[key] else { preconditionFailure("the device block has no \(key)") }
-            return Tensor(shape: shape, data: Array(try a.download().prefix(shape.reduce(1, *))))
+            guard let shape = d.shapes[key] else { preconditionFailure("the device block has no \(key)") }
+            let n = shape.reduce(1, *)
+            return Tensor(shape: shape, data: try accelerator.download(try d.weight(key), count: n))
         }
         func maybe(_ key: String) throws -> Tensor<Float>? { d.arrays[key] == nil ? nil : try get(key) }
         return DecoderBlockWeights(inputNorm: try get("inputNorm"), postAttentionNorm: try get("postAttentionNorm"),
@@ -216,7 +241,7 @@ public struct CUDABackend: ComputeBackend {
         let hidden = d.hiddenSize
         switch g.spec.module {
         case .attention:
-            var w = AttentionWeights(d)
+            var w = try AttentionWeights(d)
             w.q = q("q"); w.k = q("k"); w.v = q("v")
             return try selfAttention(input, w, shape: d.attention, hidden: hidden, sequence: DeviceSequence(accelerator, rope: rope, mask: mask),
                                      actBits: nil).out

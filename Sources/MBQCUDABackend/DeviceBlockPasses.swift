@@ -13,8 +13,8 @@ struct AttentionWeights {
     var q: DevicePointer, k: DevicePointer, v: DevicePointer, o: DevicePointer
     var qBias: DevicePointer, kBias: DevicePointer, vBias: DevicePointer, oBias: DevicePointer
 
-    init(_ b: DeviceBlock) {
-        q = b.weight("q"); k = b.weight("k"); v = b.weight("v"); o = b.weight("o")
+    init(_ b: DeviceBlock) throws {
+        q = try b.weight("q"); k = try b.weight("k"); v = try b.weight("v"); o = try b.weight("o")
         qBias = b.optional("qBias"); kBias = b.optional("kBias"); vBias = b.optional("vBias"); oBias = b.optional("oBias")
     }
 }
@@ -108,7 +108,7 @@ extension CUDABackend {
         -> (output: DeviceTensor, saved: DeviceSaved?, captures: BackendCapturesOnDevice?) {
         let c = b.hiddenSize
         let (n1, inv1) = try rmsNorm(x, b.weight("inputNorm"), eps: b.rmsNormEps)
-        let attn = try selfAttention(n1, AttentionWeights(b), shape: b.attention, hidden: c, sequence: sequence, actBits: actBits)
+        let attn = try selfAttention(n1, try AttentionWeights(b), shape: b.attention, hidden: c, sequence: sequence, actBits: actBits)
         let h = try sum(x, attn.out)
         let (n2, inv2) = try rmsNorm(h, b.weight("postAttentionNorm"), eps: b.rmsNormEps)
         let m = try mlp(n2, gate: b.weight("gate"), up: b.weight("up"), down: b.weight("down"), intermediate: b.intermediateSize,

@@ -1,3 +1,4 @@
+import Foundation
 import MBQDevice
 import MBQMethods
 import MBQModel
@@ -17,28 +18,43 @@ final class DeviceTensor: BackendTensor, @unchecked Sendable {
     var count: Int { shape.reduce(1, *) }
 }
 
-/// A decoder block's weights on the device (fp32), with what the host needs to name them.
+/// A decoder block's weights on the device. Norms and biases are fp32; the seven linears
+/// stay in the checkpoint's dtype when their values are exactly bf16 or fp16 (half the
+/// bytes) and are widened on the device, all seven at once, into the backend's one fp32
+/// working copy when the block is used (`WidenedLinears`); otherwise they are fp32.
 final class DeviceBlock: BackendBlock, @unchecked Sendable {
-    /// By `DecoderBlockWeights` key: "inputNorm", "postAttentionNorm", the linear roles,
-    /// "qBias" ... "oBias" when present.
+    /// Stored 16-bit linears: bf16 or fp16 bits by role.
+    enum Narrow: Sendable { case bf16, fp16 }
+
+    /// By `DecoderBlockWeights` key: "inputNorm", "postAttentionNorm", the linear roles
+    /// (fp32 linears only), "qBias" ... "oBias" when present.
     let arrays: [String: DeviceArray]
+    /// The linears' bits by role when they are stored narrow.
+    let narrow: (dtype: Narrow, bits: [String: DeviceArray])?
     let shapes: [String: [Int]]
     let attention: AttentionShape
     let rmsNormEps: Double
     let parameterCount: Int
+    let widened: WidenedLinears
 
-    init(arrays: [String: DeviceArray], shapes: [String: [Int]], attention: AttentionShape, rmsNormEps: Double) {
-        self.arrays = arrays; self.shapes = shapes; self.attention = attention; self.rmsNormEps = rmsNormEps
+    init(arrays: [String: DeviceArray], narrow: (dtype: Narrow, bits: [String: DeviceArray])?, shapes: [String: [Int]],
+         attention: AttentionShape, rmsNormEps: Double, widened: WidenedLinears) {
+        self.arrays = arrays; self.narrow = narrow; self.shapes = shapes; self.attention = attention; self.rmsNormEps = rmsNormEps
+        self.widened = widened
         parameterCount = shapes.values.reduce(0) { $0 + $1.reduce(1, *) }
     }
 
-    var residentBytes: Int { parameterCount * 4 }
+    var linearCount: Int { DecoderBlockWeights<Float>.linears.reduce(0) { $0 + (shapes[$1.role]?.reduce(1, *) ?? 0) } }
+    var residentBytes: Int { parameterCount * 4 - (narrow == nil ? 0 : linearCount * 2) }
     var linearShapes: [String: [Int]] {
         Dictionary(uniqueKeysWithValues: DecoderBlockWeights<Float>.linears.compactMap { l in shapes[l.role].map { (l.role, $0) } })
     }
-    func weight(_ key: String) -> DevicePointer {
-        guard let a = arrays[key] else { preconditionFailure("the device block has no \(key)") }
-        return a.pointer
+
+    /// An fp32 tensor of the block: a norm, a bias, or a linear (widened first when stored narrow).
+    func weight(_ key: String) throws -> DevicePointer {
+        if let a = arrays[key] { return a.pointer }
+        if narrow != nil, shapes[key] != nil { return try widened.pointer(key, of: self) }
+        preconditionFailure("the device block has no \(key)")
     }
     func optional(_ key: String) -> DevicePointer { arrays[key]?.pointer ?? 0 }
     var hiddenSize: Int { shapes["inputNorm"]?[0] ?? 0 }
@@ -49,6 +65,36 @@ final class DeviceBlock: BackendBlock, @unchecked Sendable {
         [("inputNorm", \.inputNorm), ("postAttentionNorm", \.postAttentionNorm)]
     static let biases: [(key: String, path: WritableKeyPath<DecoderBlockWeights<Float>, Tensor<Float>?>)] =
         [("qBias", \.qBias), ("kBias", \.kBias), ("vBias", \.vBias), ("oBias", \.oBias)]
+}
+
+/// The backend's one fp32 working copy of a narrow-stored block's linears (after the CPU
+/// backend's `WidenedBlock`): kept for the next use of the same block, overwritten in
+/// place for another (its buffers reused when the shapes agree). A pointer from it is
+/// good until another block is used; every op asks for its block's pointers when it runs.
+final class WidenedLinears: @unchecked Sendable {
+    let device: Device
+    let ops: DeviceOps
+    private let lock = NSLock()
+    private weak var owner: DeviceBlock?
+    private var arrays: [String: DeviceArray] = [:]
+
+    init(ops: DeviceOps) { self.ops = ops; device = ops.device }
+
+    func pointer(_ role: String, of b: DeviceBlock) throws -> DevicePointer {
+        try lock.withLock {
+            if owner !== b {
+                guard let narrow = b.narrow else { preconditionFailure("widening an fp32 block") }
+                for (role, bits) in narrow.bits {
+                    let n = b.shapes[role]!.reduce(1, *)
+                    if arrays[role]?.count != n { arrays[role] = try DeviceArray(device, count: n) }
+                    try ops.widen(bits.pointer, bf16: narrow.dtype == .bf16, into: arrays[role]!.pointer, count: n)
+                }
+                owner = b
+            }
+            guard let a = arrays[role] else { preconditionFailure("the device block has no \(role)") }
+            return a.pointer
+        }
+    }
 }
 
 /// What a forward with `save` keeps for the backward (MBQModel `DecoderBlockSaved`).

@@ -3,6 +3,7 @@ import CBLAS
 import Foundation
 import MBQCluster
 import MBQCoordinator
+import MBQDevice
 import MBQFormats
 import MBQMethods
 import MBQModel
@@ -34,6 +35,8 @@ struct BenchCommand: ParsableCommand {
     var quant = false
     @Flag(help: "Only the distributed benchmarks: streaming, then the demo job on 3 local workers (transfer share, cost model vs measured).")
     var cluster = false
+    @Option(help: "Run the block and search parts on this device (cuda, cuda:N, cuda-emulated) with the CUDA backend.") var device = "cpu"
+    @Option(help: "With --device: also write the figures as JSON to this file.") var json: String?
     @Option(help: .hidden) var transportSend: String?
     @OptionGroup var common: CommonOptions
 
@@ -144,6 +147,13 @@ struct BenchCommand: ParsableCommand {
                 try streamingBench()
                 return
             }
+            if let dev = try DeviceSelection(parsing: device).open() {
+                let report = try deviceBench(makeBlock(), device: dev, label: device)
+                if let json {
+                    try AtomicFile.write(data: try JSONSerialization.data(withJSONObject: report, options: [.prettyPrinted, .sortedKeys]), to: json)
+                }
+                return
+            }
             if !noGemm {
                 gemmBench(m: 4096, k: 4096, n: 4096, label: "4096x4096x4096")
                 gemmBench(m: 2048, k: 4096, n: 11008, label: "2048x4096 -> 11008 (linear)")
@@ -155,12 +165,17 @@ struct BenchCommand: ParsableCommand {
     }
 
     /// Runs a Python script from Scripts/ and returns its last stdout line as JSON.
+    /// The script is looked up under the working directory's Scripts/ first (a bundle run
+    /// beside a copy of them, as the device check does), then in the source tree mbq was built from.
     func python(_ py: String, _ script: String, _ args: [String]) throws -> [String: Any] {
-        let path = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
-            .deletingLastPathComponent().appendingPathComponent("Scripts/" + script).path
+        let local = FileManager.default.currentDirectoryPath + "/Scripts/" + script
+        let path = FileManager.default.fileExists(atPath: local) ? local
+            : URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+                .deletingLastPathComponent().appendingPathComponent("Scripts/" + script).path
         let p = Process()
-        p.executableURL = URL(fileURLWithPath: py)
-        p.arguments = [path] + args
+        p.executableURL = URL(fileURLWithPath: py.contains("/") ? py : "/usr/bin/env")
+        let prefix = py.contains("/") ? [] : [py]   // a bare name ("python3") through PATH
+        p.arguments = prefix + [path] + args
         let pipe = Pipe()
         p.standardOutput = pipe
         try p.run()
@@ -168,7 +183,7 @@ struct BenchCommand: ParsableCommand {
         p.waitUntilExit()
         guard p.terminationStatus == 0, let line = String(data: data, encoding: .utf8)?.split(separator: "\n").last,
               let obj = try JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any] else {
-            throw ValidationError("PyTorch benchmark failed (\(py) \(path)); its output: \(String(decoding: data, as: UTF8.self))")
+            throw ValidationError("PyTorch benchmark failed (\(path)); its output: \(String(decoding: data, as: UTF8.self))")
         }
         return obj
     }

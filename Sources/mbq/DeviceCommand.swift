@@ -1,7 +1,10 @@
 import ArgumentParser
 import Foundation
 import MBQDevice
+import MBQCUDABackend
 import MBQFormats
+import MBQMethods
+import MBQModel
 
 /// `mbq device`: opens a device the way a worker will (libraries, kernels compiled by
 /// NVRTC for its architecture) and runs the per-op conformance against the CPU on it
@@ -21,6 +24,15 @@ struct DeviceCommand: ParsableCommand {
 
     @Option(help: "Also write the report as JSON to this file.")
     var json: String?
+
+    @Option(help: "With --calib: instead of the ops, the layer-step conformance (every backend entry a job uses) of this model's blocks on the first two samples.")
+    var model: String?
+
+    @Option(help: "Calibration bundle for --model.")
+    var calib: String?
+
+    @Option(help: "Layer-step conformance: largest difference allowed, relative to each quantity's scale.")
+    var tolerance = 1e-4
 
     @OptionGroup var common: CommonOptions
 
@@ -48,22 +60,42 @@ struct DeviceCommand: ParsableCommand {
                 report["kernels"] = k.kernels.map { ["name": $0.kernel, "registers": $0.registers, "spill_stores": $0.spillStores,
                                                     "spill_loads": $0.spillLoads, "ptxas_ms": $0.compileMilliseconds] as [String: Any] }
             }
-            let (checks, seconds) = try timed { try OpConformance.run(on: dev) }
-            for c in checks { print(c) }
-            let failed = checks.filter { !$0.passed }
-            print("per-op conformance: \(checks.count - failed.count) of \(checks.count) within tolerance (\(String(format: "%.2f", seconds)) s)")
-            report["conformance"] = checks.map { c -> [String: Any] in
-                var o: [String: Any] = ["op": c.op, "shapes": c.shapes, "max_abs": c.maxAbs, "rel": c.rel,
-                                        "tolerance": c.tolerance, "passed": c.passed]
-                if let f = c.firstDeviation { o["first_deviation"] = f }
-                return o
+            let failed: Int
+            if let model {
+                guard let calib else { throw ValidationError("--model needs --calib") }
+                let ckpt = try Checkpoint(directory: model)
+                let lm = try LanguageModel<Float>.load(ckpt)
+                let bundle = try CalibrationBundle.load(path: calib, for: ckpt.config)
+                let (checks, seconds) = try timed {
+                    try BackendConformance.run(CUDABackend(device: dev), model: lm, samples: Array(bundle.samples.prefix(2)), tolerance: tolerance)
+                }
+                for c in checks { print(c) }
+                failed = checks.filter { !$0.passed }.count
+                print("layer-step conformance (\(model)): \(checks.count - failed) of \(checks.count) within tolerance \(tolerance) (\(String(format: "%.2f", seconds)) s)")
+                report["model"] = model
+                report["layer_conformance"] = checks.map { c -> [String: Any] in
+                    var o: [String: Any] = ["check": c.name, "max_abs": c.maxAbs, "rel": c.rel, "tolerance": c.tolerance, "passed": c.passed]
+                    if let f = c.firstDeviation { o["first_deviation"] = f }
+                    return o
+                }
+            } else {
+                let (checks, seconds) = try timed { try OpConformance.run(on: dev) }
+                for c in checks { print(c) }
+                failed = checks.filter { !$0.passed }.count
+                print("per-op conformance: \(checks.count - failed) of \(checks.count) within tolerance (\(String(format: "%.2f", seconds)) s)")
+                report["conformance"] = checks.map { c -> [String: Any] in
+                    var o: [String: Any] = ["op": c.op, "shapes": c.shapes, "max_abs": c.maxAbs, "rel": c.rel,
+                                            "tolerance": c.tolerance, "passed": c.passed]
+                    if let f = c.firstDeviation { o["first_deviation"] = f }
+                    return o
+                }
             }
-            report["passed"] = failed.isEmpty
+            report["passed"] = failed == 0
             if let json {
                 let data = try JSONSerialization.data(withJSONObject: report, options: [.prettyPrinted, .sortedKeys])
                 try AtomicFile.write(data: data, to: json)
             }
-            if !failed.isEmpty { throw ExitCode.failure }
+            if failed > 0 { throw ExitCode.failure }
         }
     }
 

@@ -72,6 +72,38 @@ final class EmulatedCUDABackendTests: XCTestCase {
         print("emulated CUDA backend: \(groups) searched groups on \(archs.count) families, every grid point, loss curve and weight identical to the CPU's")
     }
 
+    /// Linears stay in the checkpoint's dtype on the device (bf16 for qwen2vl's fixture,
+    /// fp16 when every value is one, fp32 otherwise) and read back exactly; blocks used in
+    /// turn each compute with their own weights (the one widened working copy follows the
+    /// block in use).
+    func testLinearsStayInTheirStoredDTypeAndEachBlockUsesItsOwn() throws {
+        let backend = CUDABackend(device: EmulatedDevice())
+        let (qwen, bundle) = try load("qwen2vl")   // stored bf16
+        let (llava, _) = try load("llava15")       // stored fp32
+        var fp16 = llava.blocks[0]
+        for (_, path) in DecoderBlockWeights<Float>.linears {
+            fp16[keyPath: path].data = fp16[keyPath: path].data.map { HalfPrecision.fp16ToFloat(HalfPrecision.floatToFP16($0)) }
+        }
+        for (w, narrow) in [(qwen.blocks[0], true), (llava.blocks[0], false), (fp16, true)] {
+            let b = try backend.loadBlock(w)
+            let linears = DecoderBlockWeights<Float>.linears.reduce(0) { $0 + w[keyPath: $1.path].count }
+            XCTAssertEqual(b.residentBytes, w.parameterCount * 4 - (narrow ? linears * 2 : 0))
+            let back = try backend.downloadBlock(b)
+            for (role, path) in DecoderBlockWeights<Float>.linears { XCTAssertEqual(back[keyPath: path].data, w[keyPath: path].data, role) }
+        }
+        let blocks = try qwen.blocks.map { try backend.loadBlock($0) }
+        let cpu = CPUBackend()
+        let s = bundle.samples[0]
+        let x = try backend.upload(s.embeds)
+        for l in [0, 1, 0, 2, 1] {
+            let got = try backend.download(try backend.blockForward(x, blocks[l], rope: qwen.ropeTable(s.positions), mask: s.attention,
+                                                                   save: false, capture: false, actBits: nil).output)
+            let want = cpu.download(cpu.blockForward(cpu.upload(try backend.download(x)), cpu.loadBlock(qwen.blocks[l]), rope: qwen.ropeTable(s.positions),
+                                                     mask: s.attention, save: false, capture: false, actBits: nil).output)
+            XCTAssertEqual(got.data, want.data, "layer \(l)")
+        }
+    }
+
     /// Blocks, activations and scratch are device memory: a device too small for a block
     /// fails with the device's out-of-memory error, not a crash.
     func testADeviceTooSmallSaysSo() throws {
