@@ -40,6 +40,8 @@ public struct CUDABackend: ComputeBackend {
         return "emulated CUDA device on \(cpu.device)"
     }
 
+    public var deviceMemoryBytes: UInt64? { (try? accelerator.memoryInfo()).map { UInt64($0.free) } }
+
     func tensor(_ x: BackendTensor) -> DeviceTensor {
         guard let t = x as? DeviceTensor else { preconditionFailure("a \(type(of: x)) handed to the CUDA backend") }
         return t

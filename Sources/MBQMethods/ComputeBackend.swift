@@ -118,6 +118,10 @@ public protocol ComputeBackend: Sendable {
     var name: String { get }
     /// What it computes on, as a worker registers it ("AMD EPYC 9B14 (2 cores)", a GPU's name).
     var device: String { get }
+    /// Bytes of device memory free for the job's layers, captures and working set (a
+    /// GPU's); nil when they live in host memory. A worker's budget is the smaller of this
+    /// and --max-memory, so the plan gives it no more layers than its device holds.
+    var deviceMemoryBytes: UInt64? { get }
 
     // MARK: memory
 
@@ -199,6 +203,8 @@ public protocol ComputeBackend: Sendable {
 }
 
 extension ComputeBackend {
+    public var deviceMemoryBytes: UInt64? { nil }
+
     /// Every searched group of layer `l` (docs/DESIGN.md §2.2): losses of the 20 grid
     /// points, the best, its scales (`ScaleSearch.searchLayer` over this backend's ops).
     /// The samples come in chunks (`SampleChunks`): the result does not depend on how

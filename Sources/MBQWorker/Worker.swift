@@ -128,16 +128,21 @@ public final class Worker: @unchecked Sendable {
         return (control, monitor)
     }
 
+    /// --max-memory, or the device's free memory at start when that is less
+    /// (`ComputeBackend.deviceMemoryBytes`): what the worker registers and plans its layers in.
+    lazy var memoryBudget: UInt64 = min(options.maxMemoryBytes, backend.deviceMemoryBytes ?? .max)
+
     /// Runs until the coordinator says shutdown (returns 0), refuses us (returns 1) or is
     /// gone for `giveUpAfter` seconds (returns 2). The link's timing is `WorkerLink`'s.
     public func run() throws -> Int32 {
+        _ = memoryBudget   // read before any layer is on the device
         var (control, monitor) = try openControl()
         let rates = backend.measureGEMMRates(sizes: GEMMRateSizes.all)
         let gflops = zip(GEMMRateSizes.all, rates).first { $0.0 == GEMMRateSizes.planSize }?.1 ?? rates.last ?? 0
         var reg = Mbq_Register()
         reg.workerID = options.workerID
         reg.host = ProcessInfo.processInfo.hostName
-        reg.maxMemoryBytes = options.maxMemoryBytes
+        reg.maxMemoryBytes = memoryBudget
         reg.threads = UInt32(options.threads)
         reg.gemmGflops = gflops
         reg.dataEndpoint = dataEndpoint
@@ -363,7 +368,7 @@ public final class Worker: @unchecked Sendable {
         // (a byte per weight) until the apply phase.
         let fixed = MemoryBudget.working(cfg, tokens: tokens) + Double(range.count * tokens * cfg.hiddenSize * 4)
             + MemoryBudget.gptqBytes(cfg, options: quantOptions, heldLayers: range.count)
-        let split = MemoryBudget.split(free: max(0, Double(options.maxMemoryBytes) - Double(weights) - fixed),
+        let split = MemoryBudget.split(free: max(0, Double(memoryBudget) - Double(weights) - fixed),
                                        inMemoryInputs: options.scratch == nil ? 2 * stage : 0, chunkTokens: options.chunkTokens,
                                        longest: tokens, bytesPerToken: MemoryBudget.searchBytesPerToken(cfg))
         chunkTokens = split.chunkTokens

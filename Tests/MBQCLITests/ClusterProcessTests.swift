@@ -152,10 +152,15 @@ final class ClusterProcessTests: XCTestCase {
         defer { for x in [coord, w0, w1] where x.isRunning { x.terminate() } }
         XCTAssertTrue(waitExit(coord), text(clog))
         XCTAssertEqual(coord.terminationStatus, 0, text(clog))
-        XCTAssertTrue(hasEvent(clog, "worker_registered") { $0["worker"] as? String == "w0" && ($0["device"] as? String ?? "").hasPrefix("emulated CUDA device on ") },
-                      text(clog))
-        XCTAssertTrue(hasEvent(clog, "worker_registered") { $0["worker"] as? String == "w1" && !($0["device"] as? String ?? "emulated").contains("emulated") },
-                      text(clog))
+        // Each registers its device; the emulated device's 16 GiB bound w0's budget below
+        // the default --max-memory of 20 GiB, as a GPU's memory bounds a GPU worker's.
+        XCTAssertTrue(hasEvent(clog, "worker_registered") {
+            $0["worker"] as? String == "w0" && ($0["device"] as? String ?? "").hasPrefix("emulated CUDA device on ")
+                && $0["memory_bytes"] as? Int == 16 << 30
+        }, text(clog))
+        XCTAssertTrue(hasEvent(clog, "worker_registered") {
+            $0["worker"] as? String == "w1" && !($0["device"] as? String ?? "emulated").contains("emulated") && $0["memory_bytes"] as? Int == 20 << 30
+        }, text(clog))
         XCTAssertTrue(hasEvent(clog, "planned") { Self.plan($0).count == 2 }, text(clog))
         try assertSameAsReference(out)
     }
