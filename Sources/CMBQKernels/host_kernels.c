@@ -24,7 +24,8 @@ static inline float __int_as_float(int bits) {
 #include "kernels/mbq_kernels.cuh"
 
 // cuLaunchKernel's contract: args[i] points to parameter i. One line per kernel; a
-// kernel missing here, or a name here with no kernel, fails KernelSourceTests.
+// kernel missing here, or a name here with no kernel, fails
+// OpConformanceTests.testKernelListsAgree.
 #define P(i, T) (*(T *)args[i])
 typedef const float *cf;
 typedef const unsigned short *cu16;

@@ -247,10 +247,11 @@ public struct CUDABackend: ComputeBackend {
             w.q = q("q"); w.k = q("k"); w.v = q("v")
             return try selfAttention(input, w, shape: d.attention, hidden: hidden, sequence: DeviceSequence(accelerator, rope: rope, mask: mask),
                                      actBits: nil).out
-        case .linear:
-            // The scaled linear with the block's bias (o_proj's; down_proj has none).
+        case let .linear(bias):
+            // The scaled linear with the block's bias, if the table names one and the block has it.
             let role = g.spec.roles[0]
-            return try linear(input, q(role), bias: role == "o" ? d.optional("oBias") : 0, out: d.shapes[role]?[0] ?? 0)
+            let key = bias.flatMap { b in DeviceBlock.biases.first { ($0.path as AnyKeyPath) == (b as AnyKeyPath) }?.key }
+            return try linear(input, q(role), bias: key.map(d.optional) ?? 0, out: d.shapes[role]?[0] ?? 0)
         case .mlp:
             return try mlp(input, gate: q("gate"), up: q("up"), down: d.weight("down"), intermediate: d.intermediateSize, hidden: hidden,
                            actBits: nil).y
