@@ -61,12 +61,10 @@ public struct CUDABackend: ComputeBackend {
         for (key, path) in DeviceBlock.norms { try put(key, w[keyPath: path]) }
         for (key, path) in DeviceBlock.biases { if let t = w[keyPath: path] { try put(key, t) } }
         let linears = DecoderBlockWeights<Float>.linears.map { ($0.role, w[keyPath: $0.path]) }
-        for (dtype, narrowed) in [(DeviceBlock.Narrow.bf16, HalfPrecision.floatToBF16), (.fp16, HalfPrecision.floatToFP16)] {
-            let widen = dtype == .bf16 ? HalfPrecision.bf16ToFloat : HalfPrecision.fp16ToFloat
+        for dtype in [DeviceBlock.Narrow.bf16, .fp16] {
             var bits: [String: [UInt16]] = [:]
             for (role, t) in linears {
-                let b = t.data.map(narrowed)
-                guard zip(b, t.data).allSatisfy({ widen($0).bitPattern == $1.bitPattern }) else { break }
+                guard let b = Self.narrowed(t.data, to: dtype) else { break }
                 bits[role] = b
             }
             guard bits.count == linears.count else { continue }
@@ -80,6 +78,24 @@ public struct CUDABackend: ComputeBackend {
         }
         for (role, t) in linears { try put(role, t) }
         return DeviceBlock(arrays: arrays, narrow: nil, shapes: shapes, attention: w.shape, rmsNormEps: w.rmsNormEps, widened: widened)
+    }
+
+    /// `values` as 16-bit bits of `dtype` when every one is exactly such a value (nil at
+    /// the first that is not).
+    static func narrowed(_ values: [Float], to dtype: DeviceBlock.Narrow) -> [UInt16]? {
+        var out = [UInt16](repeating: 0, count: values.count)
+        let exact = values.withUnsafeBufferPointer { p in
+            out.withUnsafeMutableBufferPointer { q in
+                for i in 0..<p.count {
+                    let h = dtype == .bf16 ? HalfPrecision.floatToBF16(p[i]) : HalfPrecision.floatToFP16(p[i])
+                    let back = dtype == .bf16 ? HalfPrecision.bf16ToFloat(h) : HalfPrecision.fp16ToFloat(h)
+                    guard back.bitPattern == p[i].bitPattern else { return false }
+                    q[i] = h
+                }
+                return true
+            }
+        }
+        return exact ? out : nil
     }
 
     public func loadHead(norm: Tensor<Float>, lmHead: Tensor<Float>, eps: Float) -> BackendHead {

@@ -30,6 +30,8 @@ public final class CUDADevice: Device, @unchecked Sendable {
     typealias CuLaunchKernel = @convention(c) (OpaquePointer?, UInt32, UInt32, UInt32, UInt32, UInt32, UInt32, UInt32, OpaquePointer?,
                                                UnsafeMutablePointer<UnsafeMutableRawPointer?>?, UnsafeMutablePointer<UnsafeMutableRawPointer?>?) -> Int32
     typealias CuGetErrorName = @convention(c) (Int32, UnsafeMutablePointer<UnsafePointer<CChar>?>) -> Int32
+    typealias CuHandleCall = @convention(c) (OpaquePointer?) -> Int32      // cuStreamDestroy_v2, cuModuleUnload, cublasDestroy_v2
+    typealias CuPrimaryCtxRelease = @convention(c) (Int32) -> Int32
     // cuBLAS.
     typealias CublasCreate = @convention(c) (UnsafeMutablePointer<OpaquePointer?>) -> Int32
     typealias CublasSetStream = @convention(c) (OpaquePointer?, OpaquePointer?) -> Int32
@@ -41,6 +43,14 @@ public final class CUDADevice: Device, @unchecked Sendable {
 
     static let cudaR32F: Int32 = 0, computeType32F: Int32 = 68, gemmDefault: Int32 = -1
     static let attributeComputeMajor: Int32 = 75, attributeComputeMinor: Int32 = 76
+
+    /// A value behind a lock.
+    final class Locked<Value>: @unchecked Sendable {
+        private var value: Value
+        private let lock = NSLock()
+        init(_ value: Value) { self.value = value }
+        func withLock<R>(_ body: (inout Value) -> R) -> R { lock.lock(); defer { lock.unlock() }; return body(&value) }
+    }
 
     struct Driver {
         let getErrorName: CuGetErrorName?
@@ -61,7 +71,15 @@ public final class CUDADevice: Device, @unchecked Sendable {
     let api: Driver
     let stream: OpaquePointer?
     let cublas: OpaquePointer?
+    let module: OpaquePointer?
     let functions: [Kernel: OpaquePointer]
+    /// Live allocations' sizes, and freed ones kept for reuse (`AllocationPool`).
+    let sizes = Locked<[DevicePointer: Int]>([:])
+    let pool = Locked(AllocationPool())
+    /// What deinit releases, in order: cuBLAS's handle, the module, the stream, the
+    /// primary context's reference.
+    let release: (cublasDestroy: CuHandleCall, moduleUnload: CuHandleCall, streamDestroy: CuHandleCall,
+                  contextRelease: CuPrimaryCtxRelease, device: Int32)
 
     /// Opens GPU `ordinal`: a clear error when libcuda is missing (naming it and
     /// `MBQ_CUDA_LIBS`), when there is no such GPU, or when a call fails.
@@ -120,22 +138,35 @@ public final class CUDADevice: Device, @unchecked Sendable {
 
         // The kernels, compiled for this GPU and loaded as one module.
         let out = try KernelCompiler(environment: environment).compile(architecture: architecture)
-        var module: OpaquePointer?
+        var loaded: OpaquePointer?
         try out.cubin.withUnsafeBytes { p in
-            try check("cuModuleLoadData", try sym(cuda, d, "cuModuleLoadData", CuModuleLoadData.self)(&module, p.baseAddress!))
+            try check("cuModuleLoadData", try sym(cuda, d, "cuModuleLoadData", CuModuleLoadData.self)(&loaded, p.baseAddress!))
         }
+        module = loaded
         let getFunction = try sym(cuda, d, "cuModuleGetFunction", CuModuleGetFunction.self)
         var fns: [Kernel: OpaquePointer] = [:]
         for k in Kernel.allCases {
             var f: OpaquePointer?
-            try check("cuModuleGetFunction \(k.rawValue)", getFunction(&f, module, k.rawValue))
+            try check("cuModuleGetFunction \(k.rawValue)", getFunction(&f, loaded, k.rawValue))
             guard let f else { throw DeviceError.call("cuModuleGetFunction \(k.rawValue)", status: -1) }
             fns[k] = f
         }
         functions = fns
         compiled = out
+        release = (try sym(blas, b, "cublasDestroy_v2", CuHandleCall.self), try sym(cuda, d, "cuModuleUnload", CuHandleCall.self),
+                   try sym(cuda, d, "cuStreamDestroy_v2", CuHandleCall.self),
+                   try sym(cuda, d, "cuDevicePrimaryCtxRelease_v2", CuPrimaryCtxRelease.self), dev)
         self.ordinal = ordinal
         libraryFolders = [CUDALibraries.driver: cudaFolder, CUDALibraries.cublas: blasFolder]
+    }
+
+    deinit {
+        _ = try? synchronize()
+        for p in pool.withLock({ $0.drain() }) + Array(sizes.withLock { $0.keys }) { _ = api.memFree(p) }
+        _ = release.cublasDestroy(cublas)
+        _ = release.moduleUnload(module)
+        _ = release.streamDestroy(stream)
+        _ = release.contextRelease(release.device)
     }
 
     static func statusName(_ status: Int32, _ errorName: CuGetErrorName?) -> String {
@@ -149,18 +180,32 @@ public final class CUDADevice: Device, @unchecked Sendable {
         throw DeviceError.call(call + Self.statusName(status, api.getErrorName), status: status)
     }
 
+    /// Allocations are rounded up to 256 bytes and reused from `pool` by size.
     public func allocate(_ bytes: Int) throws -> DevicePointer {
         guard bytes > 0 else { throw DeviceError.invalidArgument(op: "allocate", reason: "\(bytes) bytes") }
-        var p: UInt64 = 0
-        let status = api.memAlloc(&p, bytes)
-        if status == 2 {   // CUDA_ERROR_OUT_OF_MEMORY
-            throw DeviceError.outOfMemory(requested: bytes, free: (try? memoryInfo().free) ?? 0)
+        let size = (bytes + 255) / 256 * 256
+        if let p = pool.withLock({ $0.take(size) }) {
+            sizes.withLock { $0[p] = size }
+            return p
         }
+        var p: UInt64 = 0
+        var status = api.memAlloc(&p, size)
+        if status == 2 {   // CUDA_ERROR_OUT_OF_MEMORY: give the pool back and try once more
+            for q in pool.withLock({ $0.drain() }) { _ = api.memFree(q) }
+            status = api.memAlloc(&p, size)
+        }
+        if status == 2 { throw DeviceError.outOfMemory(requested: bytes, free: (try? memoryInfo().free) ?? 0) }
         try check("cuMemAlloc_v2", status)
+        sizes.withLock { $0[p] = size }
         return p
     }
 
-    public func free(_ p: DevicePointer) throws { try check("cuMemFree_v2", api.memFree(p)) }
+    public func free(_ p: DevicePointer) throws {
+        guard let size = sizes.withLock({ $0.removeValue(forKey: p) }) else {
+            throw DeviceError.invalidArgument(op: "free", reason: "0x\(String(p, radix: 16)) is not an allocation's start")
+        }
+        pool.withLock { $0.put(p, bytes: size) }
+    }
 
     public func copy(_ host: UnsafeRawBufferPointer, to p: DevicePointer) throws {
         guard host.count > 0 else { return }
@@ -208,10 +253,11 @@ public final class CUDADevice: Device, @unchecked Sendable {
         try check("cuLaunchKernel \(kernel.rawValue)", status)
     }
 
+    /// The driver's free memory plus what the pool holds for reuse.
     public func memoryInfo() throws -> DeviceMemoryInfo {
         var free = 0, total = 0
         try check("cuMemGetInfo_v2", api.memGetInfo(&free, &total))
-        return DeviceMemoryInfo(free: free, total: total)
+        return DeviceMemoryInfo(free: free + pool.withLock { $0.pooledBytes }, total: total)
     }
 
     public func synchronize() throws { try check("cuStreamSynchronize", api.streamSynchronize(stream)) }

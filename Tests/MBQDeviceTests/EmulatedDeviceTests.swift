@@ -145,3 +145,22 @@ final class CUDALibrariesTests: XCTestCase {
         dlclose(h)
     }
 }
+
+/// The CUDA device's pool of freed allocations: reuse by exact size, last freed first,
+/// and everything handed back when the device runs out of memory.
+final class AllocationPoolTests: XCTestCase {
+    func testReuseBySizeAndDrain() {
+        var pool = AllocationPool()
+        XCTAssertNil(pool.take(256))
+        pool.put(0x1000, bytes: 256)
+        pool.put(0x2000, bytes: 512)
+        pool.put(0x3000, bytes: 256)
+        XCTAssertEqual(pool.pooledBytes, 1024)
+        XCTAssertEqual(pool.take(256), 0x3000)
+        XCTAssertNil(pool.take(768), "no other size is handed out")
+        XCTAssertEqual(pool.pooledBytes, 768)
+        XCTAssertEqual(Set(pool.drain()), [0x1000, 0x2000])
+        XCTAssertEqual(pool.pooledBytes, 0)
+        XCTAssertNil(pool.take(512))
+    }
+}
