@@ -23,21 +23,24 @@ public struct CUDABackend: ComputeBackend {
     let cpu = CPUBackend()
     let widened: WidenedLinears
 
-    public init(device: Device) {
-        ops = DeviceOps(device: device)
+    /// `precision`: strict fp32 GEMMs (the default, for parity with the CPU) or bf16
+    /// inputs with fp32 accumulation (`GEMMPrecision`).
+    public init(device: Device, precision: GEMMPrecision = .strict) {
+        ops = DeviceOps(device: device, precision: precision)
         widened = WidenedLinears(ops: ops)
     }
 
-    public var name: String { accelerator is EmulatedDevice ? "cuda-emulated" : "cuda" }
+    public var name: String { (accelerator is EmulatedDevice ? "cuda-emulated" : "cuda") + (ops.precision == .bf16 ? " bf16" : "") }
 
     /// What it computes on, as a worker registers it: the GPU's name and memory, or the
     /// emulated device and the CPU under it.
     public var device: String {
+        let gemms = ops.precision == .bf16 ? ", bf16 GEMMs" : ""
         guard accelerator is EmulatedDevice else {
             let total = (try? accelerator.memoryInfo().total) ?? 0
-            return "\(accelerator.name) (\(String(format: "%.0f", Double(total) / Double(1 << 30))) GiB)"
+            return "\(accelerator.name) (\(String(format: "%.0f", Double(total) / Double(1 << 30))) GiB\(gemms))"
         }
-        return "emulated CUDA device on \(cpu.device)"
+        return "emulated CUDA device on \(cpu.device)\(gemms)"
     }
 
     public var deviceMemoryBytes: UInt64? { (try? accelerator.memoryInfo()).map { UInt64($0.free) } }

@@ -41,7 +41,8 @@ public final class CUDADevice: Device, @unchecked Sendable {
                                                            UInt64, Int32, Int32, Int64, UInt64, Int32, Int32, Int64, UnsafeRawPointer,
                                                            UInt64, Int32, Int32, Int64, Int32, Int32, Int32) -> Int32
 
-    static let cudaR32F: Int32 = 0, computeType32F: Int32 = 68, gemmDefault: Int32 = -1
+    static let cudaR32F: Int32 = 0, computeType32F: Int32 = 68, computeType32FFast16BF: Int32 = 75, gemmDefault: Int32 = -1
+    static func computeType(_ p: GEMMPrecision) -> Int32 { p == .strict ? computeType32F : computeType32FFast16BF }
     static let attributeComputeMajor: Int32 = 75, attributeComputeMinor: Int32 = 76
 
     /// A value behind a lock.
@@ -231,7 +232,7 @@ public final class CUDADevice: Device, @unchecked Sendable {
         var alpha = g.alpha, beta = g.beta
         try check("cublasGemmEx", api.gemmEx(cublas, g.transA.rawValue, g.transB.rawValue, Int32(g.m), Int32(g.n), Int32(g.k), &alpha,
                                              g.a, Self.cudaR32F, Int32(g.lda), g.b, Self.cudaR32F, Int32(g.ldb), &beta,
-                                             g.c, Self.cudaR32F, Int32(g.ldc), Self.computeType32F, Self.gemmDefault))
+                                             g.c, Self.cudaR32F, Int32(g.ldc), Self.computeType(g.precision), Self.gemmDefault))
     }
 
     public func gemmStridedBatched(_ g: GEMM, strideA: Int, strideB: Int, strideC: Int, batch: Int) throws {
@@ -242,7 +243,7 @@ public final class CUDADevice: Device, @unchecked Sendable {
                   api.gemmStridedBatchedEx(cublas, g.transA.rawValue, g.transB.rawValue, Int32(g.m), Int32(g.n), Int32(g.k), &alpha,
                                            g.a, Self.cudaR32F, Int32(g.lda), Int64(strideA), g.b, Self.cudaR32F, Int32(g.ldb), Int64(strideB),
                                            &beta, g.c, Self.cudaR32F, Int32(g.ldc), Int64(strideC), Int32(batch),
-                                           Self.computeType32F, Self.gemmDefault))
+                                           Self.computeType(g.precision), Self.gemmDefault))
     }
 
     public func launch(_ kernel: Kernel, _ shape: LaunchShape, _ arguments: [KernelArgument]) throws {

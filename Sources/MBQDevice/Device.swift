@@ -15,6 +15,17 @@ public enum GEMMOperation: Int32, Sendable {
     case transpose = 1
 }
 
+/// How a GEMM's products are formed (issue 25). `strict`: fp32 inputs and products,
+/// CUBLAS_COMPUTE_32F (no TF32) — the CPU's arithmetic up to summation order, the default.
+/// `bf16`: A and B rounded to bf16 (to nearest, ties to even) and multiplied on the tensor
+/// cores with fp32 accumulation, CUBLAS_COMPUTE_32F_FAST_16BF on fp32 matrices — faster
+/// on a GPU, and a candidate's loss moves by bf16's rounding, which can change a grid
+/// point where two are nearly tied.
+public enum GEMMPrecision: String, Sendable, CaseIterable {
+    case strict
+    case bf16
+}
+
 /// One column-major product C = alpha op(A) op(B) + beta C, in cuBLAS's terms
 /// (`cublasGemmEx` with fp32 inputs, outputs and CUBLAS_COMPUTE_32F): op(A) is m×k,
 /// op(B) k×n, C m×n; element (i, j) of a matrix X with leading dimension ld is at
@@ -27,11 +38,13 @@ public struct GEMM: Sendable, Equatable {
     public var a: DevicePointer, lda: Int
     public var b: DevicePointer, ldb: Int
     public var c: DevicePointer, ldc: Int
+    public var precision: GEMMPrecision
 
     public init(transA: GEMMOperation, transB: GEMMOperation, m: Int, n: Int, k: Int, alpha: Float = 1,
-                a: DevicePointer, lda: Int, b: DevicePointer, ldb: Int, beta: Float = 0, c: DevicePointer, ldc: Int) {
+                a: DevicePointer, lda: Int, b: DevicePointer, ldb: Int, beta: Float = 0, c: DevicePointer, ldc: Int,
+                precision: GEMMPrecision = .strict) {
         self.transA = transA; self.transB = transB; self.m = m; self.n = n; self.k = k; self.alpha = alpha; self.beta = beta
-        self.a = a; self.lda = lda; self.b = b; self.ldb = ldb; self.c = c; self.ldc = ldc
+        self.a = a; self.lda = lda; self.b = b; self.ldb = ldb; self.c = c; self.ldc = ldc; self.precision = precision
     }
 
     /// Rows and columns of A, B and C as stored.
@@ -73,7 +86,7 @@ public protocol Device: AnyObject, Sendable {
     func copy(_ p: DevicePointer, to host: UnsafeMutableRawBufferPointer) throws
     /// cuMemcpyDtoDAsync.
     func copy(_ from: DevicePointer, to: DevicePointer, bytes: Int) throws
-    /// cublasGemmEx, fp32 in and out, CUBLAS_COMPUTE_32F.
+    /// cublasGemmEx, fp32 in and out, CUBLAS_COMPUTE_32F (or _32F_FAST_16BF: `GEMM.precision`).
     func gemm(_ g: GEMM) throws
     /// cublasGemmStridedBatchedEx: `batch` products, operand i at a + i·strideA elements
     /// (and b, c likewise).

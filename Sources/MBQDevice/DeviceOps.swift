@@ -9,8 +9,10 @@ public struct DeviceOps: Sendable {
     public let device: Device
     /// Threads per block for every launch.
     public var blockSize = 256
+    /// Every GEMM's precision (`GEMMPrecision`; strict unless asked).
+    public var precision: GEMMPrecision
 
-    public init(device: Device) { self.device = device }
+    public init(device: Device, precision: GEMMPrecision = .strict) { self.device = device; self.precision = precision }
 
     func launch(_ k: Kernel, threads: Int, _ args: [KernelArgument]) throws {
         guard threads > 0 else { return }
@@ -35,7 +37,7 @@ public struct DeviceOps: Sendable {
                              a: DevicePointer, lda: Int, b: DevicePointer, ldb: Int,
                              beta: Float = 0, c: DevicePointer, ldc: Int) throws {
         try device.gemm(GEMM(transA: transB ? .transpose : .none, transB: transA ? .transpose : .none, m: n, n: m, k: k, alpha: alpha,
-                             a: b, lda: ldb, b: a, ldb: lda, beta: beta, c: c, ldc: ldc))
+                             a: b, lda: ldb, b: a, ldb: lda, beta: beta, c: c, ldc: ldc, precision: precision))
     }
 
     // MARK: linears

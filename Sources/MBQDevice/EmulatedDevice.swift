@@ -100,10 +100,22 @@ public final class EmulatedDevice: Device, @unchecked Sendable {
                 for j in 0..<g.n { for r in 0..<g.m { pc[r + j * g.ldc] = g.beta == 0 ? 0 : g.beta * pc[r + j * g.ldc] } }
                 continue
             }
-            Float.gemm(transA: g.transB == .transpose, transB: g.transA == .transpose, m: g.n, n: g.m, k: g.k, alpha: g.alpha,
-                       a: UnsafePointer(b.assumingMemoryBound(to: Float.self)), lda: g.ldb,
-                       b: UnsafePointer(a.assumingMemoryBound(to: Float.self)), ldb: g.lda,
-                       beta: g.beta, c: pc, ldc: g.ldc)
+            let pa = UnsafePointer(a.assumingMemoryBound(to: Float.self)), pb = UnsafePointer(b.assumingMemoryBound(to: Float.self))
+            guard g.precision == .bf16 else {
+                Float.gemm(transA: g.transB == .transpose, transB: g.transA == .transpose, m: g.n, n: g.m, k: g.k, alpha: g.alpha,
+                           a: pb, lda: g.ldb, b: pa, ldb: g.lda, beta: g.beta, c: pc, ldc: g.ldc)
+                continue
+            }
+            // bf16: the operands rounded to bf16 as the tensor cores take them, the products
+            // and sums in fp32 (the copies span the operands' stored extent).
+            let qa = Self.roundedToBF16(pa, count: GEMM.span(rows: ra, cols: ca, ld: g.lda) / 4)
+            let qb = Self.roundedToBF16(pb, count: GEMM.span(rows: rb, cols: cb, ld: g.ldb) / 4)
+            qa.withUnsafeBufferPointer { qa in
+                qb.withUnsafeBufferPointer { qb in
+                    Float.gemm(transA: g.transB == .transpose, transB: g.transA == .transpose, m: g.n, n: g.m, k: g.k, alpha: g.alpha,
+                               a: qb.baseAddress!, lda: g.ldb, b: qa.baseAddress!, ldb: g.lda, beta: g.beta, c: pc, ldc: g.ldc)
+                }
+            }
         }
     }
 
@@ -123,6 +135,11 @@ public final class EmulatedDevice: Device, @unchecked Sendable {
                                 UInt64(range.lowerBound), UInt64(range.upperBound), params)
             }
         }
+    }
+
+    /// `count` values from `p`, each rounded to the nearest bf16 (ties to even).
+    static func roundedToBF16(_ p: UnsafePointer<Float>, count: Int) -> [Float] {
+        (0..<count).map { HalfPrecision.bf16ToFloat(HalfPrecision.floatToBF16(p[$0])) }
     }
 
     public func memoryInfo() throws -> DeviceMemoryInfo {

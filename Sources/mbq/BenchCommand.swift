@@ -37,6 +37,7 @@ struct BenchCommand: ParsableCommand {
     var cluster = false
     @Option(help: "Run the block and search parts on this device (cuda, cuda:N, cuda-emulated) with the CUDA backend.") var device = "cpu"
     @Option(help: "With --device: also write the figures as JSON to this file.") var json: String?
+    @Option(help: "With --device: the GEMMs' precision, strict or bf16.") var precision: GEMMPrecision = .strict
     @Option(help: .hidden) var transportSend: String?
     @OptionGroup var common: CommonOptions
 

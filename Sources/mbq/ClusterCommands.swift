@@ -1,9 +1,9 @@
 import ArgumentParser
-import MBQDevice
 import Foundation
 import Logging
 import MBQCluster
 import MBQCoordinator
+import MBQDevice
 import MBQFormats
 import MBQMethods
 import MBQTensor
@@ -24,6 +24,7 @@ struct WorkerCommand: ParsableCommand {
     @Option(help: "Directory for block inputs past --max-memory (local disk; default: they stay in memory and count against the budget).")
     var scratch: String?
     @Option(help: "Compute device: cpu, cuda (GPU 0), cuda:N, or cuda-emulated (the CUDA backend on the host, for checks).") var device = "cpu"
+    @Option(help: "With a CUDA device: strict (fp32 GEMMs) or bf16 (bf16 GEMM inputs, fp32 sums).") var precision: GEMMPrecision = .strict
     @Option(help: "Seconds without any coordinator before the worker exits (it registers again every 3 s meanwhile).")
     var giveUpAfter = 600.0
     @OptionGroup var secret: SecretOptions
@@ -61,7 +62,7 @@ struct WorkerCommand: ParsableCommand {
                 let (pub, sec) = try Curve.readKeypair(keyFile)
                 o.curve = (try Curve.readKey(serverKey), pub, sec)
             }
-            status = try Worker(options: o, backend: try computeBackend(device, storedPrecision: true)).run()
+            status = try Worker(options: o, backend: try computeBackend(device, storedPrecision: true, precision: precision)).run()
         }
         if status != 0 { throw ExitCode(status) }
     }

@@ -12,8 +12,8 @@ import MBQTensor
 /// Every figure is measured here, on the device named in the output.
 extension BenchCommand {
     func deviceBench(_ w: DecoderBlockWeights<Float>, device dev: Device, label: String) throws -> [String: Any] {
-        let backend = CUDABackend(device: dev)
-        var report: [String: Any] = ["device": backend.device, "selection": label, "tokens": tokens, "hidden": hidden,
+        let backend = CUDABackend(device: dev, precision: precision)
+        var report: [String: Any] = ["device": backend.device, "selection": label, "precision": precision.rawValue, "tokens": tokens, "hidden": hidden,
                                      "intermediate": intermediate, "heads": heads]
         print("device: \(backend.device)")
         func seconds(_ body: () throws -> Void) throws -> Double {
@@ -36,13 +36,13 @@ extension BenchCommand {
         let flops = 2 * Double(tokens) * Double(hidden) * Double(intermediate)
         let raw = try seconds {
             try dev.gemm(GEMM(transA: .transpose, transB: .none, m: intermediate, n: tokens, k: hidden, a: wt.pointer, lda: hidden,
-                              b: x.pointer, ldb: hidden, c: y.pointer, ldc: intermediate))
+                              b: x.pointer, ldb: hidden, c: y.pointer, ldc: intermediate, precision: precision))
         }
         let wrapped = try seconds {
             let out = try DeviceArray(dev, count: tokens * intermediate)
             try backend.ops.linear(x.pointer, weight: wt.pointer, into: out.pointer, rows: tokens, inFeatures: hidden, outFeatures: intermediate)
         }
-        print(String(format: "GEMM %dx%d -> %d (linear), fp32: raw %.1f GFLOP/s, wrapper %.1f GFLOP/s, wrapper/raw %.1f%%",
+        print(String(format: "GEMM %dx%d -> %d (linear), \(precision.rawValue): raw %.1f GFLOP/s, wrapper %.1f GFLOP/s, wrapper/raw %.1f%%",
                      tokens, hidden, intermediate, flops / raw / 1e9, flops / wrapped / 1e9, 100 * raw / wrapped))
         report["gemm_raw_gflops"] = flops / raw / 1e9
         report["gemm_wrapper_gflops"] = flops / wrapped / 1e9

@@ -3,6 +3,7 @@ import Foundation
 import Logging
 import MBQCluster
 import MBQCoordinator
+import MBQDevice
 import MBQFormats
 import MBQMethods
 import MBQModel
@@ -93,6 +94,8 @@ struct QuantizeCommand: ParsableCommand {
     @Option(help: "Start N local worker processes and run distributed (0: in this process).") var workers = 0
     @Option(help: "Compute device: cpu, cuda (GPU 0; with --workers N, worker i on GPU i), cuda:N, or cuda-emulated (the CUDA backend run on the host, for checks).")
     var device = "cpu"
+    @Option(help: "With a CUDA device: strict (fp32 GEMMs, the CPU's results up to rounding order) or bf16 (bf16 GEMM inputs, fp32 sums: faster, may move near-tie grid points).")
+    var precision: GEMMPrecision = .strict
     @Option(help: "With --workers: each local worker's memory budget (block inputs past it spill to JOB-DIR/scratch).")
     var workerMaxMemory = "20GiB"
     @Option(help: "In this process: the memory budget (default: 3/4 of physical memory); block inputs kept for the gradient pass past what it leaves go to --scratch.")
@@ -109,8 +112,8 @@ struct QuantizeCommand: ParsableCommand {
         try runReportingErrors {
             let logger = Logger(label: "mbq.quantize")
             // The device first: without a driver, one line and nothing read or written.
-            let backend = try computeBackend(workers > 0 ? "cpu" : device, storedPrecision: false)
-            if workers > 0 { _ = try computeBackend(try localWorkerDevice(device, worker: 0), storedPrecision: true) }
+            let backend = try computeBackend(workers > 0 ? "cpu" : device, storedPrecision: false, precision: workers > 0 ? .strict : precision)
+            if workers > 0 { _ = try computeBackend(try localWorkerDevice(device, worker: 0), storedPrecision: true, precision: precision) }
             let (ckpt, bundle) = try job.prepare()
             if workers > 0 {
                 try runLocalCluster(ckpt: ckpt, bundle: bundle)
@@ -191,7 +194,8 @@ struct QuantizeCommand: ParsableCommand {
             let scratch = jobDir + "/scratch-w\(i)"
             try FileManager.default.createDirectory(atPath: scratch, withIntermediateDirectories: true)
             p.arguments = ["worker", "--connect", coord.endpoint, "--id", "w\(i)", "--threads", "\(threads)",
-                           "--max-memory", workerMaxMemory, "--scratch", scratch, "--device", try localWorkerDevice(device, worker: i)]
+                           "--max-memory", workerMaxMemory, "--scratch", scratch, "--device", try localWorkerDevice(device, worker: i),
+                           "--precision", precision.rawValue]
                 + (chunkTokens.map { ["--chunk-tokens", "\($0)"] } ?? [])
             p.environment = ProcessInfo.processInfo.environment.merging([SharedSecret.environmentVariable: secret]) { $1 }
             try p.run()

@@ -32,6 +32,8 @@ final class DeviceCLITests: XCTestCase {
         XCTAssertFalse(FileManager.default.fileExists(atPath: out + ".job"))
         XCTAssertFalse(FileManager.default.fileExists(atPath: tmp + "/report.json"))
         try assertFails(["quantize", "--model", model, "--calib", calib, "--out", out, "--device", "gpu"], mentioning: ["'gpu' is not cpu, cuda, cuda:N or cuda-emulated"])
+        try assertFails(["quantize", "--model", model, "--calib", calib, "--out", out, "--precision", "bf16"], mentioning: ["--precision bf16 needs a CUDA device"])
+        XCTAssertFalse(FileManager.default.fileExists(atPath: out))
     }
 
     /// The per-op conformance on the emulated device from the command line, with its JSON report.

@@ -104,6 +104,28 @@ final class EmulatedCUDABackendTests: XCTestCase {
         }
     }
 
+    /// bf16 GEMMs (`--precision bf16`): every GEMM's operands rounded to bf16, so the
+    /// losses move; the jobs finish with finite weights, and most grid points stay. How
+    /// many moved is printed (near-ties move first), not promised.
+    func testBF16PrecisionRunsWholeJobs() throws {
+        var moved = 0, groups = 0
+        for arch in ["llava15", "qwen2vl", "internvl2"] {
+            let (model, bundle) = try load(arch)
+            var o = QuantizeOptions()
+            o.method = .mbq; o.wBit = 4; o.group = 128
+            let strict = try QuantizeJob.run(model: model, samples: bundle.samples, options: o, backend: CUDABackend(device: EmulatedDevice()))
+            let bf16 = try QuantizeJob.run(model: model, samples: bundle.samples, options: o,
+                                           backend: CUDABackend(device: EmulatedDevice(), precision: .bf16))
+            XCTAssertEqual(bf16.groups.count, strict.groups.count, arch)
+            XCTAssertNotEqual(bf16.groups.map(\.losses), strict.groups.map(\.losses), "\(arch): bf16 GEMMs move the losses")
+            for b in bf16.blocks { for (role, path) in DecoderBlockWeights<Float>.linears { XCTAssertTrue(allFinite(b[keyPath: path]), "\(arch) \(role)") } }
+            for (g, s) in zip(bf16.groups, strict.groups) where g.bestIndex != s.bestIndex { moved += 1 }
+            groups += strict.groups.count
+        }
+        print("bf16 GEMMs on the emulated device: \(moved) of \(groups) grid points moved from strict")
+        XCTAssertLessThan(moved, groups / 2)
+    }
+
     /// Blocks, activations and scratch are device memory: a device too small for a block
     /// fails with the device's out-of-memory error, not a crash.
     func testADeviceTooSmallSaysSo() throws {

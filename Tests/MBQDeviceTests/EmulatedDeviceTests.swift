@@ -164,3 +164,23 @@ final class AllocationPoolTests: XCTestCase {
         XCTAssertNil(pool.take(512))
     }
 }
+
+/// `GEMMPrecision.bf16` on the emulated device: exactly the strict product of the operands
+/// rounded to bf16 (ties to even), so the rounding is the only change.
+final class BF16GEMMTests: XCTestCase {
+    func testBF16IsTheStrictProductOfRoundedOperands() throws {
+        let dev = EmulatedDevice()
+        var rng = SeededRandom(seed: 9)
+        let (m, n, k) = (37, 45, 96)
+        let a: [Float] = (0..<(m * k)).map { _ in Float(rng.normal()) }, b: [Float] = (0..<(k * n)).map { _ in Float(rng.normal()) }
+        let round = { (v: [Float]) in v.map { HalfPrecision.bf16ToFloat(HalfPrecision.floatToBF16($0)) } }
+        func product(_ a: [Float], _ b: [Float], _ p: GEMMPrecision) throws -> [Float] {
+            let da = try dev.upload(a), db = try dev.upload(b), dc = try dev.upload([Float](repeating: 0, count: m * n))
+            try dev.gemm(GEMM(transA: .none, transB: .none, m: m, n: n, k: k, a: da, lda: m, b: db, ldb: k, c: dc, ldc: m, precision: p))
+            return try dev.download(dc, count: m * n)
+        }
+        let bf16 = try product(a, b, .bf16)
+        XCTAssertEqual(bf16, try product(round(a), round(b), .strict))
+        XCTAssertNotEqual(bf16, try product(a, b, .strict), "the operands were rounded")
+    }
+}
