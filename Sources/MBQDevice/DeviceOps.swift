@@ -7,8 +7,10 @@ import MBQModel
 /// dimension L as a column-major [C, R] one with the same L (../shared/CUDA.md).
 public struct DeviceOps: Sendable {
     public let device: Device
-    /// Threads per block for every launch.
-    public var blockSize = 256
+    /// Threads per block: 256, or 32 for launches of fewer than 32,768 threads (the
+    /// one-thread-per-row kernels: a 1024-token RMSNorm is 1024 threads, which blocks of
+    /// 256 would put on 4 of an H100's 132 SMs). Results do not depend on it.
+    public static func blockSize(threads: Int) -> Int { threads < 32_768 ? 32 : 256 }
     /// Every GEMM's precision (`GEMMPrecision`; strict unless asked).
     public var precision: GEMMPrecision
 
@@ -16,7 +18,7 @@ public struct DeviceOps: Sendable {
 
     func launch(_ k: Kernel, threads: Int, _ args: [KernelArgument]) throws {
         guard threads > 0 else { return }
-        try device.launch(k, LaunchShape(threads: threads, blockSize: blockSize), args)
+        try device.launch(k, LaunchShape(threads: threads, blockSize: Self.blockSize(threads: threads)), args)
     }
 
     // MARK: stored dtypes
