@@ -70,7 +70,8 @@ final class DeviceBlock: BackendBlock, @unchecked Sendable {
 /// The backend's one fp32 working copy of a narrow-stored block's linears (after the CPU
 /// backend's `WidenedBlock`): kept for the next use of the same block, overwritten in
 /// place for another (its buffers reused when the shapes agree). A pointer from it is
-/// good until another block is used; every op asks for its block's pointers when it runs.
+/// good until another block is used; every op asks for its block's pointers when it runs,
+/// and a backend is used from one thread at a time (the job and the worker are sequential).
 final class WidenedLinears: @unchecked Sendable {
     let device: Device
     let ops: DeviceOps
