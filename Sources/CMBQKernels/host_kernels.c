@@ -62,6 +62,12 @@ static void k_attention_backward_rows(void **args) {
                             P(8, ll), P(9, ll), P(10, ll), P(11, ll));
 }
 static void k_row_error(void **args) { row_error(P(0, float *), P(1, cf), P(2, cf), P(3, ll), P(4, ll), P(5, int)); }
+static void k_log_softmax_rows(void **args) { log_softmax_rows(P(0, float *), P(1, ll), P(2, ll)); }
+static void k_exp_inplace(void **args) { exp_inplace(P(0, float *), P(1, ll)); }
+static void k_scale(void **args) { scale(P(0, float *), P(1, float), P(2, ll)); }
+static void k_pick_per_row(void **args) { pick_per_row(P(0, float *), P(1, cf), P(2, const long long *), P(3, ll), P(4, ll)); }
+static void k_add_per_row(void **args) { add_per_row(P(0, float *), P(1, const long long *), P(2, float), P(3, ll), P(4, ll)); }
+static void k_scatter_rows(void **args) { scatter_rows(P(0, float *), P(1, cf), P(2, const long long *), P(3, ll), P(4, ll)); }
 #undef P
 
 static const struct { const char *name; void (*run)(void **); } kernels[] = {
@@ -74,6 +80,8 @@ static const struct { const char *name; void (*run)(void **); } kernels[] = {
     {"scale_columns", k_scale_columns}, {"add_inplace", k_add_inplace},
     {"broadcast_rows", k_broadcast_rows}, {"fill", k_fill}, {"gather_rows", k_gather_rows}, {"column_abs_sums", k_column_abs_sums},
     {"row_error", k_row_error},
+    {"log_softmax_rows", k_log_softmax_rows}, {"exp_inplace", k_exp_inplace}, {"scale", k_scale},
+    {"pick_per_row", k_pick_per_row}, {"add_per_row", k_add_per_row}, {"scatter_rows", k_scatter_rows},
 };
 
 int mbq_host_kernel_count(void) { return (int)(sizeof kernels / sizeof kernels[0]); }

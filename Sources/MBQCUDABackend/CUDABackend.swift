@@ -14,8 +14,8 @@ import MBQTensor
 /// (`BackendConformance`).
 ///
 /// What runs on the host, reading the device's values back (each once per layer or per
-/// sample, not per grid point): the caption loss head, the gradient means and the
-/// finiteness check, SmoothQuant's scales, applying scales, quantizing, and GPTQ.
+/// sample, not per grid point): the gradient means' last sums, the finiteness check,
+/// SmoothQuant's scales, applying scales, quantizing, and GPTQ.
 public struct CUDABackend: ComputeBackend {
     public let ops: DeviceOps
     /// The device it computes on.
@@ -101,8 +101,16 @@ public struct CUDABackend: ComputeBackend {
         return exact ? out : nil
     }
 
-    public func loadHead(norm: Tensor<Float>, lmHead: Tensor<Float>, eps: Float) -> BackendHead {
-        DeviceHead(norm: norm, lmHead: lmHead, eps: eps)
+    public func loadHead(norm: Tensor<Float>, lmHead: Tensor<Float>, eps: Float) throws -> BackendHead {
+        let (vocab, hidden) = (lmHead.shape[0], lmHead.shape[1])
+        for dtype in [DeviceBlock.Narrow.bf16, .fp16] {
+            if let bits = Self.narrowed(lmHead.data, to: dtype) {
+                return DeviceHead(norm: try DeviceArray(accelerator, norm.data), lmHead: try DeviceArray(accelerator, bits: bits), narrow: dtype,
+                                  vocab: vocab, hidden: hidden, eps: eps)
+            }
+        }
+        return DeviceHead(norm: try DeviceArray(accelerator, norm.data), lmHead: try DeviceArray(accelerator, lmHead.data), narrow: nil,
+                          vocab: vocab, hidden: hidden, eps: eps)
     }
 
     public func upload(_ x: Tensor<Float>) throws -> BackendTensor { DeviceTensor(try DeviceArray(accelerator, x.data), shape: x.shape) }
@@ -150,11 +158,52 @@ public struct CUDABackend: ComputeBackend {
         return BackendGradients(input: r.input, attentionOutput: r.attentionOutput, mlpOutput: g, outputSquaredNorms: norms)
     }
 
-    /// On the host: the head's [T, vocab] log-probabilities (MBQModel `lossHeadForward`).
+    /// MBQModel `lossHeadForward` + `lossHeadBackward` on the device: the rows that predict
+    /// a caption label gathered, normed and projected to [P, vocab] log-probabilities; the
+    /// loss is their targets' values summed on the host in the CPU's order; the gradient
+    /// (softmax − one-hot) / P goes back through lm_head and the norm, scattered into [T, C].
     public func lossGradient(_ h: BackendTensor, _ head: BackendHead, labels: [Int]) throws -> (loss: Float, count: Int, grad: BackendTensor) {
         guard let hd = head as? DeviceHead else { preconditionFailure("a \(type(of: head)) handed to the CUDA backend") }
-        let f = lossHeadForward(try download(h), norm: hd.norm, lmHead: hd.lmHead, labels: labels, eps: hd.eps)
-        return (f.loss, f.count, try upload(lossHeadBackward(saved: f.saved, norm: hd.norm, lmHead: hd.lmHead)))
+        let x = tensor(h), t = x.rows, c = hd.hidden, v = hd.vocab
+        precondition(labels.count == t && x.cols == c, "loss head: h \(x.shape), lm_head [\(v), \(c)], labels \(labels.count)")
+        let rows = (0..<max(0, t - 1)).filter { labels[$0 + 1] != -100 }
+        let targets = rows.map { labels[$0 + 1] }
+        precondition(targets.allSatisfy { $0 >= 0 && $0 < v }, "label outside the vocabulary")
+        let dh = try new([t, c])
+        try ops.fill(dh.pointer, with: 0, count: t * c)
+        guard !rows.isEmpty else { return (0, 0, dh) }
+        let p = rows.count
+        let rowIndex = try int64Array(rows), targetIndex = try int64Array(targets)
+        let gathered = try new([p, c])
+        try ops.gatherRows(x.pointer, indices: rowIndex.pointer, count: p, cols: c, into: gathered.pointer)
+        let (normed, inv) = try rmsNorm(gathered, hd.norm.pointer, eps: Double(hd.eps))
+        var widened: DeviceArray? = nil
+        if let narrow = hd.narrow {
+            widened = try DeviceArray(accelerator, count: v * c)
+            try ops.widen(hd.lmHead.pointer, bf16: narrow == .bf16, into: widened!.pointer, count: v * c)
+        }
+        let w = widened?.pointer ?? hd.lmHead.pointer
+        let logits = try linear(normed, w, out: v)
+        try ops.logSoftmaxRows(logits.pointer, rows: p, cols: v)
+        let picked = try DeviceArray(accelerator, count: p)
+        try ops.pickPerRow(logits.pointer, indices: targetIndex.pointer, rows: p, cols: v, into: picked.pointer)
+        var total: Float = 0
+        for lp in try picked.download() { total -= lp }
+        try ops.exp(logits.pointer, count: p * v)
+        try ops.addPerRow(logits.pointer, indices: targetIndex.pointer, value: -1, rows: p, cols: v)
+        try ops.scale(logits.pointer, by: 1 / Float(p), count: p * v)
+        let dnormed = try new([p, c])
+        try ops.linearBackward(logits.pointer, weight: w, into: dnormed.pointer, rows: p, inFeatures: c, outFeatures: v)
+        let dg = try rmsNormBackward(dnormed, x: gathered, hd.norm.pointer, invRms: inv)
+        try ops.scatterRows(dg.pointer, indices: rowIndex.pointer, count: p, cols: c, into: dh.pointer)
+        return (total / Float(p), p, dh)
+    }
+
+    /// Integers up to the device as int64 (the kernels' index arrays).
+    func int64Array(_ values: [Int]) throws -> DeviceArray {
+        let a = try DeviceArray(accelerator, count: 2 * values.count)
+        try values.map(Int64.init).withUnsafeBytes { try accelerator.copy($0, to: a.pointer) }
+        return a
     }
 
     /// Each row's Σ|x| on the device (`row_error` against zeros: x − 0 is x exactly), the
@@ -188,8 +237,7 @@ public struct CUDABackend: ComputeBackend {
         let out = try new([parts.reduce(0) { $0 + $1.1.count }, cols])
         var at = 0
         for (x, rows) in parts where !rows.isEmpty {
-            let idx = try DeviceArray(accelerator, count: 2 * rows.count)
-            try rows.map(Int64.init).withUnsafeBytes { try accelerator.copy($0, to: idx.pointer) }
+            let idx = try int64Array(rows)
             try ops.gatherRows(tensor(x).pointer, indices: idx.pointer, count: rows.count, cols: cols, into: out.array.at(at * cols))
             at += rows.count
         }

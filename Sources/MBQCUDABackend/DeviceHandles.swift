@@ -118,9 +118,18 @@ final class DeviceCandidate: BackendCandidate, @unchecked Sendable {
     init(_ weights: [String: DeviceArray]) { self.weights = weights }
 }
 
-/// The final norm and output projection, kept on the host: the caption loss runs there
-/// (one [T, vocab] product per sample at the last layer; docs/DESIGN.md "Compute backends").
+/// The final norm and output projection on the device (the caption loss's gradient at
+/// the last layer). lm_head stays in the checkpoint's dtype when every value is exactly
+/// bf16 or fp16 and is widened into a temporary for each use (a 152k x 8192 head is 2.5
+/// GB as bf16, 5 GB as fp32).
 final class DeviceHead: BackendHead, @unchecked Sendable {
-    let norm: Tensor<Float>, lmHead: Tensor<Float>, eps: Float
-    init(norm: Tensor<Float>, lmHead: Tensor<Float>, eps: Float) { self.norm = norm; self.lmHead = lmHead; self.eps = eps }
+    let norm: DeviceArray
+    let lmHead: DeviceArray
+    let narrow: DeviceBlock.Narrow?
+    let vocab: Int, hidden: Int
+    let eps: Float
+
+    init(norm: DeviceArray, lmHead: DeviceArray, narrow: DeviceBlock.Narrow?, vocab: Int, hidden: Int, eps: Float) {
+        self.norm = norm; self.lmHead = lmHead; self.narrow = narrow; self.vocab = vocab; self.hidden = hidden; self.eps = eps
+    }
 }

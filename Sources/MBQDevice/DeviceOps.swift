@@ -205,6 +205,38 @@ public struct DeviceOps: Sendable {
         try launch(.addInPlace, threads: n, [.pointer(x), .pointer(y), .int64(n)])
     }
 
+    // MARK: the caption-loss head (MBQModel `lossHeadForward`, `lossHeadBackward`)
+
+    /// x -= logsumexp(x) per row, x: [R, C] (MBQModel `logSoftmaxRowsInPlace`).
+    public func logSoftmaxRows(_ x: DevicePointer, rows: Int, cols: Int) throws {
+        try launch(.logSoftmaxRows, threads: rows, [.pointer(x), .int64(rows), .int64(cols)])
+    }
+
+    /// x = exp(x) over n elements.
+    public func exp(_ x: DevicePointer, count n: Int) throws {
+        try launch(.expInPlace, threads: n, [.pointer(x), .int64(n)])
+    }
+
+    /// x *= s over n elements.
+    public func scale(_ x: DevicePointer, by s: Float, count n: Int) throws {
+        try launch(.scale, threads: n, [.pointer(x), .float(s), .int64(n)])
+    }
+
+    /// out: [R] = x[r, idx[r]] (idx: [R] int64 on the device), x: [R, C].
+    public func pickPerRow(_ x: DevicePointer, indices idx: DevicePointer, rows: Int, cols: Int, into out: DevicePointer) throws {
+        try launch(.pickPerRow, threads: rows, [.pointer(out), .pointer(x), .pointer(idx), .int64(rows), .int64(cols)])
+    }
+
+    /// x[r, idx[r]] += v, x: [R, C].
+    public func addPerRow(_ x: DevicePointer, indices idx: DevicePointer, value v: Float, rows: Int, cols: Int) throws {
+        try launch(.addPerRow, threads: rows, [.pointer(x), .pointer(idx), .float(v), .int64(rows), .int64(cols)])
+    }
+
+    /// out[idx[k], :] = x[k, :] for k < n, x: [n, C].
+    public func scatterRows(_ x: DevicePointer, indices idx: DevicePointer, count n: Int, cols: Int, into out: DevicePointer) throws {
+        try launch(.scatterRows, threads: n * cols, [.pointer(out), .pointer(x), .pointer(idx), .int64(n), .int64(cols)])
+    }
+
     /// out: [R] = each row's Σ (a − b)² (`squared`) or Σ |a − b| in fp32, column order (a,
     /// b: [R, C]); the search adds rows by mask on the host in Double (MBQMethods
     /// `LossAccumulator.add`).

@@ -29,6 +29,8 @@ public enum Kernel: String, CaseIterable, Sendable {
     case scaleColumns = "scale_columns", addInPlace = "add_inplace", broadcastRows = "broadcast_rows", fill
     case gatherRows = "gather_rows", columnAbsSums = "column_abs_sums"
     case rowError = "row_error"
+    case logSoftmaxRows = "log_softmax_rows", expInPlace = "exp_inplace", scale
+    case pickPerRow = "pick_per_row", addPerRow = "add_per_row", scatterRows = "scatter_rows"
 
     /// The source NVRTC compiles and the emulated device runs (compiled for the host).
     public static var source: String { String(cString: mbq_kernel_source()) }

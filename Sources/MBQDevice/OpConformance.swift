@@ -59,6 +59,7 @@ public enum OpConformance {
         for squared in [true, false] { try suite.rowError(rows: 45, cols: 96, squared: squared) }
         try suite.add(count: 1001)
         try suite.gatherAndColumnSums(rows: 45, cols: 96)
+        try suite.lossHeadOps(rows: 37, vocab: 1000)
         return suite.checks
     }
 
@@ -255,6 +256,39 @@ public enum OpConformance {
             let filled = try empty(77)
             try ops.fill(filled.pointer, with: -.infinity, count: 77)
             check("fill", "[77]", tolerance: OpConformance.exact, [(try filled.download(), [Float](repeating: -.infinity, count: 77), 0)])
+        }
+
+        /// The loss head's row ops on a [37, 1000] logits block (targets anywhere in a row).
+        mutating func lossHeadOps(rows r: Int, vocab v: Int) throws {
+            let x = random([r, v], std: 4)
+            let targets = (0..<r).map { ($0 * 7919) % v }
+            let idx = try DeviceArray(device, count: 2 * r)
+            try targets.map(Int64.init).withUnsafeBytes { try device.copy($0, to: idx.pointer) }
+            let dx = try put(x)
+            try ops.logSoftmaxRows(dx.pointer, rows: r, cols: v)
+            var lp = x
+            logSoftmaxRowsInPlace(&lp)
+            check("log-softmax rows", "[\(r), \(v)]", tolerance: OpConformance.transcendental, [(try dx.download(), lp.data, v)])
+            let picked = try empty(r)
+            try ops.pickPerRow(dx.pointer, indices: idx.pointer, rows: r, cols: v, into: picked.pointer)
+            check("pick per row", "[\(r), \(v)]", tolerance: OpConformance.exact,
+                  [(try picked.download(), (0..<r).map { lp.data[$0 * v + targets[$0]] }, 0)])
+            try ops.exp(dx.pointer, count: r * v)
+            try ops.addPerRow(dx.pointer, indices: idx.pointer, value: -1, rows: r, cols: v)
+            try ops.scale(dx.pointer, by: 1 / Float(r), count: r * v)
+            var want = lp.data.map { Float.exp($0) }
+            for k in 0..<r { want[k * v + targets[k]] -= 1 }
+            for i in want.indices { want[i] *= 1 / Float(r) }
+            check("exp, one-hot, scale (head gradient)", "[\(r), \(v)]", tolerance: OpConformance.transcendental, [(try dx.download(), want, v)])
+            let rows = [5, 0, 36, 12], t = 40, c = 8
+            let h = random([rows.count, c]), out = try DeviceArray(device, [Float](repeating: 0, count: t * c))
+            let dh = try put(h)
+            let ri = try DeviceArray(device, count: 2 * rows.count)
+            try rows.map(Int64.init).withUnsafeBytes { try device.copy($0, to: ri.pointer) }
+            try ops.scatterRows(dh.pointer, indices: ri.pointer, count: rows.count, cols: c, into: out.pointer)
+            var scattered = [Float](repeating: 0, count: t * c)
+            for (k, p) in rows.enumerated() { for j in 0..<c { scattered[p * c + j] = h.data[k * c + j] } }
+            check("scatter rows", "\(rows.count) into [\(t), \(c)]", tolerance: OpConformance.exact, [(try out.download(), scattered, c)])
         }
 
         mutating func add(count n: Int) throws {

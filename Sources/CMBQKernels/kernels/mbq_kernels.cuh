@@ -204,6 +204,56 @@ MBQ_KERNEL attention_backward_rows(float* p, float* dp, const float* lse, const 
     for (long long j = q + 1; j < n; j++) { row[j] = 0.0f; drow[j] = 0.0f; }
 }
 
+// ---- the caption-loss head (MBQModel/LossHead.swift) ---------------------------------------
+
+// x -= logsumexp(x) per row, max-shifted (logSoftmaxRowsInPlace). x: [rows, cols]. One thread per row.
+MBQ_KERNEL log_softmax_rows(float* x, long long rows, long long cols) {
+    long long r = mbq_thread();
+    if (r >= rows) return;
+    float* row = x + r * cols;
+    float m = mbq_neg_inf();
+    for (long long j = 0; j < cols; j++) m = row[j] >= m ? row[j] : m;
+    float sum = 0.0f;
+    for (long long j = 0; j < cols; j++) sum += expf(row[j] - m);
+    float lse = m + logf(sum);
+    for (long long j = 0; j < cols; j++) row[j] -= lse;
+}
+
+// x[i] = exp(x[i]) (log-probabilities to probabilities), n elements.
+MBQ_KERNEL exp_inplace(float* x, long long n) {
+    long long i = mbq_thread();
+    if (i >= n) return;
+    x[i] = expf(x[i]);
+}
+
+// x[i] *= s, n elements.
+MBQ_KERNEL scale(float* x, float s, long long n) {
+    long long i = mbq_thread();
+    if (i >= n) return;
+    x[i] *= s;
+}
+
+// out[r] = x[r, idx[r]]; x: [rows, cols]. One thread per row (each target's log-probability).
+MBQ_KERNEL pick_per_row(float* out, const float* x, const long long* idx, long long rows, long long cols) {
+    long long r = mbq_thread();
+    if (r >= rows) return;
+    out[r] = x[r * cols + idx[r]];
+}
+
+// x[r, idx[r]] += v; x: [rows, cols]. One thread per row (the one-hot of the targets).
+MBQ_KERNEL add_per_row(float* x, const long long* idx, float v, long long rows, long long cols) {
+    long long r = mbq_thread();
+    if (r >= rows) return;
+    x[r * cols + idx[r]] += v;
+}
+
+// out[idx[k], :] = x[k, :]; x: [n, cols] (the head's rows back into [T, C]). One thread per element.
+MBQ_KERNEL scatter_rows(float* out, const float* x, const long long* idx, long long n, long long cols) {
+    long long i = mbq_thread();
+    if (i >= n * cols) return;
+    out[idx[i / cols] * cols + i % cols] = x[i];
+}
+
 // ---- quantizers (MBQQuant/Quantize.swift) -----------------------------------------------
 
 // Per-row symmetric fake quantization in place (W-A schemes' activations): scale =
