@@ -28,6 +28,9 @@ struct ForwardCommand: ParsableCommand {
     @Flag(help: "Print one JSON object instead of tables.")
     var json = false
 
+    @Option(help: "Compute device: cpu, cuda, cuda:N or cuda-emulated.")
+    var device = "cpu"
+
     @OptionGroup var common: CommonOptions
 
     func validate() throws {
@@ -37,7 +40,8 @@ struct ForwardCommand: ParsableCommand {
     func run() throws {
         common.apply()
         try runReportingErrors {
-            let report = try ModelRun.run(modelDir: model, calibPath: calib, limit: samples, gradients: gradients)
+            let backend = try computeBackend(device, storedPrecision: false)
+            let report = try ModelRun.run(modelDir: model, calibPath: calib, limit: samples, gradients: gradients, backend: backend)
             if json {
                 let data = try JSONSerialization.data(withJSONObject: report.json, options: [.prettyPrinted, .sortedKeys])
                 print(String(decoding: data, as: UTF8.self))
@@ -63,7 +67,7 @@ struct ModelRun {
     var runSeconds = 0.0
     var gradients = false
 
-    static func run(modelDir: String, calibPath: String, limit: Int?, gradients: Bool) throws -> ModelRun {
+    static func run(modelDir: String, calibPath: String, limit: Int?, gradients: Bool, backend: ComputeBackend) throws -> ModelRun {
         let logger = Logger(label: "mbq.forward")
         var r = ModelRun()
         r.gradients = gradients
@@ -81,7 +85,6 @@ struct ModelRun {
         // which skips samples without vision or caption) and, from its head step, those
         // samples' caption losses; every other sample's loss from a forward through the
         // backend (`GradientPass.modelForward`). The mean sums them in sample order.
-        let backend = CPUBackend()
         var perSample = [(loss: Float, count: Int)?](repeating: nil, count: samples.count)
         let (_, runT) = try timed {
             if gradients {

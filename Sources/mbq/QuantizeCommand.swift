@@ -214,11 +214,13 @@ struct EvalCommand: ParsableCommand {
     @Option(help: "Calibration / evaluation bundle.") var calib: String
     @Option(help: "Reference model directory (e.g. the fp model).") var reference: String?
     @Flag(help: "Print one JSON object.") var json = false
+    @Option(help: "Compute device for the blocks: cpu, cuda, cuda:N or cuda-emulated.") var device = "cpu"
     @OptionGroup var common: CommonOptions
 
     func run() throws {
         common.apply()
         try runReportingErrors {
+            let backend = try computeBackend(device, storedPrecision: false)
             let ckpt = try Checkpoint(directory: model)
             let bundle = try CalibrationBundle.load(path: calib, for: ckpt.config)
             let lm = try LanguageModel<Float>.load(ckpt)
@@ -233,7 +235,7 @@ struct EvalCommand: ParsableCommand {
                 refBits = rc.quantization?.activationBits
             }
             let r = try Evaluate.run(model: lm, actBits: ckpt.quantization?.activationBits, samples: bundle.samples,
-                                     reference: ref, referenceActBits: refBits)
+                                     reference: ref, referenceActBits: refBits, backend: backend)
             if json {
                 print(String(decoding: try JSONSerialization.data(withJSONObject: r.json, options: [.sortedKeys]), as: UTF8.self))
             } else {

@@ -36,6 +36,22 @@ final class DeviceCLITests: XCTestCase {
         XCTAssertFalse(FileManager.default.fileExists(atPath: out))
     }
 
+    /// `mbq eval` and `mbq forward --gradients` on the emulated device print what they
+    /// print on the CPU (timings aside).
+    func testEvalAndForwardOnTheEmulatedDeviceMatchTheCPU() throws {
+        let model = CLITests.fixtures + "/qwen2vl/model", calib = CLITests.fixtures + "/qwen2vl/calib.safetensors"
+        func json(_ args: [String]) throws -> NSDictionary {
+            let r = try mbq(args + ["--json"])
+            XCTAssertEqual(r.status, 0, "\(args): \(r.stderr)")
+            var o = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as? [String: Any])
+            o["load_s"] = nil; o["run_s"] = nil
+            return o as NSDictionary
+        }
+        for command in [["eval", "--model", model, "--calib", calib], ["forward", "--model", model, "--calib", calib, "--gradients"]] {
+            XCTAssertEqual(try json(command + ["--device", "cuda-emulated"]), try json(command), "\(command[0])")
+        }
+    }
+
     /// The per-op conformance on the emulated device from the command line, with its JSON report.
     func testDeviceCommandChecksEveryOpOnTheEmulatedDevice() throws {
         let r = try mbq(["device", "--device", "cuda-emulated", "--json", tmp + "/report.json"])
