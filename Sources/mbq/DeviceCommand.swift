@@ -1,14 +1,15 @@
 import ArgumentParser
 import Foundation
-import MBQDevice
 import MBQCUDABackend
+import MBQDevice
 import MBQFormats
 import MBQMethods
 import MBQModel
 
 /// `mbq device`: opens a device the way a worker will (libraries, kernels compiled by
 /// NVRTC for its architecture) and runs the per-op conformance against the CPU on it
-/// (`OpConformance`; issue 25). The first thing to run on a new GPU machine.
+/// (`OpConformance`), or with --model/--calib the layer-step conformance
+/// (`BackendConformance`; issue 25). The first thing to run on a new GPU machine.
 struct DeviceCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "device",
