@@ -22,13 +22,11 @@ struct AttentionWeights {
 /// One sequence's positions and mask on the accelerator.
 struct DeviceSequence {
     let cos: DeviceArray, sin: DeviceArray, mask: DeviceArray
-    let length: Int
 
     init(_ device: Device, rope: RoPETable<Float>?, mask: [Bool]) throws {
         cos = try DeviceArray(device, rope?.cos ?? [0])
         sin = try DeviceArray(device, rope?.sin ?? [0])
         self.mask = try DeviceArray(device, int32: mask.map { $0 ? 1 : 0 })
-        length = mask.count
     }
 }
 
