@@ -8,13 +8,6 @@ public enum KernelArgument: Sendable, Equatable {
     case int64(Int)               // long long
     case int32(Int32)             // int
     case float(Float)             // float
-
-    var byteCount: Int {
-        switch self {
-        case .pointer, .int64: return 8
-        case .int32, .float: return 4
-        }
-    }
 }
 
 /// The kernels in the source, by the name both compilers give them (extern "C" on the
