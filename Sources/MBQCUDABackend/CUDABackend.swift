@@ -142,10 +142,7 @@ public struct CUDABackend: ComputeBackend {
         precondition(actBits == nil || !save, "backward through activation quantization is not defined")
         let f = try forward(tensor(x), block(b), sequence: DeviceSequence(accelerator, rope: rope, mask: mask), save: save, capture: capture,
                             actBits: actBits)
-        return BackendForward(output: f.output, saved: f.saved, captures: f.captures.map { c in
-            BackendCaptures(qkvInput: c.qkvInput, oInput: c.oInput, gateUpInput: c.gateUpInput, downInput: c.downInput,
-                            attentionOutput: c.attentionOutput, mlpOutput: c.mlpOutput)
-        })
+        return BackendForward(output: f.output, saved: f.saved, captures: f.captures)
     }
 
     public func blockBackward(_ dy: BackendTensor, _ saved: BackendSaved, _ b: BackendBlock,
@@ -173,7 +170,7 @@ public struct CUDABackend: ComputeBackend {
         try ops.fill(dh.pointer, with: 0, count: t * c)
         guard !rows.isEmpty else { return (0, 0, dh) }
         let p = rows.count
-        let rowIndex = try int64Array(rows), targetIndex = try int64Array(targets)
+        let rowIndex = try DeviceArray(accelerator, int64: rows), targetIndex = try DeviceArray(accelerator, int64: targets)
         let gathered = try new([p, c])
         try ops.gatherRows(x.pointer, indices: rowIndex.pointer, count: p, cols: c, into: gathered.pointer)
         let (normed, inv) = try rmsNorm(gathered, hd.norm.pointer, eps: Double(hd.eps))
@@ -197,13 +194,6 @@ public struct CUDABackend: ComputeBackend {
         let dg = try rmsNormBackward(dnormed, x: gathered, hd.norm.pointer, invRms: inv)
         try ops.scatterRows(dg.pointer, indices: rowIndex.pointer, count: p, cols: c, into: dh.pointer)
         return (total / Float(p), p, dh)
-    }
-
-    /// Integers up to the device as int64 (the kernels' index arrays).
-    func int64Array(_ values: [Int]) throws -> DeviceArray {
-        let a = try DeviceArray(accelerator, count: 2 * values.count)
-        try values.map(Int64.init).withUnsafeBytes { try accelerator.copy($0, to: a.pointer) }
-        return a
     }
 
     /// Each row's Σ|x| on the device (`row_error` against zeros: x − 0 is x exactly), the
@@ -237,7 +227,7 @@ public struct CUDABackend: ComputeBackend {
         let out = try new([parts.reduce(0) { $0 + $1.1.count }, cols])
         var at = 0
         for (x, rows) in parts where !rows.isEmpty {
-            let idx = try int64Array(rows)
+            let idx = try DeviceArray(accelerator, int64: rows)
             try ops.gatherRows(tensor(x).pointer, indices: idx.pointer, count: rows.count, cols: cols, into: out.array.at(at * cols))
             at += rows.count
         }
@@ -336,11 +326,7 @@ public struct CUDABackend: ComputeBackend {
     // MARK: on the host
 
     func hostSample(_ s: BackendLayerSample) throws -> LayerSample {
-        let c = s.captures
-        return LayerSample(captures: BlockCaptures(qkvInput: try download(c.qkvInput), oInput: try download(c.oInput),
-                                                   gateUpInput: try download(c.gateUpInput), downInput: try download(c.downInput),
-                                                   attentionOutput: try download(c.attentionOutput), mlpOutput: try download(c.mlpOutput)),
-                           rope: s.rope, attention: s.attention, vision: s.vision, caption: s.caption)
+        LayerSample(captures: try s.captures.host(download), rope: s.rope, attention: s.attention, vision: s.vision, caption: s.caption)
     }
 
     public func smoothQuantScales(_ b: BackendBlock, samples: SampleChunks<BackendLayerSample>) throws -> (qkv: [Float], gateUp: [Float]) {

@@ -1,4 +1,5 @@
 import MBQDevice
+import MBQMethods
 import MBQModel
 import MBQTensor
 
@@ -103,7 +104,7 @@ extension CUDABackend {
 
     /// MBQModel `decoderBlockForward`.
     func forward(_ x: DeviceTensor, _ b: DeviceBlock, sequence: DeviceSequence, save: Bool, capture: Bool, actBits: Int?) throws
-        -> (output: DeviceTensor, saved: DeviceSaved?, captures: BackendCapturesOnDevice?) {
+        -> (output: DeviceTensor, saved: DeviceSaved?, captures: BackendCaptures?) {
         let c = b.hiddenSize
         let (n1, inv1) = try rmsNorm(x, b.weight("inputNorm"), eps: b.rmsNormEps)
         let attn = try selfAttention(n1, try AttentionWeights(b), shape: b.attention, hidden: c, sequence: sequence, actBits: actBits)
@@ -114,7 +115,7 @@ extension CUDABackend {
         let out = try sum(h, m.y)
         let saved = save ? DeviceSaved(x: x, invRms1: inv1, q: attn.q, k: attn.k, v: attn.v, ctx: attn.ctx, lse: attn.lse,
                                        h: h, invRms2: inv2, gate: m.g, up: m.u) : nil
-        let captures = capture ? BackendCapturesOnDevice(qkvInput: n1, oInput: attn.ctx, gateUpInput: n2, downInput: m.a,
+        let captures = capture ? BackendCaptures(qkvInput: n1, oInput: attn.ctx, gateUpInput: n2, downInput: m.a,
                                                          attentionOutput: attn.out, mlpOutput: m.y) : nil
         return (out, saved, captures)
     }
@@ -162,10 +163,4 @@ extension CUDABackend {
         try ops.add(dh.pointer, into: dx.pointer, count: dx.count)
         return (dx, dh)
     }
-}
-
-/// The six captures of one forward, on the accelerator.
-struct BackendCapturesOnDevice {
-    var qkvInput: DeviceTensor, oInput: DeviceTensor, gateUpInput: DeviceTensor, downInput: DeviceTensor
-    var attentionOutput: DeviceTensor, mlpOutput: DeviceTensor
 }

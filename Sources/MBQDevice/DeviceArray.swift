@@ -24,6 +24,12 @@ public final class DeviceArray: @unchecked Sendable {
         try values.withUnsafeBytes { try device.copy($0, to: pointer) }
     }
 
+    /// Integers as int64 (the kernels' index arrays), two element slots each.
+    public convenience init(_ device: Device, int64 values: [Int]) throws {
+        try self.init(device, count: 2 * values.count)
+        try values.map(Int64.init).withUnsafeBytes { try device.copy($0, to: pointer) }
+    }
+
     /// 16-bit values (bf16 or fp16 bits, two per element slot) up to the device.
     public convenience init(_ device: Device, bits values: [UInt16]) throws {
         try self.init(device, count: (values.count + 1) / 2)

@@ -232,8 +232,7 @@ public enum OpConformance {
             let x = random([t, c])
             let idx = [44, 0, 7, 7, 31, 12]
             let dx = try put(x), out = try empty(idx.count * c)
-            let di = try DeviceArray(device, count: idx.count * 2)
-            try idx.map(Int64.init).withUnsafeBytes { try device.copy($0, to: di.pointer) }
+            let di = try DeviceArray(device, int64: idx)
             try ops.gatherRows(dx.pointer, indices: di.pointer, count: idx.count, cols: c, into: out.pointer)
             check("gather rows", "\(idx.count) of [\(t), \(c)]", tolerance: OpConformance.exact,
                   [(try out.download(), idx.flatMap { x.data[$0 * c ..< ($0 + 1) * c] }, c)])
@@ -262,8 +261,7 @@ public enum OpConformance {
         mutating func lossHeadOps(rows r: Int, vocab v: Int) throws {
             let x = random([r, v], std: 4)
             let targets = (0..<r).map { ($0 * 7919) % v }
-            let idx = try DeviceArray(device, count: 2 * r)
-            try targets.map(Int64.init).withUnsafeBytes { try device.copy($0, to: idx.pointer) }
+            let idx = try DeviceArray(device, int64: targets)
             let dx = try put(x)
             try ops.logSoftmaxRows(dx.pointer, rows: r, cols: v)
             var lp = x
@@ -283,8 +281,7 @@ public enum OpConformance {
             let rows = [5, 0, 36, 12], t = 40, c = 8
             let h = random([rows.count, c]), out = try DeviceArray(device, [Float](repeating: 0, count: t * c))
             let dh = try put(h)
-            let ri = try DeviceArray(device, count: 2 * rows.count)
-            try rows.map(Int64.init).withUnsafeBytes { try device.copy($0, to: ri.pointer) }
+            let ri = try DeviceArray(device, int64: rows)
             try ops.scatterRows(dh.pointer, indices: ri.pointer, count: rows.count, cols: c, into: out.pointer)
             var scattered = [Float](repeating: 0, count: t * c)
             for (k, p) in rows.enumerated() { for j in 0..<c { scattered[p * c + j] = h.data[k * c + j] } }

@@ -156,18 +156,11 @@ public struct CPUBackend: ComputeBackend {
     }
     /// A host sample as the backend's handles (wrapping, no copy).
     func handles(_ s: LayerSample) -> BackendLayerSample {
-        let c = s.captures
-        return BackendLayerSample(captures: BackendCaptures(qkvInput: HostTensor(c.qkvInput), oInput: HostTensor(c.oInput),
-                                                            gateUpInput: HostTensor(c.gateUpInput), downInput: HostTensor(c.downInput),
-                                                            attentionOutput: HostTensor(c.attentionOutput), mlpOutput: HostTensor(c.mlpOutput)),
-                                  rope: s.rope, attention: s.attention, vision: s.vision, caption: s.caption)
+        BackendLayerSample(captures: BackendCaptures(s.captures, HostTensor.init), rope: s.rope, attention: s.attention,
+                           vision: s.vision, caption: s.caption)
     }
     func host(_ s: BackendLayerSample) -> LayerSample {
-        let c = s.captures
-        return LayerSample(captures: BlockCaptures(qkvInput: host(c.qkvInput), oInput: host(c.oInput), gateUpInput: host(c.gateUpInput),
-                                                   downInput: host(c.downInput), attentionOutput: host(c.attentionOutput),
-                                                   mlpOutput: host(c.mlpOutput)),
-                           rope: s.rope, attention: s.attention, vision: s.vision, caption: s.caption)
+        LayerSample(captures: s.captures.host(host), rope: s.rope, attention: s.attention, vision: s.vision, caption: s.caption)
     }
 
     // MARK: memory
@@ -189,11 +182,7 @@ public struct CPUBackend: ComputeBackend {
                              save: Bool, capture: Bool, actBits: Int?) -> BackendForward {
         let f = decoderBlockForward(host(x), weights: host(b), rope: rope, mask: mask, save: save, capture: capture, actBits: actBits)
         return BackendForward(output: HostTensor(f.output), saved: f.saved.map(HostSaved.init),
-                              captures: f.captures.map { c in
-                                  BackendCaptures(qkvInput: HostTensor(c.qkvInput), oInput: HostTensor(c.oInput),
-                                                  gateUpInput: HostTensor(c.gateUpInput), downInput: HostTensor(c.downInput),
-                                                  attentionOutput: HostTensor(c.attentionOutput), mlpOutput: HostTensor(c.mlpOutput))
-                              })
+                              captures: f.captures.map { BackendCaptures($0, HostTensor.init) })
     }
 
     public func blockBackward(_ dy: BackendTensor, _ saved: BackendSaved, _ b: BackendBlock,

@@ -54,6 +54,18 @@ public struct BackendCaptures: Sendable {
         self.attentionOutput = attentionOutput; self.mlpOutput = mlpOutput
     }
 
+    /// Host captures as a backend's handles (`wrap`: upload, or a host handle).
+    public init(_ c: BlockCaptures<Float>, _ wrap: (Tensor<Float>) throws -> BackendTensor) rethrows {
+        self.init(qkvInput: try wrap(c.qkvInput), oInput: try wrap(c.oInput), gateUpInput: try wrap(c.gateUpInput),
+                  downInput: try wrap(c.downInput), attentionOutput: try wrap(c.attentionOutput), mlpOutput: try wrap(c.mlpOutput))
+    }
+
+    /// The captures on the host (`unwrap`: download, or a host handle's value).
+    public func host(_ unwrap: (BackendTensor) throws -> Tensor<Float>) rethrows -> BlockCaptures<Float> {
+        BlockCaptures(qkvInput: try unwrap(qkvInput), oInput: try unwrap(oInput), gateUpInput: try unwrap(gateUpInput),
+                      downInput: try unwrap(downInput), attentionOutput: try unwrap(attentionOutput), mlpOutput: try unwrap(mlpOutput))
+    }
+
     /// The capture a search group names (`SearchGroupSpec.input`, `.judged`).
     public subscript(_ path: WritableKeyPath<BlockCaptures<Float>, Tensor<Float>>) -> BackendTensor {
         switch path {
